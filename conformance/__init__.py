@@ -1,0 +1,1 @@
+"""The conformance suite: the spec is the model, the implementation under test is a parameter."""

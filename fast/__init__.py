@@ -1,0 +1,1 @@
+"""The optimized implementation of pagedkv: block manager, engine, models, API and CLI."""
