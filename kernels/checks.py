@@ -1,0 +1,185 @@
+"""Input validation shared by every backend: shapes, dtypes, devices and (on CPU) values.
+
+Value checks (lengths, block ids, slots) read tensor contents. On a CUDA device that would force a
+host synchronisation on every call, so they run only for CPU tensors; shape, dtype and device
+checks run always.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.errors import (
+    DeviceMismatchError,
+    DTypeMismatchError,
+    GQARatioError,
+    IndexOutOfRangeError,
+    KernelInputError,
+    ShapeMismatchError,
+    UnsupportedDTypeError,
+)
+
+__all__ = [
+    "AttentionDims",
+    "FLOAT_DTYPES",
+    "check_attention_inputs",
+    "check_decode",
+    "check_prefill",
+    "check_out",
+    "check_cache_pair",
+    "check_params",
+]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+@dataclass(frozen=True)
+class AttentionDims:
+    """The sizes an attention call works with, read off its tensors."""
+
+    num_tokens: int  # B for decode, T for prefill
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_blocks: int
+    block_size: int
+    batch: int
+    max_blocks: int  # W, the block table's width
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head (the GQA ratio)."""
+        return self.num_q_heads // self.num_kv_heads
+
+
+def _dt(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _same_device(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise DeviceMismatchError(name, str(t.device), str(ref.device))
+
+
+def _index_tensor(name: str, t: torch.Tensor, ndim: int) -> None:
+    if t.dtype not in _INDEX_DTYPES:
+        raise UnsupportedDTypeError(name, _dt(t), ("int32", "int64"))
+    if t.dim() != ndim:
+        raise ShapeMismatchError(name, tuple(t.shape), f"{ndim} dimensions")
+
+
+def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """K and V caches: ``[num_blocks, block_size, num_kv_heads, head_dim]``, same shape/dtype."""
+    if k_cache.dim() != 4:
+        raise ShapeMismatchError(
+            "k_cache", tuple(k_cache.shape), "[num_blocks, block_size, num_kv_heads, head_dim]"
+        )
+    if v_cache.shape != k_cache.shape:
+        raise ShapeMismatchError("v_cache", tuple(v_cache.shape), f"{tuple(k_cache.shape)}")
+    if v_cache.dtype != k_cache.dtype:
+        raise DTypeMismatchError("v_cache", _dt(v_cache), _dt(k_cache))
+    _same_device("v_cache", v_cache, k_cache)
+    if k_cache.dtype not in FLOAT_DTYPES:
+        raise UnsupportedDTypeError("k_cache", _dt(k_cache), tuple(map(str, FLOAT_DTYPES)))
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ShapeMismatchError(
+            "k_cache/v_cache strides", tuple(k_cache.stride()), "equal, last dimension contiguous"
+        )
+
+
+def check_params(scale: float, sliding_window: int | None, softcap: float | None) -> None:
+    """Scale finite; window >= 1; soft-cap > 0."""
+    if not (scale == scale and abs(scale) != float("inf")):
+        raise KernelInputError(f"scale must be finite, got {scale}")
+    if sliding_window is not None and sliding_window < 1:
+        raise IndexOutOfRangeError("sliding_window", sliding_window, 1, 2**31 - 1)
+    if softcap is not None and not softcap > 0:
+        raise KernelInputError(f"softcap must be > 0, got {softcap}")
+
+
+def check_attention_inputs(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+) -> AttentionDims:
+    """Checks shared by decode and prefill; returns the dimensions."""
+    check_cache_pair(k_cache, v_cache)
+    if q.dim() != 3:
+        raise ShapeMismatchError("q", tuple(q.shape), "[tokens, num_q_heads, head_dim]")
+    if q.dtype != k_cache.dtype:
+        raise DTypeMismatchError("q", _dt(q), _dt(k_cache))
+    _same_device("k_cache", k_cache, q)
+    num_blocks, block_size, hkv, d = k_cache.shape
+    if q.shape[2] != d:
+        raise ShapeMismatchError("q", tuple(q.shape), f"head_dim {d} as in k_cache")
+    hq = q.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise GQARatioError(hq, hkv)
+    _index_tensor("block_tables", block_tables, 2)
+    _index_tensor("seq_lens", seq_lens, 1)
+    _same_device("block_tables", block_tables, q)
+    _same_device("seq_lens", seq_lens, q)
+    batch = seq_lens.shape[0]
+    if block_tables.shape[0] != batch:
+        raise ShapeMismatchError("block_tables", tuple(block_tables.shape), f"[{batch}, W]")
+    width = block_tables.shape[1]
+    if q.device.type == "cpu" and batch > 0:
+        lens_max, lens_min = int(seq_lens.max()), int(seq_lens.min())
+        cap = width * block_size
+        if lens_min < 0 or lens_max > cap:
+            bad = lens_min if lens_min < 0 else lens_max
+            raise IndexOutOfRangeError("seq_lens", bad, 0, cap)
+        used = (torch.arange(width) * block_size)[None, :] < seq_lens[:, None].long()
+        ids = block_tables[used]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise IndexOutOfRangeError("block_tables", bad, 0, num_blocks - 1)
+    return AttentionDims(q.shape[0], hq, hkv, d, num_blocks, block_size, batch, width)
+
+
+def check_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+) -> AttentionDims:
+    """Decode: one query per sequence, ``q [B, Hq, D]``."""
+    dims = check_attention_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    if dims.num_tokens != dims.batch:
+        raise ShapeMismatchError("q", tuple(q.shape), f"[{dims.batch}, Hq, D] (one per sequence)")
+    return dims
+
+
+def check_prefill(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+) -> AttentionDims:
+    """Prefill: ``q [T, Hq, D]`` packed by ``cu_seqlens_q [B+1]``; each q_len <= seq_len."""
+    dims = check_attention_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    _index_tensor("cu_seqlens_q", cu_seqlens_q, 1)
+    _same_device("cu_seqlens_q", cu_seqlens_q, q)
+    if cu_seqlens_q.shape[0] != dims.batch + 1:
+        raise ShapeMismatchError("cu_seqlens_q", tuple(cu_seqlens_q.shape), f"[{dims.batch + 1}]")
+    if q.device.type == "cpu":
+        cu = cu_seqlens_q.long()
+        if int(cu[0]) != 0 or int(cu[-1]) != dims.num_tokens:
+            raise ShapeMismatchError(
+                "cu_seqlens_q", tuple(cu.tolist()), f"starting at 0, ending at T={dims.num_tokens}"
+            )
+        q_lens = cu[1:] - cu[:-1]
+        if dims.batch and int(q_lens.min()) < 0:
+            raise IndexOutOfRangeError("cu_seqlens_q step", int(q_lens.min()), 0, dims.num_tokens)
+        over = q_lens - seq_lens.long()
+        if dims.batch and int(over.max()) > 0:
+            b = int(over.argmax())
+            raise IndexOutOfRangeError("q_len", int(q_lens[b]), 0, int(seq_lens[b]))
+    return dims
+
+
+def check_out(out: torch.Tensor, q: torch.Tensor) -> None:
+    """``out`` must match ``q`` in shape, dtype and device."""
+    if out.shape != q.shape:
+        raise ShapeMismatchError("out", tuple(out.shape), f"{tuple(q.shape)}")
+    if out.dtype != q.dtype:
+        raise DTypeMismatchError("out", _dt(out), _dt(q))
+    _same_device("out", out, q)

@@ -1,0 +1,114 @@
+"""Torch fallbacks for paged attention: plain gathers and softmax, used where there is no GPU.
+
+The math follows ARCHITECTURE.md: logits ``s = scale * q.k``, then soft-cap ``c * tanh(s / c)``,
+a query at absolute position ``p`` sees key ``j`` iff ``j <= p`` and (with window ``w``)
+``j > p - w``; query head ``h`` reads KV head ``h // (Hq // Hkv)``; a row that sees no key
+outputs 0. Accumulation is float32 (float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["torch_paged_decode", "torch_paged_prefill", "gather_keys"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gather_keys(
+    cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """The first ``num_tokens`` entries of one sequence, in logical order.
+
+    cache [num_blocks, bs, Hkv, D], block_table [W] -> [num_tokens, Hkv, D]
+    """
+    bs = cache.shape[1]
+    nblk = -(-num_tokens // bs)
+    blocks = cache[block_table[:nblk].long()]  # [nblk, bs, Hkv, D]
+    return blocks.reshape(nblk * bs, *cache.shape[2:])[:num_tokens]
+
+
+def _softmax_attend(
+    s: torch.Tensor, visible: torch.Tensor, v: torch.Tensor, softcap: float | None
+) -> torch.Tensor:
+    """Masked softmax then weighted sum.
+
+    s [..., N] scaled logits, visible [..., N] bool (broadcastable), v [..., N, D] -> [..., D]
+    """
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~visible, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)  # masked -> exp(-inf) = 0
+    denom = p.sum(dim=-1, keepdim=True)
+    o = torch.matmul(p, v)
+    return torch.where(denom > 0, o / denom.clamp_min(1e-300), torch.zeros_like(o))
+
+
+def torch_paged_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, scale: float, sliding_window: int | None, softcap: float | None,
+) -> torch.Tensor:
+    """One query per sequence at position ``seq_lens[b] - 1``.
+
+    q [B, Hq, D], caches [nb, bs, Hkv, D], block_tables [B, W], seq_lens [B] -> [B, Hq, D]
+    """
+    batch, hq, d = q.shape
+    nb, bs, hkv, _ = k_cache.shape
+    g = hq // hkv
+    cdt = _compute_dtype(q.dtype)
+    if batch == 0:
+        return torch.empty_like(q)
+    lens = seq_lens.long()
+    max_len = int(lens.max())
+    nblk = max(1, -(-max_len // bs))
+    bt = block_tables[:, :nblk].long().clamp(0, nb - 1)  # entries past a length: any valid id
+    k = k_cache[bt].reshape(batch, nblk * bs, hkv, d).to(cdt)  # [B, N, Hkv, D]
+    v = v_cache[bt].reshape(batch, nblk * bs, hkv, d).to(cdt)
+    qf = q.to(cdt).reshape(batch, hkv, g, d)  # [B, Hkv, G, D]
+    s = torch.einsum("bhgd,bnhd->bhgn", qf, k) * scale  # [B, Hkv, G, N]
+    pos = torch.arange(nblk * bs, device=q.device)[None, :]  # [1, N]
+    visible = pos < lens[:, None]  # [B, N]
+    if sliding_window is not None:
+        visible &= pos >= lens[:, None] - sliding_window
+    o = _softmax_attend(s, visible[:, None, None, :], v.permute(0, 2, 1, 3), softcap)
+    return o.reshape(batch, hq, d).to(q.dtype)  # [B, Hkv, G, D] -> [B, Hq, D]
+
+
+def torch_paged_prefill(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+    sliding_window: int | None, softcap: float | None,
+) -> torch.Tensor:
+    """Queries of each sequence after its cached prefix (bottom-right causal).
+
+    q [T, Hq, D], caches [nb, bs, Hkv, D], block_tables [B, W], cu_seqlens_q [B+1],
+    seq_lens [B] -> [T, Hq, D]
+    """
+    t, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    g = hq // hkv
+    cdt = _compute_dtype(q.dtype)
+    out = torch.zeros(t, hq, d, dtype=q.dtype, device=q.device)
+    cu = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    for b, seq_len in enumerate(lens):
+        start, end = cu[b], cu[b + 1]
+        n = end - start
+        if n == 0:
+            continue
+        k = gather_keys(k_cache, block_tables[b], seq_len).to(cdt)  # [L, Hkv, D]
+        v = gather_keys(v_cache, block_tables[b], seq_len).to(cdt)
+        qb = q[start:end].to(cdt).reshape(n, hkv, g, d)  # [n, Hkv, G, D]
+        s = torch.einsum("nhgd,jhd->hgnj", qb, k) * scale  # [Hkv, G, n, L]
+        pos = torch.arange(seq_len - n, seq_len, device=q.device)[:, None]  # [n, 1]
+        key = torch.arange(seq_len, device=q.device)[None, :]  # [1, L]
+        visible = key <= pos
+        if sliding_window is not None:
+            visible &= key > pos - sliding_window
+        o = _softmax_attend(s, visible, v.permute(1, 0, 2)[:, None], softcap)  # [Hkv, G, n, D]
+        out[start:end] = o.permute(2, 0, 1, 3).reshape(n, hq, d).to(q.dtype)
+    return out
