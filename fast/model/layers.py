@@ -1,0 +1,111 @@
+"""The building blocks of a Llama decoder layer: RMSNorm, paged attention, SwiGLU MLP.
+
+Attention never computes scores itself: it writes the new K/V into the paged cache with
+``kernels.write_kv`` and reads them back through ``kernels.paged_prefill`` or
+``kernels.paged_decode``, so the engine exercises exactly the kernels the spec checks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from fast.attention_context import AttentionContext
+from fast.config import ModelConfig
+from fast.model.rope import apply_rope
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * weight``, normalized in float32."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x [T, H] -> [T, H]
+        dtype = x.dtype
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention over the paged KV cache (fused Q/K/V projection)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.q_size
+        self.kv_size = config.kv_size
+        self.scale = config.head_dim ** -0.5
+        self.sliding_window = config.sliding_window
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext,
+                k_cache: torch.Tensor, v_cache: torch.Tensor,
+                inv_freq: torch.Tensor) -> torch.Tensor:
+        # positions [T], x [T, H], caches [N, bs, Hkv, D] -> [T, H]
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)                                         # [T, Q + 2 KV]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(t, self.num_heads, self.head_dim)                # [T, Hq, D]
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)             # [T, Hkv, D]
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)             # [T, Hkv, D]
+        q, k = apply_rope(positions, q, k, inv_freq)
+        kernels.write_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+        if ctx.is_decode:
+            o = kernels.paged_decode(q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens,
+                                     scale=self.scale, sliding_window=self.sliding_window)
+        else:
+            o = kernels.paged_prefill(q, k_cache, v_cache, ctx.block_tables, ctx.cu_seqlens_q,
+                                      ctx.seq_lens, scale=self.scale,
+                                      sliding_window=self.sliding_window,
+                                      max_seqlen_q=ctx.max_seqlen_q)
+        out: torch.Tensor = self.o_proj(o.reshape(t, self.q_size))     # [T, H]
+        return out
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` with a fused gate/up projection."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size,
+                                      bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x [T, H] -> [T, H]
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # [T, F] each
+        out: torch.Tensor = self.down_proj(F.silu(gate) * up)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext,
+                k_cache: torch.Tensor, v_cache: torch.Tensor,
+                inv_freq: torch.Tensor) -> torch.Tensor:
+        # positions [T], x [T, H] -> [T, H]
+        attn: torch.Tensor = self.self_attn(positions, self.input_layernorm(x), ctx, k_cache,
+                                            v_cache, inv_freq)
+        x = x + attn
+        mlp: torch.Tensor = self.mlp(self.post_attention_layernorm(x))
+        return x + mlp

@@ -1,0 +1,140 @@
+"""The Llama-family causal LM over a flat token batch and a paged KV cache."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fast.attention_context import AttentionContext
+from fast.config import ModelConfig
+from fast.model.layers import DecoderLayer, RMSNorm
+from fast.model.rope import inverse_frequencies
+
+# Hugging Face projection name -> (our fused module, index of its slice)
+_FUSED = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+
+
+class WeightLoadError(ValueError):
+    """A checkpoint tensor has an unknown name or a shape the model does not expect."""
+
+    def __init__(self, name: str, message: str, expected: tuple[int, ...] | None = None,
+                 got: tuple[int, ...] | None = None) -> None:
+        detail = f" (expected shape {expected}, got {got})" if expected is not None else ""
+        super().__init__(f"weight {name!r}: {message}{detail}")
+        self.name, self.expected, self.got = name, expected, got
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers and the final norm (Hugging Face's ``model.*`` names)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama 2/3, Mistral, Qwen2, SmolLM2: ``forward`` returns hidden states, not logits.
+
+    Logits are computed only for the rows the sampler needs (``compute_logits``), usually the
+    last token of each sequence.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head: nn.Linear | None = None
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Kept off the module's buffers so that model.to(dtype) cannot round it to bf16.
+        self._inv_freq = inverse_frequencies(config.head_dim, config.rope_theta,
+                                             config.rope_scaling)  # [D/2] float32, CPU
+        self._inv_freq_on: dict[torch.device, torch.Tensor] = {}
+
+    def rope_inv_freq(self, device: torch.device) -> torch.Tensor:
+        """The float32 rotary inverse frequencies [D/2] on ``device`` (cached per device)."""
+        cached = self._inv_freq_on.get(device)
+        if cached is None:
+            cached = self._inv_freq.to(device)
+            self._inv_freq_on[device] = cached
+        return cached
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """input_ids [T], positions [T] -> hidden [T, H]; writes the new K/V into kv_caches."""
+        if len(kv_caches) != self.config.num_hidden_layers:
+            raise ValueError(f"need one (k, v) cache per layer: {len(kv_caches)} given, "
+                             f"{self.config.num_hidden_layers} layers")
+        inv_freq = self.rope_inv_freq(input_ids.device)
+        x = self.model.embed_tokens(input_ids)                          # [T, H]
+        for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches):
+            x = layer(positions, x, ctx, k_cache, v_cache, inv_freq)
+        out: torch.Tensor = self.model.norm(x)
+        return out
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] -> logits [N, V] float32."""
+        weight = (self.model.embed_tokens.weight if self.lm_head is None
+                  else self.lm_head.weight)                             # [V, H]
+        return torch.nn.functional.linear(hidden, weight).float()
+
+    # -- weights, by Hugging Face name
+    def expected_weight_names(self) -> set[str]:
+        """The Hugging Face tensor names a complete checkpoint provides."""
+        names: set[str] = set()
+        for name, _ in self.named_parameters():
+            prefix, _, leaf = name.rpartition(".")
+            module, _, stem = prefix.rpartition(".")
+            fused = [hf for hf, (ours, _) in _FUSED.items() if ours == stem]
+            names.update(f"{module}.{hf}.{leaf}" for hf in fused) if fused else names.add(name)
+        return names
+
+    @torch.no_grad()
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        """Copy one Hugging Face-named tensor into its (possibly fused) parameter."""
+        if "rotary_emb" in name:
+            return
+        if name == "lm_head.weight" and self.lm_head is None:
+            return  # tied: the embedding is the output projection
+        prefix, _, leaf = name.rpartition(".")
+        module, _, stem = prefix.rpartition(".")
+        index = 0
+        target_name = name
+        if stem in _FUSED:
+            ours, index = _FUSED[stem]
+            target_name = f"{module}.{ours}.{leaf}"
+        params = dict(self.named_parameters())
+        if target_name not in params:
+            raise WeightLoadError(name, "no such parameter in the model")
+        param = params[target_name]
+        dest = param.data
+        if stem in _FUSED:
+            sizes = self._fused_sizes(stem)
+            start = sum(sizes[:index])
+            dest = dest.narrow(0, start, sizes[index])
+        if tuple(dest.shape) != tuple(tensor.shape):
+            raise WeightLoadError(name, "shape mismatch", tuple(dest.shape), tuple(tensor.shape))
+        dest.copy_(tensor)
+
+    def _fused_sizes(self, stem: str) -> list[int]:
+        c = self.config
+        if stem in ("q_proj", "k_proj", "v_proj"):
+            return [c.q_size, c.kv_size, c.kv_size]
+        return [c.intermediate_size, c.intermediate_size]
+
+
+def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int,
+                       dtype: torch.dtype, device: torch.device | str
+                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One zeroed (K, V) pair per layer, each [num_blocks, block_size, Hkv, D]."""
+    if num_blocks < 1 or block_size < 1:
+        raise ValueError(f"num_blocks and block_size must be >= 1: {num_blocks}, {block_size}")
+    shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+    return [(torch.zeros(shape, dtype=dtype, device=device),
+             torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(config.num_hidden_layers)]

@@ -1,0 +1,60 @@
+"""Rotary position embeddings (RoPE), with Llama-3 frequency scaling.
+
+Each query/key head vector of width ``D`` is split into halves ``(x1, x2)``; the pair
+``(x1[i], x2[i])`` is rotated by the angle ``position * inv_freq[i]`` with
+``inv_freq[i] = theta ** (-2 i / D)``. This is the "rotate half" layout of Hugging Face's Llama.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fast.config import RopeScaling
+
+
+def inverse_frequencies(head_dim: int, theta: float,
+                        scaling: RopeScaling | None = None) -> torch.Tensor:
+    """The ``[head_dim // 2]`` float32 inverse frequencies, Llama-3 scaled if ``scaling``.
+
+    Llama-3 scaling divides the slow (long-wavelength) frequencies by ``factor``, keeps the fast
+    ones, and interpolates linearly in ``1 / wavelength`` between the two cut-offs.
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (theta ** exponents)                             # [D/2]
+    if scaling is None:
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq                                   # [D/2]
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    # x [..., D] -> [..., D]: (x1, x2) -> (-x2, x1)
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+               inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate queries and keys by their positions.
+
+    positions [T] int; q [T, Hq, D]; k [T, Hkv, D]; inv_freq [D/2] float32
+    -> (q [T, Hq, D], k [T, Hkv, D]) in the input dtype.
+    The angles are computed in float32 and rounded to the activation dtype, as transformers does.
+    """
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]   # [T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)                            # [T, D]
+    cos = emb.cos().to(q.dtype)[:, None, :]                            # [T, 1, D]
+    sin = emb.sin().to(q.dtype)[:, None, :]                            # [T, 1, D]
+    q_out = q * cos + _rotate_half(q) * sin
+    k_out = k * cos + _rotate_half(k) * sin
+    return q_out, k_out
