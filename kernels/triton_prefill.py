@@ -1,0 +1,202 @@
+# mypy: disable-error-code="no-untyped-def,untyped-decorator"
+"""Triton paged prefill: variable-length chunks after cached prefixes, one launch.
+
+Grid ``(P, Hkv)`` with ``P = ceil(T / TOK_M) + B`` (an upper bound on the query tiles of all
+sequences, known without reading device memory). The tile -> (sequence, tile index) map is
+computed on the device with ``searchsorted`` over the per-sequence tile counts; spare programs
+do nothing. A program packs ``TOK_M = BLOCK_M // G`` query tokens times the ``G`` query heads of
+one KV head into ``BLOCK_M`` rows (row ``r``: token ``r // G``, head ``r % G``), so each K/V tile
+is loaded once for all heads sharing it. Query ``i`` of sequence ``b`` sits at position
+``seq_len - q_len + i`` (bottom-right causal). The visible key range of the tile is cut into a
+masked head (sliding window), an unmasked middle whose tiles every row sees whole, and a masked
+tail (the causal diagonal); only the two ends pay for masks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.backend import interpreting
+from kernels.checks import AttentionDims
+from kernels.triton_common import check_triton_dims, dot_config, next_pow2
+
+__all__ = ["triton_paged_prefill", "prefill_config"]
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend(
+    acc, l_i, m_i, q, k_ptr, v_ptr, bt_row, head_off, stride_kb, stride_kt, pos, start, end,
+    scale_log2, softcap, window,
+    D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    cols = tl.arange(0, D)
+    for tile in range(start, end, BLOCK_N):
+        n = tile + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
+        if MASKED:
+            ok = n < end
+            page = tl.load(bt_row + n // PAGE, mask=ok, other=0).to(tl.int64)
+        else:
+            page = tl.load(bt_row + n // PAGE).to(tl.int64)
+        kv_off = page * stride_kb + (n % PAGE).to(tl.int64) * stride_kt + head_off  # int64
+        if MASKED:
+            k = tl.load(k_ptr + kv_off[:, None] + cols[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(v_ptr + kv_off[:, None] + cols[None, :], mask=ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptr + kv_off[:, None] + cols[None, :])
+            v = tl.load(v_ptr + kv_off[:, None] + cols[None, :])
+        if DOT_F32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        if HAS_SOFTCAP:
+            y = s * (scale_log2 / (LOG2E * softcap))
+            s = softcap * LOG2E * (1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0))
+        else:
+            s = s * scale_log2
+        if MASKED:
+            seen = (n[None, :] <= pos[:, None]) & ok[None, :]
+            if HAS_WINDOW:
+                seen = seen & (n[None, :] > pos[:, None] - window)
+            s = tl.where(seen, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        pv = p.to(v.dtype)
+        if DOT_F32:
+            pv = pv.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, lens_ptr, cu_ptr, tile_seq_ptr, tile_idx_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_kt, stride_kh, stride_btb,
+    batch, scale_log2, softcap, window,
+    G: tl.constexpr, BLOCK_M: tl.constexpr, TOK_M: tl.constexpr, D: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seq = tl.load(tile_seq_ptr + pid)
+    if seq < batch:
+        t = tl.load(tile_idx_ptr + pid)
+        q_start = tl.load(cu_ptr + seq)
+        n_q = tl.load(cu_ptr + seq + 1) - q_start
+        seq_len = tl.load(lens_ptr + seq)
+        ctx = seq_len - n_q  # cached keys before this chunk
+
+        r = tl.arange(0, BLOCK_M)
+        tok = t * TOK_M + r // G  # [BLOCK_M] token index within the chunk
+        head = kvh * G + r % G  # [BLOCK_M] query head
+        row_ok = (r < TOK_M * G) & (tok < n_q)
+        pos = ctx + tok  # absolute positions
+        cols = tl.arange(0, D)
+        q_off = (q_start + tok).to(tl.int64) * stride_qt + head.to(tl.int64) * stride_qh
+        q = tl.load(q_ptr + q_off[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0)
+        if DOT_F32:
+            q = q.to(tl.float32)
+
+        min_pos = ctx + t * TOK_M
+        max_pos = ctx + tl.minimum(n_q, (t + 1) * TOK_M) - 1
+        hi = max_pos + 1  # keys [lo, hi) are seen by some row
+        lo = 0
+        full_lo = 0  # keys [full_lo, min_pos] are seen by every row
+        if HAS_WINDOW:
+            lo = tl.maximum(min_pos - window + 1, 0)
+            full_lo = tl.maximum(max_pos - window + 1, 0)
+        a = lo + tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_N) * BLOCK_N
+        a = tl.minimum(a, hi)
+        b = a + (tl.maximum(min_pos + 1 - a, 0) // BLOCK_N) * BLOCK_N
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        bt_row = bt_ptr + seq.to(tl.int64) * stride_btb
+        head_off = kvh.to(tl.int64) * stride_kh
+        acc, l_i, m_i = _attend(
+            acc, l_i, m_i, q, k_ptr, v_ptr, bt_row, head_off, stride_kb, stride_kt, pos, lo, a,
+            scale_log2, softcap, window, D, PAGE, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP,
+            PRECISION, DOT_F32,
+        )
+        acc, l_i, m_i = _attend(
+            acc, l_i, m_i, q, k_ptr, v_ptr, bt_row, head_off, stride_kb, stride_kt, pos, a, b,
+            scale_log2, softcap, window, D, PAGE, BLOCK_N, False, HAS_WINDOW, HAS_SOFTCAP,
+            PRECISION, DOT_F32,
+        )
+        acc, l_i, m_i = _attend(
+            acc, l_i, m_i, q, k_ptr, v_ptr, bt_row, head_off, stride_kb, stride_kt, pos, b, hi,
+            scale_log2, softcap, window, D, PAGE, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP,
+            PRECISION, DOT_F32,
+        )
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_off = (q_start + tok).to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
+        tl.store(o_ptr + o_off[:, None] + cols[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+
+
+def prefill_config(head_dim: int, dtype: torch.dtype, group: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M rows, BLOCK_N keys, num_warps, num_stages) for a head dim, dtype and GQA ratio."""
+    if interpreting():
+        return max(16, next_pow2(group)), 16, 1, 1
+    if dtype == torch.float32:
+        rows, block_n, warps, stages = (64, 32, 4, 2) if head_dim <= 128 else (32, 32, 4, 1)
+    elif head_dim <= 128:
+        rows, block_n, warps, stages = 128, 64, 8, 3
+    else:
+        rows, block_n, warps, stages = 64, 32, 4, 2
+    return max(rows, next_pow2(group)), block_n, warps, stages
+
+
+def triton_paged_prefill(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, dims: AttentionDims, *, scale: float,
+    sliding_window: int | None, softcap: float | None, out: torch.Tensor | None,
+    config: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """Launch the prefill kernel. Shapes as ``kernels.paged_prefill``."""
+    check_triton_dims(dims, q.dtype)
+    t, hq, d = q.shape
+    if out is None:
+        out = torch.empty_like(q)
+    if t == 0 or dims.batch == 0:
+        return out
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    g = dims.group
+    rows, block_n, warps, stages = config or prefill_config(d, q.dtype, g)
+    tok_m = rows // g
+    # device-side tile map: tiles of sequence b are [cu_tiles[b], cu_tiles[b+1])
+    cu = cu_seqlens_q.long()
+    n_tiles = (cu[1:] - cu[:-1] + tok_m - 1) // tok_m  # [B]
+    cu_tiles = torch.cumsum(n_tiles, 0)  # [B] inclusive ends
+    programs = -(-t // tok_m) + dims.batch
+    pid = torch.arange(programs, device=q.device)
+    tile_seq = torch.searchsorted(cu_tiles, pid, right=True)  # [P] in [0, B]; B = spare
+    starts = torch.cat([cu_tiles.new_zeros(1), cu_tiles])[tile_seq.clamp(max=dims.batch)]
+    tile_idx = (pid - starts).to(torch.int32)
+    tile_seq = tile_seq.to(torch.int32)
+    precision, dot_f32 = dot_config(q.dtype)
+    _prefill_kernel[(programs, dims.num_kv_heads)](
+        q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, tile_seq, tile_idx,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        dims.batch, scale * LOG2E, float(softcap or 1.0), int(sliding_window or 0),
+        G=g, BLOCK_M=rows, TOK_M=tok_m, D=d, PAGE=dims.block_size, BLOCK_N=block_n,
+        HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
+        PRECISION=precision, DOT_F32=dot_f32, num_warps=warps, num_stages=stages,
+    )
+    return out
