@@ -1,0 +1,156 @@
+"""The scheduler under test: its protocol and the two built-in adapters (spec, fast).
+
+A scheduler implementation is driven by four events: ``add_request``, ``abort_request``,
+``schedule`` (returns a ``spec.scheduler.SchedulerOutput``) and ``update`` (a
+``spec.scheduler.StepOutcome``). Two implementations conform when, for the same events, they
+return equal outputs at every step. Factories take a ``SchedulerConfig`` and a
+``BlockManagerConfig`` and return a fresh implementation with its own block manager.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from spec.scheduler import SchedulerConfig, SchedulerOutput, StepOutcome
+
+__all__ = [
+    "SchedulerImpl",
+    "SchedulerFactory",
+    "SpecSchedulerAdapter",
+    "FastSchedulerAdapter",
+    "scheduler_factory",
+    "scheduler_names",
+    "register_scheduler",
+]
+
+
+@runtime_checkable
+class SchedulerImpl(Protocol):
+    """The event interface of ``spec.scheduler.Scheduler``."""
+
+    @property
+    def has_unfinished(self) -> bool: ...
+
+    @property
+    def num_free_gpu_blocks(self) -> int: ...
+
+    def add_request(self, seq_id: int, prompt_token_ids: Sequence[int]) -> None: ...
+
+    def abort_request(self, seq_id: int) -> None: ...
+
+    def schedule(self) -> SchedulerOutput: ...
+
+    def update(self, outcome: StepOutcome) -> None: ...
+
+
+#: Builds a fresh implementation from a ``SchedulerConfig`` and a ``BlockManagerConfig``.
+SchedulerFactory = Callable[[SchedulerConfig, Any], SchedulerImpl]
+
+
+def _block_manager(config: Any, name: str) -> Any:
+    """A fresh block manager from the block-manager registry (``"spec"`` or ``"fast"``)."""
+    from conformance.registry import block_manager_factory
+
+    return block_manager_factory(name)(config)
+
+
+class SpecSchedulerAdapter:
+    """``spec.scheduler.Scheduler`` over ``spec.block_manager.BlockManager``."""
+
+    def __init__(self, config: SchedulerConfig, bm_config: Any) -> None:
+        from spec.scheduler import Scheduler
+
+        self.block_manager = _block_manager(bm_config, "spec")
+        self.scheduler = Scheduler(config, self.block_manager)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    @property
+    def num_free_gpu_blocks(self) -> int:
+        return int(self.block_manager.num_free_gpu_blocks)
+
+    def add_request(self, seq_id: int, prompt_token_ids: Sequence[int]) -> None:
+        self.scheduler.add_request(seq_id, prompt_token_ids)
+
+    def abort_request(self, seq_id: int) -> None:
+        self.scheduler.abort_request(seq_id)
+
+    def schedule(self) -> SchedulerOutput:
+        return self.scheduler.schedule()
+
+    def update(self, outcome: StepOutcome) -> None:
+        self.scheduler.update(outcome)
+
+
+class FastSchedulerAdapter:
+    """``fast.scheduler.Scheduler`` over the fast block manager and ``fast.sequence`` state.
+
+    The engine appends sampled tokens to its sequences itself; this adapter does the same before
+    handing the outcome on. ``block_manager_name`` picks the block manager from
+    ``conformance.registry`` (the numba one by default).
+    """
+
+    block_manager_name = "fast"
+
+    def __init__(self, config: SchedulerConfig, bm_config: Any) -> None:
+        from fast.scheduler import Scheduler
+
+        self.block_manager = _block_manager(bm_config, self.block_manager_name)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self._arrivals = 0
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    @property
+    def num_free_gpu_blocks(self) -> int:
+        return int(self.block_manager.num_free_gpu_blocks)
+
+    def add_request(self, seq_id: int, prompt_token_ids: Sequence[int]) -> None:
+        from fast.sequence import Sequence as Seq
+
+        seq = Seq(seq_id, str(seq_id), self._arrivals, [int(t) for t in prompt_token_ids])
+        self.scheduler.add_sequence(seq)
+        self._arrivals += 1
+
+    def abort_request(self, seq_id: int) -> None:
+        self.scheduler.abort(seq_id)
+
+    def schedule(self) -> SchedulerOutput:
+        return self.scheduler.schedule()
+
+    def update(self, outcome: StepOutcome) -> None:
+        for seq_id, token in outcome.sampled.items():
+            seq = self.scheduler.seqs.get(seq_id)
+            if seq is not None:
+                seq.append_token(token)
+        self.scheduler.update(outcome)
+
+
+_SCHEDULERS: dict[str, SchedulerFactory] = {
+    "spec": SpecSchedulerAdapter,
+    "fast": FastSchedulerAdapter,
+}
+
+
+def register_scheduler(name: str, factory: SchedulerFactory) -> None:
+    """Make ``factory`` testable under ``name`` (re-registering replaces)."""
+    _SCHEDULERS[name] = factory
+
+
+def scheduler_factory(name: str) -> SchedulerFactory:
+    """The factory registered under ``name``; raises ``KeyError`` naming the known ones."""
+    try:
+        return _SCHEDULERS[name]
+    except KeyError:
+        raise KeyError(f"no scheduler registered as {name!r}; known: {scheduler_names()}") \
+            from None
+
+
+def scheduler_names() -> list[str]:
+    """Every registered scheduler name, sorted."""
+    return sorted(_SCHEDULERS)

@@ -1,0 +1,204 @@
+"""Random request streams run through a scheduler, and two schedulers run in lockstep.
+
+A :class:`Workload` is a scheduler configuration, a block-manager configuration and a list of
+requests (arrival step, prompt, number of tokens to generate, optional abort step). :func:`run`
+plays it against one implementation with a deterministic fake model (the token sampled for a
+sequence is a function of its id and length), checks the limits of every step and that the pool
+is whole again at the end. :func:`run_lockstep` plays it against two implementations and
+requires equal :class:`~spec.scheduler.SchedulerOutput` at every step. :func:`workloads` is the
+hypothesis strategy drawing them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hypothesis import strategies as st
+
+from conformance.scheduler_protocol import SchedulerFactory, SchedulerImpl
+from spec.scheduler import PreemptionMode, SchedulerConfig, SchedulerOutput, StepOutcome
+
+__all__ = ["RequestSpec", "Workload", "SchedulerConformanceError", "run", "run_lockstep",
+           "workloads", "check_scheduler"]
+
+
+class SchedulerConformanceError(AssertionError):
+    """A scheduler broke a limit, stalled, leaked blocks, or differs from the reference."""
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request of a workload."""
+
+    seq_id: int
+    arrival_step: int
+    prompt: tuple[int, ...]
+    max_tokens: int
+    abort_step: int | None = None
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Everything a run needs; ``bm_config`` is a ``spec.block_manager.BlockManagerConfig``."""
+
+    config: SchedulerConfig
+    bm_config: Any
+    requests: tuple[RequestSpec, ...]
+    vocab: int = 50
+
+
+def _token(seq_id: int, length: int, vocab: int) -> int:
+    return (seq_id * 31 + length * 7) % vocab
+
+
+class _Driver:
+    """Feeds one implementation the events of a workload, step by step."""
+
+    def __init__(self, impl: SchedulerImpl, wl: Workload) -> None:
+        self.impl, self.wl = impl, wl
+        self.length: dict[int, int] = {}      # live seq id -> prompt + generated
+        self.generated: dict[int, int] = {}
+        self.total_free = impl.num_free_gpu_blocks
+        self.step_no = 0
+        self.last_arrival = max([r.arrival_step for r in wl.requests], default=0)
+        self.by_id = {r.seq_id: r for r in wl.requests}
+
+    def step(self) -> SchedulerOutput:
+        wl, cfg = self.wl, self.wl.config
+        for r in wl.requests:
+            if r.arrival_step == self.step_no:
+                self.impl.add_request(r.seq_id, r.prompt)
+                self.length[r.seq_id] = len(r.prompt)
+                self.generated[r.seq_id] = 0
+        for r in wl.requests:
+            if r.abort_step == self.step_no and r.seq_id in self.length:
+                self.impl.abort_request(r.seq_id)
+                del self.length[r.seq_id]
+        out = self.impl.schedule()
+        self._check_limits(out)
+        sampled: dict[int, int] = {}
+        finished: set[int] = set()
+        for s in out.scheduled:
+            if not s.sample:
+                continue
+            sid = s.seq_id
+            sampled[sid] = _token(sid, self.length[sid], wl.vocab)
+            self.length[sid] += 1
+            self.generated[sid] += 1
+            if (self.generated[sid] >= self.by_id[sid].max_tokens
+                    or self.length[sid] >= cfg.max_model_len):
+                finished.add(sid)
+                del self.length[sid]
+        self.impl.update(StepOutcome(sampled, frozenset(finished)))
+        self.step_no += 1
+        return out
+
+    @property
+    def done(self) -> bool:
+        return self.step_no > self.last_arrival and not self.impl.has_unfinished
+
+    def _check_limits(self, out: SchedulerOutput) -> None:
+        cfg = self.wl.config
+        ids = [s.seq_id for s in out.scheduled]
+        if out.num_batched_tokens > cfg.max_num_batched_tokens:
+            raise SchedulerConformanceError(
+                f"step {self.step_no}: {out.num_batched_tokens} tokens > budget "
+                f"{cfg.max_num_batched_tokens}")
+        if len(ids) > cfg.max_num_seqs or len(set(ids)) != len(ids):
+            raise SchedulerConformanceError(f"step {self.step_no}: scheduled {ids}")
+        if any(s.num_tokens < 1 or s.start + s.num_tokens > cfg.max_model_len
+               for s in out.scheduled):
+            raise SchedulerConformanceError(f"step {self.step_no}: bad shares {out.scheduled}")
+        if out.is_empty and self.impl.has_unfinished and self.step_no > self.last_arrival:
+            raise SchedulerConformanceError(f"step {self.step_no}: stalled with work left")
+
+    def check_end(self) -> None:
+        free = self.impl.num_free_gpu_blocks
+        if free != self.total_free:
+            raise SchedulerConformanceError(
+                f"{self.total_free - free} blocks leaked after every request ended")
+
+
+def run(impl: SchedulerImpl, wl: Workload, max_steps: int = 20_000) -> list[SchedulerOutput]:
+    """Play ``wl`` against ``impl``; returns the output of every step."""
+    driver = _Driver(impl, wl)
+    outputs = []
+    while not driver.done:
+        if driver.step_no >= max_steps:
+            raise SchedulerConformanceError(f"not done after {max_steps} steps")
+        outputs.append(driver.step())
+    driver.check_end()
+    return outputs
+
+
+def run_lockstep(reference: SchedulerFactory, candidate: SchedulerFactory, wl: Workload,
+                 max_steps: int = 20_000) -> int:
+    """Play ``wl`` against both; equal outputs at every step. Returns the number of steps."""
+    a = _Driver(reference(wl.config, wl.bm_config), wl)
+    b = _Driver(candidate(wl.config, wl.bm_config), wl)
+    while not (a.done and b.done):
+        if a.step_no >= max_steps:
+            raise SchedulerConformanceError(f"not done after {max_steps} steps")
+        step = a.step_no
+        out_a, out_b = a.step(), b.step()
+        if out_a != out_b:
+            raise SchedulerConformanceError(
+                f"step {step} differs:\n reference {out_a}\n candidate {out_b}")
+    a.check_end()
+    b.check_end()
+    return a.step_no
+
+
+@st.composite
+def workloads(draw: st.DrawFn, max_requests: int = 8) -> Workload:
+    """Small pools, short prompts, both preemption modes, chunked prefill on and off."""
+    from spec.block_manager import BlockManagerConfig
+
+    block_size = draw(st.sampled_from([1, 2, 4]))
+    max_model_len = draw(st.integers(4, 24))
+    min_blocks = -(-max_model_len // block_size)
+    num_gpu_blocks = min_blocks + draw(st.integers(0, min_blocks))
+    mode: PreemptionMode = draw(st.sampled_from(["recompute", "swap"]))
+    num_cpu_blocks = draw(st.integers(0, num_gpu_blocks)) if mode == "swap" else 0
+    chunked = draw(st.booleans())
+    max_num_seqs = draw(st.integers(1, 6))
+    low = max_num_seqs if chunked else max(max_num_seqs, max_model_len)
+    budget = draw(st.integers(low, low + 16))
+    prefix = draw(st.booleans())
+    vocab = draw(st.sampled_from([3, 50]))
+    config = SchedulerConfig(max_num_seqs, budget, max_model_len, chunked, mode)
+    bm_config = BlockManagerConfig(block_size=block_size, num_gpu_blocks=num_gpu_blocks,
+                                   num_cpu_blocks=num_cpu_blocks,
+                                   enable_prefix_caching=prefix)
+    n = draw(st.integers(1, max_requests))
+    requests = []
+    for i in range(n):
+        plen = draw(st.integers(1, max_model_len))
+        prompt = tuple(draw(st.lists(st.integers(0, vocab - 1), min_size=plen, max_size=plen)))
+        arrival = draw(st.integers(0, 3))
+        abort = draw(st.one_of(st.none(), st.none(), st.integers(arrival, arrival + 12)))
+        requests.append(RequestSpec(i, arrival, prompt, draw(st.integers(1, 16)), abort))
+    return Workload(config, bm_config, tuple(requests), vocab)
+
+
+def check_scheduler(candidate: SchedulerFactory, reference: SchedulerFactory | None = None,
+                    max_examples: int = 100, shrink: bool = True) -> None:
+    """Hypothesis property: ``candidate`` makes the reference's decisions on random workloads.
+
+    ``shrink=False`` reports the first failing workload as found (faster, longer to read).
+    """
+    from hypothesis import Phase, given, settings
+
+    from conformance.scheduler_protocol import SpecSchedulerAdapter
+
+    ref = reference if reference is not None else SpecSchedulerAdapter
+
+    phases = tuple(Phase) if shrink else (Phase.explicit, Phase.generate)
+
+    @settings(max_examples=max_examples, deadline=None, derandomize=True, phases=phases)
+    @given(workloads())
+    def prop(wl: Workload) -> None:
+        run_lockstep(ref, candidate, wl)
+
+    prop()
