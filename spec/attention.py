@@ -21,22 +21,28 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from spec.errors import InvalidArgumentError, PagedKVError
+
 F64 = NDArray[np.float64]
 I64 = NDArray[np.int64]
 
 
-class AttentionShapeError(ValueError):
+class AttentionShapeError(InvalidArgumentError):
     """A shape or value handed to the attention spec is invalid.
 
     ``what`` says which rule was broken; ``numbers`` holds the offending values by name (they are
-    also in the message).
+    also in the message). As an :class:`~spec.errors.InvalidArgumentError` it also carries
+    ``name``/``value`` (the first offending number) and ``reason`` (= ``what``); it is a
+    ``ValueError`` and a ``PagedKVError``.
     """
 
     def __init__(self, what: str, **numbers: Any) -> None:
         self.what = what
         self.numbers: dict[str, Any] = dict(numbers)
+        self.name, self.value = next(iter(numbers.items()), ("", None))
+        self.reason = what
         detail = ", ".join(f"{name}={value!r}" for name, value in numbers.items())
-        super().__init__(f"{what} ({detail})" if detail else what)
+        PagedKVError.__init__(self, f"{what} ({detail})" if detail else what)
 
 
 @dataclass(frozen=True)
