@@ -74,6 +74,7 @@ def torch_paged_decode(
     visible = pos < lens[:, None]  # [B, N]
     if sliding_window is not None:
         visible &= pos >= lens[:, None] - sliding_window
+    v = v.masked_fill(~visible[:, :, None, None], 0.0)  # rows past a length may hold anything
     o = _softmax_attend(s, visible[:, None, None, :], v.permute(0, 2, 1, 3), softcap)
     return o.reshape(batch, hq, d).to(q.dtype)  # [B, Hkv, G, D] -> [B, Hq, D]
 
