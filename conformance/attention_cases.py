@@ -26,6 +26,7 @@ __all__ = [
     "attention_cases",
     "CPU_LIMITS",
     "GPU_LIMITS",
+    "GPU_PREFILL_LIMITS",
     "CaseLimits",
 ]
 
@@ -153,6 +154,11 @@ CPU_LIMITS = CaseLimits(
 )
 GPU_LIMITS = CaseLimits(
     max_batch=8, max_len=3000, head_dims=(64, 128, 256), block_sizes=(8, 16, 32, 64, 128, 256),
+    dtypes=("float32", "float16", "bfloat16"), kv_heads=(1, 2, 8), high_ids=True,
+)
+#: Prefill on a GPU: shorter, since the float64 spec costs O(q_len * seq_len) per head on the CPU.
+GPU_PREFILL_LIMITS = CaseLimits(
+    max_batch=4, max_len=700, head_dims=(64, 128, 256), block_sizes=(8, 16, 32, 64, 128, 256),
     dtypes=("float32", "float16", "bfloat16"), kv_heads=(1, 2, 8), high_ids=True,
 )
 

@@ -143,8 +143,10 @@ def triton_paged_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, dims: AttentionDims, *, scale: float, sliding_window: int | None,
     softcap: float | None, num_splits: int | None, out: torch.Tensor | None,
+    config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
-    """Launch the decode kernel (and the merge when split). Shapes as ``kernels.paged_decode``."""
+    """Launch the decode kernel (and the merge when split). Shapes as ``kernels.paged_decode``;
+    ``config`` overrides (BLOCK_N, num_warps, num_stages) for tuning."""
     check_triton_dims(dims, q.dtype)
     batch, hq, d = q.shape
     if out is None:
@@ -154,7 +156,7 @@ def triton_paged_decode(
     q = q if q.stride(-1) == 1 else q.contiguous()
     g = dims.group
     g_pad = max(16, next_pow2(g))
-    block_n, warps, stages = decode_config(d, q.dtype)
+    block_n, warps, stages = config or decode_config(d, q.dtype)
     if num_splits is None:
         sms = 132
         if q.is_cuda:

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from conformance.attention_cases import (
     CPU_LIMITS,
     GPU_LIMITS,
+    GPU_PREFILL_LIMITS,
     AttentionCase,
     attention_cases,
     build_case,
@@ -92,7 +93,7 @@ def test_triton_decode_any_split_count(num_splits: int) -> None:
 
 
 GPU_CI = settings(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
-                  database=None, max_examples=150)
+                  database=None, max_examples=60)
 
 
 @pytest.mark.gpu
@@ -104,6 +105,6 @@ def test_gpu_triton_decode_matches_spec(case: AttentionCase) -> None:
 
 @pytest.mark.gpu
 @GPU_CI
-@given(case=attention_cases(GPU_LIMITS, prefill=True))
+@given(case=attention_cases(GPU_PREFILL_LIMITS, prefill=True))
 def test_gpu_triton_prefill_matches_spec(case: AttentionCase) -> None:
     check_prefill(attention_impl("triton"), build_case(case, "cuda"))

@@ -1,0 +1,71 @@
+"""Triton-only behaviour: the sizes it refuses, backend selection, the split heuristic, and
+large GPU shapes with pools whose element offsets pass 2^31."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from conformance.attention_cases import AttentionCase, build_case
+from conformance.attention_impl import attention_impl, check_decode, check_prefill
+from kernels.backend import resolve_backend
+from kernels.errors import BackendUnavailableError, HeadDimError, PageSizeError
+from kernels.splits import choose_num_splits
+
+
+def _decode_args(block_size: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    k = torch.randn(4, block_size, 2, head_dim)
+    q = torch.randn(1, 4, head_dim)
+    return q, k, k.clone(), torch.zeros(1, 2, dtype=torch.int32), torch.tensor([3], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("block_size", [4, 12, 512])
+def test_triton_refuses_page_sizes_outside_pow2_8_to_256(block_size: int) -> None:
+    with pytest.raises(PageSizeError) as e:
+        kernels.paged_decode(*_decode_args(block_size, 64), scale=1.0, backend="triton")
+    assert e.value.block_size == block_size
+    # the torch fallback takes any page size
+    out = kernels.paged_decode(*_decode_args(block_size, 64), scale=1.0, backend="torch")
+    assert torch.isfinite(out).all()
+
+
+def test_triton_refuses_head_dim_96() -> None:
+    with pytest.raises(HeadDimError) as e:
+        kernels.paged_decode(*_decode_args(16, 96), scale=1.0, backend="triton")
+    assert e.value.head_dim == 96
+
+
+def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cuda", 0)) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError):
+        resolve_backend("triton", torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "batch,kv_heads,length,expected",
+    [(1, 8, 4096, 16), (16, 8, 2048, 3), (64, 8, 4096, 1), (1, 8, 32768, 33), (2, 1, 100, 1)],
+)
+def test_split_heuristic_fills_132_sms(batch: int, kv_heads: int, length: int, expected: int) -> None:
+    s = choose_num_splits(batch, kv_heads, length)
+    assert s == expected
+    assert s == 1 or batch * kv_heads * s >= 132 or length // 256 == s
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_gpu_long_decode_with_high_block_ids(dtype: str) -> None:
+    case = AttentionCase(num_kv_heads=8, group=4, head_dim=128, block_size=16,
+                         seq_lens=(20000, 777, 1, 4096), q_lens=None, dtype=dtype,
+                         high_block_ids=True, seed=5)
+    check_decode(attention_impl("triton"), build_case(case, "cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_after_long_prefix_with_high_block_ids() -> None:
+    case = AttentionCase(num_kv_heads=8, group=4, head_dim=128, block_size=16,
+                         seq_lens=(3000, 600), q_lens=(512, 600), dtype="bfloat16",
+                         high_block_ids=True, sliding_window=1000, seed=6)
+    check_prefill(attention_impl("triton"), build_case(case, "cuda"))
