@@ -49,7 +49,7 @@ def dequantize(data: NDArray[np.generic], type_id: int, shape: Sequence[int],
     """Raw GGUF tensor data -> float32 array of ``shape`` (numpy order, rows last-dim major)."""
     count = int(np.prod(shape))
     if type_id == F32:
-        return np.asarray(data, dtype=np.float32).reshape(shape)
+        return np.array(np.ascontiguousarray(data).view(np.float32).reshape(shape))
     if type_id == F16:
         return np.asarray(data).view(np.float16).astype(np.float32).reshape(shape)
     if type_id == BF16:
@@ -62,14 +62,16 @@ def dequantize(data: NDArray[np.generic], type_id: int, shape: Sequence[int],
         raise ValueError(f"tensor {name!r}: {count} elements is not a multiple of {QK}")
     blocks = np.ascontiguousarray(data).view(np.uint8).reshape(count // QK, _BLOCK_BYTES[type_id])
     if type_id == Q8_0:
-        q8 = blocks[:, 2:].view(np.int8).astype(np.float32)               # [N, 32]
-        out = _f16(blocks, 0) * q8
+        out = blocks[:, 2:].view(np.int8).astype(np.float32)              # [N, 32]
+        out *= _f16(blocks, 0)
     elif type_id == Q4_0:
-        q4 = _nibbles(blocks[:, 2:]).astype(np.float32) - np.float32(8)  # [N, 32]
-        out = _f16(blocks, 0) * q4
+        out = _nibbles(blocks[:, 2:]).astype(np.float32)                 # [N, 32]
+        out -= np.float32(8)
+        out *= _f16(blocks, 0)
     else:  # Q4_1
-        q4 = _nibbles(blocks[:, 4:]).astype(np.float32)                  # [N, 32]
-        out = _f16(blocks, 0) * q4 + _f16(blocks, 2)
+        out = _nibbles(blocks[:, 4:]).astype(np.float32)                 # [N, 32]
+        out *= _f16(blocks, 0)
+        out += _f16(blocks, 2)
     return out.reshape(shape)
 
 

@@ -6,11 +6,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-import gguf
 import torch
 
 from fast.config import ModelConfig
 from fast.loader.dequant import dequantize, unpermute_qk
+from fast.loader.gguf_file import read_gguf
 from fast.loader.weights import check_complete, empty_model
 from fast.model import LlamaForCausalLM
 from fast.tokenizer import Tokenizer
@@ -47,24 +47,19 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
-    """Every key-value field of the file as plain Python values."""
-    return {key: field.contents() for key, field in reader.fields.items()}
-
-
 def load_gguf(path: str | Path, *, dtype: torch.dtype, device: torch.device | str
               ) -> tuple[LlamaForCausalLM, Tokenizer, ModelConfig]:
     """(model, tokenizer, config) from one GGUF file; quantized tensors are dequantized."""
-    reader = gguf.GGUFReader(str(path))
-    metadata = read_metadata(reader)
+    metadata, tensor_list = read_gguf(path)
     arch = str(metadata.get("general.architecture"))
     if arch not in _ARCHITECTURES:
         raise UnsupportedGGUFError(f"GGUF architecture {arch!r} in {path} is not one of "
                                    f"{sorted(_ARCHITECTURES)}")
-    tensors = {t.name: t for t in reader.tensors}
-    embed = tensors["token_embd.weight"]
+    tensors = {t.name: t for t in tensor_list}
+    if "token_embd.weight" not in tensors:
+        raise UnsupportedGGUFError(f"{path} has no token_embd.weight tensor")
     config = ModelConfig.from_gguf(metadata, tie_word_embeddings="output.weight" not in tensors,
-                                   vocab_size=int(embed.shape[1]))
+                                   vocab_size=tensors["token_embd.weight"].shape[0])
     model = empty_model(config, dtype, device)
     loaded: list[str] = []
     for name, tensor in tensors.items():
@@ -73,8 +68,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype, device: torch.device | st
             if name.startswith("rope_") or name.endswith("rope_freqs.weight"):
                 continue  # llama.cpp's precomputed rope factors; we derive them from metadata
             raise UnsupportedGGUFError(f"GGUF tensor {name!r} has no counterpart in the model")
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # ggml lists ne0 first
-        weight = dequantize(tensor.data, int(tensor.tensor_type), shape, name)
+        weight = dequantize(tensor.data, tensor.type_id, tensor.shape, name)
         if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
             heads = config.num_attention_heads if ".attn_q." in name else \
                 config.num_key_value_heads

@@ -19,8 +19,12 @@ def empty_model(config: ModelConfig, dtype: torch.dtype,
     """
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model = model.to_empty(device=device)
-    return model.to(dtype=dtype).eval()
+    for module in model.modules():
+        for name, meta in list(module._parameters.items()):
+            if meta is not None:
+                module._parameters[name] = torch.nn.Parameter(
+                    torch.empty(meta.shape, dtype=dtype, device=device), requires_grad=False)
+    return model.eval()
 
 
 def check_complete(model: LlamaForCausalLM, loaded: Iterable[str]) -> None:

@@ -7,7 +7,7 @@ from torch import nn
 
 from fast.attention_context import AttentionContext
 from fast.config import ModelConfig
-from fast.model.layers import DecoderLayer, RMSNorm
+from fast.model.layers import DecoderLayer, Embedding, Linear, RMSNorm
 from fast.model.rope import inverse_frequencies
 
 # Hugging Face projection name -> (our fused module, index of its slice)
@@ -32,7 +32,7 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -48,9 +48,9 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head: nn.Linear | None = None
+        self.lm_head: Linear | None = None
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         # Kept off the module's buffers so that model.to(dtype) cannot round it to bf16.
         self._inv_freq = inverse_frequencies(config.head_dim, config.rope_theta,
                                              config.rope_scaling)  # [D/2] float32, CPU
@@ -108,10 +108,9 @@ class LlamaForCausalLM(nn.Module):
         if stem in _FUSED:
             ours, index = _FUSED[stem]
             target_name = f"{module}.{ours}.{leaf}"
-        params = dict(self.named_parameters())
-        if target_name not in params:
+        param = self._parameter(target_name)
+        if param is None:
             raise WeightLoadError(name, "no such parameter in the model")
-        param = params[target_name]
         dest = param.data
         if stem in _FUSED:
             sizes = self._fused_sizes(stem)
@@ -120,6 +119,15 @@ class LlamaForCausalLM(nn.Module):
         if tuple(dest.shape) != tuple(tensor.shape):
             raise WeightLoadError(name, "shape mismatch", tuple(dest.shape), tuple(tensor.shape))
         dest.copy_(tensor)
+
+    def _parameter(self, name: str) -> nn.Parameter | None:
+        module_name, _, leaf = name.rpartition(".")
+        try:
+            module = self.get_submodule(module_name)
+        except AttributeError:
+            return None
+        param = module._parameters.get(leaf)
+        return param
 
     def _fused_sizes(self, stem: str) -> list[int]:
         c = self.config
