@@ -6,7 +6,8 @@ and with a sliding window ``w`` also ``j > p - w``. Logits are ``s = scale * q.k
 ``h // (Hq // Hkv)``. A row with no visible key has output 0 and log-sum-exp ``-inf``.
 
 >>> import numpy as np
->>> q = np.ones((1, 1, 2)); k = np.zeros((3, 1, 2)); v = np.arange(3.0).reshape(3, 1, 1) * [1, 1]
+>>> q, k = np.ones((1, 1, 2)), np.zeros((3, 1, 2))
+>>> v = np.arange(3.0).reshape(3, 1, 1) * [1, 1]
 >>> o, lse = attention(q, k, v, AttentionParams(scale=1.0))
 >>> o[0, 0], round(float(lse[0, 0]), 6)   # equal logits: the mean of v, lse = log 3
 (array([1., 1.]), 1.098612)
@@ -68,7 +69,9 @@ class AttentionParams:
                 "sliding_window must be an int >= 1 or None", sliding_window=self.sliding_window
             )
         if self.softcap is not None and not (math.isfinite(self.softcap) and self.softcap > 0):
-            raise AttentionShapeError("softcap must be finite and > 0 or None", softcap=self.softcap)
+            raise AttentionShapeError(
+                "softcap must be finite and > 0 or None", softcap=self.softcap
+            )
 
 
 def as_float_array(name: str, x: ArrayLike, ndim: int) -> F64:
@@ -78,7 +81,8 @@ def as_float_array(name: str, x: ArrayLike, ndim: int) -> F64:
         raise AttentionShapeError(f"{name} must have {ndim} dimensions", shape=arr.shape)
     if not np.all(np.isfinite(arr)):
         bad = np.argwhere(~np.isfinite(arr))[0]
-        raise AttentionShapeError(f"{name} holds a non-finite value", index=tuple(int(i) for i in bad))
+        index = tuple(int(i) for i in bad)
+        raise AttentionShapeError(f"{name} holds a non-finite value", index=index)
     return arr
 
 
@@ -137,7 +141,9 @@ def check_qkv(q: F64, k: F64, v: F64) -> None:
     if k.shape != v.shape:
         raise AttentionShapeError("k and v must have the same shape", k=k.shape, v=v.shape)
     if q.shape[2] != k.shape[2]:
-        raise AttentionShapeError("q and k head_dim differ", q_head_dim=q.shape[2], k_head_dim=k.shape[2])
+        raise AttentionShapeError(
+            "q and k head_dim differ", q_head_dim=q.shape[2], k_head_dim=k.shape[2]
+        )
     kv_head_map(q.shape[1], k.shape[1])
 
 
@@ -149,47 +155,62 @@ def attention(
     q_positions: ArrayLike | None = None,
     k_positions: ArrayLike | None = None,
 ) -> tuple[F64, F64]:
-    """Softmax attention of ``q`` [Q, Hq, D] over ``k``, ``v`` [K, Hkv, D] -> (o [Q, Hq, D], lse [Q, Hq]).
+    """Softmax attention of ``q`` [Q, Hq, D] over ``k``, ``v`` [K, Hkv, D].
 
-    ``k_positions`` [K] defaults to ``0..K-1``; ``q_positions`` [Q] defaults to the last ``Q``
-    positions (``K-Q .. K-1``: the causal mask aligned bottom right, which needs ``Q <= K``).
-    ``lse`` is the natural log of the sum of exponentiated visible logits; rows that see no key
-    get ``o = 0`` and ``lse = -inf``.
+    Returns ``(o [Q, Hq, D], lse [Q, Hq])``. ``k_positions`` [K] defaults to ``0..K-1``;
+    ``q_positions`` [Q] defaults to the last ``Q`` positions (``K-Q .. K-1``: the causal mask
+    aligned bottom right, which needs ``Q <= K``). ``lse`` is the natural log of the sum of the
+    exponentiated visible logits; rows that see no key get ``o = 0`` and ``lse = -inf``.
     """
     qa = as_float_array("q", q, 3)
     ka = as_float_array("k", k, 3)
     va = as_float_array("v", v, 3)
     check_qkv(qa, ka, va)
-    num_q, num_k = qa.shape[0], ka.shape[0]
-    if k_positions is None:
-        kp = np.arange(num_k, dtype=np.int64)
-    else:
-        kp = as_int_array("k_positions", k_positions, 1)
-        if kp.shape[0] != num_k:
-            raise AttentionShapeError("k_positions must have one entry per key", k_positions=kp.shape[0], keys=num_k)
-    if q_positions is None:
-        if num_q > num_k:
-            raise AttentionShapeError("more queries than keys for bottom-right alignment", q_len=num_q, num_keys=num_k)
-        qp = np.arange(num_k - num_q, num_k, dtype=np.int64)
-    else:
-        qp = as_int_array("q_positions", q_positions, 1)
-        if qp.shape[0] != num_q:
-            raise AttentionShapeError("q_positions must have one entry per query", q_positions=qp.shape[0], queries=num_q)
+    qp, kp = positions(qa.shape[0], ka.shape[0], q_positions, k_positions)
     mask = visible(qp, kp, params.sliding_window)[:, None, :]  # [Q, 1, K]
     s = np.where(mask, logits(qa, ka, params), -np.inf)  # [Q, Hq, K]
     return softmax_states(s, va)
 
 
+def positions(
+    num_q: int, num_k: int, q_positions: ArrayLike | None, k_positions: ArrayLike | None
+) -> tuple[I64, I64]:
+    """(q_positions [Q], k_positions [K]), defaulting to keys ``0..K-1`` and queries at the end."""
+    if k_positions is None:
+        kp = np.arange(num_k, dtype=np.int64)
+    else:
+        kp = as_int_array("k_positions", k_positions, 1)
+        if kp.shape[0] != num_k:
+            raise AttentionShapeError(
+                "k_positions must have one entry per key", k_positions=kp.shape[0], keys=num_k
+            )
+    if q_positions is None:
+        if num_q > num_k:
+            raise AttentionShapeError(
+                "more queries than keys for bottom-right alignment", q_len=num_q, num_keys=num_k
+            )
+        return np.arange(num_k - num_q, num_k, dtype=np.int64), kp
+    qp = as_int_array("q_positions", q_positions, 1)
+    if qp.shape[0] != num_q:
+        raise AttentionShapeError(
+            "q_positions must have one entry per query", q_positions=qp.shape[0], queries=num_q
+        )
+    return qp, kp
+
+
 def softmax_states(s: F64, v: F64) -> tuple[F64, F64]:
-    """(o [Q, Hq, D], lse [Q, Hq]) from masked logits ``s`` [Q, Hq, K] (-inf = hidden) and ``v`` [K, Hkv, D]."""
-    num_heads = s.shape[1]
-    heads = kv_head_map(num_heads, v.shape[1])  # [Hq]
+    """(o [Q, Hq, D], lse [Q, Hq]) from masked logits ``s`` [Q, Hq, K] and ``v`` [K, Hkv, D].
+
+    ``-inf`` in ``s`` marks a hidden key. The maximum is subtracted before exponentiating, so
+    nothing overflows; a row whose keys are all hidden gets ``o = 0``, ``lse = -inf``.
+    """
+    heads = kv_head_map(s.shape[1], v.shape[1])  # [Hq]
     m = s.max(axis=2, initial=-np.inf)  # [Q, Hq]
     seen = np.isfinite(m)  # rows with at least one visible key
     m_safe = np.where(seen, m, 0.0)
     p = np.exp(s - m_safe[:, :, None])  # [Q, Hq, K]; exp(-inf) = 0
-    total = p.sum(axis=2)  # [Q, Hq]
-    o = np.einsum("qhk,khd->qhd", p, v[:, heads, :])  # [Q, Hq, D]
-    o = np.where(seen[:, :, None], o / np.where(seen, total, 1.0)[:, :, None], 0.0)
-    lse = np.where(seen, m_safe + np.log(np.where(seen, total, 1.0)), -np.inf)
+    total = np.where(seen, p.sum(axis=2), 1.0)  # [Q, Hq], >= 1 where seen
+    o = np.einsum("qhk,khd->qhd", p, v[:, heads, :]) / total[:, :, None]  # [Q, Hq, D]
+    o = np.where(seen[:, :, None], o, 0.0)
+    lse = np.where(seen, m_safe + np.log(total), -np.inf)
     return np.asarray(o, dtype=np.float64), np.asarray(lse, dtype=np.float64)

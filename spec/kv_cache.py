@@ -20,22 +20,29 @@ from numpy.typing import ArrayLike, NDArray
 from spec.attention import F64, I64, AttentionShapeError, as_int_array
 
 
-def check_cache(name: str, cache: object) -> NDArray[np.floating]:
+Cache = NDArray[np.floating]
+
+
+def check_cache(name: str, cache: object) -> Cache:
     """Raise unless ``cache`` is a writable float ndarray ``[num_blocks, block_size, Hkv, D]``."""
     if not isinstance(cache, np.ndarray):
         raise AttentionShapeError(f"{name} must be a numpy ndarray", type=type(cache).__name__)
     if cache.ndim != 4:
-        raise AttentionShapeError(f"{name} must be [num_blocks, block_size, Hkv, D]", shape=cache.shape)
+        raise AttentionShapeError(
+            f"{name} must be [num_blocks, block_size, Hkv, D]", shape=cache.shape
+        )
     if not np.issubdtype(cache.dtype, np.floating):
         raise AttentionShapeError(f"{name} must hold floats", dtype=str(cache.dtype))
     return cache
 
 
-def check_pair(k_cache: object, v_cache: object) -> tuple[NDArray[np.floating], NDArray[np.floating]]:
+def check_pair(k_cache: object, v_cache: object) -> tuple[Cache, Cache]:
     """Raise unless the K and V caches are valid and of one shape."""
     kc, vc = check_cache("k_cache", k_cache), check_cache("v_cache", v_cache)
     if kc.shape != vc.shape:
-        raise AttentionShapeError("k_cache and v_cache shapes differ", k_cache=kc.shape, v_cache=vc.shape)
+        raise AttentionShapeError(
+            "k_cache and v_cache shapes differ", k_cache=kc.shape, v_cache=vc.shape
+        )
     return kc, vc
 
 
@@ -52,13 +59,18 @@ def slots_of(block_table: ArrayLike, seq_len: int, block_size: int) -> I64:
     if table.shape[0] < needed:
         raise AttentionShapeError(
             "block table too short for seq_len",
-            seq_len=seq_len, block_size=block_size, needed_blocks=needed, table_len=table.shape[0],
+            seq_len=seq_len,
+            block_size=block_size,
+            needed_blocks=needed,
+            table_len=table.shape[0],
         )
     t = np.arange(seq_len, dtype=np.int64)  # [L]
     return np.asarray(table[t // block_size] * block_size + t % block_size, dtype=np.int64)
 
 
-def gather_kv(k_cache: ArrayLike, v_cache: ArrayLike, block_table: ArrayLike, seq_len: int) -> tuple[F64, F64]:
+def gather_kv(
+    k_cache: ArrayLike, v_cache: ArrayLike, block_table: ArrayLike, seq_len: int
+) -> tuple[F64, F64]:
     """(k, v) each [seq_len, Hkv, D] float64: a sequence's keys and values in logical order.
 
     Only the first ``ceil(seq_len / bs)`` entries of ``block_table`` are read (the rest may be
@@ -77,7 +89,9 @@ def gather_kv(k_cache: ArrayLike, v_cache: ArrayLike, block_table: ArrayLike, se
     return k, v
 
 
-def write_kv(k_cache: ArrayLike, v_cache: ArrayLike, k: ArrayLike, v: ArrayLike, slot_mapping: ArrayLike) -> None:
+def write_kv(
+    k_cache: ArrayLike, v_cache: ArrayLike, k: ArrayLike, v: ArrayLike, slot_mapping: ArrayLike
+) -> None:
     """Store ``k``, ``v`` [T, Hkv, D] at ``slot_mapping`` [T] in place; slot ``-1`` is skipped.
 
     All checks run before anything is written: slots must lie in ``[-1, num_blocks * bs)`` and
@@ -88,11 +102,19 @@ def write_kv(k_cache: ArrayLike, v_cache: ArrayLike, k: ArrayLike, v: ArrayLike,
     slots = as_int_array("slot_mapping", slot_mapping, 1)
     expected = (slots.shape[0],) + kc.shape[2:]
     if ka.shape != expected or va.shape != expected:
-        raise AttentionShapeError("k and v must be [T, Hkv, D] matching the cache", k=ka.shape, v=va.shape, expected=expected)
+        raise AttentionShapeError(
+            "k and v must be [T, Hkv, D] matching the cache",
+            k=ka.shape,
+            v=va.shape,
+            expected=expected,
+        )
     num_slots = kc.shape[0] * kc.shape[1]
     bad = np.flatnonzero((slots < -1) | (slots >= num_slots))
     if bad.size:
-        raise AttentionShapeError("slot out of range", index=int(bad[0]), slot=int(slots[bad[0]]), num_slots=num_slots)
+        i = int(bad[0])
+        raise AttentionShapeError(
+            "slot out of range", index=i, slot=int(slots[i]), num_slots=num_slots
+        )
     live = np.flatnonzero(slots >= 0)  # tokens that are written
     values, counts = np.unique(slots[live], return_counts=True)
     if np.any(counts > 1):
@@ -114,15 +136,21 @@ def check_block_pairs(name: str, pairs: ArrayLike, num_src: int, num_dst: int) -
         ids = arr[:, column]
         bad = np.flatnonzero((ids < 0) | (ids >= limit))
         if bad.size:
-            raise AttentionShapeError(f"{role} block out of range", index=int(bad[0]), block=int(ids[bad[0]]), num_blocks=limit)
+            i = int(bad[0])
+            raise AttentionShapeError(
+                f"{role} block out of range", index=i, block=int(ids[i]), num_blocks=limit
+            )
     values, counts = np.unique(arr[:, 1], return_counts=True)
     if np.any(counts > 1):
-        raise AttentionShapeError(f"{name}: destination block named twice", block=int(values[counts > 1][0]))
+        twice = int(values[counts > 1][0])
+        raise AttentionShapeError(f"{name}: destination block named twice", block=twice)
     return arr
 
 
 def copy_blocks(k_cache: ArrayLike, v_cache: ArrayLike, pairs: ArrayLike) -> None:
-    """Copy-on-write: for each (src, dst) in ``pairs`` [N, 2], block ``dst`` := block ``src``, K and V.
+    """Copy-on-write: for each (src, dst) in ``pairs`` [N, 2], block ``dst`` := block ``src``.
+
+    Both K and V are copied.
 
     Destinations are distinct and no block is both a source and a destination, so the order of
     the pairs does not matter (a kernel may run them in parallel). A source may be copied to
@@ -132,7 +160,9 @@ def copy_blocks(k_cache: ArrayLike, v_cache: ArrayLike, pairs: ArrayLike) -> Non
     arr = check_block_pairs("pairs", pairs, kc.shape[0], kc.shape[0])
     both = np.intersect1d(arr[:, 0], arr[:, 1])
     if both.size:
-        raise AttentionShapeError("block is both a copy source and a destination", block=int(both[0]))
+        raise AttentionShapeError(
+            "block is both a copy source and a destination", block=int(both[0])
+        )
     kc[arr[:, 1]] = kc[arr[:, 0]]
     vc[arr[:, 1]] = vc[arr[:, 0]]
 
@@ -145,6 +175,8 @@ def swap_blocks(src_cache: ArrayLike, dst_cache: ArrayLike, mapping: ArrayLike) 
     """
     src, dst = check_cache("src_cache", src_cache), check_cache("dst_cache", dst_cache)
     if src.shape[1:] != dst.shape[1:]:
-        raise AttentionShapeError("block shapes differ between pools", src=src.shape, dst=dst.shape)
+        raise AttentionShapeError(
+            "block shapes differ between pools", src=src.shape, dst=dst.shape
+        )
     arr = check_block_pairs("mapping", mapping, src.shape[0], dst.shape[0])
     dst[arr[:, 1]] = src[arr[:, 0]]

@@ -18,38 +18,67 @@ logits average them to 3.
 from __future__ import annotations
 
 import numpy as np
-from numpy.typing import ArrayLike, NDArray
+from numpy.typing import ArrayLike
 
-from spec.attention import F64, I64, AttentionParams, AttentionShapeError, as_float_array, as_int_array, attention, kv_head_map
-from spec.kv_cache import check_pair, gather_kv
+from spec.attention import (
+    F64,
+    I64,
+    AttentionParams,
+    AttentionShapeError,
+    as_float_array,
+    as_int_array,
+    attention,
+    kv_head_map,
+)
+from spec.kv_cache import Cache, check_pair, gather_kv
 
 
 def check_paged_inputs(
-    q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike, block_tables: ArrayLike, seq_lens: ArrayLike
-) -> tuple[F64, NDArray[np.floating], NDArray[np.floating], I64, I64]:
+    q: ArrayLike,
+    k_cache: ArrayLike,
+    v_cache: ArrayLike,
+    block_tables: ArrayLike,
+    seq_lens: ArrayLike,
+) -> tuple[F64, Cache, Cache, I64, I64]:
     """Validated (q [N, Hq, D], k_cache, v_cache, block_tables [B, W], seq_lens [B])."""
     kc, vc = check_pair(k_cache, v_cache)
     qa = as_float_array("q", q, 3)
     if qa.shape[2] != kc.shape[3]:
-        raise AttentionShapeError("q head_dim differs from the cache's", q_head_dim=qa.shape[2], cache_head_dim=kc.shape[3])
+        raise AttentionShapeError(
+            "q head_dim differs from the cache's",
+            q_head_dim=qa.shape[2],
+            cache_head_dim=kc.shape[3],
+        )
     kv_head_map(qa.shape[1], kc.shape[2])
     tables = as_int_array("block_tables", block_tables, 2)
     lens = as_int_array("seq_lens", seq_lens, 1)
     if tables.shape[0] != lens.shape[0]:
-        raise AttentionShapeError("block_tables and seq_lens disagree on the batch size", block_tables=tables.shape[0], seq_lens=lens.shape[0])
+        raise AttentionShapeError(
+            "block_tables and seq_lens disagree on the batch size",
+            block_tables=tables.shape[0],
+            seq_lens=lens.shape[0],
+        )
     negative = np.flatnonzero(lens < 0)
     if negative.size:
-        raise AttentionShapeError("seq_len must be >= 0", sequence=int(negative[0]), seq_len=int(lens[negative[0]]))
+        b = int(negative[0])
+        raise AttentionShapeError("seq_len must be >= 0", sequence=b, seq_len=int(lens[b]))
     return qa, kc, vc, tables, lens
 
 
 def paged_decode_with_lse(
-    q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike, block_tables: ArrayLike, seq_lens: ArrayLike, params: AttentionParams
+    q: ArrayLike,
+    k_cache: ArrayLike,
+    v_cache: ArrayLike,
+    block_tables: ArrayLike,
+    seq_lens: ArrayLike,
+    params: AttentionParams,
 ) -> tuple[F64, F64]:
     """(o [B, Hq, D], lse [B, Hq]) of ``q`` [B, Hq, D] against each sequence's cached keys."""
     qa, kc, vc, tables, lens = check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens)
     if qa.shape[0] != lens.shape[0]:
-        raise AttentionShapeError("decode needs one query per sequence", queries=qa.shape[0], sequences=lens.shape[0])
+        raise AttentionShapeError(
+            "decode needs one query per sequence", queries=qa.shape[0], sequences=lens.shape[0]
+        )
     out = np.zeros(qa.shape, dtype=np.float64)  # [B, Hq, D]
     lse = np.zeros(qa.shape[:2], dtype=np.float64)  # [B, Hq]
     for b, seq_len in enumerate(lens.tolist()):
@@ -60,7 +89,12 @@ def paged_decode_with_lse(
 
 
 def paged_decode(
-    q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike, block_tables: ArrayLike, seq_lens: ArrayLike, params: AttentionParams
+    q: ArrayLike,
+    k_cache: ArrayLike,
+    v_cache: ArrayLike,
+    block_tables: ArrayLike,
+    seq_lens: ArrayLike,
+    params: AttentionParams,
 ) -> F64:
     """[B, Hq, D]: one decode step of attention for a batch of sequences.
 

@@ -36,15 +36,26 @@ def check_cu_seqlens(cu_seqlens_q: ArrayLike, num_seqs: int, num_tokens: int) ->
     """[B+1] validated cumulative query offsets: start at 0, non-decreasing, end at T."""
     cu = as_int_array("cu_seqlens_q", cu_seqlens_q, 1)
     if cu.shape[0] != num_seqs + 1:
-        raise AttentionShapeError("cu_seqlens_q must have B+1 entries", entries=cu.shape[0], sequences=num_seqs)
+        raise AttentionShapeError(
+            "cu_seqlens_q must have B+1 entries", entries=cu.shape[0], sequences=num_seqs
+        )
     if cu[0] != 0:
         raise AttentionShapeError("cu_seqlens_q must start at 0", first=int(cu[0]))
     drops = np.flatnonzero(np.diff(cu) < 0)
     if drops.size:
         i = int(drops[0])
-        raise AttentionShapeError("cu_seqlens_q must be non-decreasing", index=i + 1, before=int(cu[i]), value=int(cu[i + 1]))
+        raise AttentionShapeError(
+            "cu_seqlens_q must be non-decreasing",
+            index=i + 1,
+            before=int(cu[i]),
+            value=int(cu[i + 1]),
+        )
     if cu[-1] != num_tokens:
-        raise AttentionShapeError("cu_seqlens_q must end at the number of query tokens", last=int(cu[-1]), num_tokens=num_tokens)
+        raise AttentionShapeError(
+            "cu_seqlens_q must end at the number of query tokens",
+            last=int(cu[-1]),
+            num_tokens=num_tokens,
+        )
     return cu
 
 
@@ -65,10 +76,13 @@ def paged_prefill_with_lse(
     for b, seq_len in enumerate(lens.tolist()):
         start, end = int(cu[b]), int(cu[b + 1])
         if end - start > seq_len:
-            raise AttentionShapeError("q_len > seq_len", sequence=b, q_len=end - start, seq_len=seq_len)
+            raise AttentionShapeError(
+                "q_len > seq_len", sequence=b, q_len=end - start, seq_len=seq_len
+            )
         k, v = gather_kv(kc, vc, tables[b], seq_len)  # [L, Hkv, D]
         positions = query_positions(seq_len, end - start)  # [q_len]
-        out[start:end], lse[start:end] = attention(qa[start:end], k, v, params, q_positions=positions)
+        o_b, lse_b = attention(qa[start:end], k, v, params, q_positions=positions)
+        out[start:end], lse[start:end] = o_b, lse_b
     return out, lse
 
 
@@ -86,4 +100,5 @@ def paged_prefill(
     ``q`` [T, Hq, D]; ``block_tables`` [B, W]; ``cu_seqlens_q`` [B+1] non-decreasing from 0 to T;
     ``seq_lens`` [B] counts cached plus new keys (``q_len_b <= seq_lens[b]``).
     """
-    return paged_prefill_with_lse(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, params)[0]
+    args = (q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, params)
+    return paged_prefill_with_lse(*args)[0]

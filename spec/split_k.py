@@ -26,9 +26,14 @@ from spec.attention import F64, AttentionParams, AttentionShapeError, as_int_arr
 
 
 def partial_attention(
-    q: ArrayLike, k: ArrayLike, v: ArrayLike, q_positions: ArrayLike, k_positions: ArrayLike, params: AttentionParams
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    q_positions: ArrayLike,
+    k_positions: ArrayLike,
+    params: AttentionParams,
 ) -> tuple[F64, F64]:
-    """(o [Q, Hq, D], lse [Q, Hq]) of ``q`` [Q, Hq, D] over one part ``k``, ``v`` [K, Hkv, D] of the keys.
+    """(o [Q, Hq, D], lse [Q, Hq]) of ``q`` [Q, Hq, D] over one part ``k``, ``v`` [K, Hkv, D].
 
     Positions are absolute (``q_positions`` [Q], ``k_positions`` [K]) so the causal mask and the
     sliding window are the ones of the whole sequence. ``K = 0`` gives ``o = 0, lse = -inf``.
@@ -49,19 +54,23 @@ def merge_states(os: ArrayLike, lses: ArrayLike) -> tuple[F64, F64]:
     o_parts = np.asarray(os, dtype=np.float64)
     lse_parts = np.asarray(lses, dtype=np.float64)
     if o_parts.ndim < 2 or o_parts.shape[:-1] != lse_parts.shape:
-        raise AttentionShapeError("os must be [S, ..., D] and lses [S, ...]", os=o_parts.shape, lses=lse_parts.shape)
+        raise AttentionShapeError(
+            "os must be [S, ..., D] and lses [S, ...]", os=o_parts.shape, lses=lse_parts.shape
+        )
     if not np.all(np.isfinite(o_parts)):
-        raise AttentionShapeError("os holds a non-finite value", count=int(np.sum(~np.isfinite(o_parts))))
-    if np.any(np.isnan(lse_parts) | (lse_parts == np.inf)):
-        raise AttentionShapeError("lses holds NaN or +inf", count=int(np.sum(np.isnan(lse_parts) | (lse_parts == np.inf))))
+        count = int(np.sum(~np.isfinite(o_parts)))
+        raise AttentionShapeError("os holds a non-finite value", count=count)
+    bad = np.isnan(lse_parts) | (lse_parts == np.inf)
+    if np.any(bad):
+        raise AttentionShapeError("lses holds NaN or +inf", count=int(np.sum(bad)))
     m = lse_parts.max(axis=0, initial=-np.inf)  # [...]
     seen = np.isfinite(m)  # some part saw a key
     m_safe = np.where(seen, m, 0.0)
     w = np.exp(lse_parts - m_safe)  # [S, ...]; exp(-inf) = 0
-    total = w.sum(axis=0)  # [...], >= 1 where seen
-    o = (w[..., None] * o_parts).sum(axis=0) / np.where(seen, total, 1.0)[..., None]  # [..., D]
+    total = np.where(seen, w.sum(axis=0), 1.0)  # [...], >= 1 where seen
+    o = (w[..., None] * o_parts).sum(axis=0) / total[..., None]  # [..., D]
     o = np.where(seen[..., None], o, 0.0)
-    lse = np.where(seen, m_safe + np.log(np.where(seen, total, 1.0)), -np.inf)
+    lse = np.where(seen, m_safe + np.log(total), -np.inf)
     return np.asarray(o, dtype=np.float64), np.asarray(lse, dtype=np.float64)
 
 
@@ -84,16 +93,22 @@ def split_k_attention(
     cuts = as_int_array("boundaries", boundaries, 1)
     points = np.concatenate([[0], cuts, [num_k]]).astype(np.int64)
     if np.any(np.diff(points) < 0):
-        raise AttentionShapeError("boundaries must be non-decreasing within [0, K]", boundaries=cuts.tolist(), num_keys=num_k)
+        raise AttentionShapeError(
+            "boundaries must be non-decreasing within [0, K]",
+            boundaries=cuts.tolist(),
+            num_keys=num_k,
+        )
     qa = np.asarray(q, dtype=np.float64)
     if q_positions is None:
         num_q = qa.shape[0] if qa.ndim == 3 else 0
         if num_q > num_k:
-            raise AttentionShapeError("more queries than keys for bottom-right alignment", q_len=num_q, num_keys=num_k)
+            raise AttentionShapeError(
+                "more queries than keys for bottom-right alignment", q_len=num_q, num_keys=num_k
+            )
         q_positions = np.arange(num_k - num_q, num_k, dtype=np.int64)
     va = np.asarray(v, dtype=np.float64)
     states = [
-        partial_attention(qa, ka[a:b], va[a:b], q_positions, np.arange(a, b, dtype=np.int64), params)
+        partial_attention(qa, ka[a:b], va[a:b], q_positions, np.arange(a, b), params)
         for a, b in zip(points[:-1].tolist(), points[1:].tolist())
     ]
     return merge_states([s[0] for s in states], [s[1] for s in states])

@@ -12,7 +12,8 @@ products, not TF32), float16 ``2e-3``, bfloat16 ``1e-2``.
 >>> ref = np.array([3.0, 4.0])
 >>> relative_error(ref + [0.0, 5e-3], ref)
 0.001
->>> within_tolerance(ref + [0.0, 5e-3], ref, "float16"), within_tolerance(ref + [0.0, 5e-3], ref, "float32")
+>>> out = ref + [0.0, 5e-3]
+>>> within_tolerance(out, ref, "float16"), within_tolerance(out, ref, "float32")
 (True, False)
 >>> relative_error([np.nan, 4.0], ref)
 inf
@@ -29,7 +30,9 @@ from numpy.typing import ArrayLike
 
 from spec.attention import AttentionShapeError
 
-TOLERANCES: Mapping[str, float] = MappingProxyType({"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2})
+TOLERANCES: Mapping[str, float] = MappingProxyType(
+    {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
+)
 
 
 def relative_error(out: ArrayLike, ref: ArrayLike) -> float:
@@ -52,5 +55,7 @@ def relative_error(out: ArrayLike, ref: ArrayLike) -> float:
 def within_tolerance(out: ArrayLike, ref: ArrayLike, dtype_name: str) -> bool:
     """Whether ``out`` meets ``ref`` within ``TOLERANCES[dtype_name]``."""
     if dtype_name not in TOLERANCES:
-        raise AttentionShapeError("no tolerance for this dtype", dtype_name=dtype_name, known=sorted(TOLERANCES))
+        raise AttentionShapeError(
+            "no tolerance for this dtype", dtype_name=dtype_name, known=sorted(TOLERANCES)
+        )
     return relative_error(out, ref) <= TOLERANCES[dtype_name]
