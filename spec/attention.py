@@ -62,8 +62,9 @@ class AttentionParams:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.scale) and self.scale > 0):
             raise AttentionShapeError("scale must be finite and > 0", scale=self.scale)
-        if self.sliding_window is not None and (
-            isinstance(self.sliding_window, bool) or self.sliding_window < 1
+        window = self.sliding_window
+        if window is not None and (
+            isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1
         ):
             raise AttentionShapeError(
                 "sliding_window must be an int >= 1 or None", sliding_window=self.sliding_window

@@ -85,7 +85,10 @@ def run(case: DenseCase) -> tuple[np.ndarray, np.ndarray]:
 
 
 def assert_states_close(
-    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], rtol: float = 1e-9, atol: float = 1e-12
+    a: tuple[np.ndarray, np.ndarray],
+    b: tuple[np.ndarray, np.ndarray],
+    rtol: float = 1e-9,
+    atol: float = 1e-12,
 ) -> None:
     """Outputs and log-sum-exps equal to float64 rounding (by default), -inf where -inf."""
     np.testing.assert_allclose(a[0], b[0], rtol=rtol, atol=atol)
@@ -196,6 +199,8 @@ def test_kv_head_map_groups_consecutive_heads() -> None:
         ({"scale": 0.0}, "scale"),
         ({"scale": math.nan}, "scale"),
         ({"scale": 1.0, "sliding_window": 0}, "sliding_window=0"),
+        ({"scale": 1.0, "sliding_window": 2.5}, "sliding_window=2.5"),
+        ({"scale": 1.0, "sliding_window": True}, "sliding_window=True"),
         ({"scale": 1.0, "softcap": -1.0}, "softcap=-1.0"),
         ({"scale": 1.0, "softcap": math.inf}, "softcap=inf"),
     ],
@@ -226,6 +231,7 @@ def test_attention_error_is_an_invalid_argument_error() -> None:
     from spec.errors import InvalidArgumentError, PagedKVError
 
     err = AttentionShapeError("seq_len must be >= 0", sequence=2, seq_len=-1)
-    assert isinstance(err, InvalidArgumentError) and isinstance(err, PagedKVError) and isinstance(err, ValueError)
+    assert isinstance(err, InvalidArgumentError) and isinstance(err, PagedKVError)
+    assert isinstance(err, ValueError)
     assert (err.name, err.value, err.reason) == ("sequence", 2, "seq_len must be >= 0")
     assert str(err) == "seq_len must be >= 0 (sequence=2, seq_len=-1)"

@@ -1,4 +1,4 @@
-"""spec.kv_cache: write_kv then gather reads back; copy_blocks / swap_blocks move exactly the named blocks.
+"""spec.kv_cache: write_kv then gather reads back; copy/swap move exactly the named blocks.
 
 Properties take the operation under test so the mutation tests can hand them a broken one.
 """
@@ -96,7 +96,8 @@ def swap_cases(draw: st.DrawFn) -> BlockMoveCase:
     pairs = np.array([(draw(st.integers(0, n_src - 1)), d) for d in dsts], dtype=np.int64).reshape(-1, 2)
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     block = (draw(st.integers(1, 3)), 2, 2)
-    return BlockMoveCase(a=rng.normal(size=(n_src,) + block), b=rng.normal(size=(n_dst,) + block), pairs=pairs)
+    a, b = rng.normal(size=(n_src,) + block), rng.normal(size=(n_dst,) + block)
+    return BlockMoveCase(a=a, b=b, pairs=pairs)
 
 
 def prop_copy_blocks_exact(case: BlockMoveCase, copy: Callable[..., None] = copy_blocks) -> None:

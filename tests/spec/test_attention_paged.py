@@ -33,7 +33,7 @@ class Layout:
 
 @dataclass(frozen=True)
 class PagedCase:
-    """Sequences (k, v [L, Hkv, D], new queries q [q_len, Hq, D]) and two layouts of their cache."""
+    """Sequences (k, v [L, Hkv, D], new queries q [q_len, Hq, D]) and two layouts of the cache."""
 
     ks: tuple[np.ndarray, ...]
     vs: tuple[np.ndarray, ...]
@@ -112,7 +112,8 @@ def paged_cases(draw: st.DrawFn) -> PagedCase:
 
 def run_prefill(case: PagedCase, which: int = 0) -> tuple[np.ndarray, np.ndarray]:
     kc, vc, tables = layout(case, which)
-    return paged_prefill_with_lse(case.q, kc, vc, tables, case.cu_seqlens_q, case.seq_lens, case.params)
+    cu, lens = case.cu_seqlens_q, case.seq_lens
+    return paged_prefill_with_lse(case.q, kc, vc, tables, cu, lens, case.params)
 
 
 def run_decode(case: PagedCase, which: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -153,8 +154,8 @@ def prop_decode_is_last_prefill_row(case: PagedCase) -> None:
     for b, q in enumerate(case.qs):
         if q.shape[0] == 0:
             continue
-        assert_states_close((o_dec[b : b + 1], lse_dec[b : b + 1]),
-                            (o_pre[ends[b] - 1 : ends[b]], lse_pre[ends[b] - 1 : ends[b]]))
+        last = slice(ends[b] - 1, ends[b])
+        assert_states_close((o_dec[b : b + 1], lse_dec[b : b + 1]), (o_pre[last], lse_pre[last]))
 
 
 @SETTINGS
@@ -188,7 +189,8 @@ def small_cache() -> tuple[np.ndarray, np.ndarray]:
 
 def test_paged_decode_empty_sequence_gives_zero() -> None:
     kc, vc = small_cache()
-    o, lse = paged_decode_with_lse(np.ones((2, 2, 2)), kc, vc, [[-1], [3]], [0, 2], AttentionParams(scale=1.0))
+    p = AttentionParams(scale=1.0)
+    o, lse = paged_decode_with_lse(np.ones((2, 2, 2)), kc, vc, [[-1], [3]], [0, 2], p)
     assert not o[0].any() and np.isneginf(lse[0]).all() and o[1].any()
 
 
@@ -202,23 +204,37 @@ def test_paged_prefill_zero_length_chunk_is_skipped() -> None:
 
 
 @pytest.mark.parametrize(
-    ("call", "needle"),
+    ("q_shape", "tables", "lens", "needle"),
     [
-        (lambda kc, vc, p: paged_decode(np.zeros((1, 3, 2)), kc, vc, [[0]], [1], p), "num_q_heads=3, num_kv_heads=2"),
-        (lambda kc, vc, p: paged_decode(np.zeros((1, 2, 2)), kc, vc, [[0]], [3], p), "needed_blocks=2, table_len=1"),
-        (lambda kc, vc, p: paged_decode(np.zeros((1, 2, 2)), kc, vc, [[7]], [1], p), "block=7, num_blocks=4"),
-        (lambda kc, vc, p: paged_decode(np.zeros((1, 2, 2)), kc, vc, [[0]], [-1], p), "seq_len=-1"),
-        (lambda kc, vc, p: paged_decode(np.zeros((2, 2, 2)), kc, vc, [[0]], [1], p), "queries=2, sequences=1"),
-        (lambda kc, vc, p: paged_decode(np.zeros((1, 2, 3)), kc, vc, [[0]], [1], p), "q_head_dim=3, cache_head_dim=2"),
-        (lambda kc, vc, p: paged_decode(np.zeros((1, 2, 2)), kc, vc, [[0], [1]], [1], p), "block_tables=2, seq_lens=1"),
-        (lambda kc, vc, p: paged_prefill(np.zeros((3, 2, 2)), kc, vc, [[0, 1]], [0, 3], [2], p), "q_len=3, seq_len=2"),
-        (lambda kc, vc, p: paged_prefill(np.zeros((2, 2, 2)), kc, vc, [[0], [1]], [0, 2, 1], [2, 2], p), "before=2, value=1"),
-        (lambda kc, vc, p: paged_prefill(np.zeros((2, 2, 2)), kc, vc, [[0]], [1, 2], [2], p), "first=1"),
-        (lambda kc, vc, p: paged_prefill(np.zeros((2, 2, 2)), kc, vc, [[0]], [0, 1], [2], p), "last=1, num_tokens=2"),
-        (lambda kc, vc, p: paged_prefill(np.zeros((2, 2, 2)), kc, vc, [[0]], [0, 2, 2], [2], p), "entries=3, sequences=1"),
+        ((1, 3, 2), [[0]], [1], "num_q_heads=3, num_kv_heads=2"),
+        ((1, 2, 2), [[0]], [3], "needed_blocks=2, table_len=1"),
+        ((1, 2, 2), [[7]], [1], "block=7, num_blocks=4"),
+        ((1, 2, 2), [[0]], [-1], "seq_len=-1"),
+        ((2, 2, 2), [[0]], [1], "queries=2, sequences=1"),
+        ((1, 2, 3), [[0]], [1], "q_head_dim=3, cache_head_dim=2"),
+        ((1, 2, 2), [[0], [1]], [1], "block_tables=2, seq_lens=1"),
     ],
 )
-def test_paged_attention_rejects(call: object, needle: str) -> None:
-    kc = np.zeros((4, 2, 2, 2))
+def test_paged_decode_rejects(q_shape: tuple[int, ...], tables: list[list[int]], lens: list[int],
+                              needle: str) -> None:
+    kc = np.zeros((4, 2, 2, 2))  # 4 blocks of 2 tokens, Hkv 2, D 2
     with pytest.raises(AttentionShapeError, match=needle):
-        call(kc, kc.copy(), AttentionParams(scale=1.0))  # type: ignore[operator]
+        paged_decode(np.zeros(q_shape), kc, kc.copy(), tables, lens, AttentionParams(scale=1.0))
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "tables", "cu", "lens", "needle"),
+    [
+        (3, [[0, 1]], [0, 3], [2], "q_len=3, seq_len=2"),
+        (2, [[0], [1]], [0, 2, 1], [2, 2], "before=2, value=1"),
+        (2, [[0]], [1, 2], [2], "first=1"),
+        (2, [[0]], [0, 1], [2], "last=1, num_tokens=2"),
+        (2, [[0]], [0, 2, 2], [2], "entries=3, sequences=1"),
+    ],
+)
+def test_paged_prefill_rejects(num_tokens: int, tables: list[list[int]], cu: list[int],
+                               lens: list[int], needle: str) -> None:
+    kc = np.zeros((4, 2, 2, 2))
+    q = np.zeros((num_tokens, 2, 2))
+    with pytest.raises(AttentionShapeError, match=needle):
+        paged_prefill(q, kc, kc.copy(), tables, cu, lens, AttentionParams(scale=1.0))

@@ -34,7 +34,8 @@ class SplitCase:
 def split_cases(draw: st.DrawFn) -> SplitCase:
     dense = draw(dense_cases())
     num_parts = draw(st.integers(1, 5))
-    parts = draw(st.lists(st.integers(0, num_parts - 1), min_size=dense.k.shape[0], max_size=dense.k.shape[0]))
+    num_k = dense.k.shape[0]
+    parts = draw(st.lists(st.integers(0, num_parts - 1), min_size=num_k, max_size=num_k))
     return SplitCase(dense=dense, part_of_key=tuple(parts), num_parts=num_parts)
 
 
@@ -60,17 +61,16 @@ def partial_states(case: SplitCase) -> tuple[np.ndarray, np.ndarray]:
     """(os [P, Q, Hq, D], lses [P, Q, Hq]) of each part of the keys."""
     d = case.dense
     keys = np.array(case.part_of_key, dtype=np.int64)
-    states = [
-        partial_attention(d.q, d.k[keys == j], d.v[keys == j], d.q_positions, np.flatnonzero(keys == j), d.params)
-        for j in range(case.num_parts)
-    ]
+    picks = [np.flatnonzero(keys == j) for j in range(case.num_parts)]
+    states = [partial_attention(d.q, d.k[i], d.v[i], d.q_positions, i, d.params) for i in picks]
     return np.stack([s[0] for s in states]), np.stack([s[1] for s in states])
 
 
 def prop_split_equals_dense(case: SplitCase, merge: Merge = merge_states) -> None:
     """Merging the parts of any partition gives attention over all keys, o and lse."""
     d = case.dense
-    assert_states_close(merge(*partial_states(case)), attention(d.q, d.k, d.v, d.params, q_positions=d.q_positions))
+    ref = attention(d.q, d.k, d.v, d.params, q_positions=d.q_positions)
+    assert_states_close(merge(*partial_states(case)), ref)
 
 
 def prop_merge_commutative(case: StateCase, merge: Merge = merge_states) -> None:
@@ -90,7 +90,8 @@ def prop_merge_associative(case: StateCase, merge: Merge = merge_states) -> None
 
 def prop_empty_state_is_identity(case: StateCase, merge: Merge = merge_states) -> None:
     """Adding an empty part (o = 0, lse = -inf) changes nothing; merging nothing gives it."""
-    empty_o, empty_lse = np.zeros((1,) + case.os.shape[1:]), np.full((1,) + case.lses.shape[1:], -np.inf)
+    empty_o = np.zeros((1,) + case.os.shape[1:])
+    empty_lse = np.full((1,) + case.lses.shape[1:], -np.inf)
     with_empty = merge(np.concatenate([case.os, empty_o]), np.concatenate([case.lses, empty_lse]))
     assert_states_close(with_empty, merge(case.os, case.lses))
     o, lse = merge(empty_o, empty_lse)
@@ -126,7 +127,8 @@ def test_merge_states_empty_is_identity(case: StateCase) -> None:
 def test_split_k_attention_contiguous_splits(case: DenseCase, cuts: list[int]) -> None:
     cuts = sorted(min(c, case.k.shape[0]) for c in cuts)
     got = split_k_attention(case.q, case.k, case.v, case.params, cuts, q_positions=case.q_positions)
-    assert_states_close(got, attention(case.q, case.k, case.v, case.params, q_positions=case.q_positions))
+    ref = attention(case.q, case.k, case.v, case.params, q_positions=case.q_positions)
+    assert_states_close(got, ref)
 
 
 def test_merge_states_of_nothing_is_empty() -> None:
@@ -147,4 +149,5 @@ def test_merge_states_rejects() -> None:
     with pytest.raises(AttentionShapeError, match="NaN or \\+inf"):
         merge_states(np.zeros((1, 3)), [np.inf])
     with pytest.raises(AttentionShapeError, match="boundaries=\\[3, 1\\]"):
-        split_k_attention(np.zeros((1, 1, 1)), np.zeros((4, 1, 1)), np.zeros((4, 1, 1)), AttentionParams(scale=1.0), [3, 1])
+        kv = np.zeros((4, 1, 1))
+        split_k_attention(np.zeros((1, 1, 1)), kv, kv, AttentionParams(scale=1.0), [3, 1])

@@ -76,7 +76,9 @@ def round_to_bf16(x: np.ndarray) -> np.ndarray:
         ("bfloat16", round_to_bf16),
     ],
 )
-def test_bounds_admit_rounding_of_inputs_and_output(dtype_name: str, round_fn: Callable[[np.ndarray], np.ndarray]) -> None:
+def test_bounds_admit_rounding_of_inputs_and_output(
+    dtype_name: str, round_fn: Callable[[np.ndarray], np.ndarray]
+) -> None:
     """Attention on inputs rounded to the dtype, output rounded too, meets the bound with margin.
 
     This is the error an exact kernel in that dtype cannot avoid; the bound leaves room (at least

@@ -92,14 +92,18 @@ def kv_head_modulo(num_q_heads: int, num_kv_heads: int) -> np.ndarray:
     return np.arange(num_q_heads, dtype=np.int64) % num_kv_heads  # should be h // group
 
 
-def window_one_wider(q_positions: np.ndarray, k_positions: np.ndarray, sliding_window: int | None) -> np.ndarray:
+def window_one_wider(
+    q_positions: np.ndarray, k_positions: np.ndarray, sliding_window: int | None
+) -> np.ndarray:
     mask = k_positions[None, :] <= q_positions[:, None]
     if sliding_window is not None:
         mask &= k_positions[None, :] >= q_positions[:, None] - sliding_window  # should be >
     return mask
 
 
-def softcap_without_c(q: np.ndarray, k: np.ndarray, params: spec.attention.AttentionParams) -> np.ndarray:
+def softcap_without_c(
+    q: np.ndarray, k: np.ndarray, params: spec.attention.AttentionParams
+) -> np.ndarray:
     heads = spec.attention.kv_head_map(q.shape[1], k.shape[1])
     s = params.scale * np.einsum("qhd,khd->qhk", q, k[:, heads, :])
     return np.tanh(s / params.softcap) if params.softcap is not None else s  # should be c * tanh(s / c)
@@ -141,7 +145,8 @@ def slots_ignoring_order(block_table: Any, seq_len: int, block_size: int) -> np.
 
 @pytest.mark.parametrize("prop", [prop_prefill_equals_dense, prop_decode_is_last_prefill_row])
 def test_mutant_causal_alignment_top_left(prop: Callable[[Any], None]) -> None:
-    assert_caught(prop, paged_cases(), mock.patch.object(spec.paged_prefill, "query_positions", top_left_positions))
+    mutant = mock.patch.object(spec.paged_prefill, "query_positions", top_left_positions)
+    assert_caught(prop, paged_cases(), mutant)
 
 
 def test_mutant_decode_position_off_by_one() -> None:
@@ -152,8 +157,8 @@ def test_mutant_decode_position_off_by_one() -> None:
 @pytest.mark.parametrize("prop", [prop_layout_invariant, prop_prefill_equals_dense])
 def test_mutant_gather_ignores_block_order(prop: Callable[[Any], None]) -> None:
     # Reading a block out of order may also land on a poisoned (NaN) slot: the spec then raises.
-    assert_caught(prop, paged_cases(), mock.patch.object(spec.kv_cache, "slots_of", slots_ignoring_order),
-                  caught_by=(AssertionError, AttentionShapeError))
+    mutant = mock.patch.object(spec.kv_cache, "slots_of", slots_ignoring_order)
+    assert_caught(prop, paged_cases(), mutant, caught_by=(AssertionError, AttentionShapeError))
 
 
 # -- mutants of the merge -------------------------------------------------------------------------
@@ -191,9 +196,11 @@ def merge_unguarded(os: np.ndarray, lses: np.ndarray) -> tuple[np.ndarray, np.nd
         (merge_lse_is_max, prop_merge_associative, state_cases()),
         (merge_unguarded, prop_empty_state_is_identity, state_cases()),
     ],
-    ids=["weights-not-exp/split", "weights-not-exp/assoc", "lse-max/split", "lse-max/assoc", "unguarded/empty"],
+    ids=["no-exp/split", "no-exp/assoc", "lse-max/split", "lse-max/assoc", "unguarded/empty"],
 )
-def test_mutant_merge(mutant: Callable[..., Any], prop: Callable[..., None], strategy: st.SearchStrategy[Any]) -> None:
+def test_mutant_merge(
+    mutant: Callable[..., Any], prop: Callable[..., None], strategy: st.SearchStrategy[Any]
+) -> None:
     assert_caught(partial(prop, merge=mutant), strategy)
 
 
@@ -209,7 +216,9 @@ def test_mutant_merge_order_dependent() -> None:
 # -- mutants of the KV cache operations -----------------------------------------------------------
 
 
-def write_kv_padding_too(k_cache: np.ndarray, v_cache: np.ndarray, k: Any, v: Any, slot_mapping: Any) -> None:
+def write_kv_padding_too(
+    k_cache: np.ndarray, v_cache: np.ndarray, k: Any, v: Any, slot_mapping: Any
+) -> None:
     slots = np.asarray(slot_mapping)
     bs = k_cache.shape[1]
     k_cache[slots // bs, slots % bs] = k  # slot -1 lands on the last slot of the pool
@@ -252,4 +261,5 @@ def relative_error_nan_blind(out: np.ndarray, ref: np.ndarray) -> float:
 
 
 def test_mutant_relative_error_ignores_nan() -> None:
-    assert_caught(partial(prop_non_finite_never_passes, measure=relative_error_nan_blind), st.integers(0, 2**32 - 1))
+    prop = partial(prop_non_finite_never_passes, measure=relative_error_nan_blind)
+    assert_caught(prop, st.integers(0, 2**32 - 1))
