@@ -6,12 +6,13 @@ import torch
 
 from kernels.backend import interpreting
 from kernels.checks import AttentionDims
-from kernels.errors import HeadDimError, PageSizeError, UnsupportedDTypeError
+from kernels.errors import HeadDimError, PageSizeError, ShapeMismatchError, UnsupportedDTypeError
 
 __all__ = [
     "TRITON_DTYPES",
     "TRITON_HEAD_DIMS",
     "check_triton_dims",
+    "check_inner_contiguous",
     "dot_config",
     "next_pow2",
 ]
@@ -46,3 +47,13 @@ def dot_config(dtype: torch.dtype) -> tuple[str, bool]:
     """
     precision = "ieee" if dtype == torch.float32 else "tf32"
     return precision, interpreting() and dtype == torch.bfloat16
+
+
+def check_inner_contiguous(cache: torch.Tensor) -> None:
+    """The Triton kernels index ``[block, row, head, dim]`` with the inner three dimensions
+    packed; only the block stride may be arbitrary (a pool may be a view of a larger tensor)."""
+    _, bs, hkv, d = cache.shape
+    if cache.stride()[1:] != (hkv * d, d, 1):
+        raise ShapeMismatchError(
+            "k_cache strides", tuple(cache.stride()), f"(any, {hkv * d}, {d}, 1) for Triton"
+        )

@@ -10,9 +10,15 @@ tiles of ``BLOCK_N`` tokens; token ``n`` is read from page ``block_table[b, n //
 2^31 on large pools). With ``S == 1`` the program writes the normalised output directly;
 otherwise it writes a partial ``(o, lse)`` and ``_merge_kernel`` combines the ``S`` states:
 ``o = sum_j w_j o_j / sum_j w_j`` with ``w_j = 2^(lse_j - max lse)`` (base-2 log-sum-exp).
+
+Launch cost matters at small batch (a decode step is tens of microseconds), so the kernels take
+few run-time arguments: q, out and the inner cache dimensions are contiguous and their strides
+are derived from the compile-time sizes; only the block stride and table width vary at run time.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -21,24 +27,20 @@ import triton.language as tl
 from kernels.backend import interpreting
 from kernels.checks import AttentionDims
 from kernels.splits import choose_num_splits
-from kernels.triton_common import check_triton_dims, dot_config, next_pow2
+from kernels.triton_common import check_inner_contiguous, check_triton_dims, dot_config, next_pow2
 
-__all__ = ["triton_paged_decode", "decode_config"]
+__all__ = ["triton_paged_decode", "decode_config", "num_sms"]
 
 LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr,
-    stride_qb, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_btb,
-    stride_ob, stride_oh, stride_os,
-    stride_lb, stride_lh,
-    scale_log2, softcap, window, num_splits,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    stride_kb, stride_btb, scale_log2, softcap, window,
+    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -49,27 +51,28 @@ def _decode_kernel(
     if HAS_WINDOW:
         lo = tl.maximum(seq_len - window, 0)
     n_tiles = tl.cdiv(seq_len - lo, BLOCK_N)
-    tiles_per_split = tl.cdiv(n_tiles, num_splits)
+    tiles_per_split = tl.cdiv(n_tiles, SPLITS)
     start = lo + split * tiles_per_split * BLOCK_N
     end = tl.minimum(seq_len, start + tiles_per_split * BLOCK_N)
 
     rows = tl.arange(0, G_PAD)  # [G_PAD] query heads of this KV head
     cols = tl.arange(0, D)  # [D]
     row_ok = rows < G
-    q_off = b.to(tl.int64) * stride_qb + (kvh * G + rows).to(tl.int64)[:, None] * stride_qh
-    q = tl.load(q_ptr + q_off + cols[None, :], mask=row_ok[:, None], other=0.0)  # [G_PAD, D]
+    head = (kvh * G + rows).to(tl.int64)  # [G_PAD] query head ids
+    q_off = (b.to(tl.int64) * (HKV * G) + head) * D  # q, out: [B, Hq, D] contiguous
+    q = tl.load(q_ptr + q_off[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
-    head_off = kvh.to(tl.int64) * stride_kh
+    head_off = kvh.to(tl.int64) * D
     for tile in range(start, end, BLOCK_N):
         n = tile + tl.arange(0, BLOCK_N)  # [BLOCK_N] token positions
         ok = n < end
         page = tl.load(bt_row + n // PAGE, mask=ok, other=0).to(tl.int64)
-        kv_off = page * stride_kb + (n % PAGE).to(tl.int64) * stride_kt + head_off  # int64
+        kv_off = page * stride_kb + (n % PAGE).to(tl.int64) * (HKV * D) + head_off  # int64
         k = tl.load(k_ptr + kv_off[:, None] + cols[None, :], mask=ok[:, None], other=0.0)
         v = tl.load(v_ptr + kv_off[:, None] + cols[None, :], mask=ok[:, None], other=0.0)
         if DOT_F32:
@@ -77,8 +80,8 @@ def _decode_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [G_PAD, BLOCK_N] fp32
         if HAS_SOFTCAP:
             # c * tanh(x / c) with tanh(y) = 1 - 2 / (exp(2y) + 1); scale_log2 = scale * log2(e)
-            y = s * (scale_log2 / (LOG2E * softcap))
-            s = softcap * LOG2E * (1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0))
+            y = s * (scale_log2 / (_LOG2E * softcap))
+            s = softcap * _LOG2E * (1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0))
         else:
             s = s * scale_log2
         s = tl.where(ok[None, :], s, float("-inf"))
@@ -93,50 +96,47 @@ def _decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PRECISION)
         m_i = m_new
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty split: l = 0, acc = 0 -> 0
-    o_off = b.to(tl.int64) * stride_ob + (kvh * G + rows).to(tl.int64)[:, None] * stride_oh
-    if DIRECT:
-        tl.store(o_ptr + o_off + cols[None, :], o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if SPLITS == 1:
+        tl.store(o_ptr + q_off[:, None] + cols[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
     else:
-        o_off += split.to(tl.int64) * stride_os
-        tl.store(o_ptr + o_off + cols[None, :], o, mask=row_ok[:, None])
+        state = (b.to(tl.int64) * (HKV * G) + head) * SPLITS + split  # part [B, Hq, S, D]
+        tl.store(o_ptr + state[:, None] * D + cols[None, :], o, mask=row_ok[:, None])
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        lse_off = b * stride_lb + (kvh * G + rows) * stride_lh + split
-        tl.store(lse_ptr + lse_off, lse, mask=row_ok)
+        tl.store(lse_ptr + state, lse, mask=row_ok)  # lse [B, Hq, S]
 
 
 @triton.jit
-def _merge_kernel(
-    part_ptr, lse_ptr, o_ptr,
-    stride_pb, stride_ph, stride_ps,
-    stride_lb, stride_lh,
-    stride_ob, stride_oh,
-    num_splits,
-    D: tl.constexpr, S_PAD: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
+def _merge_kernel(part_ptr, lse_ptr, o_ptr, D: tl.constexpr, SPLITS: tl.constexpr,
+                  S_PAD: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)  # b * Hq + h
     sp = tl.arange(0, S_PAD)
     cols = tl.arange(0, D)
-    ok = sp < num_splits
-    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + sp, mask=ok, other=float("-inf"))
+    ok = sp < SPLITS
+    lse = tl.load(lse_ptr + bh * SPLITS + sp, mask=ok, other=float("-inf"))
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m)  # [S_PAD]; empty splits weigh 0
-    part_off = b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph + sp[:, None] * stride_ps
-    parts = tl.load(part_ptr + part_off + cols[None, :], mask=ok[:, None], other=0.0)
+    parts = tl.load(part_ptr + (bh * SPLITS + sp)[:, None] * D + cols[None, :], mask=ok[:, None],
+                    other=0.0)
     total = tl.sum(w, 0)
     o = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)  # [D]
-    o_off = b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_ptr + o_off + cols, o.to(o_ptr.dtype.element_ty))
+    tl.store(o_ptr + bh * D + cols, o.to(o_ptr.dtype.element_ty))
 
 
 def decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) for a head dim and dtype."""
+    """(BLOCK_N, num_warps, num_stages) for a head dim and dtype (tuned on an H200)."""
     if interpreting():
         return 16, 1, 1
     if dtype == torch.float32:
         return (32, 4, 2) if head_dim <= 128 else (16, 4, 2)
     return (64, 4, 3) if head_dim <= 128 else (32, 4, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    """Multiprocessors of a CUDA device (read once per device)."""
+    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
 
 
 def triton_paged_decode(
@@ -148,52 +148,42 @@ def triton_paged_decode(
     """Launch the decode kernel (and the merge when split). Shapes as ``kernels.paged_decode``;
     ``config`` overrides (BLOCK_N, num_warps, num_stages) for tuning."""
     check_triton_dims(dims, q.dtype)
+    check_inner_contiguous(k_cache)
     batch, hq, d = q.shape
-    if out is None:
-        out = torch.empty_like(q)
+    result = out if out is not None and out.is_contiguous() else torch.empty_like(q)
     if batch == 0:
-        return out
-    q = q if q.stride(-1) == 1 else q.contiguous()
+        return out if out is not None else result
+    q = q.contiguous()
+    block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
     g = dims.group
-    g_pad = max(16, next_pow2(g))
     block_n, warps, stages = config or decode_config(d, q.dtype)
     if num_splits is None:
-        sms = 132
-        if q.is_cuda:
-            sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        sms = num_sms(q.device.index or 0) if q.is_cuda else 132
         num_splits = choose_num_splits(
             batch, dims.num_kv_heads, dims.max_blocks * dims.block_size, num_sms=sms
         )
-    num_splits = max(1, int(num_splits))
+    splits = max(1, int(num_splits))
     precision, dot_f32 = dot_config(q.dtype)
-    direct = num_splits == 1
-    if direct:
-        part, lse = out, out  # lse unused
-        part_strides = (out.stride(0), out.stride(1), 0)
-        lse_strides = (0, 0)
+    if splits == 1:
+        part, lse = result, result  # lse unused
     else:
-        part = torch.empty(batch, hq, num_splits, d, dtype=torch.float32, device=q.device)
-        lse = torch.empty(batch, hq, num_splits, dtype=torch.float32, device=q.device)
-        part_strides = (part.stride(0), part.stride(1), part.stride(2))
-        lse_strides = (lse.stride(0), lse.stride(1))
-    grid = (batch, dims.num_kv_heads, num_splits)
-    _decode_kernel[grid](
+        part = torch.empty(batch, hq, splits, d, dtype=torch.float32, device=q.device)
+        lse = torch.empty(batch, hq, splits, dtype=torch.float32, device=q.device)
+    _decode_kernel[(batch, dims.num_kv_heads, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, part, lse,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0),
-        *part_strides, *lse_strides,
-        scale * LOG2E, float(softcap or 1.0), int(sliding_window or 0), num_splits,
-        G=g, G_PAD=g_pad, D=d, PAGE=dims.block_size, BLOCK_N=block_n, DIRECT=direct,
-        HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
-        PRECISION=precision, DOT_F32=dot_f32, num_warps=warps, num_stages=stages,
+        k_cache.stride(0), block_tables.stride(0), scale * LOG2E, float(softcap or 1.0),
+        int(sliding_window or 0),
+        HKV=dims.num_kv_heads, G=g, G_PAD=max(16, next_pow2(g)), D=d, PAGE=dims.block_size,
+        BLOCK_N=block_n, SPLITS=splits, HAS_WINDOW=sliding_window is not None,
+        HAS_SOFTCAP=softcap is not None, PRECISION=precision, DOT_F32=dot_f32,
+        num_warps=warps, num_stages=stages,
     )
-    if not direct:
-        _merge_kernel[(batch, hq)](
-            part, lse, out,
-            part.stride(0), part.stride(1), part.stride(2),
-            lse.stride(0), lse.stride(1),
-            out.stride(0), out.stride(1),
-            num_splits, D=d, S_PAD=max(2, next_pow2(num_splits)), num_warps=4 if d >= 128 else 2,
+    if splits > 1:
+        _merge_kernel[(batch * hq,)](
+            part, lse, result, D=d, SPLITS=splits, S_PAD=max(2, next_pow2(splits)),
+            num_warps=4 if d >= 128 else 2,
         )
-    return out
+    if out is not None and result is not out:
+        out.copy_(result)
+        return out
+    return result

@@ -1,15 +1,18 @@
 # mypy: disable-error-code="no-untyped-def,untyped-decorator"
 """Triton paged prefill: variable-length chunks after cached prefixes, one launch.
 
-Grid ``(P, Hkv)`` with ``P = ceil(T / TOK_M) + B`` (an upper bound on the query tiles of all
-sequences, known without reading device memory). The tile -> (sequence, tile index) map is
-computed on the device with ``searchsorted`` over the per-sequence tile counts; spare programs
-do nothing. A program packs ``TOK_M = BLOCK_M // G`` query tokens times the ``G`` query heads of
-one KV head into ``BLOCK_M`` rows (row ``r``: token ``r // G``, head ``r % G``), so each K/V tile
-is loaded once for all heads sharing it. Query ``i`` of sequence ``b`` sits at position
-``seq_len - q_len + i`` (bottom-right causal). The visible key range of the tile is cut into a
-masked head (sliding window), an unmasked middle whose tiles every row sees whole, and a masked
-tail (the causal diagonal); only the two ends pay for masks.
+Grid ``(P, Hkv)`` with ``P = T // TOK_M + B``. Sequence ``b`` owns programs
+``[cu_q[b] // TOK_M + b, cu_q[b+1] // TOK_M + b + 1)``: at least ``ceil(q_len_b / TOK_M)`` of
+them, since ``floor((a + n) / m) - floor(a / m) + 1 >= ceil(n / m)``. A program finds its
+sequence by binary search over ``cu_seqlens_q`` itself, so the tile map costs no extra launch and
+no host synchronisation; a program past its sequence's last tile does nothing. Programs run in
+reverse order so the long causal tiles (late in a sequence) start first. A program packs
+``TOK_M = BLOCK_M // G`` query tokens times the ``G`` query heads of one KV head into ``BLOCK_M``
+rows (row ``r``: token ``r // G``, head ``r % G``), so each K/V tile is loaded once for all heads
+sharing it. Query ``i`` of sequence ``b`` sits at position ``seq_len - q_len + i`` (bottom-right
+causal). The visible key range of the tile is cut into a masked head (sliding window), an
+unmasked middle whose tiles every row sees whole, and a masked tail (the causal diagonal); only
+the two ends pay for masks.
 """
 
 from __future__ import annotations
@@ -20,17 +23,18 @@ import triton.language as tl
 
 from kernels.backend import interpreting
 from kernels.checks import AttentionDims
-from kernels.triton_common import check_triton_dims, dot_config, next_pow2
+from kernels.triton_common import check_inner_contiguous, check_triton_dims, dot_config, next_pow2
 
 __all__ = ["triton_paged_prefill", "prefill_config"]
 
 LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
 def _attend(
-    acc, l_i, m_i, q, k_ptr, v_ptr, bt_row, head_off, stride_kb, stride_kt, pos, start, end,
-    scale_log2, softcap, window,
+    acc, l_i, m_i, q, k_ptr, v_ptr, bt_row, head_off, stride_kb, pos, start, end,
+    scale_log2, softcap, window, HKV: tl.constexpr,
     D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr,
@@ -43,7 +47,7 @@ def _attend(
             page = tl.load(bt_row + n // PAGE, mask=ok, other=0).to(tl.int64)
         else:
             page = tl.load(bt_row + n // PAGE).to(tl.int64)
-        kv_off = page * stride_kb + (n % PAGE).to(tl.int64) * stride_kt + head_off  # int64
+        kv_off = page * stride_kb + (n % PAGE).to(tl.int64) * (HKV * D) + head_off  # int64
         if MASKED:
             k = tl.load(k_ptr + kv_off[:, None] + cols[None, :], mask=ok[:, None], other=0.0)
             v = tl.load(v_ptr + kv_off[:, None] + cols[None, :], mask=ok[:, None], other=0.0)
@@ -54,8 +58,8 @@ def _attend(
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
         if HAS_SOFTCAP:
-            y = s * (scale_log2 / (LOG2E * softcap))
-            s = softcap * LOG2E * (1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0))
+            y = s * (scale_log2 / (_LOG2E * softcap))
+            s = softcap * _LOG2E * (1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0))
         else:
             s = s * scale_log2
         if MASKED:
@@ -82,21 +86,27 @@ def _attend(
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, lens_ptr, cu_ptr, tile_seq_ptr, tile_idx_ptr,
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kb, stride_kt, stride_kh, stride_btb,
-    batch, scale_log2, softcap, window,
-    G: tl.constexpr, BLOCK_M: tl.constexpr, TOK_M: tl.constexpr, D: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, lens_ptr, cu_ptr,
+    stride_kb, stride_btb, batch, scale_log2, softcap, window,
+    HKV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, TOK_M: tl.constexpr,
+    D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
     kvh = tl.program_id(1)
-    seq = tl.load(tile_seq_ptr + pid)
-    if seq < batch:
-        t = tl.load(tile_idx_ptr + pid)
-        q_start = tl.load(cu_ptr + seq)
-        n_q = tl.load(cu_ptr + seq + 1) - q_start
+    lo_b = 0  # largest b with cu[b] // TOK_M + b <= pid, by binary search
+    hi_b = batch
+    for _ in tl.static_range(SEARCH):
+        mid = (lo_b + hi_b) // 2
+        go_right = tl.load(cu_ptr + mid) // TOK_M + mid <= pid
+        lo_b = tl.where(go_right, mid, lo_b)
+        hi_b = tl.where(go_right, hi_b, mid)
+    seq = lo_b
+    q_start = tl.load(cu_ptr + seq)
+    n_q = tl.load(cu_ptr + seq + 1) - q_start
+    t = pid - (q_start // TOK_M + seq)  # tile index within the sequence
+    if t * TOK_M < n_q:
         seq_len = tl.load(lens_ptr + seq)
         ctx = seq_len - n_q  # cached keys before this chunk
 
@@ -106,8 +116,8 @@ def _prefill_kernel(
         row_ok = (r < TOK_M * G) & (tok < n_q)
         pos = ctx + tok  # absolute positions
         cols = tl.arange(0, D)
-        q_off = (q_start + tok).to(tl.int64) * stride_qt + head.to(tl.int64) * stride_qh
-        q = tl.load(q_ptr + q_off[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0)
+        qo_off = ((q_start + tok).to(tl.int64) * (HKV * G) + head) * D  # q, out [T, Hq, D]
+        q = tl.load(q_ptr + qo_off[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0)
         if DOT_F32:
             q = q.to(tl.float32)
 
@@ -126,26 +136,25 @@ def _prefill_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        bt_row = bt_ptr + seq.to(tl.int64) * stride_btb
-        head_off = kvh.to(tl.int64) * stride_kh
+        bt_row = bt_ptr + seq.to(tl.int64) * stride_btb  # type: ignore[attr-defined]
+        head_off = kvh.to(tl.int64) * D
         acc, l_i, m_i = _attend(
-            acc, l_i, m_i, q, k_ptr, v_ptr, bt_row, head_off, stride_kb, stride_kt, pos, lo, a,
-            scale_log2, softcap, window, D, PAGE, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP,
+            acc, l_i, m_i, q, k_ptr, v_ptr, bt_row, head_off, stride_kb, pos, lo, a,
+            scale_log2, softcap, window, HKV, D, PAGE, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP,
             PRECISION, DOT_F32,
         )
         acc, l_i, m_i = _attend(
-            acc, l_i, m_i, q, k_ptr, v_ptr, bt_row, head_off, stride_kb, stride_kt, pos, a, b,
-            scale_log2, softcap, window, D, PAGE, BLOCK_N, False, HAS_WINDOW, HAS_SOFTCAP,
+            acc, l_i, m_i, q, k_ptr, v_ptr, bt_row, head_off, stride_kb, pos, a, b,
+            scale_log2, softcap, window, HKV, D, PAGE, BLOCK_N, False, HAS_WINDOW, HAS_SOFTCAP,
             PRECISION, DOT_F32,
         )
         acc, l_i, m_i = _attend(
-            acc, l_i, m_i, q, k_ptr, v_ptr, bt_row, head_off, stride_kb, stride_kt, pos, b, hi,
-            scale_log2, softcap, window, D, PAGE, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP,
+            acc, l_i, m_i, q, k_ptr, v_ptr, bt_row, head_off, stride_kb, pos, b, hi,
+            scale_log2, softcap, window, HKV, D, PAGE, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP,
             PRECISION, DOT_F32,
         )
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        o_off = (q_start + tok).to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
-        tl.store(o_ptr + o_off[:, None] + cols[None, :], o.to(o_ptr.dtype.element_ty),
+        tl.store(o_ptr + qo_off[:, None] + cols[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=row_ok[:, None])
 
 
@@ -175,28 +184,24 @@ def triton_paged_prefill(
         out = torch.empty_like(q)
     if t == 0 or dims.batch == 0:
         return out
-    q = q if q.stride(-1) == 1 else q.contiguous()
+    check_inner_contiguous(k_cache)
+    result = out if out is not None and out.is_contiguous() else torch.empty_like(q)
+    q = q.contiguous()
+    block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
     g = dims.group
     rows, block_n, warps, stages = config or prefill_config(d, q.dtype, g)
     tok_m = rows // g
-    # device-side tile map: tiles of sequence b are [cu_tiles[b], cu_tiles[b+1])
-    cu = cu_seqlens_q.long()
-    n_tiles = (cu[1:] - cu[:-1] + tok_m - 1) // tok_m  # [B]
-    cu_tiles = torch.cumsum(n_tiles, 0)  # [B] inclusive ends
-    programs = -(-t // tok_m) + dims.batch
-    pid = torch.arange(programs, device=q.device)
-    tile_seq = torch.searchsorted(cu_tiles, pid, right=True)  # [P] in [0, B]; B = spare
-    starts = torch.cat([cu_tiles.new_zeros(1), cu_tiles])[tile_seq.clamp(max=dims.batch)]
-    tile_idx = (pid - starts).to(torch.int32)
-    tile_seq = tile_seq.to(torch.int32)
     precision, dot_f32 = dot_config(q.dtype)
-    _prefill_kernel[(programs, dims.num_kv_heads)](
-        q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, tile_seq, tile_idx,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        dims.batch, scale * LOG2E, float(softcap or 1.0), int(sliding_window or 0),
-        G=g, BLOCK_M=rows, TOK_M=tok_m, D=d, PAGE=dims.block_size, BLOCK_N=block_n,
+    _prefill_kernel[(t // tok_m + dims.batch, dims.num_kv_heads)](
+        q, k_cache, v_cache, result, block_tables, seq_lens, cu_seqlens_q,
+        k_cache.stride(0), block_tables.stride(0), dims.batch, scale * LOG2E,
+        float(softcap or 1.0), int(sliding_window or 0),
+        HKV=dims.num_kv_heads, G=g, BLOCK_M=rows, TOK_M=tok_m, D=d, PAGE=dims.block_size,
+        BLOCK_N=block_n, SEARCH=max(1, dims.batch.bit_length()),
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
         PRECISION=precision, DOT_F32=dot_f32, num_warps=warps, num_stages=stages,
     )
-    return out
+    if out is not None and result is not out:
+        out.copy_(result)
+        return out
+    return result

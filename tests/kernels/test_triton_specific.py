@@ -69,3 +69,14 @@ def test_gpu_prefill_after_long_prefix_with_high_block_ids() -> None:
                          seq_lens=(3000, 600), q_lens=(512, 600), dtype="bfloat16",
                          high_block_ids=True, sliding_window=1000, seed=6)
     check_prefill(attention_impl("triton"), build_case(case, "cuda"))
+
+
+@pytest.mark.parametrize("group", [1, 5])
+def test_prefill_tile_search_over_many_ragged_sequences(group: int) -> None:
+    # q_len 0 chunks, chunks shorter and longer than a tile, and a decode-like q_len 1
+    q_lens = (0, 1, 33, 0, 5, 16, 17, 2, 40)
+    seq_lens = (3, 1, 50, 0, 5, 30, 17, 9, 41)
+    case = AttentionCase(num_kv_heads=1, group=group, head_dim=64, block_size=8,
+                         seq_lens=seq_lens, q_lens=q_lens, dtype="float32", seed=11)
+    for backend in ("triton", "torch"):
+        check_prefill(attention_impl(backend), build_case(case))
