@@ -27,6 +27,8 @@ from spec.errors import InvalidArgumentError, PagedKVError
 F64 = NDArray[np.float64]
 I64 = NDArray[np.int64]
 
+LOGITS_BUDGET = 1 << 22  # logits held at once (32 MiB of float64); bounds memory, not results
+
 
 class AttentionShapeError(InvalidArgumentError):
     """A shape or value handed to the attention spec is invalid.
@@ -129,12 +131,21 @@ def visible(q_positions: I64, k_positions: I64, sliding_window: int | None) -> N
 
 
 def logits(q: F64, k: F64, params: AttentionParams) -> F64:
-    """[Q, Hq, K] scaled, soft-capped logits of ``q`` [Q, Hq, D] against ``k`` [K, Hkv, D]."""
-    heads = kv_head_map(q.shape[1], k.shape[1])  # [Hq]
-    s = params.scale * np.einsum("qhd,khd->qhk", q, k[:, heads, :])  # [Q, Hq, K]
+    """[Q, Hq, K] scaled, soft-capped logits of ``q`` [Q, Hq, D] against ``k`` [K, Hkv, D].
+
+    Each KV head is multiplied once with all the query heads that read it (no repeated K).
+    """
+    num_q, num_heads, head_dim = q.shape
+    heads = kv_head_map(num_heads, k.shape[1])  # [Hq]
+    s = np.empty((num_q, num_heads, k.shape[0]), dtype=np.float64)  # [Q, Hq, K]
+    for n in range(k.shape[1]):
+        group = np.flatnonzero(heads == n)  # query heads reading KV head n
+        rows = q[:, group, :].reshape(num_q * group.size, head_dim)  # [Q * g, D]
+        s[:, group, :] = (rows @ k[:, n, :].T).reshape(num_q, group.size, k.shape[0])
+    s *= params.scale
     if params.softcap is not None:
         s = params.softcap * np.tanh(s / params.softcap)
-    return np.asarray(s, dtype=np.float64)
+    return s
 
 
 def check_qkv(q: F64, k: F64, v: F64) -> None:
@@ -168,9 +179,15 @@ def attention(
     va = as_float_array("v", v, 3)
     check_qkv(qa, ka, va)
     qp, kp = positions(qa.shape[0], ka.shape[0], q_positions, k_positions)
-    mask = visible(qp, kp, params.sliding_window)[:, None, :]  # [Q, 1, K]
-    s = np.where(mask, logits(qa, ka, params), -np.inf)  # [Q, Hq, K]
-    return softmax_states(s, va)
+    o = np.zeros(qa.shape, dtype=np.float64)  # [Q, Hq, D]
+    lse = np.full(qa.shape[:2], -np.inf)  # [Q, Hq]
+    step = max(1, LOGITS_BUDGET // max(1, qa.shape[1] * ka.shape[0]))  # query rows at a time
+    for start in range(0, qa.shape[0], step):
+        rows = slice(start, start + step)
+        mask = visible(qp[rows], kp, params.sliding_window)[:, None, :]  # [q, 1, K]
+        s = np.where(mask, logits(qa[rows], ka, params), -np.inf)  # [q, Hq, K]
+        o[rows], lse[rows] = softmax_states(s, va)
+    return o, lse
 
 
 def positions(
@@ -205,13 +222,18 @@ def softmax_states(s: F64, v: F64) -> tuple[F64, F64]:
     ``-inf`` in ``s`` marks a hidden key. The maximum is subtracted before exponentiating, so
     nothing overflows; a row whose keys are all hidden gets ``o = 0``, ``lse = -inf``.
     """
-    heads = kv_head_map(s.shape[1], v.shape[1])  # [Hq]
+    num_q, num_heads, num_k = s.shape
+    heads = kv_head_map(num_heads, v.shape[1])  # [Hq]
     m = s.max(axis=2, initial=-np.inf)  # [Q, Hq]
     seen = np.isfinite(m)  # rows with at least one visible key
     m_safe = np.where(seen, m, 0.0)
     p = np.exp(s - m_safe[:, :, None])  # [Q, Hq, K]; exp(-inf) = 0
     total = np.where(seen, p.sum(axis=2), 1.0)  # [Q, Hq], >= 1 where seen
-    o = np.einsum("qhk,khd->qhd", p, v[:, heads, :]) / total[:, :, None]  # [Q, Hq, D]
-    o = np.where(seen[:, :, None], o, 0.0)
+    o = np.empty((num_q, num_heads, v.shape[2]), dtype=np.float64)  # [Q, Hq, D]
+    for n in range(v.shape[1]):
+        group = np.flatnonzero(heads == n)  # query heads reading KV head n
+        weights = p[:, group, :].reshape(num_q * group.size, num_k)  # [Q * g, K]
+        o[:, group, :] = (weights @ v[:, n, :]).reshape(num_q, group.size, v.shape[2])
+    o = np.where(seen[:, :, None], o / total[:, :, None], 0.0)
     lse = np.where(seen, m_safe + np.log(total), -np.inf)
     return np.asarray(o, dtype=np.float64), np.asarray(lse, dtype=np.float64)

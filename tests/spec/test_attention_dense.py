@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from unittest import mock
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import spec.attention
 from spec.attention import AttentionParams, AttentionShapeError, attention, kv_head_map
 
 SETTINGS = settings(max_examples=80, deadline=None)
@@ -139,6 +141,14 @@ def prop_softcap_large_is_plain(case: DenseCase) -> None:
 @given(dense_cases())
 def test_attention_matches_loops(case: DenseCase) -> None:
     prop_dense_matches_loops(case)
+
+
+@SETTINGS
+@given(dense_cases(), st.integers(1, 40))
+def test_attention_row_chunks_match_loops(case: DenseCase, budget: int) -> None:
+    # A tiny logits budget makes attention() work a few query rows at a time.
+    with mock.patch.object(spec.attention, "LOGITS_BUDGET", budget):
+        prop_dense_matches_loops(case)
 
 
 @SETTINGS
