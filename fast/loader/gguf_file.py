@@ -68,7 +68,8 @@ class _Cursor:
             if elem == _STRING:
                 return [self.string() for _ in range(count)]
             if elem in _NUMPY:
-                arr = np.frombuffer(self.buf, dtype=_NUMPY[elem], count=count, offset=self.pos)
+                arr: NDArray[Any] = np.frombuffer(self.buf, dtype=_NUMPY[elem], count=count,
+                                                  offset=self.pos)
                 self.pos += arr.nbytes
                 return arr.tolist()
             return [self.value(elem) for _ in range(count)]
