@@ -1,1 +1,33 @@
-"""The optimized implementation of pagedkv: block manager, engine, models, API and CLI."""
+"""The optimized implementation of pagedkv: block manager, engine, models, API and CLI.
+
+``from fast import LLM, SamplingParams`` is the user's entry point. The names are resolved on
+first use, so ``import fast`` stays cheap (torch is not imported until they are needed).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "LLMEngine"]
+
+_WHERE = {
+    "LLM": "fast.llm",
+    "LLMEngine": "fast.engine",
+    "SamplingParams": "fast.sampling_params",
+    "RequestOutput": "fast.outputs",
+    "CompletionOutput": "fast.outputs",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

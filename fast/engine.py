@@ -1,0 +1,314 @@
+"""LLMEngine: one continuous-batching step at a time over a paged KV cache.
+
+``step()`` = schedule (``fast.scheduler``), apply the cache operations the schedule asks for
+(swap out, swap in, copy-on-write copies), flatten the scheduled tokens into one batch with its
+:class:`~fast.attention_context.AttentionContext`, run the model, sample one token for every
+sequence that reached its last known token, check the stop conditions, and tell the scheduler
+(which frees the blocks of finished sequences).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from collections.abc import Mapping, Sequence as Seq
+from typing import Any
+
+import torch
+
+import kernels
+from fast.attention_context import AttentionContext
+from fast.engine_config import EngineConfig, pool_sizes, resolve_device, resolve_dtype
+from fast.engine_stop import StopChecker
+from fast.loader import LoadedModel, load_model
+from fast.model.llama import allocate_kv_caches
+from fast.outputs import CompletionOutput, RequestOutput
+from fast.sampler import Sampler
+from fast.sampling_params import SamplingParams
+from fast.scheduler import Scheduler
+from fast.sequence import Sequence, SequenceStatus
+from spec.errors import InvalidArgumentError
+from spec.scheduler import SchedulerConfig, SchedulerOutput, StepOutcome
+
+__all__ = ["LLMEngine", "EngineStats", "PromptType"]
+
+#: A prompt: text, token ids, or ``{"prompt_token_ids": [...]}`` / ``{"prompt": "..."}``.
+PromptType = str | Seq[int] | Mapping[str, Any]
+
+
+def _block_manager(config: Any) -> Any:
+    """The numba block manager when it is importable, else the spec's (same API)."""
+    try:
+        from fast.block_manager import BlockManager
+    except ImportError:  # pragma: no cover - fast.block_manager is part of the package
+        from spec.block_manager import BlockManager  # type: ignore[assignment]
+    return BlockManager(config)
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started (tests and benchmarks read them)."""
+
+    steps: int = 0
+    computed_tokens: int = 0     # every token run through the model
+    generated_tokens: int = 0
+    preempted: int = 0           # recompute preemptions
+    swapped_out: int = 0
+    swapped_in: int = 0
+    copied_blocks: int = 0
+
+    def record(self, out: SchedulerOutput) -> None:
+        """Add one step's schedule."""
+        self.steps += 1
+        self.computed_tokens += out.num_batched_tokens
+        self.preempted += len(out.preempted)
+        self.swapped_out += len(out.swapped_out)
+        self.swapped_in += len(out.swapped_in)
+        self.copied_blocks += len(out.blocks_to_copy)
+
+
+class LLMEngine:
+    """The engine behind :class:`fast.llm.LLM`.
+
+    Args:
+        model: a ``.gguf`` file or Hugging Face directory (None: the default SmolLM2), or an
+            already loaded :class:`~fast.loader.LoadedModel` (random weights in tests).
+        config: the engine settings; keyword arguments override its fields.
+    """
+
+    def __init__(self, model: str | LoadedModel | None = None,
+                 config: EngineConfig | None = None, **overrides: Any) -> None:
+        cfg = config or EngineConfig()
+        if overrides:
+            cfg = EngineConfig(**{**cfg.__dict__, **overrides})
+        self.config = cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        torch.manual_seed(cfg.seed)
+        loaded = model if isinstance(model, LoadedModel) else load_model(
+            model, dtype=self.dtype, device=self.device)
+        self.model = loaded.model.to(device=self.device, dtype=self.dtype).eval()
+        self.tokenizer = loaded.tokenizer
+        self.model_config = loaded.config
+        max_len = cfg.max_model_len or self.model_config.max_position_embeddings
+        if max_len > self.model_config.max_position_embeddings:
+            raise InvalidArgumentError(
+                "max_model_len", max_len,
+                f"above the model's max_position_embeddings "
+                f"{self.model_config.max_position_embeddings}")
+        self.max_model_len = max_len
+        budget = cfg.max_num_batched_tokens or (
+            2048 if cfg.enable_chunked_prefill else max(max_len, 2048))
+        self.scheduler_config = SchedulerConfig(
+            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=budget,
+            max_model_len=max_len, enable_chunked_prefill=cfg.enable_chunked_prefill,
+            preemption_mode=cfg.preemption_mode)
+        self.num_gpu_blocks, self.num_cpu_blocks = pool_sizes(
+            cfg, self.model_config, self.dtype, self.device)
+        if self.num_gpu_blocks * cfg.block_size < max_len:
+            raise InvalidArgumentError(
+                "num_gpu_blocks", self.num_gpu_blocks,
+                f"{self.num_gpu_blocks} blocks of {cfg.block_size} tokens cannot hold one "
+                f"sequence of max_model_len {max_len}")
+        from spec.block_manager import BlockManagerConfig
+        self.block_manager = _block_manager(BlockManagerConfig(
+            block_size=cfg.block_size, num_gpu_blocks=self.num_gpu_blocks,
+            num_cpu_blocks=self.num_cpu_blocks,
+            enable_prefix_caching=cfg.enable_prefix_caching))
+        self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        self.kv_caches = allocate_kv_caches(self.model_config, self.num_gpu_blocks,
+                                            cfg.block_size, self.dtype, self.device)
+        self.cpu_caches = allocate_kv_caches(
+            self.model_config, self.num_cpu_blocks, cfg.block_size, self.dtype, "cpu"
+        ) if self.num_cpu_blocks else []
+        self.sampler = Sampler()
+        self._stop = StopChecker(self.tokenizer, self.model_config, max_len)
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+        self._requests: dict[str, Sequence] = {}
+        self._generators: dict[int, torch.Generator] = {}
+        self.stats = EngineStats()
+        self._graphs: Any = None
+        if self.device.type == "cuda" and not cfg.enforce_eager:
+            from fast.engine_graphs import DecodeGraphs
+            self._graphs = DecodeGraphs(self)
+
+    # -- requests -------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: PromptType,
+                    params: SamplingParams | None = None) -> None:
+        """Validate and queue one request; raises before anything is scheduled."""
+        params = params if params is not None else SamplingParams()
+        if request_id in self._requests:
+            raise InvalidArgumentError("request_id", request_id, "already in use")
+        text, ids = self._tokenize(prompt)
+        if not ids:
+            raise InvalidArgumentError("prompt", prompt, "empty prompt")
+        if len(ids) > self.max_model_len:
+            raise InvalidArgumentError("len(prompt_token_ids)", len(ids),
+                                       f"longer than max_model_len {self.max_model_len}")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidArgumentError("prompt_token_ids", bad[:5], f"outside [0, {vocab})")
+        if params.n != 1:
+            raise InvalidArgumentError("n", params.n, "only n=1 is supported")
+        seq = Sequence(next(self._seq_ids), request_id, next(self._arrivals), list(ids),
+                       sampling_params=params, prompt=text)
+        if params.logprobs is not None:
+            seq.logprobs = []
+        self._stop.start(seq)
+        self.scheduler.add_sequence(seq)
+        self._requests[request_id] = seq
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(params.seed)
+            self._generators[seq.seq_id] = gen
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now; its blocks go back to the pool. Unknown ids are ignored."""
+        seq = self._requests.pop(request_id, None)
+        if seq is None:
+            return
+        self.scheduler.abort(seq.seq_id)
+        self._stop.finish(seq)
+        self._generators.pop(seq.seq_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        """Some request is waiting, running or swapped."""
+        return self.scheduler.has_unfinished
+
+    @property
+    def num_free_gpu_blocks(self) -> int:
+        """Free device blocks (cached prefix blocks with no user count as free)."""
+        return int(self.block_manager.num_free_gpu_blocks)
+
+    # -- the step -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return the requests that produced a token (finished ones included)."""
+        out = self.scheduler.schedule()
+        self.stats.record(out)
+        self._apply_cache_ops(out)
+        sampled: dict[int, int] = {}
+        finished: set[int] = set()
+        touched: list[Sequence] = []
+        if out.scheduled:
+            tokens, logprobs = self._run_model(out)
+            sample_ids = [s.seq_id for s in out.scheduled if s.sample]
+            for seq_id, token, lp in zip(sample_ids, tokens, logprobs):
+                seq = self.scheduler.seqs[seq_id]
+                self._record(seq, token, lp)
+                sampled[seq_id] = token
+                self.stats.generated_tokens += 1
+                if self._stop.check(seq):
+                    finished.add(seq_id)
+                touched.append(seq)
+        elif self.scheduler.has_unfinished and not self.scheduler.running:
+            raise RuntimeError("the scheduler made no progress with requests waiting: "
+                               f"{self.num_free_gpu_blocks} free blocks")
+        self.scheduler.update(StepOutcome(sampled, frozenset(finished)))
+        for seq in touched:
+            if seq.is_finished:
+                self._requests.pop(seq.request_id, None)
+                self._generators.pop(seq.seq_id, None)
+                self._stop.finish(seq)
+        return [self.request_output(seq) for seq in touched]
+
+    def request_output(self, seq: Sequence) -> RequestOutput:
+        """The current :class:`RequestOutput` of ``seq``'s request."""
+        completion = CompletionOutput(
+            index=0, text=seq.output_text, token_ids=seq.output_token_ids,
+            cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+            logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+            finish_reason=seq.finish_reason if seq.status != SequenceStatus.FINISHED_ABORTED
+            else "abort",
+            stop_reason=seq.stop_reason)
+        return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids),
+                             [completion], seq.is_finished)
+
+    # -- internals ------------------------------------------------------------------------
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, Mapping):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            if "prompt" in prompt:
+                return self._tokenize(str(prompt["prompt"]))
+            raise InvalidArgumentError("prompt", dict(prompt),
+                                       "needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidArgumentError("prompt", prompt,
+                                           "text needs a tokenizer; this model has none")
+            return prompt, self.tokenizer.encode(prompt)
+        return None, [int(t) for t in prompt]
+
+    def _apply_cache_ops(self, out: SchedulerOutput) -> None:
+        # Order: swap out (frees device blocks), swap in, then copy-on-write copies.
+        if out.blocks_to_swap_out:
+            pairs = torch.tensor(out.blocks_to_swap_out, dtype=torch.int64)
+            for (k, v), (ck, cv) in zip(self.kv_caches, self.cpu_caches):
+                kernels.swap_blocks(k, ck, pairs)
+                kernels.swap_blocks(v, cv, pairs)
+        if out.blocks_to_swap_in:
+            pairs = torch.tensor(out.blocks_to_swap_in, dtype=torch.int64)
+            for (k, v), (ck, cv) in zip(self.kv_caches, self.cpu_caches):
+                kernels.swap_blocks(ck, k, pairs)
+                kernels.swap_blocks(cv, v, pairs)
+        if out.blocks_to_copy:
+            pairs = torch.tensor(out.blocks_to_copy, dtype=torch.int64, device=self.device)
+            for k, v in self.kv_caches:
+                kernels.copy_blocks(k, v, pairs)
+
+    def _build_batch(self, out: SchedulerOutput
+                     ) -> tuple[torch.Tensor, torch.Tensor, AttentionContext, list[int]]:
+        bm, seqs = self.block_manager, self.scheduler.seqs
+        ids: list[int] = []
+        slots: list[int] = []
+        tables: list[list[int]] = []
+        seq_lens: list[int] = []
+        cu = [0]
+        positions: list[int] = []
+        rows: list[int] = []
+        for s in out.scheduled:
+            end = s.start + s.num_tokens
+            ids.extend(seqs[s.seq_id].token_ids[s.start:end])
+            positions.extend(range(s.start, end))
+            slots.extend(bm.slot_mapping(s.seq_id, s.start, end))
+            tables.append(bm.block_table(s.seq_id))
+            seq_lens.append(end)
+            cu.append(cu[-1] + s.num_tokens)
+            if s.sample:
+                rows.append(cu[-1] - 1)
+        width = max(len(t) for t in tables)
+        dev = self.device
+        ctx = AttentionContext(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                      dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            max_seqlen_q=max(s.num_tokens for s in out.scheduled),
+            is_decode=all(s.num_tokens == 1 for s in out.scheduled))
+        return (torch.tensor(ids, dtype=torch.int64, device=dev),
+                torch.tensor(positions, dtype=torch.int64, device=dev), ctx, rows)
+
+    def _run_model(self, out: SchedulerOutput) -> tuple[list[int], list[dict[int, float] | None]]:
+        input_ids, positions, ctx, rows = self._build_batch(out)   # [T], [T], ctx, [N]
+        hidden = None
+        if self._graphs is not None and ctx.is_decode:
+            hidden = self._graphs.run(input_ids, positions, ctx)    # [T, H] or None
+        if hidden is None:
+            hidden = self.model(input_ids, positions, ctx, self.kv_caches)   # [T, H]
+        if not rows:
+            return [], []
+        logits = self.model.compute_logits(hidden[rows])            # [N, V] float32
+        seqs = [self.scheduler.seqs[s.seq_id] for s in out.scheduled if s.sample]
+        return self.sampler.sample(
+            logits, [q.sampling_params for q in seqs],
+            [self._generators.get(q.seq_id) for q in seqs])
+
+    def _record(self, seq: Sequence, token: int, lp: dict[int, float] | None) -> None:
+        logprob = None if lp is None else lp.get(token)
+        seq.append_token(token, logprob)
+        if seq.logprobs is not None and lp is not None:
+            seq.logprobs.append(lp)
