@@ -104,7 +104,7 @@ class LLMEngine:
             max_model_len=max_len, enable_chunked_prefill=cfg.enable_chunked_prefill,
             preemption_mode=cfg.preemption_mode)
         self.num_gpu_blocks, self.num_cpu_blocks = pool_sizes(
-            cfg, self.model_config, self.dtype, self.device)
+            cfg, self.model_config, self.dtype, self.device, max_len)
         if self.num_gpu_blocks * cfg.block_size < max_len:
             raise InvalidArgumentError(
                 "num_gpu_blocks", self.num_gpu_blocks,

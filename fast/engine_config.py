@@ -90,8 +90,12 @@ def kv_bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) 
 
 
 def pool_sizes(cfg: EngineConfig, model: ModelConfig, dtype: torch.dtype,
-               device: torch.device) -> tuple[int, int]:
-    """(device blocks, host blocks) for this configuration."""
+               device: torch.device, max_model_len: int) -> tuple[int, int]:
+    """(device blocks, host blocks) for this configuration.
+
+    A derived device pool is capped at what ``max_num_seqs`` sequences of ``max_model_len``
+    tokens can use; an explicit ``num_gpu_blocks`` is taken as is.
+    """
     per_block = kv_bytes_per_block(model, cfg.block_size, dtype)
     gib = 1 << 30
     if cfg.num_gpu_blocks is not None:
@@ -103,6 +107,8 @@ def pool_sizes(cfg: EngineConfig, model: ModelConfig, dtype: torch.dtype,
         reserve = 2 * gib   # activations and logits of the largest step
         budget = free - (1.0 - cfg.gpu_memory_utilization) * total - reserve
         gpu = int(budget) // per_block
+    if cfg.num_gpu_blocks is None:
+        gpu = min(gpu, cfg.max_num_seqs * -(-max_model_len // cfg.block_size))
     swap = cfg.swap_space
     if swap is None:
         swap = 0.0 if cfg.preemption_mode != "swap" else (4.0 if device.type == "cuda" else 0.25)
