@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 from numpy.typing import NDArray
 
@@ -29,6 +28,11 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
           6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 _STRING, _ARRAY = 8, 9
+# ggml type id -> (elements per block, bytes per block), from ggml's type traits
+_TYPE_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24),
+               8: (32, 34), 9: (32, 40), 10: (256, 84), 11: (256, 110), 12: (256, 144),
+               13: (256, 176), 14: (256, 210), 15: (256, 292), 24: (1, 1), 25: (1, 2),
+               26: (1, 4), 27: (1, 8), 28: (1, 8), 30: (1, 2)}
 
 
 class GGUFFormatError(ValueError):
@@ -102,7 +106,9 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
     start = (cur.pos + align - 1) // align * align
     tensors = []
     for name, shape, type_id, offset in infos:
-        block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)]
+        if type_id not in _TYPE_SIZES:
+            raise GGUFFormatError(f"{path}: tensor {name!r} has unknown ggml type {type_id}")
+        block, nbytes = _TYPE_SIZES[type_id]
         size = int(np.prod(shape)) // block * nbytes
         begin = start + offset
         if begin + size > mm.shape[0]:

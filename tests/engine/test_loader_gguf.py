@@ -199,3 +199,10 @@ def test_not_a_gguf_file_is_named(tmp_path: Path) -> None:
     bad.write_bytes(b"GGML" + bytes(64))
     with pytest.raises(GGUFFormatError, match="magic"):
         load_model(str(bad))
+
+
+def test_type_size_table_equals_gguf() -> None:
+    from fast.loader.gguf_file import _TYPE_SIZES
+
+    for type_id, size in _TYPE_SIZES.items():
+        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)] == size, type_id
