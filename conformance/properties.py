@@ -1,0 +1,185 @@
+"""Named properties, one per bug class that real paged-KV systems shipped.
+
+Each property is a function ``property(factory, settings=None)`` that runs a hypothesis search
+for a program (over a subset of the operations, on a preset that makes the bug reachable in a
+few steps) and raises :class:`~conformance.lockstep.ConformanceError` (after shrinking) when the
+implementation differs from the spec, fails its integrity check or reads back a wrong token.
+``tests/conformance/test_mutants.py`` shows that each property catches its planted mutant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from hypothesis import HealthCheck, given, note, settings as Settings
+from hypothesis import strategies as st
+
+from conformance.block_machine import new_lockstep
+from conformance.lockstep import ConformanceError, Lockstep
+from conformance.operations import OPERATIONS
+from conformance.presets import Preset
+from conformance.protocols import BlockManagerFactory
+from conformance.strategies import prompts
+from spec.prefix_cache import HashFn, hash_block_tokens
+
+__all__ = [
+    "PROPERTIES",
+    "Property",
+    "default_settings",
+    "evicted_block_not_in_hash_index",
+    "touch_before_allocate",
+    "hash_collision_never_reuses_block",
+    "fork_free_refcounts_under_beam_search",
+    "swap_in_reserves_append_capacity",
+    "no_blocks_leaked_on_abort",
+    "colliding_hash",
+    "ConformanceError",
+]
+
+Property = Callable[[BlockManagerFactory, "Settings | None"], None]
+
+
+def default_settings(max_examples: int = 200) -> Settings:
+    """Deterministic, no example database, no deadline, one bug reported."""
+    return Settings(
+        max_examples=max_examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        report_multiple_bugs=False,
+        suppress_health_check=list(HealthCheck),
+    )
+
+
+def _program(
+    factory: BlockManagerFactory,
+    p: Preset,
+    ops: dict[str, int],
+    settings: Settings | None,
+    *,
+    max_steps: int = 30,
+    finish: Callable[[Lockstep, st.DataObject], None] | None = None,
+    hash_fn: HashFn | None = None,
+) -> None:
+    """Search random programs over ``ops`` (name -> weight), checking after every step."""
+    names = [name for name, weight in ops.items() for _ in range(weight)]
+
+    @(settings or default_settings())
+    @given(st.data())
+    def search(data: st.DataObject) -> None:
+        ls = new_lockstep(factory, p, hash_fn=hash_fn)
+        for seq_id in range(data.draw(st.integers(0, 2), label="initial sequences")):
+            ls.call("allocate", seq_id, data.draw(prompts(p), label="token_ids"), None)
+        n = data.draw(st.integers(1, max_steps), label="steps")
+        for _ in range(n):
+            OPERATIONS[data.draw(st.sampled_from(names), label="op")](ls, data, p)
+            ls.check()
+        if finish is not None:
+            finish(ls, data)
+
+    search()
+
+
+def evicted_block_not_in_hash_index(
+    factory: BlockManagerFactory, settings: Settings | None = None
+) -> None:
+    """A cached block that is evicted (reused for other content) must leave the hash index.
+
+    Tiny pool, prompts sharing prefixes, allocate/free churn: blocks are cached, evicted and
+    reused; a stale index entry makes a later prompt "hit" a block holding other tokens.
+    """
+    p = Preset("evict", block_size=2, num_gpu_blocks=6, enable_prefix_caching=True, vocab=2)
+    _program(factory, p, {"allocate": 3, "free": 2, "append": 1}, settings)
+
+
+def touch_before_allocate(factory: BlockManagerFactory, settings: Settings | None = None) -> None:
+    """An allocation that hits cached free blocks must take them before evicting for new ones.
+
+    With the pool almost all cached-and-free, a prompt hitting some cached blocks and needing
+    new ones must not evict the very blocks it is about to reuse.
+    """
+    p = Preset("touch", block_size=2, num_gpu_blocks=5, enable_prefix_caching=True, vocab=2)
+    _program(factory, p, {"allocate": 3, "free": 2, "can_allocate": 1}, settings)
+
+
+def hash_collision_never_reuses_block(
+    factory: BlockManagerFactory, settings: Settings | None = None
+) -> None:
+    """Blocks whose content hashes collide must not be shared: a hit compares stored tokens.
+
+    Both sides run with :func:`colliding_hash`, which maps every block to one of 3 values.
+    """
+    p = Preset("collide", block_size=2, num_gpu_blocks=8, enable_prefix_caching=True, vocab=3)
+    ops = {"allocate": 3, "free": 2, "append": 1, "can_allocate": 1}
+    _program(factory, p, ops, settings, hash_fn=colliding_hash)
+
+
+def fork_free_refcounts_under_beam_search(
+    factory: BlockManagerFactory, settings: Settings | None = None
+) -> None:
+    """Beam-search churn: fork many, free some, append to all, fork again; refcounts stay exact.
+
+    A refcount off by one frees a block a sibling still reads (its tokens change underneath it)
+    or leaks one (the pool never fills back).
+    """
+    p = Preset("beam", block_size=2, num_gpu_blocks=16, num_seq_ids=8, vocab=3)
+
+    def finish(ls: Lockstep, data: st.DataObject) -> None:
+        ls.free_all()
+
+    _program(
+        factory,
+        p,
+        {"allocate": 1, "fork": 4, "free": 2, "append_batch": 3, "append": 1},
+        settings,
+        finish=finish,
+    )
+
+
+def swap_in_reserves_append_capacity(
+    factory: BlockManagerFactory, settings: Settings | None = None
+) -> None:
+    """``can_swap_in(seq, k)`` must count the blocks the ``k`` tokens about to be appended need."""
+    p = Preset("swapcap", block_size=2, num_gpu_blocks=6, num_cpu_blocks=8, vocab=3)
+    ops = {"allocate": 2, "append": 2, "swap_out": 2, "swap_in": 1, "can_swap_in": 3, "free": 1}
+    _program(factory, p, ops, settings)
+
+
+def no_blocks_leaked_on_abort(
+    factory: BlockManagerFactory, settings: Settings | None = None
+) -> None:
+    """After any program, freeing every sequence (abort all) gives both pools back in full."""
+    p = Preset(
+        "abort",
+        block_size=2,
+        num_gpu_blocks=10,
+        num_cpu_blocks=6,
+        enable_prefix_caching=True,
+        vocab=3,
+    )
+    ops = {name: 1 for name in ("allocate", "append", "append_batch", "fork", "free")}
+    ops |= {"swap_out": 1, "swap_in": 1}
+
+    def finish(ls: Lockstep, data: st.DataObject) -> None:
+        note("free every live sequence")
+        ls.free_all()
+
+    _program(factory, p, ops, settings, finish=finish)
+
+
+def colliding_hash(parent_hash: int, token_ids: Sequence[int], extra_key: str | None) -> int:
+    """The spec's block hash reduced to 3 values: unequal blocks collide all the time."""
+    return hash_block_tokens(parent_hash, token_ids, extra_key) % 3
+
+
+PROPERTIES: dict[str, Property] = {
+    f.__name__: f
+    for f in (
+        evicted_block_not_in_hash_index,
+        touch_before_allocate,
+        hash_collision_never_reuses_block,
+        fork_free_refcounts_under_beam_search,
+        swap_in_reserves_append_capacity,
+        no_blocks_leaked_on_abort,
+    )
+}

@@ -1,0 +1,15 @@
+"""The named bug-class properties against every registered implementation (CI profile)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conformance.properties import PROPERTIES
+from conformance.registry import block_manager_factory, block_manager_names
+from conformance.runner import PROFILES, run_property
+
+
+@pytest.mark.parametrize("name", sorted(PROPERTIES))
+@pytest.mark.parametrize("impl", block_manager_names())
+def test_property(impl: str, name: str) -> None:
+    run_property(name, block_manager_factory(impl), PROFILES["ci"])

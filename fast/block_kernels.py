@@ -1,0 +1,509 @@
+"""numba kernels of the fast block manager: every state change happens here, on arrays.
+
+State layout (all numpy arrays owned by :class:`fast.block_manager.BlockManager`):
+
+* ``gpool`` / ``cpool`` int32 ``[3, num_blocks]``: row 0 the refcount, rows 1 and 2 the
+  ``next`` / ``prev`` links of the free queue (a doubly linked list threaded through the block
+  ids, ``-1`` = none). ``meta`` int64 ``[6]``: head, tail, free count of the GPU queue
+  (``G_HEAD, G_TAIL, G_FREE``) then of the CPU queue (``C_HEAD, C_TAIL, C_FREE``). Taking from
+  the head, appending at the tail and unlinking from the middle are O(1) and keep exactly the
+  spec's FIFO order (``spec.block_pool``).
+* ``ent`` int64 ``[2, num_gpu_blocks]``: per GPU block the hash it is cached under (row 0) and
+  its prefix id (row 1, ``-1`` = not cached). ``ikeys``/``ivals`` ``[K]``: the hash index as an
+  open-addressing table (linear probing, backward-shift deletion, ``-1`` = empty slot).
+* Per sequence row ``r``: ``tables[r, :]`` int32 block ids (the block-table array the GPU
+  takes), ``ntok[r]`` tokens, ``toks[r, :]`` token ids, ``swapped[r]``, and per full block its
+  hash ``bhash[r, i]`` and prefix id ``bpid[r, i]``. ``skeys``/``svals`` map external sequence
+  ids to rows (open addressing, like the index).
+
+Kernels never raise: they validate everything first and return a status code (and numbers in
+``info``) before changing anything, so that an error leaves the state as it was.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+from numpy.typing import NDArray
+
+# status codes returned by the kernels
+OK = 0
+UNKNOWN = 1  # info[0] = seq id
+SWAPPED = 2  # info[0] = seq id
+DUPLICATE = 3
+BAD_TOKEN = 4  # info[0] = batch index
+NO_BLOCKS = 5  # info[0] = needed, info[1] = free
+GROW = 6  # a row of tables/toks is too short: grow and retry
+
+# meta layout
+G_HEAD, G_TAIL, G_FREE, C_HEAD, C_TAIL, C_FREE = 0, 1, 2, 3, 4, 5
+
+I64 = NDArray[np.int64]
+I32 = NDArray[np.int32]
+U8 = NDArray[np.uint8]
+
+
+# ---------------------------------------------------------------- free queue (FIFO + unlink)
+@njit(cache=True, inline="always")
+def _unlink(pool: I32, meta: I64, o: int, b: int) -> None:
+    p = pool[2, b]
+    n = pool[1, b]
+    if p >= 0:
+        pool[1, p] = n
+    else:
+        meta[o] = n
+    if n >= 0:
+        pool[2, n] = p
+    else:
+        meta[o + 1] = p
+    pool[1, b] = -1
+    pool[2, b] = -1
+    meta[o + 2] -= 1
+
+
+@njit(cache=True, inline="always")
+def _push_tail(pool: I32, meta: I64, o: int, b: int) -> None:
+    t = meta[o + 1]
+    pool[2, b] = t
+    pool[1, b] = -1
+    if t >= 0:
+        pool[1, t] = b
+    else:
+        meta[o] = b
+    meta[o + 1] = b
+    meta[o + 2] += 1
+
+
+@njit(cache=True, inline="always")
+def _release(pool: I32, meta: I64, o: int, b: int) -> None:
+    pool[0, b] -= 1
+    if pool[0, b] == 0:
+        _push_tail(pool, meta, o, b)
+
+
+@njit(cache=True, inline="always")
+def _take(pool: I32, meta: I64, o: int) -> int:
+    b = meta[o]
+    _unlink(pool, meta, o, b)
+    pool[0, b] = 1
+    return int(b)
+
+
+# ---------------------------------------------------------------- open addressing (int64 -> int32)
+@njit(cache=True, inline="always")
+def _home(key: int, mask: int) -> int:
+    x = np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)
+    h: int = np.int64((x >> np.uint64(29)) & np.uint64(mask))
+    return h
+
+
+@njit(cache=True)
+def oa_find(keys: I64, vals: I32, key: int) -> int:
+    """The value stored under ``key`` (>= 0), or -1."""
+    if key < 0:
+        return -1
+    mask = len(keys) - 1
+    i = _home(key, mask)
+    while True:
+        k = keys[i]
+        if k == key:
+            return int(vals[i])
+        if k == -1:
+            return -1
+        i = (i + 1) & mask
+
+
+@njit(cache=True)
+def oa_insert(keys: I64, vals: I32, key: int, val: int) -> None:
+    """Store ``key -> val``; ``key`` must be absent and the table less than full."""
+    mask = len(keys) - 1
+    i = _home(key, mask)
+    while keys[i] != -1:
+        i = (i + 1) & mask
+    keys[i] = key
+    vals[i] = val
+
+
+@njit(cache=True)
+def oa_delete(keys: I64, vals: I32, key: int) -> None:
+    """Remove ``key`` (if present), shifting later probes back so lookups stay correct."""
+    mask = len(keys) - 1
+    i = _home(key, mask)
+    while keys[i] != key:
+        if keys[i] == -1:
+            return
+        i = (i + 1) & mask
+    j = i
+    while True:
+        j = (j + 1) & mask
+        if keys[j] == -1:
+            break
+        h = _home(keys[j], mask)
+        if (i < j and i < h <= j) or (i > j and (h > i or h <= j)):
+            continue  # keys[j] still reachable from its home slot
+        keys[i] = keys[j]
+        vals[i] = vals[j]
+        i = j
+    keys[i] = -1
+    vals[i] = -1
+
+
+# ---------------------------------------------------------------- prefix cache
+@njit(cache=True, inline="always")
+def _take_gpu(gpool: I32, meta: I64, ent: I64, ikeys: I64, ivals: I32) -> int:
+    """Pop the GPU queue head; a cached block is evicted from the index first."""
+    b = _take(gpool, meta, G_HEAD)
+    if ent[1, b] >= 0:
+        oa_delete(ikeys, ivals, ent[0, b])
+        ent[1, b] = -1
+    return b
+
+
+@njit(cache=True, inline="always")
+def _register(ent: I64, ikeys: I64, ivals: I32, b: int, h: int, pid: int) -> None:
+    """Index block ``b`` under hash ``h`` unless the hash is already present."""
+    if oa_find(ikeys, ivals, h) >= 0:
+        return
+    oa_insert(ikeys, ivals, h, b)
+    ent[0, b] = h
+    ent[1, b] = pid
+
+
+@njit(cache=True)
+def reset_cache_kernel(gpool: I32, ent: I64, ikeys: I64, ivals: I32) -> int:
+    """Evict every cached block with refcount 0; return how many cached blocks remain."""
+    left = 0
+    for b in range(ent.shape[1]):
+        if ent[1, b] >= 0:
+            if gpool[0, b] == 0:
+                oa_delete(ikeys, ivals, ent[0, b])
+                ent[1, b] = -1
+            else:
+                left += 1
+    return left
+
+
+# ---------------------------------------------------------------- allocate
+@njit(cache=True)
+def allocate_kernel(
+    bs: int,
+    watermark: int,
+    row: int,
+    prompt: I64,  # [n]
+    hashes: I64,  # [n // bs] (empty when caching is off)
+    pids: I64,  # [n // bs]
+    mutate: bool,
+    gpool: I32,
+    meta: I64,
+    ent: I64,
+    ikeys: I64,
+    ivals: I32,
+    tables: I32,
+    ntok: I64,
+    toks: I64,
+    bhash: I64,
+    bpid: I64,
+    hits: I32,  # scratch [n // bs]
+    info: I64,  # out: needed, free, number of hits
+) -> int:
+    """Match the cached prefix, check the demand against the watermark, then (``mutate``)
+    touch the hits, take the new blocks and register the new full blocks."""
+    n = prompt.shape[0]
+    nh = 0
+    revived = 0
+    if hashes.shape[0] > 0:
+        for i in range((n - 1) // bs):
+            b = oa_find(ikeys, ivals, hashes[i])
+            if b < 0 or ent[1, b] != pids[i]:
+                break
+            hits[nh] = b
+            nh += 1
+            if gpool[0, b] == 0:
+                revived += 1
+    nblocks = (n + bs - 1) // bs
+    need = nblocks - nh + revived
+    free = meta[G_FREE]
+    info[0] = need
+    info[1] = free
+    info[2] = nh
+    if free - need < watermark:
+        return NO_BLOCKS
+    if not mutate:
+        return OK
+    for j in range(nh):  # touch before allocate
+        b = hits[j]
+        if gpool[0, b] == 0:
+            _unlink(gpool, meta, G_HEAD, b)
+            gpool[0, b] = 1
+        else:
+            gpool[0, b] += 1
+        tables[row, j] = b
+    for j in range(nh, nblocks):
+        tables[row, j] = _take_gpu(gpool, meta, ent, ikeys, ivals)
+    for i in range(hashes.shape[0]):
+        bhash[row, i] = hashes[i]
+        bpid[row, i] = pids[i]
+    for i in range(nh, hashes.shape[0]):
+        _register(ent, ikeys, ivals, tables[row, i], hashes[i], pids[i])
+    toks[row, :n] = prompt
+    ntok[row] = n
+    return OK
+
+
+# ---------------------------------------------------------------- append (one token each)
+@njit(cache=True)
+def append_kernel(
+    bs: int,
+    mutate: bool,
+    sids: I64,  # [N] external sequence ids
+    tok_in: I64,  # [N] tokens (validated when mutate; ignored otherwise)
+    bad_token: int,  # index of the first token Python found invalid, or -1
+    fill_hash: I64,  # [F] hashes of the blocks this batch fills, in batch order
+    fill_pid: I64,  # [F]
+    gpool: I32,
+    meta: I64,
+    ent: I64,
+    ikeys: I64,
+    ivals: I32,
+    skeys: I64,
+    svals: I32,
+    tables: I32,
+    ntok: I64,
+    toks: I64,
+    swapped: U8,
+    bhash: I64,
+    bpid: I64,
+    caching: bool,
+    rows: I32,  # out [N]: row of each sequence
+    fills: I32,  # out [N]: batch indices whose append fills a block (caching only)
+    rstamp: I32,  # scratch [R], all zero
+    drop: I32,  # scratch [num_gpu_blocks], all zero
+    slots: I64,  # out [N]
+    pairs: I64,  # out [N, 2]
+    info: I64,  # out: see status codes; info[2] = number of fills, info[3] = CoW pairs
+) -> int:
+    """Validate a batch (spec order), count the blocks it needs, then (``mutate``) append."""
+    n = sids.shape[0]
+    dup = False
+    unknown = False
+    for k in range(n):
+        r = oa_find(skeys, svals, sids[k])
+        rows[k] = r
+        if r < 0:
+            unknown = True
+        else:
+            if rstamp[r] != 0:
+                dup = True
+            rstamp[r] = 1
+    for k in range(n):
+        if rows[k] >= 0:
+            rstamp[rows[k]] = 0
+    if unknown and not dup:  # unknown ids may repeat too
+        s = np.sort(sids)
+        for k in range(1, n):
+            if s[k] == s[k - 1]:
+                dup = True
+    if dup:
+        return DUPLICATE
+    for k in range(n):
+        r = rows[k]
+        if r < 0:
+            info[0] = sids[k]
+            return UNKNOWN
+        if swapped[r] != 0:
+            info[0] = sids[k]
+            return SWAPPED
+    if mutate:
+        if bad_token >= 0:
+            info[0] = bad_token
+            return BAD_TOKEN
+        for k in range(n):
+            if tok_in[k] < 0:
+                info[0] = k
+                return BAD_TOKEN
+    need = 0
+    nfill = 0
+    grow = False
+    for k in range(n):
+        r = rows[k]
+        t = ntok[r]
+        if t + 1 > toks.shape[1]:
+            grow = True
+        if t % bs == 0:
+            need += 1
+            if t // bs >= tables.shape[1]:
+                grow = True
+        else:
+            last = tables[r, t // bs]
+            if gpool[0, last] - drop[last] > 1:
+                need += 1
+                drop[last] += 1
+        if caching and (t + 1) % bs == 0:
+            fills[nfill] = k
+            nfill += 1
+    for k in range(n):
+        t = ntok[rows[k]]
+        if t % bs != 0:
+            drop[tables[rows[k], t // bs]] = 0
+    info[2] = nfill
+    free = meta[G_FREE]
+    info[0] = need
+    info[1] = free
+    if need > free:
+        return NO_BLOCKS
+    if not mutate:
+        return OK
+    if grow:
+        return GROW
+    m = 0
+    f = 0
+    for k in range(n):
+        r = rows[k]
+        t = ntok[r]
+        bi = t // bs
+        if t % bs == 0:
+            tables[r, bi] = _take_gpu(gpool, meta, ent, ikeys, ivals)
+        else:
+            last = tables[r, bi]
+            if gpool[0, last] > 1:  # copy-on-write
+                dst = _take_gpu(gpool, meta, ent, ikeys, ivals)
+                gpool[0, last] -= 1
+                tables[r, bi] = dst
+                pairs[m, 0] = last
+                pairs[m, 1] = dst
+                m += 1
+        toks[r, t] = tok_in[k]
+        ntok[r] = t + 1
+        if caching and (t + 1) % bs == 0:
+            bhash[r, bi] = fill_hash[f]
+            bpid[r, bi] = fill_pid[f]
+            _register(ent, ikeys, ivals, tables[r, bi], fill_hash[f], fill_pid[f])
+            f += 1
+        slots[k] = tables[r, bi] * bs + t % bs
+    info[3] = m
+    return OK
+
+
+# ---------------------------------------------------------------- fork, free, swap
+@njit(cache=True)
+def fork_kernel(
+    bs: int,
+    parent: int,
+    child: int,
+    gpool: I32,
+    tables: I32,
+    ntok: I64,
+    toks: I64,
+    swapped: U8,
+    bhash: I64,
+    bpid: I64,
+) -> None:
+    """The child row becomes a copy of the parent row; every shared block gains a reference."""
+    n = ntok[parent]
+    nb = (n + bs - 1) // bs
+    for j in range(nb):
+        b = tables[parent, j]
+        gpool[0, b] += 1
+        tables[child, j] = b
+    toks[child, :n] = toks[parent, :n]
+    nfull = n // bs
+    bhash[child, :nfull] = bhash[parent, :nfull]
+    bpid[child, :nfull] = bpid[parent, :nfull]
+    ntok[child] = n
+    swapped[child] = 0
+
+
+@njit(cache=True)
+def free_kernel(
+    bs: int, row: int, gpool: I32, cpool: I32, meta: I64, tables: I32, ntok: I64, swapped: U8
+) -> None:
+    """Release the row's blocks in reverse logical order (to the CPU pool if swapped)."""
+    nb = (ntok[row] + bs - 1) // bs
+    if swapped[row] != 0:
+        for j in range(nb - 1, -1, -1):
+            _release(cpool, meta, C_HEAD, tables[row, j])
+    else:
+        for j in range(nb - 1, -1, -1):
+            _release(gpool, meta, G_HEAD, tables[row, j])
+    ntok[row] = 0
+    swapped[row] = 0
+
+
+@njit(cache=True)
+def swap_out_kernel(
+    bs: int, row: int, gpool: I32, cpool: I32, meta: I64, tables: I32, ntok: I64, swapped: U8,
+    mapping: I64,  # out [nb, 2]: (gpu, cpu)
+) -> None:
+    """Fresh CPU blocks in logical order, then GPU references dropped in reverse order."""
+    nb = (ntok[row] + bs - 1) // bs
+    for j in range(nb):
+        mapping[j, 0] = tables[row, j]
+        mapping[j, 1] = _take(cpool, meta, C_HEAD)
+    for j in range(nb - 1, -1, -1):
+        _release(gpool, meta, G_HEAD, tables[row, j])
+    for j in range(nb):
+        tables[row, j] = mapping[j, 1]
+    swapped[row] = 1
+
+
+@njit(cache=True)
+def swap_in_kernel(
+    bs: int,
+    row: int,
+    caching: bool,
+    gpool: I32,
+    cpool: I32,
+    meta: I64,
+    ent: I64,
+    ikeys: I64,
+    ivals: I32,
+    tables: I32,
+    ntok: I64,
+    swapped: U8,
+    bhash: I64,
+    bpid: I64,
+    mapping: I64,  # out [nb, 2]: (cpu, gpu)
+) -> None:
+    """GPU blocks from the queue head in logical order, CPU blocks released in reverse order,
+    full blocks offered to the prefix cache."""
+    nb = (ntok[row] + bs - 1) // bs
+    for j in range(nb):
+        mapping[j, 0] = tables[row, j]
+        mapping[j, 1] = _take_gpu(gpool, meta, ent, ikeys, ivals)
+    for j in range(nb - 1, -1, -1):
+        _release(cpool, meta, C_HEAD, tables[row, j])
+    for j in range(nb):
+        tables[row, j] = mapping[j, 1]
+    swapped[row] = 0
+    if caching:
+        for i in range(ntok[row] // bs):
+            _register(ent, ikeys, ivals, tables[row, i], bhash[row, i], bpid[row, i])
+
+
+# ---------------------------------------------------------------- what the GPU step takes
+@njit(cache=True)
+def gather_kernel(
+    bs: int, rows: I32, tables: I32, ntok: I64, out_tables: I32, out_lens: I32
+) -> None:
+    """Copy the block tables ``[B, W]`` and lengths ``[B]`` of ``rows`` for a GPU kernel."""
+    w = out_tables.shape[1]
+    for k in range(rows.shape[0]):
+        r = rows[k]
+        n = ntok[r]
+        nb = (n + bs - 1) // bs
+        for j in range(nb):
+            out_tables[k, j] = tables[r, j]
+        for j in range(nb, w):
+            out_tables[k, j] = 0
+        out_lens[k] = n
+
+
+@njit(cache=True)
+def map_rows_kernel(skeys: I64, svals: I32, sids: I64, rows: I32) -> int:
+    """Rows of ``sids``; returns the index of the first unknown id, or -1."""
+    for k in range(sids.shape[0]):
+        r = oa_find(skeys, svals, sids[k])
+        if r < 0:
+            return k
+        rows[k] = r
+    return -1
