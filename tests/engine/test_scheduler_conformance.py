@@ -43,6 +43,11 @@ def test_fast_scheduler_matches_spec_step_by_step() -> None:
     check_scheduler(_FastOverSpecBM, max_examples=150)
 
 
+def test_fast_scheduler_over_fast_block_manager_matches_spec() -> None:
+    # the engine's configuration: fast.scheduler driven by the numba block manager
+    check_scheduler(FastSchedulerAdapter, max_examples=150)
+
+
 def test_registry_names() -> None:
     assert scheduler_names() == ["fast", "spec"]
     assert scheduler_factory("fast") is FastSchedulerAdapter
