@@ -11,9 +11,8 @@ from spec.block_manager import BlockManager, BlockManagerConfig
 from spec.prefix_cache import ROOT_PARENT_HASH, chain_hashes, hash_block_tokens
 
 
-def make(bs: int = 2, gpu: int = 8, cpu: int = 4, **kw: object) -> BlockManager:
-    config = BlockManagerConfig(bs, gpu, cpu, enable_prefix_caching=True, **kw)  # type: ignore[arg-type]
-    return BlockManager(config)
+def make(bs: int = 2, gpu: int = 8, cpu: int = 4) -> BlockManager:
+    return BlockManager(BlockManagerConfig(bs, gpu, cpu, enable_prefix_caching=True))
 
 
 def test_hash_follows_the_documented_byte_layout() -> None:

@@ -119,16 +119,24 @@ class BlockMachine(RuleBasedStateMachine):
         self.kv.gpu[slots] = tokens
 
     # ---------------------------------------------------------------- legal operations
+    def pick(self, data: st.DataObject, preferred: list[int]) -> int:
+        """Mostly an id from ``preferred`` (when there is one), sometimes any id."""
+        if preferred and data.draw(st.integers(0, 3)) > 0:
+            return data.draw(st.sampled_from(preferred))
+        return data.draw(st.sampled_from(SEQ_IDS))
+
     @rule(
-        seq_id=st.sampled_from(SEQ_IDS),
+        data=st.data(),
         base=st.sampled_from(BASES),
         length=st.integers(1, 12),
         tail=st.lists(st.integers(0, 3), max_size=3),
         extra_key=st.sampled_from([None, None, "lora-a"]),
     )
     def allocate(
-        self, seq_id: int, base: list[int], length: int, tail: list[int], extra_key: str | None
+        self, data: st.DataObject, base: list[int], length: int, tail: list[int],
+        extra_key: str | None
     ) -> None:
+        seq_id = self.pick(data, [s for s in SEQ_IDS if not self.bm.has_sequence(s)])
         tokens = base[:length] + tail
         bs = self.config.block_size
         note(f"bm.allocate({seq_id}, {tokens}, {extra_key!r})")
@@ -199,9 +207,10 @@ class BlockMachine(RuleBasedStateMachine):
         self.kv.gpu[slots] = tokens
 
     @precondition(lambda self: bool(self.resident()))
-    @rule(data=st.data(), child=st.sampled_from(SEQ_IDS))
-    def fork(self, data: st.DataObject, child: int) -> None:
+    @rule(data=st.data())
+    def fork(self, data: st.DataObject) -> None:
         parent = data.draw(st.sampled_from(self.resident()))
+        child = self.pick(data, [s for s in SEQ_IDS if not self.bm.has_sequence(s)])
         note(f"bm.fork({parent}, {child})")
         if self.bm.has_sequence(child):
             self.expect_error(SequenceExistsError, self.bm.fork, parent, child)
@@ -213,8 +222,14 @@ class BlockMachine(RuleBasedStateMachine):
         assert self.bm.num_free_gpu_blocks == free
         self.ever.add(child)
 
-    @rule(seq_id=st.sampled_from(SEQ_IDS))
-    def free(self, seq_id: int) -> None:
+    @precondition(lambda self: bool(self.ever))
+    @rule(data=st.data())
+    def free(self, data: st.DataObject) -> None:
+        live = self.live()
+        if live and data.draw(st.integers(0, 3)) > 0:
+            seq_id = data.draw(st.sampled_from(live))
+        else:  # an id used before: a free, or a double free
+            seq_id = data.draw(st.sampled_from(sorted(self.ever)))
         note(f"bm.free({seq_id})")
         if not self.bm.has_sequence(seq_id):
             error = DoubleFreeError if seq_id in self.ever else UnknownSequenceError
@@ -269,6 +284,7 @@ class BlockMachine(RuleBasedStateMachine):
         for c, g in mapping:
             self.kv.copy(self.kv.cpu, c, self.kv.gpu, g)
 
+    @precondition(lambda self: bool(self.bm.cached_blocks()))
     @rule()
     def reset_prefix_cache(self) -> None:
         note("bm.reset_prefix_cache()")
@@ -322,6 +338,7 @@ class BlockMachine(RuleBasedStateMachine):
         elif kind == 10:
             self.expect_error(UnknownSequenceError, bm.swap_in, unknown)
             self.expect_error(UnknownSequenceError, bm.swap_out, unknown)
+            self.expect_error(UnknownSequenceError, bm.free, unknown)
         elif kind == 11:
             self.expect_error(InvalidArgumentError, bm.allocate, unknown, [1], 7)
 
