@@ -39,40 +39,50 @@ def _f16(blocks: NDArray[np.uint8], start: int) -> NDArray[np.float32]:
     return np.ascontiguousarray(blocks[:, start:start + 2]).view(np.float16).astype(np.float32)
 
 
-def _nibbles(packed: NDArray[np.uint8]) -> NDArray[np.uint8]:
-    # packed [N, 16] uint8 -> [N, 32]: low nibbles first, then high nibbles
-    return np.concatenate([packed & np.uint8(0x0F), packed >> np.uint8(4)], axis=1)
-
-
 def dequantize(data: NDArray[np.generic], type_id: int, shape: Sequence[int],
-               name: str = "?") -> NDArray[np.float32]:
-    """Raw GGUF tensor data -> float32 array of ``shape`` (numpy order, rows last-dim major)."""
+               name: str = "?", out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
+    """Raw GGUF tensor data -> float32 array of ``shape`` (numpy order).
+
+    With ``out`` (a C-contiguous float32 array of ``shape``), the values are written there
+    and ``out`` is returned, sparing a temporary the size of the tensor.
+    """
     count = int(np.prod(shape))
+    if out is None:
+        out = np.empty(tuple(shape), dtype=np.float32)
+    elif out.shape != tuple(shape) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"tensor {name!r}: out must be C-contiguous float32 {tuple(shape)}, "
+                         f"got {out.dtype} {out.shape}")
     if type_id == F32:
-        return np.array(np.ascontiguousarray(data).view(np.float32).reshape(shape))
+        out[...] = np.ascontiguousarray(data).view(np.float32).reshape(shape)
+        return out
     if type_id == F16:
-        return np.asarray(data).view(np.float16).astype(np.float32).reshape(shape)
+        out[...] = np.asarray(data).view(np.float16).reshape(shape)
+        return out
     if type_id == BF16:
-        raw = np.ascontiguousarray(data).view(np.uint16).astype(np.uint32) << np.uint32(16)
-        bf16: NDArray[np.float32] = raw.view(np.float32).reshape(shape)
-        return bf16
+        bits = out.reshape(-1).view(np.uint32)
+        bits[...] = np.ascontiguousarray(data).view(np.uint16).reshape(-1)
+        bits <<= np.uint32(16)
+        return out
     if type_id not in _BLOCK_BYTES:
         raise UnsupportedQuantizationError(name, type_id)
     if count % QK != 0:
         raise ValueError(f"tensor {name!r}: {count} elements is not a multiple of {QK}")
     blocks = np.ascontiguousarray(data).view(np.uint8).reshape(count // QK, _BLOCK_BYTES[type_id])
+    flat = out.reshape(count // QK, QK)                                     # [N, 32] view
     if type_id == Q8_0:
-        out = blocks[:, 2:].view(np.int8).astype(np.float32)              # [N, 32]
-        out *= _f16(blocks, 0)
-    elif type_id == Q4_0:
-        out = _nibbles(blocks[:, 2:]).astype(np.float32)                 # [N, 32]
-        out -= np.float32(8)
-        out *= _f16(blocks, 0)
+        flat[...] = blocks[:, 2:].view(np.int8)
+        flat *= _f16(blocks, 0)
+        return out
+    packed = blocks[:, 2:] if type_id == Q4_0 else blocks[:, 4:]            # [N, 16]
+    flat[:, :QK // 2] = packed & np.uint8(0x0F)
+    flat[:, QK // 2:] = packed >> np.uint8(4)
+    if type_id == Q4_0:
+        flat -= np.float32(8)
+        flat *= _f16(blocks, 0)
     else:  # Q4_1
-        out = _nibbles(blocks[:, 4:]).astype(np.float32)                 # [N, 32]
-        out *= _f16(blocks, 0)
-        out += _f16(blocks, 2)
-    return out.reshape(shape)
+        flat *= _f16(blocks, 0)
+        flat += _f16(blocks, 2)
+    return out
 
 
 def unpermute_qk(weight: NDArray[np.float32], num_heads: int) -> NDArray[np.float32]:

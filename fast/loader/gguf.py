@@ -12,7 +12,7 @@ from fast.config import ModelConfig
 from fast.loader.dequant import dequantize, unpermute_qk
 from fast.loader.gguf_file import read_gguf
 from fast.loader.weights import check_complete, empty_model
-from fast.model import LlamaForCausalLM
+from fast.model import LlamaForCausalLM, WeightLoadError
 from fast.tokenizer import Tokenizer
 
 # llama.cpp tensor name -> Hugging Face tensor name ("{i}" = layer index)
@@ -68,12 +68,22 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype, device: torch.device | st
             if name.startswith("rope_") or name.endswith("rope_freqs.weight"):
                 continue  # llama.cpp's precomputed rope factors; we derive them from metadata
             raise UnsupportedGGUFError(f"GGUF tensor {name!r} has no counterpart in the model")
-        weight = dequantize(tensor.data, tensor.type_id, tensor.shape, name)
-        if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
-            heads = config.num_attention_heads if ".attn_q." in name else \
-                config.num_key_value_heads
-            weight = unpermute_qk(weight, heads)
-        model.load_weight(target, torch.from_numpy(weight).to(dtype))
+        dest = model.weight_destination(target)
+        if dest is not None and tuple(dest.shape) != tensor.shape:
+            raise WeightLoadError(target, "shape mismatch", tuple(dest.shape), tensor.shape)
+        permute = arch == "llama" and (".attn_q." in name or ".attn_k." in name)
+        direct = (dest is not None and not permute and dest.device.type == "cpu"
+                  and dest.dtype == torch.float32 and dest.is_contiguous())
+        if direct:  # write straight into the parameter: no temporary, no copy
+            assert dest is not None
+            dequantize(tensor.data, tensor.type_id, tensor.shape, name, out=dest.numpy())
+        elif dest is not None:
+            weight = dequantize(tensor.data, tensor.type_id, tensor.shape, name)
+            if permute:
+                heads = config.num_attention_heads if ".attn_q." in name else \
+                    config.num_key_value_heads
+                weight = unpermute_qk(weight, heads)
+            dest.copy_(torch.from_numpy(weight))
         loaded.append(target)
     check_complete(model, loaded)
     return model, Tokenizer.from_gguf_metadata(metadata), config

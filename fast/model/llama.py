@@ -94,28 +94,37 @@ class LlamaForCausalLM(nn.Module):
             names.update(f"{module}.{hf}.{leaf}" for hf in fused) if fused else names.add(name)
         return names
 
-    @torch.no_grad()
-    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
-        """Copy one Hugging Face-named tensor into its (possibly fused) parameter."""
+    def weight_destination(self, name: str) -> torch.Tensor | None:
+        """The tensor (a view into a possibly fused parameter) that HF tensor ``name`` fills.
+
+        None for tensors the model does not store (rotary caches; ``lm_head`` when tied).
+        Raises :class:`WeightLoadError` for names the model does not know.
+        """
         if "rotary_emb" in name:
-            return
+            return None
         if name == "lm_head.weight" and self.lm_head is None:
-            return  # tied: the embedding is the output projection
+            return None  # tied: the embedding is the output projection
         prefix, _, leaf = name.rpartition(".")
         module, _, stem = prefix.rpartition(".")
-        index = 0
         target_name = name
         if stem in _FUSED:
-            ours, index = _FUSED[stem]
-            target_name = f"{module}.{ours}.{leaf}"
+            target_name = f"{module}.{_FUSED[stem][0]}.{leaf}"
         param = self._parameter(target_name)
         if param is None:
             raise WeightLoadError(name, "no such parameter in the model")
-        dest = param.data
+        dest: torch.Tensor = param.data
         if stem in _FUSED:
             sizes = self._fused_sizes(stem)
-            start = sum(sizes[:index])
-            dest = dest.narrow(0, start, sizes[index])
+            index = _FUSED[stem][1]
+            dest = dest.narrow(0, sum(sizes[:index]), sizes[index])
+        return dest
+
+    @torch.no_grad()
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        """Copy one Hugging Face-named tensor into its (possibly fused) parameter."""
+        dest = self.weight_destination(name)
+        if dest is None:
+            return
         if tuple(dest.shape) != tuple(tensor.shape):
             raise WeightLoadError(name, "shape mismatch", tuple(dest.shape), tuple(tensor.shape))
         dest.copy_(tensor)

@@ -34,6 +34,9 @@ def test_dequantize_equals_gguf_reference(name: str, shape: tuple[int, ...]) -> 
     got = dequant.dequantize(raw, QUANTIZED[name], shape, name="t")
     assert got.dtype == np.float32 and got.shape == shape
     np.testing.assert_array_equal(got, ref)
+    buf = np.full(shape, np.nan, dtype=np.float32)
+    assert dequant.dequantize(raw, QUANTIZED[name], shape, out=buf) is buf
+    np.testing.assert_array_equal(buf, ref)
     if name in ("F32", "F16"):
         np.testing.assert_array_equal(got, values.astype(np.float16).astype(np.float32)
                                       if name == "F16" else values)
@@ -57,6 +60,12 @@ def test_unsupported_type_is_named() -> None:
     q6k = int(gguf.GGMLQuantizationType.Q6_K)
     with pytest.raises(dequant.UnsupportedQuantizationError, match=r"'blk.0.x'.*type 14"):
         dequant.dequantize(np.zeros(210, np.uint8), q6k, (256,), name="blk.0.x")
+
+
+def test_out_of_wrong_shape_raises() -> None:
+    with pytest.raises(ValueError, match=r"\(2, 32\)"):
+        dequant.dequantize(np.zeros(68, np.uint8), dequant.Q8_0, (2, 32),
+                           out=np.empty((64,), np.float32))
 
 
 def test_block_misaligned_count_raises() -> None:
