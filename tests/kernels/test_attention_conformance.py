@@ -3,6 +3,8 @@ that covers every GQA ratio, page size and head dim at least once (conformance/a
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -93,7 +95,8 @@ def test_triton_decode_any_split_count(num_splits: int) -> None:
 
 
 GPU_CI = settings(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
-                  database=None, max_examples=60)
+                  database=None,
+                  max_examples=int(os.environ.get("PAGEDKV_GPU_EXAMPLES", "60")))
 
 
 @pytest.mark.gpu
