@@ -43,7 +43,7 @@ class Embedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """``x / sqrt(mean(x^2) + eps) * weight``, normalized in float32."""
+    """``x / sqrt(mean(x^2) + eps) * weight`` (torch's fused RMSNorm, float32 statistics)."""
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -52,10 +52,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [T, H] -> [T, H]
-        dtype = x.dtype
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -76,15 +73,16 @@ class Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
-                inv_freq: torch.Tensor) -> torch.Tensor:
-        # positions [T], x [T, H], caches [N, bs, Hkv, D] -> [T, H]
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # positions [T], x [T, H], caches [N, bs, Hkv, D], rope (cos, sin) [T, 1, D] -> [T, H]
         t = x.shape[0]
         qkv = self.qkv_proj(x)                                         # [T, Q + 2 KV]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(t, self.num_heads, self.head_dim)                # [T, Hq, D]
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)             # [T, Hkv, D]
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)             # [T, Hkv, D]
-        q, k = apply_rope(positions, q, k, inv_freq)
+        qk = qkv[:, :self.q_size + self.kv_size].unflatten(
+            -1, (self.num_heads + self.num_kv_heads, self.head_dim))  # [T, Hq + Hkv, D]
+        qk = apply_rope(qk, *rope)                                     # [T, Hq + Hkv, D]
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]          # [T, Hq|Hkv, D]
+        v = qkv[:, self.q_size + self.kv_size:].unflatten(
+            -1, (self.num_kv_heads, self.head_dim))                   # [T, Hkv, D]
         kernels.write_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
         if ctx.is_decode:
             o = kernels.paged_decode(q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens,
@@ -127,10 +125,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
-                inv_freq: torch.Tensor) -> torch.Tensor:
-        # positions [T], x [T, H] -> [T, H]
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # positions [T], x [T, H], rope (cos, sin) [T, 1, D] -> [T, H]
         attn: torch.Tensor = self.self_attn(positions, self.input_layernorm(x), ctx, k_cache,
-                                            v_cache, inv_freq)
+                                            v_cache, rope)
         x = x + attn
         mlp: torch.Tensor = self.mlp(self.post_attention_layernorm(x))
         return x + mlp

@@ -8,7 +8,7 @@ from torch import nn
 from fast.attention_context import AttentionContext
 from fast.config import ModelConfig
 from fast.model.layers import DecoderLayer, Embedding, Linear, RMSNorm
-from fast.model.rope import inverse_frequencies
+from fast.model.rope import inverse_frequencies, rope_cos_sin
 
 # Hugging Face projection name -> (our fused module, index of its slice)
 _FUSED = {
@@ -70,10 +70,10 @@ class LlamaForCausalLM(nn.Module):
         if len(kv_caches) != self.config.num_hidden_layers:
             raise ValueError(f"need one (k, v) cache per layer: {len(kv_caches)} given, "
                              f"{self.config.num_hidden_layers} layers")
-        inv_freq = self.rope_inv_freq(input_ids.device)
         x = self.model.embed_tokens(input_ids)                          # [T, H]
+        rope = rope_cos_sin(positions, self.rope_inv_freq(input_ids.device), x.dtype)
         for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches):
-            x = layer(positions, x, ctx, k_cache, v_cache, inv_freq)
+            x = layer(positions, x, ctx, k_cache, v_cache, rope)
         out: torch.Tensor = self.model.norm(x)
         return out
 

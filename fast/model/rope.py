@@ -43,18 +43,21 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-               inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate queries and keys by their positions.
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [T] int, inv_freq [D/2] float32 -> (cos, sin), each [T, 1, D] in ``dtype``.
 
-    positions [T] int; q [T, Hq, D]; k [T, Hkv, D]; inv_freq [D/2] float32
-    -> (q [T, Hq, D], k [T, Hkv, D]) in the input dtype.
-    The angles are computed in float32 and rounded to the activation dtype, as transformers does.
+    The angles are computed in float32 and rounded to the activation dtype, as transformers
+    does; computed once per forward pass and shared by every layer.
     """
     freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]   # [T, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)                            # [T, D]
-    cos = emb.cos().to(q.dtype)[:, None, :]                            # [T, 1, D]
-    sin = emb.sin().to(q.dtype)[:, None, :]                            # [T, 1, D]
-    q_out = q * cos + _rotate_half(q) * sin
-    k_out = k * cos + _rotate_half(k) * sin
-    return q_out, k_out
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]                # [T, 1, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate every head of x [T, H, D] by its token's angles (cos, sin [T, 1, D]) -> [T, H, D].
+
+    Queries and keys are rotated in one call by passing them side by side as one head axis.
+    """
+    return x * cos + _rotate_half(x) * sin

@@ -20,12 +20,12 @@ BS = 4
 
 
 def run(model: LlamaForCausalLM, ids: torch.Tensor, chunks: list[int], table: list[int],
-        dtype: torch.dtype, device: str) -> torch.Tensor:
+        dtype: torch.dtype, device: str, bs: int = BS) -> torch.Tensor:
     """Feed ``ids`` in chunks of the given sizes through one cache; logits of every token."""
-    caches = allocate_kv_caches(model.config, max(table) + 1, BS, dtype, device)
+    caches = allocate_kv_caches(model.config, max(table) + 1, bs, dtype, device)
     out, done = [], 0
     for n in chunks:
-        ctx = AttentionContext.build([table], [done], [n], BS, device=device)
+        ctx = AttentionContext.build([table], [done], [n], bs, device=device)
         pos = torch.arange(done, done + n, device=device)
         out.append(model.compute_logits(model(ids[done:done + n], pos, ctx, caches)))
         done += n
@@ -74,15 +74,21 @@ def test_half_precision_close_to_float32(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_matches_cpu_on_tiny_model() -> None:
-    cpu = random_model(TINY, seed=7, dtype=torch.float32)
-    gpu = random_model(TINY, seed=7, dtype=torch.float32, device="cuda")
+def test_gpu_matches_cpu_on_small_model() -> None:
+    """Triton kernels (head dim 64, pages of 8) against the CPU torch path, float32."""
+    config = ModelConfig(vocab_size=256, hidden_size=256, intermediate_size=384,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=64)
+    cpu = random_model(config, seed=7, dtype=torch.float32)
+    gpu = random_model(config, seed=7, dtype=torch.float32, device="cuda")
     gpu.model.load_state_dict({k: v.cuda() for k, v in cpu.model.state_dict().items()})
-    ids = torch.randint(0, 128, (11,), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 256, (21,), generator=torch.Generator().manual_seed(2))
+    chunks, table = [13, 1, 1, 5, 1], [3, 0, 2]
     with torch.no_grad():
-        ref = run(cpu.model, ids, [7, 1, 1, 1, 1], [3, 0, 2], torch.float32, "cpu")
-        got = run(gpu.model, ids.cuda(), [7, 1, 1, 1, 1], [3, 0, 2], torch.float32, "cuda")
+        ref = run(cpu.model, ids, chunks, table, torch.float32, "cpu", bs=8)
+        got = run(gpu.model, ids.cuda(), chunks, table, torch.float32, "cuda", bs=8)
     assert (got.cpu() - ref).abs().max().item() < 1e-3
+    assert torch.equal(got.cpu().argmax(-1), ref.argmax(-1))
 
 
 @pytest.mark.gpu
