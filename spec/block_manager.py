@@ -15,9 +15,15 @@ Policy, in full:
   free queue *and* in the index; taking such a block from the head evicts it from the index. So
   eviction is least-recently-released first. An allocation first *touches* its hits (moves them
   out of the queue), then takes its new blocks: it never evicts its own hits.
+* **Hits**: ``allocate`` reuses cached blocks for the prompt's leading full blocks while they
+  match, at most ``(len(token_ids) - 1) // block_size`` of them; a match compares the stored
+  whole-prefix tokens and extra key, so a hash collision is a miss.
 * **Registration**: a GPU block is offered to the index whenever it holds a full block of a
   sequence: after ``allocate`` (the prompt's full blocks that were not hits), when ``append``
   fills it, and after ``swap_in``. A hash already in the index is not registered again.
+* **Swap**: per sequence, one fresh block per logical block, mapped in logical order; blocks
+  shared with a live sibling are copied (sharing is not restored on swap-in). ``append``,
+  ``fork``, ``slot_mapping`` and ``swap_out`` need a resident sequence, ``swap_in`` a swapped one.
 * **Watermark**: ``allocate`` and ``swap_in`` must leave ``watermark_blocks`` GPU blocks free;
   ``append`` may use every free block.
 * **Errors**: every operation validates all its arguments, in the order its docstring lists,
