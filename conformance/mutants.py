@@ -67,7 +67,7 @@ class StaleIndexMutant(_Mutant):
             self._restore(before)
 
     def append_batch(
-        self, seq_ids: Sequence[int], token_ids: Sequence[int]
+        self, seq_ids: Tokens, token_ids: Tokens
     ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
         before = self._ent.copy()
         try:

@@ -69,6 +69,8 @@ def check_integrity(bm: BlockManager) -> None:
         if n < 1:
             raise AssertionError(f"sequence {seq_id} holds {n} tokens")
         blocks = bm._tables[row, :nb].tolist()
+        if bm._tables[row, nb:].any():
+            raise AssertionError(f"sequence {seq_id}: its table row is not zero past block {nb}")
         if len(set(blocks)) != nb:
             raise AssertionError(f"block table {blocks} repeats a block")
         swapped = bool(bm._swapped[row])
@@ -96,6 +98,9 @@ def check_integrity(bm: BlockManager) -> None:
                         raise AssertionError(
                             f"sequence {seq_id} uses cached block {b} holding another prefix"
                         )
+    free_rows = sorted(set(range(bm._tables.shape[0])) - set(bm._rows.values()))
+    if bm._tables[free_rows].any() or bm._ntok[free_rows].any():
+        raise AssertionError("a free row holds blocks or tokens")
     if not np.array_equal(gref, bm._gpool[0]):
         raise AssertionError(f"GPU refcounts {bm._gpool[0].tolist()} != references {gref.tolist()}")
     if not np.array_equal(cref, bm._cpool[0]):

@@ -425,6 +425,8 @@ def free_kernel(
     else:
         for j in range(nb - 1, -1, -1):
             _release(gpool, meta, G_HEAD, tables[row, j])
+    for j in range(nb):
+        tables[row, j] = 0  # rows stay zero past their last block (see gather_kernel)
     ntok[row] = 0
     swapped[row] = 0
 
@@ -483,27 +485,76 @@ def swap_in_kernel(
 # ---------------------------------------------------------------- what the GPU step takes
 @njit(cache=True)
 def gather_kernel(
-    bs: int, rows: I32, tables: I32, ntok: I64, out_tables: I32, out_lens: I32
-) -> None:
-    """Copy the block tables ``[B, W]`` and lengths ``[B]`` of ``rows`` for a GPU kernel."""
-    w = out_tables.shape[1]
-    for k in range(rows.shape[0]):
-        r = rows[k]
+    bs: int, skeys: I64, svals: I32, sids: I64, tables: I32, ntok: I64
+) -> tuple[int, I32, I32]:
+    """Block tables ``[B, W]`` (int32, zero padded) and lengths ``[B]`` of the sequences
+    ``sids``; ``W`` is the most blocks any of them has. Returns ``(first unknown index or -1,
+    tables, lens)``. Rows are zero past their last block, so each row is one slice copy."""
+    b = sids.shape[0]
+    rows = np.empty(b, dtype=np.int32)
+    lens = np.empty(b, dtype=np.int32)
+    w = 0
+    for k in range(b):
+        r = oa_find(skeys, svals, sids[k])
+        if r < 0:
+            return k, np.empty((0, 0), dtype=np.int32), lens
+        rows[k] = r
         n = ntok[r]
-        nb = (n + bs - 1) // bs
-        for j in range(nb):
-            out_tables[k, j] = tables[r, j]
-        for j in range(nb, w):
-            out_tables[k, j] = 0
-        out_lens[k] = n
+        lens[k] = n
+        w = max(w, (n + bs - 1) // bs)
+    out = np.empty((b, w), dtype=np.int32)
+    for k in range(b):
+        r = rows[k]
+        for j in range(w):
+            out[k, j] = tables[r, j]
+    return -1, out, lens
 
 
 @njit(cache=True)
-def map_rows_kernel(skeys: I64, svals: I32, sids: I64, rows: I32) -> int:
-    """Rows of ``sids``; returns the index of the first unknown id, or -1."""
-    for k in range(sids.shape[0]):
-        r = oa_find(skeys, svals, sids[k])
-        if r < 0:
-            return k
-        rows[k] = r
-    return -1
+def decode_kernel(
+    bs: int,
+    sids: I64,
+    tok_in: I64,
+    gpool: I32,
+    meta: I64,
+    ent: I64,
+    ikeys: I64,
+    ivals: I32,
+    skeys: I64,
+    svals: I32,
+    tables: I32,
+    ntok: I64,
+    toks: I64,
+    swapped: U8,
+    bhash: I64,
+    bpid: I64,
+    rows: I32,
+    rstamp: I32,
+    drop: I32,
+    slots: I64,
+    pairs: I64,
+    info: I64,
+) -> tuple[int, I32, I32]:
+    """``append_kernel`` (prefix caching off) then the step's block tables ``[B, W]`` and
+    lengths ``[B]``, in one call: the whole bookkeeping of a decode step."""
+    empty = np.empty(0, dtype=np.int64)
+    status = append_kernel(
+        bs, True, sids, tok_in, -1, empty, empty, gpool, meta, ent, ikeys, ivals, skeys, svals,
+        tables, ntok, toks, swapped, bhash, bpid, False, rows, rows, rstamp, drop, slots,
+        pairs, info,
+    )  # fmt: skip
+    b = sids.shape[0]
+    lens = np.empty(b, dtype=np.int32)
+    if status != OK:
+        return status, np.empty((0, 0), dtype=np.int32), lens
+    w = 0
+    for k in range(b):
+        n = ntok[rows[k]]
+        lens[k] = n
+        w = max(w, (n + bs - 1) // bs)
+    out = np.empty((b, w), dtype=np.int32)
+    for k in range(b):
+        r = rows[k]
+        for j in range(w):
+            out[k, j] = tables[r, j]
+    return OK, out, lens

@@ -362,7 +362,9 @@ class BlockManager:
             )
         )  # fmt: skip
 
-    def _raise_batch(self, status: int, seq_ids: Sequence[int], operation: str) -> None:
+    def _raise_batch(
+        self, status: int, seq_ids: Sequence[int] | NDArray[np.int64], operation: str
+    ) -> None:
         info = self._info
         if status == K.DUPLICATE:
             raise InvalidArgumentError("seq_ids", list(seq_ids), "a sequence appears twice")
@@ -428,7 +430,9 @@ class BlockManager:
         return None
 
     def append_batch(
-        self, seq_ids: Sequence[int], token_ids: Sequence[int]
+        self,
+        seq_ids: Sequence[int] | NDArray[np.int64],
+        token_ids: Sequence[int] | NDArray[np.int64],
     ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
         """Append ``token_ids[i]`` to ``seq_ids[i]`` in order, all or nothing.
 
@@ -459,10 +463,10 @@ class BlockManager:
         sids: NDArray[np.int64],
         toks: NDArray[np.int64],
         bad: int,
-        token_ids: Sequence[int],
+        token_ids: Sequence[int] | NDArray[np.int64],
         operation: str,
         single: bool = False,
-        seq_ids: Sequence[int] | None = None,
+        seq_ids: Sequence[int] | NDArray[np.int64] | None = None,
     ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
         n = sids.shape[0]
         slots = np.empty(n, dtype=np.int64)  # [N]
@@ -577,18 +581,46 @@ class BlockManager:
     ) -> tuple[NDArray[np.int32], NDArray[np.int32]]:
         """Block tables ``[B, W]`` (int32, zero padded) and lengths ``[B]`` for a GPU step."""
         sids = self._ids_array(seq_ids, "gather")
-        rows = np.empty(sids.shape[0], dtype=np.int32)
-        bad = int(K.map_rows_kernel(self._skeys, self._svals, sids, rows))
+        bad, tables, lens = K.gather_kernel(
+            self._bs, self._skeys, self._svals, sids, self._tables, self._ntok
+        )
         if bad >= 0:
             raise UnknownSequenceError(int(sids[bad]))
-        if rows.shape[0]:
-            w = -(-int(self._ntok[rows].max()) // self._bs)
-        else:
-            w = 0
-        tables = np.empty((rows.shape[0], w), dtype=np.int32)  # [B, W]
-        lens = np.empty(rows.shape[0], dtype=np.int32)  # [B]
-        K.gather_kernel(self._bs, rows, self._tables, self._ntok, tables, lens)
         return tables, lens
+
+    def decode_step(
+        self, seq_ids: NDArray[np.int64], token_ids: NDArray[np.int64]
+    ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int32], NDArray[np.int32]]:
+        """``append_batch`` then ``gather``: slots ``[N]``, CoW pairs ``[M, 2]``, block tables
+        ``[N, W]`` and lengths ``[N]`` for the GPU step; one kernel call when prefix caching is
+        off and both arguments are int64 arrays. Same results and errors as the two calls."""
+        fast_path = (
+            not self._caching
+            and isinstance(seq_ids, np.ndarray)
+            and seq_ids.dtype == np.int64
+            and isinstance(token_ids, np.ndarray)
+            and token_ids.dtype == np.int64
+            and seq_ids.shape == token_ids.shape
+        )
+        if fast_path:
+            n = seq_ids.shape[0]
+            while True:
+                slots = np.empty(n, dtype=np.int64)  # [N]
+                pairs = np.empty((n, 2), dtype=np.int64)  # [N, 2]
+                status, tables, lens = K.decode_kernel(
+                    self._bs, seq_ids, token_ids, self._gpool, self._meta, self._ent,
+                    self._ikeys, self._ivals, self._skeys, self._svals, self._tables, self._ntok,
+                    self._toks, self._swapped, self._bhash, self._bpid, np.empty(n, np.int32),
+                    self._rstamp, self._drop, slots, pairs, self._info,
+                )  # fmt: skip
+                if status != K.GROW:
+                    break
+                self._ensure_width(2 * self._tables.shape[1])
+            if status == K.OK:
+                return slots, pairs[: int(self._info[3])], tables, lens
+        slots, pairs = self.append_batch(seq_ids, token_ids)  # raises the error, if any
+        tables, lens = self.gather(seq_ids)
+        return slots, pairs, tables, lens
 
     # ------------------------------------------------------------------ prefix ids
     def _collect_prefix_ids(self) -> None:

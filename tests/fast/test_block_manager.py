@@ -1,0 +1,149 @@
+"""fast.block_manager: what the conformance suite does not reach (growth, arrays, extras)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conformance.lockstep import Lockstep
+from fast import block_kernels as K
+from fast.block_manager import BlockManager
+from fast.block_prefix import PrefixIds
+from spec.block_manager import BlockManager as SpecBlockManager
+from spec.block_manager import BlockManagerConfig
+from spec.errors import InvalidArgumentError, UnknownSequenceError
+
+
+def _pair(**kw: object) -> Lockstep:
+    config = BlockManagerConfig(**kw)  # type: ignore[arg-type]
+    return Lockstep(
+        SpecBlockManager(config),
+        BlockManager(config),
+        block_size=config.block_size,
+        num_gpu_blocks=config.num_gpu_blocks,
+        num_cpu_blocks=config.num_cpu_blocks,
+        seq_ids=range(40),
+    )
+
+
+def test_rows_and_widths_grow_by_doubling_and_stay_identical_to_spec() -> None:
+    ls = _pair(block_size=2, num_gpu_blocks=400, num_cpu_blocks=64, enable_prefix_caching=True)
+    for s in range(20):  # more sequences than the 8 initial rows
+        ls.call("allocate", s, [s % 3, 1, 2, 3, 4][: 1 + s % 5], None)
+    for s in range(20, 40):
+        ls.call("fork", s - 20, s)
+    for step in range(12):  # past the initial width of 4 blocks
+        ls.call("append_batch", list(range(0, 40, 3)), [step % 4] * len(range(0, 40, 3)))
+    ls.call("swap_out", 3)
+    ls.check()
+    impl = ls.impl
+    assert isinstance(impl, BlockManager)
+    assert impl._tables.shape[0] >= 40 and impl._tables.shape[1] >= 8
+    ls.free_all()
+
+
+def test_gather_and_decode_step_match_the_spec_block_tables() -> None:
+    config = BlockManagerConfig(block_size=4, num_gpu_blocks=200)
+    spec, fast = SpecBlockManager(config), BlockManager(config)
+    rng = np.random.default_rng(0)
+    for s in range(10):
+        prompt = rng.integers(0, 50, size=int(rng.integers(1, 30))).tolist()
+        spec.allocate(s, prompt)
+        fast.allocate(s, np.array(prompt, dtype=np.int64))
+    fast.fork(3, 10)
+    spec.fork(3, 10)
+    ids = np.array([10, 0, 3, 7], dtype=np.int64)
+    toks = np.array([1, 2, 3, 4], dtype=np.int64)
+    want_slots, want_pairs = spec.append_batch(ids.tolist(), toks.tolist())
+    slots, pairs, tables, lens = fast.decode_step(ids, toks)
+    assert slots.tolist() == want_slots.tolist() and pairs.tolist() == want_pairs.tolist()
+    assert tables.dtype == np.int32 and lens.dtype == np.int32
+    width = max(len(spec.block_table(int(s))) for s in ids)
+    assert tables.shape == (4, width)
+    for k, s in enumerate(ids.tolist()):
+        row = spec.block_table(s)
+        assert tables[k, : len(row)].tolist() == row
+        assert not tables[k, len(row) :].any()  # zero padded
+        assert lens[k] == spec.num_tokens(s)
+    t2, l2 = fast.gather(ids)
+    assert np.array_equal(t2, tables) and np.array_equal(l2, lens)
+    with pytest.raises(UnknownSequenceError):
+        fast.gather([0, 99])
+    with pytest.raises(UnknownSequenceError):
+        fast.decode_step(np.array([0, 99], dtype=np.int64), np.array([1, 1], dtype=np.int64))
+    fast.check_integrity()
+
+
+def test_numpy_inputs_are_validated_like_lists() -> None:
+    fast = BlockManager(BlockManagerConfig(block_size=4, num_gpu_blocks=8))
+    with pytest.raises(InvalidArgumentError) as err:
+        fast.allocate(0, np.array([1, -5, 2], dtype=np.int64))
+    assert err.value.value == -5
+    fast.allocate(0, np.array([1, 2], dtype=np.int64))
+    with pytest.raises(InvalidArgumentError):
+        fast.append_batch(np.array([0], dtype=np.int64), np.array([-1], dtype=np.int64))
+    assert fast.token_ids(0) == [1, 2]
+    fast.check_integrity()
+
+
+def test_allocate_batch_is_allocate_in_order() -> None:
+    config = BlockManagerConfig(block_size=2, num_gpu_blocks=16, enable_prefix_caching=True)
+    spec, fast = SpecBlockManager(config), BlockManager(config)
+    prompts = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [1, 2, 9]]
+    want = [spec.allocate(i, p) for i, p in enumerate(prompts)]
+    assert fast.allocate_batch([0, 1, 2], prompts) == want == [0, 4, 2]
+    assert [fast.block_table(i) for i in range(3)] == [spec.block_table(i) for i in range(3)]
+
+
+def test_prefix_ids_are_equal_exactly_for_equal_prefixes_and_survive_collection() -> None:
+    ids = PrefixIds()
+    a = ids.intern(-1, (1, 2), None)
+    b = ids.intern(a, (3, 4), None)
+    assert ids.intern(-1, (1, 2), None) == a
+    assert ids.intern(-1, (1, 2), "x") != a
+    assert ids.intern(ids.intern(-1, (9, 9), None), (3, 4), None) != b
+    ids.collect([b])  # b and its ancestor a survive, the rest goes
+    assert len(ids) == 2
+    assert ids.lookup(-1, (1, 2), None) == a and ids.lookup(a, (3, 4), None) == b
+    assert ids.lookup(-1, (9, 9), None) < 0
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 40)), max_size=120))
+def test_open_addressing_table_behaves_like_a_dict(ops: list[tuple[bool, int]]) -> None:
+    keys = np.full(64, -1, dtype=np.int64)
+    vals = np.full(64, -1, dtype=np.int32)
+    model: dict[int, int] = {}
+    for insert, key in ops:
+        if insert and key not in model:
+            K.oa_insert(keys, vals, key, key + 100)
+            model[key] = key + 100
+        elif not insert:
+            K.oa_delete(keys, vals, key)
+            model.pop(key, None)
+        for k in range(41):
+            assert K.oa_find(keys, vals, k) == model.get(k, -1)
+    assert int((keys >= 0).sum()) == len(model)
+
+
+def test_prefix_id_collection_keeps_hits_identical_to_spec() -> None:
+    config = BlockManagerConfig(block_size=1, num_gpu_blocks=64, enable_prefix_caching=True)
+    ls = Lockstep(
+        SpecBlockManager(config), BlockManager(config), block_size=1, num_gpu_blocks=64,
+        num_cpu_blocks=0, seq_ids=range(4),
+    )  # fmt: skip
+    impl = ls.impl
+    assert isinstance(impl, BlockManager)
+    rng = np.random.default_rng(1)
+    for step in range(60):
+        impl._pids.collect_at = 8  # collect at every allocate
+        s = step % 4
+        if ls.model.has_sequence(s):
+            ls.call("free", s)
+        prompt = rng.integers(0, 3, size=int(rng.integers(1, 12))).tolist()
+        ls.call("allocate", s, prompt, None)
+        ls.check()
+    # only ids of cached blocks (<= 64) and of the live sequences' blocks (<= 4 * 11) remain
+    assert len(impl._pids) <= 64 + 44
