@@ -17,7 +17,7 @@ sampling settings.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -33,24 +33,34 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams],
                generators: Sequence[torch.Generator | None] | None = None,
+               banned: Sequence[Collection[int]] | None = None,
                ) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits [N, V] float32 -> (N token ids, N logprob dicts or None).
 
         ``generators[i]`` (optional) is row ``i``'s own generator, created from its seed by the
-        caller and kept across steps. The logprob dict of a row with ``logprobs=k`` maps the
-        ``k`` most likely token ids and the sampled id to their log-probabilities; rows with
-        ``logprobs=None`` get None.
+        caller and kept across steps. ``banned[i]`` (optional) lists token ids row ``i`` must
+        not produce this step -- EOS and ``stop_token_ids`` while fewer than ``min_tokens``
+        tokens exist, as vLLM does; they are removed before greedy or random choice (the
+        reported logprobs stay those of the raw distribution). The logprob dict of a row with
+        ``logprobs=k`` maps the ``k`` most likely token ids and the sampled id to their
+        log-probabilities; rows with ``logprobs=None`` get None.
         """
         n = logits.shape[0]
         gens: Sequence[torch.Generator | None] = generators if generators is not None \
             else [None] * n
-        if len(params) != n or len(gens) != n:
-            raise SamplerInputError(f"{n} logit rows, {len(params)} params, "
-                                    f"{len(gens)} generators")
+        if len(params) != n or len(gens) != n or (banned is not None and len(banned) != n):
+            raise SamplerInputError(f"{n} logit rows, {len(params)} params, {len(gens)} "
+                                    f"generators, {n if banned is None else len(banned)} bans")
         if n == 0:
             return [], []
         logits = logits.float()
-        tokens = self._choose(logits, params, gens)                           # [N]
+        choice = logits
+        if banned is not None and any(banned):
+            choice = logits.clone()
+            for row, ids in enumerate(banned):
+                if ids:
+                    choice[row, list(ids)] = float("-inf")
+        tokens = self._choose(choice, params, gens)                           # [N]
         token_list: list[int] = tokens.tolist()
         return token_list, self._logprobs(logits, tokens, params)
 

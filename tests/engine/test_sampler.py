@@ -114,3 +114,18 @@ def test_mismatched_rows_raise_with_counts() -> None:
     with pytest.raises(SamplerInputError, match="3 logit rows, 2 params"):
         Sampler().sample(logits(3), [SamplingParams()] * 2)
     assert Sampler().sample(torch.empty(0, V), []) == ([], [])
+
+
+def test_banned_tokens_never_chosen_but_logprobs_stay_raw() -> None:
+    x = logits(4, seed=6)
+    top = x.argmax(-1).tolist()
+    params = [SamplingParams(temperature=0.0, logprobs=1), SamplingParams(temperature=0.0),
+              SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=0.0)]
+    tokens, lps = Sampler().sample(x, params, banned=[{top[0]}, set(), [top[2]], ()])
+    assert tokens[0] != top[0] and tokens[0] == int(x[0].topk(2).indices[1])
+    assert tokens[1] == top[1] and tokens[3] == top[3]
+    assert tokens[2] != top[2]
+    raw = torch.log_softmax(x[0], -1)
+    assert lps[0] is not None and lps[0][top[0]] == pytest.approx(float(raw[top[0]]))
+    with pytest.raises(SamplerInputError, match="1 bans"):
+        Sampler().sample(x, params, banned=[()])
