@@ -53,17 +53,20 @@ def gguf_name(hf: str) -> str:
     if hf == "lm_head.weight":
         return "output.weight"
     parts = hf.split(".")
-    return f"blk.{parts[2]}.{GGUF_NAMES['.'.join(parts[3:])]}"
+    leaf = ".".join(parts[3:])
+    if leaf.endswith(".bias"):
+        return f"blk.{parts[2]}.{GGUF_NAMES[leaf[:-5] + '.weight'][:-7]}.bias"
+    return f"blk.{parts[2]}.{GGUF_NAMES[leaf]}"
 
 
-def write_tiny_gguf(path: Path, *, tied: bool, seed: int) -> dict[str, Any]:
-    """Write a random tiny Llama as GGUF; return the config values used."""
+def write_tiny_gguf(path: Path, *, tied: bool, seed: int, arch: str = "llama") -> dict[str, Any]:
+    """Write a random tiny Llama (or Qwen2, with Q/K/V biases) as GGUF; return its config."""
     tokens = vocabulary()
     cfg = dict(vocab_size=len(tokens), hidden_size=64, intermediate_size=96, layers=2,
                heads=4, kv_heads=2, theta=10000.0, eps=1e-5)
     rng = np.random.default_rng(seed)
     head_dim = cfg["hidden_size"] // cfg["heads"]
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg["layers"])
     w.add_context_length(256)
     w.add_embedding_length(cfg["hidden_size"])
@@ -75,7 +78,7 @@ def write_tiny_gguf(path: Path, *, tied: bool, seed: int) -> dict[str, Any]:
     w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(len(tokens))
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre("qwen2" if arch == "qwen2" else "default")
     w.add_token_list(tokens)
     w.add_token_types([3] * len(SPECIAL) + [1] * (len(tokens) - len(SPECIAL)))
     w.add_token_merges(MERGES)
@@ -96,15 +99,21 @@ def write_tiny_gguf(path: Path, *, tied: bool, seed: int) -> dict[str, Any]:
                        p + "self_attn.o_proj.weight": (h, h),
                        p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
                        p + "mlp.down_proj.weight": (h, f)})
+        if arch == "qwen2":
+            shapes.update({p + "self_attn.q_proj.bias": (h,),
+                           p + "self_attn.k_proj.bias": (cfg["kv_heads"] * head_dim,),
+                           p + "self_attn.v_proj.bias": (cfg["kv_heads"] * head_dim,)})
     for k, (name, shape) in enumerate(shapes.items()):
         if len(shape) == 1:
             values = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+            if name.endswith(".bias"):
+                values -= 1.0
             w.add_tensor(gguf_name(name), values)
             continue
         values = (0.15 * rng.standard_normal(shape)).astype(np.float32)
-        if "q_proj" in name:
+        if "q_proj" in name and arch == "llama":
             values = permute_qk(values, cfg["heads"])
-        elif "k_proj" in name:
+        elif "k_proj" in name and arch == "llama":
             values = permute_qk(values, cfg["kv_heads"])
         qname = TYPES[k % len(TYPES)]
         qtype = gguf.GGMLQuantizationType[qname]
@@ -122,10 +131,12 @@ def write_tiny_gguf(path: Path, *, tied: bool, seed: int) -> dict[str, Any]:
     return cfg
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+@pytest.fixture(scope="module", params=[("llama", False), ("llama", True), ("qwen2", False)],
+                ids=["llama-untied", "llama-tied", "qwen2-bias"])
 def tiny_gguf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    write_tiny_gguf(path, tied=request.param, seed=7)
+    arch, tied = request.param
+    path = tmp_path_factory.mktemp(f"gguf-{arch}") / "tiny.gguf"
+    write_tiny_gguf(path, tied=tied, seed=7, arch=arch)
     return path
 
 
@@ -145,6 +156,7 @@ def test_reader_equals_gguf_reader(tiny_gguf: Path) -> None:
 def test_logits_and_greedy_equal_transformers_gguf_loader(tiny_gguf: Path) -> None:
     lm = load_model(str(tiny_gguf))
     assert lm.config.num_key_value_heads == 2 and lm.config.head_dim == 16
+    assert lm.config.attention_bias == ("qwen2" in str(tiny_gguf.parent))
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         str(tiny_gguf.parent), gguf_file=tiny_gguf.name, dtype=torch.float32).eval()
     ids = torch.tensor([1, 80, 40, 200, 5, 33, 261, 262, 7, 100, 12])
