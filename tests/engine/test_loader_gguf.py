@@ -218,3 +218,48 @@ def test_type_size_table_equals_gguf() -> None:
 
     for type_id, size in _TYPE_SIZES.items():
         assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)] == size, type_id
+
+
+def write_sentencepiece_gguf(path: Path, with_merges: bool) -> list[str]:
+    """Tokenizer-only metadata of a Llama-2 style ('llama') vocabulary: specials, 256 byte
+    tokens, then scored pieces; merges stored or left to be recovered from the scores."""
+    pieces = ["▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "he", "ll", "llo", "▁he", "▁hello",
+              "▁w", "or", "▁wor", "▁world", "ld", "▁t", "t"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0] * (3 + 256) + [-float(i) for i in range(len(pieces))]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores(scores)
+    if with_merges:
+        w.add_token_merges(["▁ h", "h e", "l l", "ll o", "▁h e", "▁he llo", "▁ w", "o r",
+                            "▁w or", "l d", "▁wor ld", "▁ t"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return tokens
+
+
+@pytest.mark.parametrize("with_merges", [False, True])
+def test_sentencepiece_tokenizer_equals_transformers(tmp_path: Path, with_merges: bool) -> None:
+    from fast.tokenizer import Tokenizer
+
+    path = tmp_path / "sp.gguf"
+    tokens = write_sentencepiece_gguf(path, with_merges)
+    metadata, _ = read_gguf(path)
+    tok = Tokenizer.from_gguf_metadata(metadata)
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for text in ["hello world", " hello  world", "héllo wörld 🤖", "the world", "", "\n\t"]:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text), text
+        assert ids[:1] == [1] or text == ""  # BOS by default for SentencePiece vocabularies
+        assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=True)
+    assert tok.encode("hello world", add_special_tokens=False) == [
+        tokens.index("▁hello"), tokens.index("▁world")]
+    assert tok.decode(tok.encode("héllo 🤖")) == "héllo 🤖"  # byte fallback round trip
