@@ -1,0 +1,78 @@
+"""Run the attention conformance suite against a registered implementation, outside pytest.
+
+``run_attention_suite("triton", device="cuda")`` draws decode and prefill cases with hypothesis
+(small shapes on CPU, larger with pools past 2^31 elements on a GPU), runs each with a poisoned
+``out``, and compares with the float64 spec. Hypothesis shrinks a failure to a small case, which
+the result reports with its error.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from hypothesis import HealthCheck, given, settings
+
+from conformance.attention_cases import (
+    CPU_LIMITS,
+    GPU_LIMITS,
+    GPU_PREFILL_LIMITS,
+    AttentionCase,
+    attention_cases,
+    build_case,
+)
+from conformance.attention_impl import attention_impl, check_decode, check_prefill
+
+__all__ = ["AttentionSuiteResult", "run_attention_suite"]
+
+
+@dataclass
+class AttentionSuiteResult:
+    """Cases run per operation, the largest error seen per dtype, and failures (as text)."""
+
+    impl: str
+    cases: dict[str, int] = field(default_factory=dict)
+    max_error: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when every case met its tolerance."""
+        return not self.failures
+
+
+def run_attention_suite(
+    name: str, *, device: str = "cpu", max_examples: int = 30, derandomize: bool = True
+) -> AttentionSuiteResult:
+    """Decode and prefill of implementation ``name`` against the spec on drawn cases.
+
+    >>> r = run_attention_suite("torch", max_examples=3)
+    >>> r.ok, r.cases
+    (True, {'paged_decode': 3, 'paged_prefill': 3})
+    """
+    impl = attention_impl(name)
+    result = AttentionSuiteResult(impl=name)
+    start = time.perf_counter()
+    gpu = device != "cpu"
+    plans = (
+        ("paged_decode", GPU_LIMITS if gpu else CPU_LIMITS, False, check_decode),
+        ("paged_prefill", GPU_PREFILL_LIMITS if gpu else CPU_LIMITS, True, check_prefill),
+    )
+    for op, limits, prefill, check in plans:
+        result.cases[op] = 0
+
+        @settings(max_examples=max_examples, derandomize=derandomize, deadline=None,
+                  database=None, suppress_health_check=list(HealthCheck))
+        @given(case=attention_cases(limits, prefill=prefill))
+        def run(case: AttentionCase) -> None:
+            err = check(impl, build_case(case, device))  # raises AssertionError beyond bound
+            result.cases[op] += 1
+            result.max_error[case.dtype] = max(result.max_error.get(case.dtype, 0.0), err)
+
+        try:
+            run()
+        except AssertionError as e:
+            result.failures.append(f"{op}: {e}")
+    result.seconds = time.perf_counter() - start
+    return result
