@@ -61,8 +61,8 @@ def check_tiny_fp32(enforce_eager: bool) -> dict[str, Any]:
     from fast.sampling_params import SamplingParams
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256,
-                                   num_hidden_layers=2, num_attention_heads=8,
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=256,
+                                   num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, max_position_embeddings=512,
                                    initializer_range=0.3)
     hf = transformers.LlamaForCausalLM(cfg).eval()

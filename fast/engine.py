@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from collections.abc import Mapping, Sequence as Seq
 from typing import Any
 
+import numpy as np
 import torch
 
 import kernels
@@ -184,8 +185,12 @@ class LLMEngine:
 
     # -- the step -------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self) -> list[RequestOutput]:
-        """Run one step; return the requests that produced a token (finished ones included)."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one step; return the requests that produced a token (finished ones included).
+
+        ``finished_only`` returns only the requests that finished in this step (what batch
+        generation needs; it saves building an output per running request per step).
+        """
         out = self.scheduler.schedule()
         self.stats.record(out)
         self._apply_cache_ops(out)
@@ -212,7 +217,8 @@ class LLMEngine:
                 self._requests.pop(seq.request_id, None)
                 self._generators.pop(seq.seq_id, None)
                 self._stop.finish(seq)
-        return [self.request_output(seq) for seq in touched]
+        return [self.request_output(seq) for seq in touched
+                if not finished_only or seq.is_finished]
 
     def request_output(self, seq: Sequence) -> RequestOutput:
         """The current :class:`RequestOutput` of ``seq``'s request."""
@@ -261,36 +267,36 @@ class LLMEngine:
 
     def _build_batch(self, out: SchedulerOutput
                      ) -> tuple[torch.Tensor, torch.Tensor, AttentionContext, list[int]]:
-        bm, seqs = self.block_manager, self.scheduler.seqs
-        ids: list[int] = []
-        slots: list[int] = []
-        tables: list[list[int]] = []
-        seq_lens: list[int] = []
-        cu = [0]
-        positions: list[int] = []
-        rows: list[int] = []
-        for s in out.scheduled:
-            end = s.start + s.num_tokens
-            ids.extend(seqs[s.seq_id].token_ids[s.start:end])
-            positions.extend(range(s.start, end))
-            slots.extend(bm.slot_mapping(s.seq_id, s.start, end))
-            tables.append(bm.block_table(s.seq_id))
-            seq_lens.append(end)
-            cu.append(cu[-1] + s.num_tokens)
-            if s.sample:
-                rows.append(cu[-1] - 1)
-        width = max(len(t) for t in tables)
+        bm, seqs, bs = self.block_manager, self.scheduler.seqs, self.config.block_size
+        sched = out.scheduled
+        ids = np.fromiter((s.seq_id for s in sched), np.int64, len(sched))          # [B]
+        starts = np.fromiter((s.start for s in sched), np.int64, len(sched))        # [B]
+        nums = np.fromiter((s.num_tokens for s in sched), np.int64, len(sched))     # [B]
+        tokens: list[int] = []
+        for s in sched:
+            tokens.extend(seqs[s.seq_id].token_ids[s.start:s.start + s.num_tokens])
+        if hasattr(bm, "gather"):        # the numba block manager: one call for every table
+            tables, _ = bm.gather(ids)                                                # [B, W]
+        else:
+            rows = [bm.block_table(int(i)) for i in ids]
+            width = max(len(r) for r in rows)
+            tables = np.array([r + [0] * (width - len(r)) for r in rows], dtype=np.int32)
+        cu = np.zeros(len(sched) + 1, dtype=np.int64)                                 # [B + 1]
+        np.cumsum(nums, out=cu[1:])
+        row = np.repeat(np.arange(len(sched)), nums)                                  # [T]
+        positions = np.arange(int(cu[-1])) - np.repeat(cu[:-1] - starts, nums)        # [T]
+        slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs   # [T]
+        sample_rows = [int(cu[i + 1]) - 1 for i, s in enumerate(sched) if s.sample]
         dev = self.device
         ctx = AttentionContext(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],
-                                      dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            max_seqlen_q=max(s.num_tokens for s in out.scheduled),
-            is_decode=all(s.num_tokens == 1 for s in out.scheduled))
-        return (torch.tensor(ids, dtype=torch.int64, device=dev),
-                torch.tensor(positions, dtype=torch.int64, device=dev), ctx, rows)
+            slot_mapping=torch.from_numpy(slots).to(dev),
+            block_tables=torch.from_numpy(np.ascontiguousarray(tables, dtype=np.int32)).to(dev),
+            seq_lens=torch.from_numpy((starts + nums).astype(np.int32)).to(dev),
+            cu_seqlens_q=torch.from_numpy(cu.astype(np.int32)).to(dev),
+            max_seqlen_q=int(nums.max()),
+            is_decode=bool((nums == 1).all()))
+        return (torch.tensor(tokens, dtype=torch.int64).to(dev),
+                torch.from_numpy(positions).to(dev), ctx, sample_rows)
 
     def _run_model(self, out: SchedulerOutput) -> tuple[list[int], list[dict[int, float] | None]]:
         input_ids, positions, ctx, rows = self._build_batch(out)   # [T], [T], ctx, [N]

@@ -58,7 +58,7 @@ class LLM:
             bar = tqdm(total=len(ids), desc="Processed prompts", unit="req")
         try:
             while self.llm_engine.has_unfinished_requests():
-                for out in self.llm_engine.step():
+                for out in self.llm_engine.step(finished_only=True):
                     if out.finished:
                         final[out.request_id] = out
                         if bar is not None:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable
+from typing import Any, Protocol
+
+import numpy as np
 
 from fast.sequence import Sequence, SequenceStatus
 from spec.errors import InvalidArgumentError, SequenceExistsError, SwapOutError, \
@@ -24,7 +27,13 @@ from spec.scheduler import (
     StepOutcome,
 )
 
-__all__ = ["Scheduler"]
+__all__ = ["Scheduler", "BatchBlockManager"]
+
+
+class BatchBlockManager(BlockManagerLike, Protocol):
+    """What the fast scheduler needs: the spec scheduler's calls plus ``append_batch``."""
+
+    def append_batch(self, seq_ids: Any, token_ids: Any) -> tuple[Any, Any]: ...
 
 _WAITING, _RUNNING, _SWAPPED = SequenceStatus.WAITING, SequenceStatus.RUNNING, \
     SequenceStatus.SWAPPED
@@ -62,7 +71,7 @@ class _Step:
 class Scheduler:
     """FCFS continuous batching over :class:`Sequence` objects (see ``spec.scheduler``)."""
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManagerLike) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BatchBlockManager) -> None:
         self.config = config
         self.block_manager = block_manager
         self.seqs: dict[int, Sequence] = {}
@@ -154,8 +163,20 @@ class Scheduler:
     # -- the four phases ------------------------------------------------------------------
     def _schedule_running(self, step: _Step) -> None:
         bm = self.block_manager
-        for seq in list(self.running):
-            if seq.status is not _RUNNING or not seq.pending:
+        decodes = [seq for seq in self.running if seq.pending]
+        if decodes and bm.can_append([seq.seq_id for seq in decodes]):
+            # Every decode fits: no preemption, and one batched append makes the same
+            # decisions (same blocks, same copy-on-write pairs, same order) as one by one.
+            ids = np.fromiter((seq.seq_id for seq in decodes), np.int64, len(decodes))
+            toks = np.fromiter((seq.token_ids[-1] for seq in decodes), np.int64, len(decodes))
+            _, pairs = bm.append_batch(ids, toks)
+            step.copies.extend((int(a), int(b)) for a, b in pairs.tolist())
+            for seq in decodes:
+                seq.pending = False
+                step.add(seq, 1)
+            decodes = []
+        for seq in decodes:
+            if seq.status is not _RUNNING:
                 continue
             while not bm.can_append([seq.seq_id]):
                 victim = self._newest_unscheduled(step, exclude=seq)

@@ -25,7 +25,11 @@ class SequenceStatus(enum.Enum):
     @property
     def is_finished(self) -> bool:
         """The sequence produces no more tokens."""
-        return self.value in ("stop", "length", "abort")
+        return self in _FINISHED
+
+
+_FINISHED = frozenset({SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
+                       SequenceStatus.FINISHED_ABORTED})
 
 
 @dataclass(eq=False)
@@ -82,7 +86,7 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         """The sequence is done."""
-        return self.status.is_finished
+        return self.status in _FINISHED
 
     @property
     def finish_reason(self) -> str | None:
