@@ -41,6 +41,8 @@ class ModelConfig:
     """The shape of a Llama-family decoder-only model.
 
     ``head_dim`` defaults to ``hidden_size // num_attention_heads`` when built from a dict.
+    ``rope_freq_factors`` (llama.cpp's ``rope_freqs`` tensor, how Llama-3.1 GGUF files store
+    their rope scaling) divides each rotary frequency; it applies on top of ``rope_scaling``.
     """
 
     vocab_size: int
@@ -53,6 +55,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
+    rope_freq_factors: tuple[float, ...] | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False
@@ -74,6 +77,12 @@ class ModelConfig:
         if self.head_dim % 2 != 0:
             raise InvalidModelConfigError("head_dim must be even for rotary embeddings",
                                           head_dim=self.head_dim)
+        if self.rope_freq_factors is not None and (
+                len(self.rope_freq_factors) != self.head_dim // 2
+                or not all(f > 0 for f in self.rope_freq_factors)):
+            raise InvalidModelConfigError(
+                "rope_freq_factors needs head_dim // 2 positive factors",
+                head_dim=self.head_dim, factors=len(self.rope_freq_factors))
 
     # -- derived sizes
     @property

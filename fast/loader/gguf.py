@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +61,17 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype, device: torch.device | st
         raise UnsupportedGGUFError(f"{path} has no token_embd.weight tensor")
     config = ModelConfig.from_gguf(metadata, tie_word_embeddings="output.weight" not in tensors,
                                    vocab_size=tensors["token_embd.weight"].shape[0])
+    if "rope_freqs.weight" in tensors:  # Llama 3.1+ files store rope scaling as factors
+        freqs = tensors["rope_freqs.weight"]
+        factors = dequantize(freqs.data, freqs.type_id, freqs.shape, freqs.name)
+        config = replace(config, rope_freq_factors=tuple(float(f) for f in factors))
     model = empty_model(config, dtype, device)
     loaded: list[str] = []
     for name, tensor in tensors.items():
         target = hf_name(name)
         if target is None:
-            if name.startswith("rope_") or name.endswith("rope_freqs.weight"):
-                continue  # llama.cpp's precomputed rope factors; we derive them from metadata
+            if name == "rope_freqs.weight":
+                continue  # read above into the config
             raise UnsupportedGGUFError(f"GGUF tensor {name!r} has no counterpart in the model")
         dest = model.weight_destination(target)
         if dest is not None and tuple(dest.shape) != tensor.shape:

@@ -53,7 +53,8 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         # Kept off the module's buffers so that model.to(dtype) cannot round it to bf16.
         self._inv_freq = inverse_frequencies(config.head_dim, config.rope_theta,
-                                             config.rope_scaling)  # [D/2] float32, CPU
+                                             config.rope_scaling,
+                                             config.rope_freq_factors)  # [D/2] float32, CPU
         self._inv_freq_on: dict[torch.device, torch.Tensor] = {}
 
     def rope_inv_freq(self, device: torch.device) -> torch.Tensor:

@@ -14,13 +14,17 @@ import torch
 from fast.config import RopeScaling
 
 
-def inverse_frequencies(head_dim: int, theta: float,
-                        scaling: RopeScaling | None = None) -> torch.Tensor:
+def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None,
+                        factors: tuple[float, ...] | None = None) -> torch.Tensor:
     """The ``[head_dim // 2]`` float32 inverse frequencies, Llama-3 scaled if ``scaling``.
 
     Llama-3 scaling divides the slow (long-wavelength) frequencies by ``factor``, keeps the fast
-    ones, and interpolates linearly in ``1 / wavelength`` between the two cut-offs.
+    ones, and interpolates linearly in ``1 / wavelength`` between the two cut-offs. Explicit
+    per-frequency ``factors`` (llama.cpp's ``rope_freqs``) divide the result.
     """
+    if factors is not None:
+        base = inverse_frequencies(head_dim, theta, scaling)
+        return base / torch.tensor(factors, dtype=torch.float32, device="cpu")
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
     inv_freq = 1.0 / (theta ** exponents)                             # [D/2]
     if scaling is None:

@@ -59,7 +59,8 @@ def gguf_name(hf: str) -> str:
     return f"blk.{parts[2]}.{GGUF_NAMES[leaf]}"
 
 
-def write_tiny_gguf(path: Path, *, tied: bool, seed: int, arch: str = "llama") -> dict[str, Any]:
+def write_tiny_gguf(path: Path, *, tied: bool, seed: int, arch: str = "llama",
+                    rope_freqs: np.ndarray | None = None) -> dict[str, Any]:
     """Write a random tiny Llama (or Qwen2, with Q/K/V biases) as GGUF; return its config."""
     tokens = vocabulary()
     cfg = dict(vocab_size=len(tokens), hidden_size=64, intermediate_size=96, layers=2,
@@ -124,6 +125,8 @@ def write_tiny_gguf(path: Path, *, tied: bool, seed: int, arch: str = "llama") -
         else:
             w.add_tensor(gguf_name(name), gguf.quants.quantize(values, qtype),
                          raw_dtype=qtype)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -263,3 +266,33 @@ def test_sentencepiece_tokenizer_equals_transformers(tmp_path: Path, with_merges
     assert tok.encode("hello world", add_special_tokens=False) == [
         tokens.index("▁hello"), tokens.index("▁world")]
     assert tok.decode(tok.encode("héllo 🤖")) == "héllo 🤖"  # byte fallback round trip
+
+
+def test_rope_freqs_tensor_equals_llama3_scaling(tmp_path: Path) -> None:
+    """Llama-3.1 GGUF files carry rope scaling as per-frequency divisors (rope_freqs.weight)."""
+    from dataclasses import replace
+
+    from fast.config import RopeScaling
+    from fast.model import LlamaForCausalLM
+    from fast.model.rope import inverse_frequencies
+
+    scaling = RopeScaling(8.0, 1.0, 4.0, 32)
+    factors = (inverse_frequencies(16, 10000.0) / inverse_frequencies(16, 10000.0, scaling))
+    assert (factors > 1.5).any() and (factors == 1).any()
+    path = tmp_path / "rf.gguf"
+    write_tiny_gguf(path, tied=True, seed=9, rope_freqs=factors.numpy())
+    lm = load_model(str(path))
+    assert lm.config.rope_freq_factors is not None and len(lm.config.rope_freq_factors) == 8
+    twin = LlamaForCausalLM(replace(lm.config, rope_freq_factors=None, rope_scaling=scaling))
+    twin.load_state_dict(lm.model.state_dict())
+    plain = LlamaForCausalLM(replace(lm.config, rope_freq_factors=None))
+    plain.load_state_dict(lm.model.state_dict())
+    ids = torch.arange(3, 40)
+    outs = []
+    with torch.no_grad():
+        for model in (lm.model, twin, plain):
+            caches = allocate_kv_caches(lm.config, 10, 4, torch.float32, "cpu")
+            ctx = AttentionContext.build([list(range(10))], [0], [len(ids)], 4)
+            outs.append(model.compute_logits(model(ids, torch.arange(len(ids)), ctx, caches)))
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-4
+    assert (outs[0] - outs[2]).abs().max().item() > 1e-3  # the factors matter

@@ -100,3 +100,13 @@ def test_attention_context_build() -> None:
     assert AttentionContext.build([[1]], [0], [1], 4).is_decode
     with pytest.raises(ValueError, match="1 blocks of 2 cannot hold 2 \\+ 1"):
         AttentionContext.build([[1]], [2], [1], 2)
+
+
+def test_rope_freq_factors_validated() -> None:
+    values = dict(vocab_size=10, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    assert ModelConfig(**values, rope_freq_factors=(1.0, 2.0, 4.0, 8.0)).rope_freq_factors
+    with pytest.raises(InvalidModelConfigError, match="factors=3"):
+        ModelConfig(**values, rope_freq_factors=(1.0, 2.0, 4.0))
+    with pytest.raises(InvalidModelConfigError, match="head_dim=8"):
+        ModelConfig(**values, rope_freq_factors=(1.0, 0.0, 4.0, 8.0))
