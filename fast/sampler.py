@@ -68,11 +68,10 @@ class Sampler:
     def _choose(self, logits: torch.Tensor, params: Sequence[SamplingParams],
                 gens: Sequence[torch.Generator | None]) -> torch.Tensor:
         # logits [N, V] -> tokens [N] int64
-        greedy = torch.tensor([p.is_greedy for p in params], device=logits.device)
         tokens = logits.argmax(dim=-1)                                        # [N]
-        if bool(greedy.all()):
+        rows = [i for i, p in enumerate(params) if not p.is_greedy]  # decided on the host
+        if not rows:
             return tokens
-        rows = torch.nonzero(~greedy).flatten().tolist()
         sub = logits[rows]                                                    # [M, V]
         temps = torch.tensor([params[r].temperature for r in rows], dtype=sub.dtype,
                              device=sub.device)

@@ -129,3 +129,21 @@ def test_banned_tokens_never_chosen_but_logprobs_stay_raw() -> None:
     assert lps[0] is not None and lps[0][top[0]] == pytest.approx(float(raw[top[0]]))
     with pytest.raises(SamplerInputError, match="1 bans"):
         Sampler().sample(x, params, banned=[()])
+
+
+@pytest.mark.gpu
+def test_gpu_seeded_rows_batch_independent_and_greedy_argmax() -> None:
+    x = logits(4, seed=8).cuda()
+    seeded = SamplingParams(temperature=0.8, top_p=0.95, seed=5)
+    greedy = SamplingParams(temperature=0.0)
+
+    def draw(rows: list[int]) -> int:
+        gen = torch.Generator(device="cuda").manual_seed(5)
+        params = [seeded if r == 1 else greedy for r in rows]
+        gens = [gen if r == 1 else None for r in rows]
+        out = [Sampler().sample(x[rows], params, gens)[0][rows.index(1)] for _ in range(6)]
+        return hash(tuple(out))
+
+    assert draw([1]) == draw([0, 1, 2, 3]) == draw([3, 1])
+    tokens, _ = Sampler().sample(x, [greedy] * 4)
+    assert tokens == x.argmax(-1).tolist()
