@@ -68,7 +68,8 @@ def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32,
                                      f"and {len(ggufs)} .gguf files")
         hnet, htok, config = load_hf_dir(path, dtype=dtype, device=device)
         return LoadedModel(hnet, htok, config)
-    raise ModelNotFoundError(str(path), "no such file or directory")
+    raise ModelNotFoundError(str(path), "no such file or directory (models are not downloaded: "
+                                        "pass a local .gguf file or Hugging Face directory)")
 
 
 def random_model(config: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
