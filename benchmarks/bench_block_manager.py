@@ -94,6 +94,7 @@ def decode_workload(impl: str, caching: bool) -> Workload:
         bm = _manager(impl, 24576, caching)
         for i, p in enumerate(prompts):
             bm.allocate(i, p)
+        _step(impl, bm, ids, toks)  # fast grows its arrays here, once, not in the timed steps
         return bm
 
     def run(bm: Any) -> Any:

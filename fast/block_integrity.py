@@ -15,7 +15,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fast import block_kernels as K
-from fast.block_prefix import chain
+from fast.block_prefix import P_USED, intern_chain
+from spec.prefix_cache import chain_hashes
 
 if TYPE_CHECKING:
     from fast.block_manager import BlockManager
@@ -84,11 +85,16 @@ def check_integrity(bm: BlockManager) -> None:
                 if where.setdefault(b, here) != here:
                     raise AssertionError(f"block {b} shared with different content: {here}")
         if bm._caching:
-            tokens = bm._toks[row, :n].tolist()
             extra = bm._extra[row]
-            hashes, pids = chain(tokens, bs, extra, bm._hash_fn, bm._pids, create=False)
-            if hashes.tolist() != bm._bhash[row, : n // bs].tolist():
+            if bm._xid[row] != bm._extra_id(extra):
+                raise AssertionError(f"sequence {seq_id} has extra key id {bm._xid[row]}")
+            hashes = chain_hashes(bm._toks[row, :n].tolist(), bs, extra, bm._hash_fn)
+            if hashes != bm._bhash[row, : n // bs].tolist():
                 raise AssertionError(f"sequence {seq_id} has stale block hashes")
+            pids = intern_chain(
+                bm._toks[row, :n], bs, bm._bhash[row, : n // bs], int(bm._xid[row]), False,
+                *bm._pids.args(),
+            )
             if pids.tolist() != bm._bpid[row, : n // bs].tolist():
                 raise AssertionError(f"sequence {seq_id} has stale prefix ids")
             if not swapped:
@@ -113,5 +119,8 @@ def check_integrity(bm: BlockManager) -> None:
     for b in cached.tolist():
         if K.oa_find(bm._ikeys, bm._ivals, int(bm._ent[0, b])) != b:
             raise AssertionError(f"cached block {b} is not found under its hash")
-        if int(bm._ent[1, b]) not in bm._pids._keys:
+        if bm._pids.nodes[P_USED, int(bm._ent[1, b])] == 0:
             raise AssertionError(f"cached block {b} has a collected prefix id")
+    live = bm._live_pids()
+    if live.size and (bm._pids.nodes[P_USED, live] == 0).any():
+        raise AssertionError("a live prefix id was collected")

@@ -26,6 +26,9 @@ import numpy as np
 from numba import njit
 from numpy.typing import NDArray
 
+from fast.block_hash import hash_into
+from fast.block_prefix import intern_one
+
 # status codes returned by the kernels
 OK = 0
 UNKNOWN = 1  # info[0] = seq id
@@ -258,8 +261,17 @@ def append_kernel(
     sids: I64,  # [N] external sequence ids
     tok_in: I64,  # [N] tokens (validated when mutate; ignored otherwise)
     bad_token: int,  # index of the first token Python found invalid, or -1
-    fill_hash: I64,  # [F] hashes of the blocks this batch fills, in batch order
-    fill_pid: I64,  # [F]
+    fill_hash: I64,  # [F] hashes of the blocks this batch fills, in batch order (not nb_hash)
+    nb_hash: bool,  # hash filled blocks here (the spec's default hash) instead of fill_hash
+    xid: I64,  # [R] extra key id of each row (-1: none)
+    xbytes: U8,  # UTF-8 bytes of every extra key, concatenated
+    xoff: I64,  # [X + 1] offsets of key x in xbytes
+    hscratch: NDArray[np.uint64],  # scratch for hash_into
+    nodes: I64,  # prefix-id arrays (fast.block_prefix)
+    ntoks: I64,
+    nkeys: I64,
+    nmeta: I64,
+    nstack: I64,
     gpool: I32,
     meta: I64,
     ent: I64,
@@ -375,10 +387,20 @@ def append_kernel(
         toks[r, t] = tok_in[k]
         ntok[r] = t + 1
         if caching and (t + 1) % bs == 0:
-            bhash[r, bi] = fill_hash[f]
-            bpid[r, bi] = fill_pid[f]
-            _register(ent, ikeys, ivals, tables[r, bi], fill_hash[f], fill_pid[f])
-            f += 1
+            block = toks[r, bi * bs : (bi + 1) * bs]
+            x = xid[r]
+            if nb_hash:
+                key = xbytes[xoff[x] : xoff[x + 1]] if x >= 0 else xbytes[0:0]
+                parent = bhash[r, bi - 1] if bi > 0 else -1
+                h = hash_into(parent, block, key, x >= 0, hscratch)
+            else:
+                h = fill_hash[f]
+                f += 1
+            ppid = bpid[r, bi - 1] if bi > 0 else -1
+            pid = intern_one(ppid, block, x, h, True, nodes, ntoks, nkeys, nmeta, nstack)
+            bhash[r, bi] = h
+            bpid[r, bi] = pid
+            _register(ent, ikeys, ivals, tables[r, bi], h, pid)
         slots[k] = tables[r, bi] * bs + t % bs
     info[3] = m
     return OK
@@ -538,8 +560,12 @@ def decode_kernel(
     """``append_kernel`` (prefix caching off) then the step's block tables ``[B, W]`` and
     lengths ``[B]``, in one call: the whole bookkeeping of a decode step."""
     empty = np.empty(0, dtype=np.int64)
+    none8 = np.empty(0, dtype=np.uint8)
+    e2 = np.empty((0, 0), dtype=np.int64)
     status = append_kernel(
-        bs, True, sids, tok_in, -1, empty, empty, gpool, meta, ent, ikeys, ivals, skeys, svals,
+        bs, True, sids, tok_in, -1, empty, False, empty, none8, empty,
+        np.empty(0, dtype=np.uint64), e2, e2, empty, empty, empty,
+        gpool, meta, ent, ikeys, ivals, skeys, svals,
         tables, ntok, toks, swapped, bhash, bpid, False, rows, rows, rstamp, drop, slots,
         pairs, info,
     )  # fmt: skip

@@ -25,7 +25,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fast import block_kernels as K
-from fast.block_prefix import MISSING, PrefixIds, chain
+from fast.block_hash import chain_hashes_nb, scratch_for
+from fast.block_prefix import PrefixIds, intern_chain
 from spec.block_manager import BlockManagerConfig
 from spec.errors import (
     DoubleFreeError,
@@ -37,7 +38,7 @@ from spec.errors import (
     SwapOutError,
     UnknownSequenceError,
 )
-from spec.prefix_cache import ROOT_PARENT_HASH, HashFn, hash_block_tokens
+from spec.prefix_cache import ROOT_PARENT_HASH, HashFn, chain_hashes, hash_block_tokens
 
 __all__ = ["BlockManager", "BlockManagerConfig"]
 
@@ -92,6 +93,7 @@ class BlockManager:
         self._wm = config.watermark_blocks
         self._caching = config.enable_prefix_caching
         self._hash_fn = hash_fn
+        self._nb_hash = hash_fn is hash_block_tokens  # hash in numba, bit for bit the same
         g, c = config.num_gpu_blocks, config.num_cpu_blocks
         self._gpool = self._new_pool(g)  # [3, G]: refcount, next, prev
         self._cpool = self._new_pool(c)  # [3, C]
@@ -101,7 +103,11 @@ class BlockManager:
         self._ikeys = np.full(cap, -1, dtype=np.int64)  # hash index
         self._ivals = np.full(cap, -1, dtype=np.int32)
         self._drop = np.zeros(g, dtype=np.int32)  # scratch for append_kernel
-        self._pids = PrefixIds()
+        self._pids = PrefixIds(bs)
+        self._xids: dict[str, int] = {}  # extra key -> id; UTF-8 bytes in _xbytes[_xoff[id]:]
+        self._xbytes = np.zeros(0, dtype=np.uint8)
+        self._xoff = np.zeros(1, dtype=np.int64)
+        self._hscratch = scratch_for(bs, 0)
         # per-row state; grown by doubling
         rows, width = 8, 4
         self._tables = np.zeros((rows, width), dtype=np.int32)  # [R, W] block ids
@@ -110,6 +116,7 @@ class BlockManager:
         self._bpid = np.zeros((rows, width), dtype=np.int64)  # [R, W] full-block prefix ids
         self._ntok = np.zeros(rows, dtype=np.int64)  # [R]
         self._swapped = np.zeros(rows, dtype=np.uint8)  # [R]
+        self._xid = np.full(rows, -1, dtype=np.int64)  # [R] extra key id, -1 = none
         self._rstamp = np.zeros(rows, dtype=np.int32)  # scratch for append_kernel
         self._extra: list[str | None] = [None] * rows
         self._free_rows = list(range(rows - 1, -1, -1))
@@ -147,9 +154,11 @@ class BlockManager:
         """A free row for ``seq_id``, registered in both id maps."""
         if not self._free_rows:
             r = self._tables.shape[0]
-            for name in ("_tables", "_toks", "_bhash", "_bpid", "_ntok", "_swapped", "_rstamp"):
+            for name in ("_tables", "_toks", "_bhash", "_bpid", "_ntok", "_swapped", "_rstamp", "_xid"):
                 old = getattr(self, name)
                 new = np.zeros((2 * r,) + old.shape[1:], dtype=old.dtype)
+                if name == "_xid":
+                    new[:] = -1
                 new[:r] = old
                 setattr(self, name, new)
             self._extra.extend([None] * r)
@@ -165,6 +174,7 @@ class BlockManager:
         K.oa_delete(self._skeys, self._svals, seq_id)
         del self._rows[seq_id]
         self._extra[row] = None
+        self._xid[row] = -1
         self._free_rows.append(row)
 
     def _rehash_ids(self, cap: int) -> None:
@@ -264,7 +274,7 @@ class BlockManager:
         """Whether ``append_batch`` of one token to each of ``seq_ids`` would succeed now."""
         sids = self._ids_array(seq_ids, "can_append")
         empty = np.zeros(0, dtype=np.int64)
-        status = self._append_call(sids, empty, -1, empty, empty, mutate=False)
+        status = self._append_call(sids, empty, -1, empty, False, mutate=False)
         if status not in (K.OK, K.NO_BLOCKS):
             self._raise_batch(status, seq_ids, "can_append")
         return status == K.OK
@@ -297,13 +307,50 @@ class BlockManager:
         if extra_key is not None and not isinstance(extra_key, str):
             raise InvalidArgumentError("extra_key", extra_key, "must be a str or None")
 
+    def _extra_id(self, extra_key: str | None) -> int:
+        """The id of an extra key (-1 for None), adding its bytes to the arena if new."""
+        if extra_key is None:
+            return -1
+        x = self._xids.get(extra_key)
+        if x is None:
+            data = np.frombuffer(extra_key.encode("utf-8"), dtype=np.uint8)
+            x = len(self._xids)
+            self._xids[extra_key] = x
+            self._xbytes = np.concatenate([self._xbytes, data])
+            self._xoff = np.append(self._xoff, self._xbytes.shape[0])
+            self._hscratch = scratch_for(self._bs, int(np.diff(self._xoff).max()))
+        return x
+
+    def _key_bytes(self, x: int) -> NDArray[np.uint8]:
+        return self._xbytes[self._xoff[x] : self._xoff[x + 1]] if x >= 0 else self._xbytes[:0]
+
+    def _live_pids(self) -> NDArray[np.int64]:
+        """Prefix ids referenced by cached blocks and by the full blocks of live rows."""
+        if not self._caching:
+            return np.zeros(0, dtype=np.int64)
+        cols = np.arange(self._bpid.shape[1])[None, :]  # [1, W]
+        mask = cols < (self._ntok // self._bs)[:, None]  # [R, W]
+        return np.concatenate([self._ent[1][self._ent[1] >= 0], self._bpid[mask]])
+
     def _chain(
         self, tokens: NDArray[np.int64], extra_key: str | None, create: bool
     ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """Hashes and prefix ids ``[n // bs]`` of the full blocks (empty with caching off)."""
         if not self._caching:
             empty = np.zeros(0, dtype=np.int64)
             return empty, empty
-        return chain(tokens.tolist(), self._bs, extra_key, self._hash_fn, self._pids, create)
+        bs = self._bs
+        x = self._extra_id(extra_key)
+        if self._nb_hash:
+            hashes = chain_hashes_nb(tokens, bs, self._key_bytes(x), x >= 0)
+        else:
+            hashes = np.array(
+                chain_hashes(tokens.tolist(), bs, extra_key, self._hash_fn), dtype=np.int64
+            )
+        if create:
+            self._pids.reserve(hashes.shape[0], self._live_pids())
+        pids = intern_chain(tokens, bs, hashes, x, create, *self._pids.args())
+        return hashes, pids
 
     def _ids_array(self, seq_ids: Sequence[int] | NDArray[Any], operation: str) -> NDArray[np.int64]:
         """``seq_ids`` as int64 ``[N]``; ids no row can have are reported in the spec's order."""
@@ -341,7 +388,7 @@ class BlockManager:
         toks: NDArray[np.int64],
         bad_token: int,
         fill_hash: NDArray[np.int64],
-        fill_pid: NDArray[np.int64],
+        nb_hash: bool,
         mutate: bool,
         slots: NDArray[np.int64] | None = None,
         pairs: NDArray[np.int64] | None = None,
@@ -354,8 +401,8 @@ class BlockManager:
             pairs = np.empty((0, 2), dtype=np.int64)
         return int(
             K.append_kernel(
-                self._bs, mutate, sids, toks, bad_token, fill_hash, fill_pid,
-                self._gpool, self._meta, self._ent, self._ikeys, self._ivals,
+                self._bs, mutate, sids, toks, bad_token, fill_hash, nb_hash, self._xid,
+                self._xbytes, self._xoff, self._hscratch, *self._pids.args(), self._gpool, self._meta, self._ent, self._ikeys, self._ivals,
                 self._skeys, self._svals, self._tables, self._ntok, self._toks, self._swapped,
                 self._bhash, self._bpid, self._caching, rows, fills, self._rstamp, self._drop,
                 slots, pairs, self._info,
@@ -400,9 +447,8 @@ class BlockManager:
         row = self._new_row(seq_id)
         self._allocate_call(row, tokens, hashes, pids, mutate=True)
         self._extra[row] = extra_key
+        self._xid[row] = self._extra_id(extra_key)
         self._freed.discard(seq_id)
-        if len(self._pids) > self._pids.collect_at:
-            self._collect_prefix_ids()
         return int(self._info[2]) * self._bs
 
     def allocate_batch(
@@ -471,17 +517,17 @@ class BlockManager:
         n = sids.shape[0]
         slots = np.empty(n, dtype=np.int64)  # [N]
         pairs = np.empty((n, 2), dtype=np.int64)  # [N, 2], first info[3] rows used
-        fill_hash = fill_pid = np.zeros(0, dtype=np.int64)
+        fill_hash = np.zeros(0, dtype=np.int64)
+        if self._caching:
+            self._pids.reserve(n, self._live_pids())  # every append may fill a block
         while True:
-            if self._caching:
-                status = self._append_call(sids, toks, bad, fill_hash, fill_pid, False)
+            if self._caching and not self._nb_hash:  # a Python hash: hash the fills first
+                status = self._append_call(sids, toks, bad, fill_hash, False, False)
                 if status == K.OK:
-                    fill_hash, fill_pid = self._fill_hashes(toks)
-                    status = self._append_call(
-                        sids, toks, bad, fill_hash, fill_pid, True, slots, pairs
-                    )
+                    fill_hash = self._fill_hashes(toks)
+                    status = self._append_call(sids, toks, bad, fill_hash, False, True, slots, pairs)
             else:
-                status = self._append_call(sids, toks, bad, fill_hash, fill_pid, True, slots, pairs)
+                status = self._append_call(sids, toks, bad, fill_hash, True, True, slots, pairs)
             if status != K.GROW:
                 break
             self._ensure_width(2 * self._tables.shape[1])
@@ -494,11 +540,10 @@ class BlockManager:
         self._raise_batch(status, list(seq_ids if seq_ids is not None else sids), operation)
         raise AssertionError("unreachable")
 
-    def _fill_hashes(self, toks: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-        """Hashes and prefix ids of the blocks the validated batch is about to fill."""
+    def _fill_hashes(self, toks: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Hashes (by the Python ``hash_fn``) of the blocks the validated batch will fill."""
         nfill = int(self._info[2])
         fill_hash = np.empty(nfill, dtype=np.int64)
-        fill_pid = np.empty(nfill, dtype=np.int64)
         bs = self._bs
         for f in range(nfill):
             k = int(self._afills[f])
@@ -506,12 +551,9 @@ class BlockManager:
             t = int(self._ntok[row])
             i = t // bs
             block = tuple(self._toks[row, i * bs : t].tolist()) + (int(toks[k]),)
-            extra = self._extra[row]
             parent = int(self._bhash[row, i - 1]) if i > 0 else ROOT_PARENT_HASH
-            ppid = int(self._bpid[row, i - 1]) if i > 0 else -1
-            fill_hash[f] = self._hash_fn(parent, block, extra)
-            fill_pid[f] = self._pids.intern(ppid, block, extra)
-        return fill_hash, fill_pid
+            fill_hash[f] = self._hash_fn(parent, block, self._extra[row])
+        return fill_hash
 
     def fork(self, parent_id: int, child_id: int) -> None:
         """The child shares every block of the parent (each refcount rises by one)."""
@@ -525,6 +567,7 @@ class BlockManager:
             self._swapped, self._bhash, self._bpid,
         )  # fmt: skip
         self._extra[crow] = self._extra[prow]
+        self._xid[crow] = self._xid[prow]
         self._freed.discard(child_id)
 
     def free(self, seq_id: int) -> None:
@@ -622,13 +665,6 @@ class BlockManager:
         tables, lens = self.gather(seq_ids)
         return slots, pairs, tables, lens
 
-    # ------------------------------------------------------------------ prefix ids
-    def _collect_prefix_ids(self) -> None:
-        live: list[int] = self._ent[1][self._ent[1] >= 0].tolist()
-        for row in self._rows.values():
-            live.extend(self._bpid[row, : int(self._ntok[row]) // self._bs].tolist())
-        self._pids.collect(live)
-
     # ------------------------------------------------------------------ invariants
     def check_integrity(self) -> None:
         """Raise AssertionError unless every invariant of the arrays holds."""
@@ -637,4 +673,3 @@ class BlockManager:
         check_integrity(self)
 
 
-__all__ += ["MISSING"]

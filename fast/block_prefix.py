@@ -1,93 +1,198 @@
-"""Content hashes and exact prefix ids for the fast block manager's prefix cache.
+"""Exact prefix ids for the fast block manager's prefix cache, interned in arrays.
 
 The spec's index maps a block hash to one block, and a hit also requires the cached block's
 whole token prefix (and extra key) to equal the request's, so that a hash collision never reuses
 a wrong block. Comparing whole prefixes on every lookup costs O(prefix); instead each distinct
 ``(prefix, extra_key)`` gets an integer **prefix id** by hash-consing: the id of block ``i`` is
-interned under ``(id of block i-1, tokens of block i, extra_key)``, so two prefixes have the same
-id exactly when they are equal. A hit is then ``index[hash] == b and pid[b] == request pid``: the
-spec's rule, compared in O(1).
+the node interned under ``(id of block i-1, tokens of block i, extra key id)``, so two prefixes
+have the same id exactly when they are equal. A hit is then ``index[hash] == b and pid[b] ==
+request pid``: the spec's rule, compared in O(1).
 
-Ids are never reused; :meth:`PrefixIds.collect` drops ids no live sequence or cached block (nor
-any descendant of theirs) refers to, so the table stays proportional to the live state.
+Nodes live in arrays: ``nodes`` int64 ``[4, N]`` (parent id, extra key id, block hash, in use),
+``ntoks`` int64 ``[N, bs]`` (the block's tokens), an open-addressing table ``nkeys`` keyed by the
+block hash (equal content has equal hash, so it is a valid key; equality is decided by comparing
+parent, extra and tokens), ``nmeta`` ``[2]`` (bump pointer, free-stack size) and ``nstack``
+(freed node ids). :meth:`PrefixIds.collect` frees the nodes no live sequence or cached block
+(nor any descendant of theirs) refers to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
 import numpy as np
+from numba import njit
 from numpy.typing import NDArray
 
-from spec.prefix_cache import ROOT_PARENT_HASH, HashFn
-
-__all__ = ["PrefixIds", "MISSING", "chain"]
+__all__ = ["PrefixIds", "MISSING", "intern_one", "intern_chain"]
 
 MISSING = -2
 """The prefix id of a prefix that was never interned (matches no cached block)."""
 
-_Key = tuple[int, tuple[int, ...], "str | None"]
+I64 = NDArray[np.int64]
+P_PARENT, P_EXTRA, P_HASH, P_USED = 0, 1, 2, 3
+
+
+@njit(cache=True, inline="always")
+def _home(key: int, mask: int) -> int:
+    x = np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)
+    h: int = np.int64((x >> np.uint64(29)) & np.uint64(mask))
+    return h
+
+
+@njit(cache=True)
+def intern_one(
+    parent: int,
+    block: I64,  # [bs]
+    extra: int,
+    h: int,
+    create: bool,
+    nodes: I64,
+    ntoks: I64,
+    nkeys: I64,
+    nmeta: I64,
+    nstack: I64,
+) -> int:
+    """The id of ``prefix(parent) + block`` under ``extra``; new if ``create``, else MISSING.
+
+    With ``create`` there must be a free node (see :meth:`PrefixIds.reserve`)."""
+    if parent == MISSING:
+        return MISSING
+    mask = nkeys.shape[0] - 1
+    slot = _home(h, mask)
+    bs = block.shape[0]
+    while True:
+        j = nkeys[slot]
+        if j == -1:
+            break
+        if nodes[P_PARENT, j] == parent and nodes[P_EXTRA, j] == extra:
+            same = True
+            for t in range(bs):
+                if ntoks[j, t] != block[t]:
+                    same = False
+                    break
+            if same:
+                return int(j)
+        slot = (slot + 1) & mask
+    if not create:
+        return MISSING
+    if nmeta[1] > 0:
+        nmeta[1] -= 1
+        j = nstack[nmeta[1]]
+    else:
+        j = nmeta[0]
+        nmeta[0] += 1
+    nodes[P_PARENT, j] = parent
+    nodes[P_EXTRA, j] = extra
+    nodes[P_HASH, j] = h
+    nodes[P_USED, j] = 1
+    ntoks[j, :] = block
+    nkeys[slot] = j
+    return int(j)
+
+
+@njit(cache=True)
+def intern_chain(
+    tokens: I64,
+    bs: int,
+    hashes: I64,  # [n // bs]
+    extra: int,
+    create: bool,
+    nodes: I64,
+    ntoks: I64,
+    nkeys: I64,
+    nmeta: I64,
+    nstack: I64,
+) -> I64:
+    """Prefix ids ``[n // bs]`` of every full block of ``tokens`` (MISSING past the first
+    prefix never seen, when not ``create``)."""
+    nfull = hashes.shape[0]
+    out = np.empty(nfull, dtype=np.int64)
+    parent = -1
+    for i in range(nfull):
+        parent = intern_one(
+            parent, tokens[i * bs : (i + 1) * bs], extra, hashes[i], create,
+            nodes, ntoks, nkeys, nmeta, nstack,
+        )  # fmt: skip
+        out[i] = parent
+    return out
+
+
+@njit(cache=True)
+def _rebuild(nodes: I64, nkeys: I64) -> None:
+    nkeys[:] = -1
+    mask = nkeys.shape[0] - 1
+    for j in range(nodes.shape[1]):
+        if nodes[P_USED, j] != 0:
+            slot = _home(nodes[P_HASH, j], mask)
+            while nkeys[slot] != -1:
+                slot = (slot + 1) & mask
+            nkeys[slot] = j
 
 
 class PrefixIds:
-    """Interned prefix ids: equal ids if and only if equal (prefix, extra_key)."""
+    """Interned prefix ids: equal ids if and only if equal (prefix, extra key)."""
 
-    def __init__(self) -> None:
-        self._ids: dict[_Key, int] = {}
-        self._keys: dict[int, _Key] = {}
-        self._next = 0
-        self.collect_at = 4096  # collect when this many ids exist
+    def __init__(self, block_size: int, capacity: int = 256) -> None:
+        self.bs = block_size
+        self.nodes = np.zeros((4, capacity), dtype=np.int64)  # [4, N]
+        self.ntoks = np.zeros((capacity, block_size), dtype=np.int64)  # [N, bs]
+        self.nkeys = np.full(2 * capacity, -1, dtype=np.int64)  # capacity is a power of 2
+        self.nmeta = np.zeros(2, dtype=np.int64)  # bump pointer, free-stack size
+        self.nstack = np.zeros(capacity, dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return int(self.nmeta[0] - self.nmeta[1])
 
-    def intern(self, parent: int, tokens: tuple[int, ...], extra_key: str | None) -> int:
-        """The id of ``prefix(parent) + tokens`` under ``extra_key``, creating it if new."""
-        key = (parent, tokens, extra_key)
-        pid = self._ids.get(key)
-        if pid is None:
-            pid = self._next
-            self._next += 1
-            self._ids[key] = pid
-            self._keys[pid] = key
-        return pid
+    @property
+    def capacity(self) -> int:
+        """Node slots."""
+        return int(self.nodes.shape[1])
 
-    def lookup(self, parent: int, tokens: tuple[int, ...], extra_key: str | None) -> int:
-        """The id if this prefix was interned, else :data:`MISSING`."""
-        if parent == MISSING:
-            return MISSING
-        return self._ids.get((parent, tokens, extra_key), MISSING)
+    def free(self) -> int:
+        """Nodes that can still be created without collecting or growing."""
+        return self.capacity - len(self)
 
-    def collect(self, live: Iterable[int]) -> None:
-        """Forget every id that is neither in ``live`` nor an ancestor of one."""
-        keep: set[int] = set()
-        for pid in live:
-            while pid >= 0 and pid not in keep:
-                keep.add(pid)
-                pid = self._keys[pid][0]
-        self._keys = {pid: key for pid, key in self._keys.items() if pid in keep}
-        self._ids = {key: pid for pid, key in self._keys.items()}
-        self.collect_at = max(4096, 4 * len(self._ids))
+    def args(self) -> tuple[I64, I64, I64, I64, I64]:
+        """The arrays the kernels take, in order."""
+        return self.nodes, self.ntoks, self.nkeys, self.nmeta, self.nstack
 
+    def reserve(self, n: int, live: I64 | None) -> None:
+        """Make room for ``n`` new nodes: collect (keeping ``live`` ids), then grow by doubling."""
+        if self.free() >= n:
+            return
+        if live is not None:
+            self.collect(live)
+        cap = self.capacity
+        while cap - len(self) < max(n, cap // 4):
+            cap *= 2
+        if cap != self.capacity:
+            self._grow(cap)
 
-def chain(
-    tokens: Sequence[int],
-    block_size: int,
-    extra_key: str | None,
-    hash_fn: HashFn,
-    ids: PrefixIds,
-    create: bool,
-) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """Hashes ``[n // bs]`` (the spec's chain) and prefix ids ``[n // bs]`` of the full blocks."""
-    nfull = len(tokens) // block_size
-    hashes = np.empty(nfull, dtype=np.int64)
-    pids = np.empty(nfull, dtype=np.int64)
-    h = ROOT_PARENT_HASH
-    pid = -1
-    for i in range(nfull):
-        block = tuple(tokens[i * block_size : (i + 1) * block_size])
-        h = hash_fn(h, block, extra_key)
-        hashes[i] = h
-        pid = ids.intern(pid, block, extra_key) if create else ids.lookup(pid, block, extra_key)
-        pids[i] = pid
-    return hashes, pids
+    def _grow(self, cap: int) -> None:
+        old = self.capacity
+        nodes = np.zeros((4, cap), dtype=np.int64)
+        nodes[:, :old] = self.nodes
+        ntoks = np.zeros((cap, self.bs), dtype=np.int64)
+        ntoks[:old] = self.ntoks
+        nstack = np.zeros(cap, dtype=np.int64)
+        nstack[:old] = self.nstack
+        self.nodes, self.ntoks, self.nstack = nodes, ntoks, nstack
+        self.nkeys = np.full(2 * cap, -1, dtype=np.int64)
+        _rebuild(self.nodes, self.nkeys)
+
+    def collect(self, live: I64) -> None:
+        """Free every node that is neither in ``live`` nor an ancestor of one."""
+        keep = np.zeros(self.capacity, dtype=bool)
+        frontier = np.unique(live[live >= 0])
+        while frontier.size:
+            keep[frontier] = True
+            parents = self.nodes[P_PARENT, frontier]
+            parents = parents[parents >= 0]
+            frontier = np.unique(parents[~keep[parents]])
+        used = self.nodes[P_USED] != 0
+        dead = np.flatnonzero(used & ~keep)
+        self.nodes[P_USED, dead] = 0
+        top = int(self.nmeta[0])
+        free_ids = np.flatnonzero(self.nodes[P_USED, :top] == 0)
+        self.nstack[: free_ids.size] = free_ids[::-1]
+        self.nmeta[1] = free_ids.size
+        _rebuild(self.nodes, self.nkeys)

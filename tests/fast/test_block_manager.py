@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from conformance.lockstep import Lockstep
 from fast import block_kernels as K
 from fast.block_manager import BlockManager
-from fast.block_prefix import PrefixIds
+from fast.block_prefix import MISSING, PrefixIds, intern_one
 from spec.block_manager import BlockManager as SpecBlockManager
 from spec.block_manager import BlockManagerConfig
 from spec.errors import InvalidArgumentError, UnknownSequenceError
@@ -98,16 +98,25 @@ def test_allocate_batch_is_allocate_in_order() -> None:
 
 
 def test_prefix_ids_are_equal_exactly_for_equal_prefixes_and_survive_collection() -> None:
-    ids = PrefixIds()
-    a = ids.intern(-1, (1, 2), None)
-    b = ids.intern(a, (3, 4), None)
-    assert ids.intern(-1, (1, 2), None) == a
-    assert ids.intern(-1, (1, 2), "x") != a
-    assert ids.intern(ids.intern(-1, (9, 9), None), (3, 4), None) != b
-    ids.collect([b])  # b and its ancestor a survive, the rest goes
+    ids = PrefixIds(block_size=2, capacity=8)
+
+    def intern(parent: int, block: list[int], extra: int, create: bool = True) -> int:
+        arr = np.array(block, dtype=np.int64)
+        return int(intern_one(parent, arr, extra, 7, create, *ids.args()))  # one hash: collide
+
+    a = intern(-1, [1, 2], -1)
+    b = intern(a, [3, 4], -1)
+    assert intern(-1, [1, 2], -1) == a
+    assert intern(-1, [1, 2], 0) != a  # another extra key
+    c = intern(intern(-1, [9, 9], -1), [3, 4], -1)
+    assert c != b  # same block, other parent
+    assert len(ids) == 5
+    ids.collect(np.array([b], dtype=np.int64))  # b and its ancestor a survive
     assert len(ids) == 2
-    assert ids.lookup(-1, (1, 2), None) == a and ids.lookup(a, (3, 4), None) == b
-    assert ids.lookup(-1, (9, 9), None) < 0
+    assert intern(-1, [1, 2], -1, create=False) == a and intern(a, [3, 4], -1, False) == b
+    assert intern(-1, [9, 9], -1, create=False) == MISSING
+    ids.reserve(20, None)  # grows by doubling, ids stay valid
+    assert ids.capacity >= 22 and intern(a, [3, 4], -1, False) == b
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, database=None)
@@ -138,12 +147,12 @@ def test_prefix_id_collection_keeps_hits_identical_to_spec() -> None:
     assert isinstance(impl, BlockManager)
     rng = np.random.default_rng(1)
     for step in range(60):
-        impl._pids.collect_at = 8  # collect at every allocate
         s = step % 4
         if ls.model.has_sequence(s):
             ls.call("free", s)
         prompt = rng.integers(0, 3, size=int(rng.integers(1, 12))).tolist()
         ls.call("allocate", s, prompt, None)
+        impl._pids.collect(impl._live_pids())  # collect after every allocate
         ls.check()
     # only ids of cached blocks (<= 64) and of the live sequences' blocks (<= 4 * 11) remain
     assert len(impl._pids) <= 64 + 44

@@ -1,0 +1,145 @@
+"""The spec's block content hash (``spec.prefix_cache.hash_block_tokens``) in numba.
+
+BLAKE2b with an 8-byte digest over the little-endian int64 words ``parent_hash, len(tokens),
+*tokens`` followed by ``-1`` (no extra key) or ``len(key)`` and the key's UTF-8 bytes; the digest
+read as a little-endian integer and masked to 63 bits. Bit-for-bit the spec's value (tested
+against it), at a fraction of a microsecond per block instead of a few.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+from numpy.typing import NDArray
+
+__all__ = ["block_hash", "chain_hashes_nb", "hash_into", "scratch_for"]
+
+_IV = np.array(
+    [
+        0x6A09E667F3BCC908, 0xBB67AE8584CAA73B, 0x3C6EF372FE94F82B, 0xA54FF53A5F1D36F1,
+        0x510E527FADE682D1, 0x9B05688C2B3E6C1F, 0x1F83D9ABFB41BD6B, 0x5BE0CD19137E2179,
+    ],
+    dtype=np.uint64,
+)  # fmt: skip
+_SIGMA = np.array(
+    [
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+        [14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3],
+        [11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4],
+        [7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8],
+        [9, 0, 5, 7, 2, 4, 10, 15, 14, 1, 11, 12, 6, 8, 3, 13],
+        [2, 12, 6, 10, 0, 11, 8, 3, 4, 13, 7, 5, 15, 14, 1, 9],
+        [12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11],
+        [13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10],
+        [6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5],
+        [10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0],
+    ],
+    dtype=np.int64,
+)
+_MASK63 = np.uint64((1 << 63) - 1)
+U64 = NDArray[np.uint64]
+
+
+@njit(cache=True, inline="always")
+def _rotr(x: np.uint64, n: int) -> np.uint64:
+    r: np.uint64 = (x >> np.uint64(n)) | (x << np.uint64(64 - n))
+    return r
+
+
+@njit(cache=True)
+def _compress(h: U64, m: U64, t: int, last: bool, v: U64) -> None:
+    """One BLAKE2b compression of the 16-word block ``m`` into state ``h`` (counter ``t``);
+    ``v`` is scratch ``[16]``."""
+    for i in range(8):
+        v[i] = h[i]
+        v[i + 8] = _IV[i]
+    v[12] ^= np.uint64(t)
+    if last:
+        v[14] = ~v[14]
+    for r in range(12):
+        s = _SIGMA[r % 10]
+        for j in range(8):
+            if j < 4:
+                a, b, c, d = j, j + 4, j + 8, j + 12
+            else:
+                a = j - 4
+                b = 4 + (j - 3) % 4
+                c = 8 + (j - 2) % 4
+                d = 12 + (j - 1) % 4
+            x = m[s[2 * j]]
+            y = m[s[2 * j + 1]]
+            v[a] = v[a] + v[b] + x
+            v[d] = _rotr(v[d] ^ v[a], 32)
+            v[c] = v[c] + v[d]
+            v[b] = _rotr(v[b] ^ v[c], 24)
+            v[a] = v[a] + v[b] + y
+            v[d] = _rotr(v[d] ^ v[a], 16)
+            v[c] = v[c] + v[d]
+            v[b] = _rotr(v[b] ^ v[c], 63)
+    for i in range(8):
+        h[i] ^= v[i] ^ v[i + 8]
+
+
+@njit(cache=True)
+def hash_into(
+    parent: int, tokens: NDArray[np.int64], key: NDArray[np.uint8], has_key: bool, scratch: U64
+) -> int:
+    """``hash_block_tokens(parent, tokens, key or None)``; ``scratch`` is uint64 ``[>= 40 +
+    16 * ceil((8 * (3 + n) + len(key)) / 128)]`` (see :func:`scratch_for`)."""
+    n = tokens.shape[0]
+    nkey = key.shape[0] if has_key else 0
+    total = 8 * (3 + n) + nkey  # bytes of the message
+    nwords = ((total + 127) // 128) * 16  # whole 128-byte blocks
+    h = scratch[0:8]
+    v = scratch[8:24]
+    buf = scratch[24 : 24 + nwords]
+    buf[:] = 0
+    buf[0] = np.uint64(parent)
+    buf[1] = np.uint64(n)
+    for i in range(n):
+        buf[2 + i] = np.uint64(tokens[i])
+    if has_key:
+        buf[2 + n] = np.uint64(nkey)
+        for i in range(nkey):  # bytes after the length word, little-endian packing
+            w = 3 + n + i // 8
+            buf[w] |= np.uint64(key[i]) << np.uint64(8 * (i % 8))
+    else:
+        buf[2 + n] = np.uint64(0xFFFFFFFFFFFFFFFF)
+    for i in range(8):
+        h[i] = _IV[i]
+    h[0] ^= np.uint64(0x01010008)  # digest 8 bytes, no key, fanout 1, depth 1
+    nblocks = nwords // 16
+    for blk in range(nblocks):
+        last = blk == nblocks - 1
+        t = total if last else 128 * (blk + 1)
+        _compress(h, buf[16 * blk : 16 * blk + 16], t, last, v)
+    out: int = np.int64(h[0] & _MASK63)
+    return out
+
+
+@njit(cache=True)
+def scratch_for(block_size: int, key_len: int) -> U64:
+    """Scratch space for :func:`hash_into` with blocks of ``block_size`` and this key length."""
+    total = 8 * (3 + block_size) + key_len
+    return np.empty(24 + ((total + 127) // 128) * 16, dtype=np.uint64)
+
+
+@njit(cache=True)
+def block_hash(parent: int, tokens: NDArray[np.int64], key: NDArray[np.uint8], has_key: bool) -> int:
+    """``hash_block_tokens(parent, tokens, key or None)`` of the spec, bit for bit."""
+    return hash_into(parent, tokens, key, has_key, scratch_for(tokens.shape[0], key.shape[0]))
+
+
+@njit(cache=True)
+def chain_hashes_nb(
+    tokens: NDArray[np.int64], bs: int, key: NDArray[np.uint8], has_key: bool
+) -> NDArray[np.int64]:
+    """Hashes ``[n // bs]`` of every full block, each folding in its parent's (root: -1)."""
+    nfull = tokens.shape[0] // bs
+    out = np.empty(nfull, dtype=np.int64)
+    scratch = scratch_for(bs, key.shape[0])
+    h = -1
+    for i in range(nfull):
+        h = hash_into(h, tokens[i * bs : (i + 1) * bs], key, has_key, scratch)
+        out[i] = h
+    return out
