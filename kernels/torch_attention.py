@@ -3,12 +3,17 @@
 The math follows ARCHITECTURE.md: logits ``s = scale * q.k``, then soft-cap ``c * tanh(s / c)``,
 a query at absolute position ``p`` sees key ``j`` iff ``j <= p`` and (with window ``w``)
 ``j > p - w``; query head ``h`` reads KV head ``h // (Hq // Hkv)``; a row that sees no key
-outputs 0. Accumulation is float32 (float64 for float64 inputs).
+outputs 0. Accumulation is float32 (float64 for float64 inputs). Without a soft-cap the softmax and value
+product run fused in ``F.scaled_dot_product_attention`` (about twice as fast on the CPU as the
+explicit ops, which remain for the soft-cap); keys past a length are redirected to the
+sequence's first token before the gather so that whatever those rows hold (NaN included) never
+reaches the output.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["torch_paged_decode", "torch_paged_prefill", "gather_keys"]
 
@@ -65,6 +70,8 @@ def torch_paged_decode(
     lens = seq_lens.long()
     max_len = int(lens.max())
     nblk = max(1, -(-max_len // bs))
+    if softcap is None:
+        return _sdpa_decode(q, k_cache, v_cache, block_tables, lens, nblk, scale, sliding_window)
     bt = block_tables[:, :nblk].long().clamp(0, nb - 1)  # entries past a length: any valid id
     k = k_cache[bt].reshape(batch, nblk * bs, hkv, d).to(cdt)  # [B, N, Hkv, D]
     v = v_cache[bt].reshape(batch, nblk * bs, hkv, d).to(cdt)
@@ -77,6 +84,34 @@ def torch_paged_decode(
     v = v.masked_fill(~visible[:, :, None, None], 0.0)  # rows past a length may hold anything
     o = _softmax_attend(s, visible[:, None, None, :], v.permute(0, 2, 1, 3), softcap)
     return o.reshape(batch, hq, d).to(q.dtype)  # [B, Hkv, G, D] -> [B, Hq, D]
+
+
+def _sdpa_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    lens: torch.Tensor, nblk: int, scale: float, sliding_window: int | None,
+) -> torch.Tensor:
+    """Decode through SDPA: q [B, Hq, D], lens [B] int64 -> [B, Hq, D]."""
+    batch, hq, d = q.shape
+    nb, bs, hkv, _ = k_cache.shape
+    cdt = _compute_dtype(q.dtype)
+    n = nblk * bs
+    pos = torch.arange(n, device=q.device)  # [N]
+    visible = pos[None, :] < lens[:, None]  # [B, N]
+    if sliding_window is not None:
+        visible &= pos[None, :] >= lens[:, None] - sliding_window
+    blocks = block_tables[:, :nblk].long().clamp(0, nb - 1)  # [B, nblk]
+    slots = blocks[:, pos // bs] * bs + pos % bs  # [B, N]
+    first = slots[:, :1]
+    if sliding_window is not None:  # the first visible key, a finite row
+        start = (lens - sliding_window).clamp_min(0).clamp_max(n - 1)[:, None]
+        first = slots.gather(1, start)
+    slots = torch.where(visible, slots, first)
+    k = k_cache.view(nb * bs, hkv, d)[slots].transpose(1, 2).to(cdt)  # [B, Hkv, N, D]
+    v = v_cache.view(nb * bs, hkv, d)[slots].transpose(1, 2).to(cdt)
+    qf = q.to(cdt).view(batch, hkv, hq // hkv, d)  # [B, Hkv, G, D]: G plays the query rows
+    o = F.scaled_dot_product_attention(qf, k, v, attn_mask=visible[:, None, None, :], scale=scale)
+    o = torch.where((lens > 0)[:, None, None, None], o, torch.zeros_like(o))  # no key: 0
+    return o.reshape(batch, hq, d).to(q.dtype)
 
 
 def torch_paged_prefill(
@@ -104,12 +139,19 @@ def torch_paged_prefill(
         k = gather_keys(k_cache, block_tables[b], seq_len).to(cdt)  # [L, Hkv, D]
         v = gather_keys(v_cache, block_tables[b], seq_len).to(cdt)
         qb = q[start:end].to(cdt).reshape(n, hkv, g, d)  # [n, Hkv, G, D]
-        s = torch.einsum("nhgd,jhd->hgnj", qb, k) * scale  # [Hkv, G, n, L]
         pos = torch.arange(seq_len - n, seq_len, device=q.device)[:, None]  # [n, 1]
         key = torch.arange(seq_len, device=q.device)[None, :]  # [1, L]
-        visible = key <= pos
+        visible = key <= pos  # [n, L]: every row sees at least its own key
         if sliding_window is not None:
             visible &= key > pos - sliding_window
-        o = _softmax_attend(s, visible, v.permute(1, 0, 2)[:, None], softcap)  # [Hkv, G, n, D]
+        if softcap is None:  # fused: rows (g, i) of each KV head, mask repeated over g
+            qs = qb.permute(1, 2, 0, 3).reshape(hkv, g * n, d)  # [Hkv, G*n, D]
+            o = F.scaled_dot_product_attention(
+                qs, k.transpose(0, 1), v.transpose(0, 1), attn_mask=visible.repeat(g, 1),
+                scale=scale,
+            ).view(hkv, g, n, d)  # [Hkv, G, n, D]
+        else:
+            s = torch.einsum("nhgd,jhd->hgnj", qb, k) * scale  # [Hkv, G, n, L]
+            o = _softmax_attend(s, visible, v.permute(1, 0, 2)[:, None], softcap)
         out[start:end] = o.permute(2, 0, 1, 3).reshape(n, hq, d).to(q.dtype)
     return out
