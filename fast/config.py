@@ -174,7 +174,11 @@ class ModelConfig:
         hidden = int(key("embedding_length"))
         if vocab_size is None:
             vocab_size = int(key("vocab_size", len(metadata.get("tokenizer.ggml.tokens", []))))
-        head_dim = int(key("rope.dimension_count", hidden // heads))
+        head_dim = int(key("attention.key_length", hidden // heads))
+        rope_dim = int(key("rope.dimension_count", head_dim))
+        if rope_dim != head_dim:
+            raise InvalidModelConfigError("partial rotary embeddings are not supported",
+                                          rope_dimension_count=rope_dim, head_dim=head_dim)
         scaling: RopeScaling | None = None
         if f"{arch}.rope.scaling.factor" in metadata and str(
                 metadata.get(f"{arch}.rope.scaling.type", "llama3")) == "llama3":

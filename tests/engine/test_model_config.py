@@ -110,3 +110,13 @@ def test_rope_freq_factors_validated() -> None:
         ModelConfig(**values, rope_freq_factors=(1.0, 2.0, 4.0))
     with pytest.raises(InvalidModelConfigError, match="head_dim=8"):
         ModelConfig(**values, rope_freq_factors=(1.0, 0.0, 4.0, 8.0))
+
+
+def test_gguf_head_dim_from_key_length_and_partial_rope_rejected() -> None:
+    md = {"general.architecture": "llama", "llama.block_count": 1, "llama.embedding_length": 64,
+          "llama.feed_forward_length": 96, "llama.attention.head_count": 4,
+          "llama.attention.key_length": 32, "llama.rope.dimension_count": 32}
+    assert ModelConfig.from_gguf(md, tie_word_embeddings=True, vocab_size=10).head_dim == 32
+    with pytest.raises(InvalidModelConfigError, match="rope_dimension_count=16"):
+        ModelConfig.from_gguf({**md, "llama.rope.dimension_count": 16},
+                              tie_word_embeddings=True, vocab_size=10)
