@@ -81,3 +81,29 @@ def test_prefill_tile_search_over_many_ragged_sequences(group: int) -> None:
                          seq_lens=seq_lens, q_lens=q_lens, dtype="float32", seed=11)
     for backend in ("triton", "torch"):
         check_prefill(attention_impl(backend), build_case(case))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_views_as_the_engine_passes_them(backend: str) -> None:
+    # q and k are column slices of one fused qkv projection; out is a strided view too
+    torch.manual_seed(3)
+    hq, hkv, d, t = 8, 2, 64, 5
+    qkv = torch.randn(t, (hq + 2 * hkv) * d)
+    q = qkv[:, : hq * d].view(t, hq, d)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
+    v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
+    kc = torch.zeros(4, 8, hkv, d)
+    vc = torch.zeros(4, 8, hkv, d)
+    kernels.write_kv(k, v, kc, vc, torch.tensor([17, 18, 19, 20, 21]), backend=backend)
+    assert torch.equal(kc.view(-1, hkv, d)[17:22], k) and torch.equal(vc.view(-1, hkv, d)[17:22], v)
+    table = torch.tensor([[0, 1, 2]], dtype=torch.int32)  # tokens 0..21: 17 cached + 5 new
+    lens = torch.tensor([22], dtype=torch.int32)
+    cu = torch.tensor([0, t], dtype=torch.int32)
+    big = torch.full((t, hq, 2 * d), float("nan"))
+    out = big[:, :, :d]  # non-contiguous
+    kernels.paged_prefill(q, kc, vc, table, cu, lens, scale=0.125, out=out, backend=backend)
+    ref = kernels.paged_prefill(q.contiguous(), kc, vc, table, cu, lens, scale=0.125,
+                                backend="torch")
+    assert torch.allclose(out, ref, atol=1e-5) and torch.isnan(big[:, :, d:]).all()
+    dec = kernels.paged_decode(q[-1:], kc, vc, table, lens, scale=0.125, backend=backend)
+    assert torch.allclose(dec, ref[-1:], atol=1e-5)
