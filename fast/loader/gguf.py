@@ -14,6 +14,7 @@ from fast.loader.dequant import dequantize, unpermute_qk
 from fast.loader.gguf_file import read_gguf
 from fast.loader.weights import check_complete, empty_model
 from fast.model import LlamaForCausalLM, WeightLoadError
+from fast.loader.gguf_tokenizer import tokenizer_from_gguf
 from fast.tokenizer import Tokenizer
 
 # llama.cpp tensor name -> Hugging Face tensor name ("{i}" = layer index)
@@ -91,4 +92,4 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype, device: torch.device | st
             dest.copy_(torch.from_numpy(weight))
         loaded.append(target)
     check_complete(model, loaded)
-    return model, Tokenizer.from_gguf_metadata(metadata), config
+    return model, tokenizer_from_gguf(metadata), config

@@ -21,7 +21,7 @@ from fast.loader import ModelNotFoundError, load_model
 from fast.loader.dequant import permute_qk
 from fast.loader.gguf_file import GGUFFormatError, read_gguf
 from fast.model import allocate_kv_caches
-from fast.tokenizer import _byte_spelling
+from fast.loader.gguf_tokenizer import byte_spelling
 
 transformers = pytest.importorskip("transformers")
 
@@ -40,7 +40,7 @@ GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight",
 
 
 def vocabulary() -> list[str]:
-    spelled = _byte_spelling()
+    spelled = byte_spelling()
     merged = [m.replace(" ", "") for m in MERGES]
     return SPECIAL + [spelled[b] for b in range(256)] + merged
 
