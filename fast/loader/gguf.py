@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -13,8 +12,8 @@ from fast.config import ModelConfig
 from fast.loader.dequant import dequantize, unpermute_qk
 from fast.loader.gguf_file import read_gguf
 from fast.loader.weights import check_complete, empty_model
-from fast.model import LlamaForCausalLM, WeightLoadError
 from fast.loader.gguf_tokenizer import tokenizer_from_gguf
+from fast.model import LlamaForCausalLM, WeightLoadError
 from fast.tokenizer import Tokenizer
 
 # llama.cpp tensor name -> Hugging Face tensor name ("{i}" = layer index)
