@@ -27,7 +27,7 @@ from fast.outputs import CompletionOutput, RequestOutput
 from fast.sampler import Sampler
 from fast.sampling_params import SamplingParams
 from fast.scheduler import Scheduler
-from fast.sequence import Sequence, SequenceStatus
+from fast.sequence import Sequence
 from spec.errors import InvalidArgumentError
 from spec.scheduler import SchedulerConfig, SchedulerOutput, StepOutcome
 
@@ -126,7 +126,7 @@ class LLMEngine:
         self._stop = StopChecker(self.tokenizer, self.model_config, max_len)
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
-        self._requests: dict[str, Sequence] = {}
+        self._requests: dict[str, list[Sequence]] = {}   # request id -> its n sequences
         self._generators: dict[int, torch.Generator] = {}
         self.stats = EngineStats()
         self._graphs: Any = None
@@ -151,28 +151,28 @@ class LLMEngine:
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise InvalidArgumentError("prompt_token_ids", bad[:5], f"outside [0, {vocab})")
-        if params.n != 1:
-            raise InvalidArgumentError("n", params.n, "only n=1 is supported")
-        seq = Sequence(next(self._seq_ids), request_id, next(self._arrivals), list(ids),
-                       sampling_params=params, prompt=text)
-        if params.logprobs is not None:
-            seq.logprobs = []
-        self._stop.start(seq)
-        self.scheduler.add_sequence(seq)
-        self._requests[request_id] = seq
-        if params.seed is not None:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(params.seed)
-            self._generators[seq.seq_id] = gen
+        group = []
+        for index in range(params.n):   # n > 1: independent samples of the same prompt
+            seq = Sequence(next(self._seq_ids), request_id, next(self._arrivals), list(ids),
+                           sampling_params=params, prompt=text, index=index)
+            if params.logprobs is not None:
+                seq.logprobs = []
+            self._stop.start(seq)
+            self.scheduler.add_sequence(seq)
+            group.append(seq)
+            if params.seed is not None:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(params.seed + index)
+                self._generators[seq.seq_id] = gen
+        self._requests[request_id] = group
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now; its blocks go back to the pool. Unknown ids are ignored."""
-        seq = self._requests.pop(request_id, None)
-        if seq is None:
-            return
-        self.scheduler.abort(seq.seq_id)
-        self._stop.finish(seq)
-        self._generators.pop(seq.seq_id, None)
+        for seq in self._requests.pop(request_id, []):
+            if not seq.is_finished:
+                self.scheduler.abort(seq.seq_id)
+            self._stop.finish(seq)
+            self._generators.pop(seq.seq_id, None)
 
     def has_unfinished_requests(self) -> bool:
         """Some request is waiting, running or swapped."""
@@ -212,25 +212,29 @@ class LLMEngine:
             raise RuntimeError("the scheduler made no progress with requests waiting: "
                                f"{self.num_free_gpu_blocks} free blocks")
         self.scheduler.update(StepOutcome(sampled, frozenset(finished)))
-        for seq in touched:
-            if seq.is_finished:
-                self._requests.pop(seq.request_id, None)
-                self._generators.pop(seq.seq_id, None)
-                self._stop.finish(seq)
-        return [self.request_output(seq) for seq in touched
-                if not finished_only or seq.is_finished]
+        outputs = []
+        for request_id in dict.fromkeys(seq.request_id for seq in touched):
+            group = self._requests[request_id]
+            done = all(seq.is_finished for seq in group)
+            if done:
+                del self._requests[request_id]
+                for seq in group:
+                    self._generators.pop(seq.seq_id, None)
+                    self._stop.finish(seq)
+            if done or not finished_only:
+                outputs.append(self.request_output(group))
+        return outputs
 
-    def request_output(self, seq: Sequence) -> RequestOutput:
-        """The current :class:`RequestOutput` of ``seq``'s request."""
-        completion = CompletionOutput(
-            index=0, text=seq.output_text, token_ids=seq.output_token_ids,
+    def request_output(self, group: list[Sequence]) -> RequestOutput:
+        """The current :class:`RequestOutput` of a request (its sequences, in index order)."""
+        completions = [CompletionOutput(
+            index=seq.index, text=seq.output_text, token_ids=seq.output_token_ids,
             cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
             logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
-            finish_reason=seq.finish_reason if seq.status != SequenceStatus.FINISHED_ABORTED
-            else "abort",
-            stop_reason=seq.stop_reason)
-        return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids),
-                             [completion], seq.is_finished)
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason) for seq in group]
+        first = group[0]
+        return RequestOutput(first.request_id, first.prompt, list(first.prompt_token_ids),
+                             completions, all(seq.is_finished for seq in group))
 
     # -- internals ------------------------------------------------------------------------
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:

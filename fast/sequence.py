@@ -45,6 +45,7 @@ class Sequence:
         num_computed: tokens whose KV is computed (or computed by the step in flight).
         in_pool: the block manager holds blocks of this sequence (device or host).
         pending: the last token was sampled and is not yet in the block manager.
+        index: the sequence's index among its request's ``n`` samples.
     """
 
     seq_id: int
@@ -62,7 +63,7 @@ class Sequence:
     logprobs: list[dict[int, float]] | None = None
     output_text: str = ""
     stop_reason: int | str | None = None
-    text_offset: int = 0          # characters of output_text already streamed
+    index: int = 0                # which of the request's n sequences this is
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -161,8 +161,8 @@ def test_bad_input_raises_before_scheduling(llm: LLM, model_dir: Path) -> None:
         llm.generate({"nothing": 1}, greedy(), use_tqdm=False)
     with pytest.raises(InvalidSamplingParamsError):
         llm.generate("fine", SamplingParams(temperature=-1.0), use_tqdm=False)
-    with pytest.raises(InvalidArgumentError):
-        llm.generate("fine", SamplingParams(n=2), use_tqdm=False)
+    with pytest.raises(InvalidSamplingParamsError):
+        llm.generate("fine", SamplingParams(n=0), use_tqdm=False)
     assert whole(llm)                 # nothing was queued by the failed calls
     ok = llm.generate("fine", greedy(3, ignore_eos=True), use_tqdm=False)
     assert len(ok[0].outputs[0].token_ids) == 3
@@ -187,3 +187,22 @@ def test_tqdm_bar_counts_requests(llm: LLM, capsys: pytest.CaptureFixture[str]) 
     llm.generate(["a", "b", "c"], greedy(2, ignore_eos=True), use_tqdm=True)
     err = capsys.readouterr().err
     assert "3/3" in err
+
+
+def test_n_samples_per_prompt(llm: LLM) -> None:
+    p = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=8, ignore_eos=True)
+    (out,) = llm.generate("many", p, use_tqdm=False)
+    assert [c.index for c in out.outputs] == [0, 1, 2] and out.finished
+    assert all(len(c.token_ids) == 8 and c.finish_reason == "length" for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1      # independent samples
+    (again,) = llm.generate("many", p, use_tqdm=False)
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
+    (g,) = llm.generate("many", SamplingParams(n=2, temperature=0.0, max_tokens=5,
+                                               ignore_eos=True), use_tqdm=False)
+    assert g.outputs[0].token_ids == g.outputs[1].token_ids
+    stream = llm.stream("many", p)
+    first = next(stream)
+    assert len(first.outputs) == 3 and not first.finished
+    llm.abort(first.request_id)
+    assert list(stream) == []
+    assert whole(llm)
