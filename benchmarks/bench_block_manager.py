@@ -110,6 +110,8 @@ def allocate_workload(impl: str) -> Workload:
     prompts = [_tokens(impl, p) for p in sharegpt_prompts()]
 
     def run(bm: Any) -> Any:
+        if impl == "fast":  # one call for the batch (the scheduler admits several at once)
+            return bm.allocate_batch(range(len(prompts)), prompts)
         for i, p in enumerate(prompts):
             bm.allocate(i, p)
         return bm
@@ -125,15 +127,25 @@ def fork_workload(impl: str) -> Workload:
     ids: Any = np.array(ids_list, dtype=np.int64) if impl == "fast" else ids_list
     toks: Any = toks_arr if impl == "fast" else toks_arr.tolist()
 
+    parents = [8 * i for i in range(32) for _ in range(1, 8)]
+    children = [8 * i + j for i in range(32) for j in range(1, 8)]
+
     def run(bm: Any) -> Any:
-        for i, p in enumerate(prompts):
-            bm.allocate(8 * i, p)
-            for j in range(1, 8):
-                bm.fork(8 * i, 8 * i + j)
+        if impl == "fast":
+            bm.allocate_batch(range(0, 256, 8), prompts)
+            bm.fork_batch(parents, children)
+        else:
+            for i, p in enumerate(prompts):
+                bm.allocate(8 * i, p)
+            for parent, child in zip(parents, children):
+                bm.fork(parent, child)
         for _ in range(DECODE_STEPS):
             _step(impl, bm, ids, toks)
-        for s in ids_list:
-            bm.free(s)
+        if impl == "fast":
+            bm.free_batch(ids_list)
+        else:
+            for s in ids_list:
+                bm.free(s)
         return bm
 
     return (lambda: _manager(impl, 8192, True)), run, 1
@@ -156,6 +168,10 @@ def prefix_workload(impl: str) -> Workload:
         return bm
 
     def run(bm: Any) -> Any:
+        if impl == "fast":
+            bm.allocate_batch(range(len(reqs)), reqs)
+            bm.free_batch(range(len(reqs)))
+            return bm
         for i, r in enumerate(reqs):
             bm.allocate(i, r)
         for i in range(len(reqs)):

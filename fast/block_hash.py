@@ -46,38 +46,49 @@ def _rotr(x: np.uint64, n: int) -> np.uint64:
     return r
 
 
+@njit(cache=True, inline="always")
+def _g(
+    a: np.uint64, b: np.uint64, c: np.uint64, d: np.uint64, x: np.uint64, y: np.uint64
+) -> tuple[np.uint64, np.uint64, np.uint64, np.uint64]:
+    a = a + b + x
+    d = _rotr(d ^ a, 32)
+    c = c + d
+    b = _rotr(b ^ c, 24)
+    a = a + b + y
+    d = _rotr(d ^ a, 16)
+    c = c + d
+    b = _rotr(b ^ c, 63)
+    return a, b, c, d
+
+
 @njit(cache=True)
 def _compress(h: U64, m: U64, t: int, last: bool, v: U64) -> None:
-    """One BLAKE2b compression of the 16-word block ``m`` into state ``h`` (counter ``t``);
-    ``v`` is scratch ``[16]``."""
-    for i in range(8):
-        v[i] = h[i]
-        v[i + 8] = _IV[i]
-    v[12] ^= np.uint64(t)
-    if last:
-        v[14] = ~v[14]
+    """One BLAKE2b compression of the 16-word block ``m`` into state ``h`` (counter ``t``).
+    The working vector lives in 16 locals (registers); ``v`` is unused scratch."""
+    v0, v1, v2, v3, v4, v5, v6, v7 = h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]
+    v8, v9, v10, v11 = _IV[0], _IV[1], _IV[2], _IV[3]
+    v12 = _IV[4] ^ np.uint64(t)
+    v13 = _IV[5]
+    v14 = ~_IV[6] if last else _IV[6]
+    v15 = _IV[7]
     for r in range(12):
         s = _SIGMA[r % 10]
-        for j in range(8):
-            if j < 4:
-                a, b, c, d = j, j + 4, j + 8, j + 12
-            else:
-                a = j - 4
-                b = 4 + (j - 3) % 4
-                c = 8 + (j - 2) % 4
-                d = 12 + (j - 1) % 4
-            x = m[s[2 * j]]
-            y = m[s[2 * j + 1]]
-            v[a] = v[a] + v[b] + x
-            v[d] = _rotr(v[d] ^ v[a], 32)
-            v[c] = v[c] + v[d]
-            v[b] = _rotr(v[b] ^ v[c], 24)
-            v[a] = v[a] + v[b] + y
-            v[d] = _rotr(v[d] ^ v[a], 16)
-            v[c] = v[c] + v[d]
-            v[b] = _rotr(v[b] ^ v[c], 63)
-    for i in range(8):
-        h[i] ^= v[i] ^ v[i + 8]
+        v0, v4, v8, v12 = _g(v0, v4, v8, v12, m[s[0]], m[s[1]])
+        v1, v5, v9, v13 = _g(v1, v5, v9, v13, m[s[2]], m[s[3]])
+        v2, v6, v10, v14 = _g(v2, v6, v10, v14, m[s[4]], m[s[5]])
+        v3, v7, v11, v15 = _g(v3, v7, v11, v15, m[s[6]], m[s[7]])
+        v0, v5, v10, v15 = _g(v0, v5, v10, v15, m[s[8]], m[s[9]])
+        v1, v6, v11, v12 = _g(v1, v6, v11, v12, m[s[10]], m[s[11]])
+        v2, v7, v8, v13 = _g(v2, v7, v8, v13, m[s[12]], m[s[13]])
+        v3, v4, v9, v14 = _g(v3, v4, v9, v14, m[s[14]], m[s[15]])
+    h[0] ^= v0 ^ v8
+    h[1] ^= v1 ^ v9
+    h[2] ^= v2 ^ v10
+    h[3] ^= v3 ^ v11
+    h[4] ^= v4 ^ v12
+    h[5] ^= v5 ^ v13
+    h[6] ^= v6 ^ v14
+    h[7] ^= v7 ^ v15
 
 
 @njit(cache=True)

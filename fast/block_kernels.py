@@ -27,7 +27,7 @@ from numba import njit
 from numpy.typing import NDArray
 
 from fast.block_hash import hash_into
-from fast.block_prefix import intern_one
+from fast.block_prefix import intern_chain, intern_one
 
 # status codes returned by the kernels
 OK = 0
@@ -584,3 +584,153 @@ def decode_kernel(
         for j in range(w):
             out[k, j] = tables[r, j]
     return OK, out, lens
+
+
+EXISTS = 7  # info[3] = batch index
+
+
+@njit(cache=True)
+def allocate_batch_kernel(
+    bs: int,
+    watermark: int,
+    caching: bool,
+    precomputed: bool,  # hashes and prefix ids given (a Python hash_fn) instead of computed
+    sids: I64,  # [B] validated new ids
+    flat: I64,  # [sum n] validated prompts, concatenated
+    offs: I64,  # [B + 1]
+    xreq: I64,  # [B] extra key ids
+    hin: I64,  # [sum n // bs] precomputed hashes
+    pin: I64,  # [sum n // bs] precomputed prefix ids
+    hoffs: I64,  # [B + 1]
+    xbytes: U8,
+    xoff: I64,
+    hscratch: NDArray[np.uint64],
+    nodes: I64,
+    ntoks: I64,
+    nkeys: I64,
+    nmeta: I64,
+    nstack: I64,
+    gpool: I32,
+    meta: I64,
+    ent: I64,
+    ikeys: I64,
+    ivals: I32,
+    skeys: I64,
+    svals: I32,
+    tables: I32,
+    ntok: I64,
+    toks: I64,
+    bhash: I64,
+    bpid: I64,
+    xid: I64,
+    rows_avail: I32,  # [B] the rows to use, in order
+    cached_out: I64,  # out [B]
+    info: I64,  # out: needed, free, hits, number of prompts allocated
+) -> int:
+    """``allocate`` each prompt in order (hash, intern, match, check, take); stops at the first
+    that fails (EXISTS or NO_BLOCKS) with the earlier ones done, as one call after another."""
+    for k in range(sids.shape[0]):
+        info[3] = k
+        sid = sids[k]
+        if oa_find(skeys, svals, sid) >= 0:
+            return EXISTS
+        prompt = flat[offs[k] : offs[k + 1]]
+        n = prompt.shape[0]
+        x = xreq[k]
+        if not caching:
+            hashes = hin[0:0]
+            pids = pin[0:0]
+        elif precomputed:
+            hashes = hin[hoffs[k] : hoffs[k + 1]]
+            pids = pin[hoffs[k] : hoffs[k + 1]]
+        else:
+            nfull = n // bs
+            hashes = np.empty(nfull, dtype=np.int64)
+            key = xbytes[xoff[x] : xoff[x + 1]] if x >= 0 else xbytes[0:0]
+            h = -1
+            for i in range(nfull):
+                h = hash_into(h, prompt[i * bs : (i + 1) * bs], key, x >= 0, hscratch)
+                hashes[i] = h
+            pids = intern_chain(prompt, bs, hashes, x, True, nodes, ntoks, nkeys, nmeta, nstack)
+        hits = np.empty(hashes.shape[0], dtype=np.int32)
+        row = rows_avail[k]
+        status = allocate_kernel(
+            bs, watermark, row, prompt, hashes, pids, False, gpool, meta, ent, ikeys, ivals,
+            tables, ntok, toks, bhash, bpid, hits, info,
+        )  # fmt: skip
+        if status != OK:
+            return status
+        allocate_kernel(
+            bs, watermark, row, prompt, hashes, pids, True, gpool, meta, ent, ikeys, ivals,
+            tables, ntok, toks, bhash, bpid, hits, info,
+        )  # fmt: skip
+        oa_insert(skeys, svals, sid, row)
+        xid[row] = x
+        cached_out[k] = info[2] * bs
+    info[3] = sids.shape[0]
+    return OK
+
+
+@njit(cache=True)
+def free_batch_kernel(
+    bs: int,
+    sids: I64,  # [B]
+    gpool: I32,
+    cpool: I32,
+    meta: I64,
+    skeys: I64,
+    svals: I32,
+    tables: I32,
+    ntok: I64,
+    swapped: U8,
+    xid: I64,
+    rows_out: I32,  # out [B]: the freed rows
+) -> int:
+    """``free`` each sequence in order; returns how many were freed before an unknown id."""
+    for k in range(sids.shape[0]):
+        r = oa_find(skeys, svals, sids[k])
+        if r < 0:
+            return k
+        free_kernel(bs, r, gpool, cpool, meta, tables, ntok, swapped)
+        oa_delete(skeys, svals, sids[k])
+        xid[r] = -1
+        rows_out[k] = r
+    n: int = sids.shape[0]
+    return n
+
+
+@njit(cache=True)
+def fork_batch_kernel(
+    bs: int,
+    parents: I64,  # [B]
+    children: I64,  # [B] validated ids
+    gpool: I32,
+    skeys: I64,
+    svals: I32,
+    tables: I32,
+    ntok: I64,
+    toks: I64,
+    swapped: U8,
+    bhash: I64,
+    bpid: I64,
+    xid: I64,
+    rows_avail: I32,  # [B] the child rows to use, in order
+    info: I64,  # out: info[3] = number forked
+) -> int:
+    """``fork`` each (parent, child) in order; stops at the first error (UNKNOWN parent,
+    SWAPPED parent, EXISTS child) with the earlier forks done."""
+    for k in range(parents.shape[0]):
+        info[3] = k
+        p = oa_find(skeys, svals, parents[k])
+        if p < 0:
+            return UNKNOWN
+        if swapped[p] != 0:
+            return SWAPPED
+        if oa_find(skeys, svals, children[k]) >= 0:
+            return EXISTS
+        c = rows_avail[k]
+        fork_kernel(bs, p, c, gpool, tables, ntok, toks, swapped, bhash, bpid)
+        xid[c] = xid[p]
+        oa_insert(skeys, svals, children[k], c)
+    info[3] = parents.shape[0]
+    return OK

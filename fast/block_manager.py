@@ -66,8 +66,8 @@ def _check_token(token: Any, name: str) -> int:
 def _tokens_array(token_ids: Sequence[int] | NDArray[Any], name: str) -> NDArray[np.int64]:
     """``token_ids`` as int64 ``[n]``, validated as the spec does (first bad token raises)."""
     if isinstance(token_ids, np.ndarray) and token_ids.dtype == np.int64 and token_ids.ndim == 1:
-        bad = np.flatnonzero(token_ids < 0)
-        if bad.size:
+        if token_ids.size and token_ids.min() < 0:
+            bad = np.flatnonzero(token_ids < 0)
             raise InvalidArgumentError(
                 name, int(token_ids[bad[0]]), "token ids must be ints in [0, 2**63)"
             )
@@ -153,22 +153,27 @@ class BlockManager:
     def _new_row(self, seq_id: int) -> int:
         """A free row for ``seq_id``, registered in both id maps."""
         if not self._free_rows:
-            r = self._tables.shape[0]
-            for name in ("_tables", "_toks", "_bhash", "_bpid", "_ntok", "_swapped", "_rstamp", "_xid"):
-                old = getattr(self, name)
-                new = np.zeros((2 * r,) + old.shape[1:], dtype=old.dtype)
-                if name == "_xid":
-                    new[:] = -1
-                new[:r] = old
-                setattr(self, name, new)
-            self._extra.extend([None] * r)
-            self._free_rows = list(range(2 * r - 1, r - 1, -1))
+            self._grow_rows()
         row = self._free_rows.pop()
         if 2 * (len(self._rows) + 1) > len(self._skeys):
             self._rehash_ids(2 * len(self._skeys))
         K.oa_insert(self._skeys, self._svals, seq_id, row)
         self._rows[seq_id] = row
         return row
+
+    def _grow_rows(self) -> None:
+        """Double the number of rows (the new rows are free and used last)."""
+        r = self._tables.shape[0]
+        names = ("_tables", "_toks", "_bhash", "_bpid", "_ntok", "_swapped", "_rstamp", "_xid")
+        for name in names:
+            old = getattr(self, name)
+            new = np.zeros((2 * r,) + old.shape[1:], dtype=old.dtype)
+            if name == "_xid":
+                new[:] = -1
+            new[:r] = old
+            setattr(self, name, new)
+        self._extra.extend([None] * r)
+        self._free_rows = list(range(2 * r - 1, r - 1, -1)) + self._free_rows
 
     def _drop_row(self, seq_id: int, row: int) -> None:
         K.oa_delete(self._skeys, self._svals, seq_id)
@@ -348,7 +353,7 @@ class BlockManager:
                 chain_hashes(tokens.tolist(), bs, extra_key, self._hash_fn), dtype=np.int64
             )
         if create:
-            self._pids.reserve(hashes.shape[0], self._live_pids())
+            self._pids.reserve(hashes.shape[0], self._live_pids)
         pids = intern_chain(tokens, bs, hashes, x, create, *self._pids.args())
         return hashes, pids
 
@@ -435,21 +440,7 @@ class BlockManager:
         Same checks, order and policy as ``spec.block_manager.BlockManager.allocate``. An
         int64 numpy array is taken as it is (the fast path); a list is validated token by token.
         """
-        self._check_new_id(seq_id)
-        tokens = self._check_prompt(token_ids)
-        self._check_extra_key(extra_key)
-        if seq_id in self._rows:
-            raise SequenceExistsError(seq_id)
-        hashes, pids = self._chain(tokens, extra_key, create=True)
-        if self._allocate_call(0, tokens, hashes, pids, mutate=False) != K.OK:
-            raise OutOfBlocksError(int(self._info[0]), int(self._info[1]), self._wm)
-        self._ensure_width(-(-tokens.shape[0] // self._bs))
-        row = self._new_row(seq_id)
-        self._allocate_call(row, tokens, hashes, pids, mutate=True)
-        self._extra[row] = extra_key
-        self._xid[row] = self._extra_id(extra_key)
-        self._freed.discard(seq_id)
-        return int(self._info[2]) * self._bs
+        return self.allocate_batch([seq_id], [token_ids], [extra_key])[0]
 
     def allocate_batch(
         self,
@@ -457,12 +448,86 @@ class BlockManager:
         prompts: Sequence[Sequence[int] | NDArray[np.int64]],
         extra_keys: Sequence[str | None] | None = None,
     ) -> list[int]:
-        """``allocate`` each prompt in order; returns the cached-token counts.
+        """``allocate`` each prompt in order, in one kernel call; returns the cached-token counts.
 
-        Equivalent to the calls one by one: on an error the earlier ones stay done.
+        Equivalent to the calls one by one: on an error the earlier ones stay done and the
+        error is the one that call would raise.
         """
-        keys = extra_keys if extra_keys is not None else [None] * len(prompts)
-        return [self.allocate(s, p, k) for s, p, k in zip(seq_ids, prompts, keys)]
+        keys: list[str | None] = (
+            list(extra_keys) if extra_keys is not None else [None] * len(prompts)
+        )
+        arrays: list[NDArray[np.int64]] = []
+        error: Exception | None = None
+        for seq_id, prompt, key in zip(seq_ids, prompts, keys):
+            try:  # the spec's order: id, tokens, extra key (then exists, then blocks)
+                self._check_new_id(seq_id)
+                tokens = self._check_prompt(prompt)
+                self._check_extra_key(key)
+            except InvalidArgumentError as exc:
+                error = exc  # raised after the prompts before it are allocated
+                break
+            arrays.append(tokens)
+        b = len(arrays)
+        done = self._allocate_run(list(seq_ids[:b]), arrays, keys[:b])
+        if error is not None:
+            raise error
+        return done
+
+    def _allocate_run(
+        self, seq_ids: list[int], arrays: list[NDArray[np.int64]], keys: list[str | None]
+    ) -> list[int]:
+        b = len(arrays)
+        if b == 0:
+            return []
+        bs = self._bs
+        lens = np.fromiter((a.shape[0] for a in arrays), dtype=np.int64, count=b)
+        offs = np.zeros(b + 1, dtype=np.int64)
+        np.cumsum(lens, out=offs[1:])
+        flat = np.concatenate(arrays) if b > 1 else arrays[0]
+        xreq = np.fromiter((self._extra_id(k) for k in keys), dtype=np.int64, count=b)
+        sids = np.array(seq_ids, dtype=np.int64)
+        # capacity for the whole batch: widths, rows, id map, prefix-id nodes
+        self._ensure_width(int(-(-lens.max() // bs)))
+        while len(self._free_rows) < b:
+            self._grow_rows()
+        if 2 * (len(self._rows) + b) > len(self._skeys):
+            cap = len(self._skeys)
+            while 2 * (len(self._rows) + b) > cap:
+                cap *= 2
+            self._rehash_ids(cap)
+        precomputed = self._caching and not self._nb_hash
+        empty = np.zeros(0, dtype=np.int64)
+        hin = pin = empty
+        hoffs = np.zeros(b + 1, dtype=np.int64)
+        if self._caching:
+            np.cumsum(lens // bs, out=hoffs[1:])
+            self._pids.reserve(int(hoffs[-1]), self._live_pids)
+            if precomputed:
+                chains = [self._chain(a, k, create=True) for a, k in zip(arrays, keys)]
+                hin = np.concatenate([c[0] for c in chains])
+                pin = np.concatenate([c[1] for c in chains])
+        rows_avail = np.array(self._free_rows[::-1][:b], dtype=np.int32)
+        cached = np.zeros(b, dtype=np.int64)
+        status = K.allocate_batch_kernel(
+            bs, self._wm, self._caching, precomputed, sids, flat, offs, xreq, hin, pin, hoffs,
+            self._xbytes, self._xoff, self._hscratch, *self._pids.args(), self._gpool,
+            self._meta, self._ent, self._ikeys, self._ivals, self._skeys, self._svals,
+            self._tables, self._ntok, self._toks, self._bhash, self._bpid, self._xid,
+            rows_avail, cached, self._info,
+        )  # fmt: skip
+        m = int(self._info[3])
+        if m:
+            del self._free_rows[len(self._free_rows) - m :]
+        for k in range(m):
+            row = int(rows_avail[k])
+            self._rows[seq_ids[k]] = row
+            self._extra[row] = keys[k]
+            self._freed.discard(seq_ids[k])
+        if status == K.EXISTS:
+            raise SequenceExistsError(seq_ids[m])
+        if status == K.NO_BLOCKS:
+            raise OutOfBlocksError(int(self._info[0]), int(self._info[1]), self._wm)
+        return list(cached.tolist())
 
     def append(self, seq_id: int, token_id: int) -> tuple[int, int] | None:
         """Append one token; return ``(src, dst)`` when it forced a copy-on-write."""
@@ -519,7 +584,7 @@ class BlockManager:
         pairs = np.empty((n, 2), dtype=np.int64)  # [N, 2], first info[3] rows used
         fill_hash = np.zeros(0, dtype=np.int64)
         if self._caching:
-            self._pids.reserve(n, self._live_pids())  # every append may fill a block
+            self._pids.reserve(n, self._live_pids)  # every append may fill a block
         while True:
             if self._caching and not self._nb_hash:  # a Python hash: hash the fills first
                 status = self._append_call(sids, toks, bad, fill_hash, False, False)
@@ -583,6 +648,70 @@ class BlockManager:
         )  # fmt: skip
         self._drop_row(seq_id, row)
         self._freed.add(seq_id)
+
+    def free_batch(self, seq_ids: Sequence[int] | NDArray[np.int64]) -> None:
+        """``free`` each sequence in order, in one kernel call; on an error (unknown id or
+        double free) the earlier ones stay freed and the error is the one ``free`` raises."""
+        ids = [int(s) for s in seq_ids] if isinstance(seq_ids, np.ndarray) else list(seq_ids)
+        if not all(_is_int(s) for s in ids):
+            for s in ids:  # the slow path: exactly the single calls
+                self.free(s)
+            return
+        sids = np.array(ids, dtype=np.int64)
+        rows = np.empty(len(ids), dtype=np.int32)
+        m = int(
+            K.free_batch_kernel(
+                self._bs, sids, self._gpool, self._cpool, self._meta, self._skeys, self._svals,
+                self._tables, self._ntok, self._swapped, self._xid, rows,
+            )
+        )  # fmt: skip
+        for k in range(m):
+            row = self._rows.pop(ids[k])
+            self._extra[row] = None
+            self._free_rows.append(row)
+            self._freed.add(ids[k])
+        if m < len(ids):
+            self.free(ids[m])  # raises DoubleFreeError or UnknownSequenceError
+            raise AssertionError("unreachable: the id is unknown")
+
+    def fork_batch(self, parent_ids: Sequence[int], child_ids: Sequence[int]) -> None:
+        """``fork`` each ``(parent, child)`` in order, in one kernel call; on an error the
+        earlier forks stay done and the error is the one ``fork`` raises."""
+        b = 0
+        for child in child_ids:
+            if not (_is_int(child) and 0 <= child <= _INT64_MAX):
+                break
+            b += 1
+        if not all(_is_int(p) for p in parent_ids[:b]):
+            for p, c in zip(parent_ids, child_ids):  # the slow path: exactly the single calls
+                self.fork(p, c)
+            return
+        while len(self._free_rows) < b:
+            self._grow_rows()
+        if 2 * (len(self._rows) + b) > len(self._skeys):
+            cap = len(self._skeys)
+            while 2 * (len(self._rows) + b) > cap:
+                cap *= 2
+            self._rehash_ids(cap)
+        parents = np.array(parent_ids[:b], dtype=np.int64)
+        children = np.array(child_ids[:b], dtype=np.int64)
+        rows_avail = np.array(self._free_rows[::-1][:b], dtype=np.int32)
+        status = K.fork_batch_kernel(
+            self._bs, parents, children, self._gpool, self._skeys, self._svals, self._tables,
+            self._ntok, self._toks, self._swapped, self._bhash, self._bpid, self._xid,
+            rows_avail, self._info,
+        )  # fmt: skip
+        m = int(self._info[3]) if b else 0
+        if m:
+            del self._free_rows[len(self._free_rows) - m :]
+        for k in range(m):
+            row = int(rows_avail[k])
+            self._rows[child_ids[k]] = row
+            self._extra[row] = self._extra[self._rows[parent_ids[k]]]
+            self._freed.discard(child_ids[k])
+        if status != K.OK or m < len(child_ids):
+            self.fork(parent_ids[m], child_ids[m])  # raises the error of the single call
+            raise AssertionError("unreachable: the fork above must fail")
 
     def swap_out(self, seq_id: int) -> list[tuple[int, int]]:
         """Move a resident sequence to the CPU pool; return ``(gpu, cpu)`` pairs to copy."""

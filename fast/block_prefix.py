@@ -18,6 +18,8 @@ parent, extra and tokens), ``nmeta`` ``[2]`` (bump pointer, free-stack size) and
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from numba import njit
 from numpy.typing import NDArray
@@ -155,12 +157,13 @@ class PrefixIds:
         """The arrays the kernels take, in order."""
         return self.nodes, self.ntoks, self.nkeys, self.nmeta, self.nstack
 
-    def reserve(self, n: int, live: I64 | None) -> None:
-        """Make room for ``n`` new nodes: collect (keeping ``live`` ids), then grow by doubling."""
+    def reserve(self, n: int, live: Callable[[], I64] | None) -> None:
+        """Make room for ``n`` new nodes: collect (keeping the ids ``live()`` returns), then grow
+        by doubling."""
         if self.free() >= n:
             return
         if live is not None:
-            self.collect(live)
+            self.collect(live())
         cap = self.capacity
         while cap - len(self) < max(n, cap // 4):
             cap *= 2

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conformance.lockstep import Lockstep
+from conformance.lockstep import Lockstep, observables
 from fast import block_kernels as K
 from fast.block_manager import BlockManager
 from fast.block_prefix import MISSING, PrefixIds, intern_one
@@ -156,3 +158,60 @@ def test_prefix_id_collection_keeps_hits_identical_to_spec() -> None:
         ls.check()
     # only ids of cached blocks (<= 64) and of the live sequences' blocks (<= 4 * 11) remain
     assert len(impl._pids) <= 64 + 44
+
+
+def _each(fn: Any, args: Any) -> None:
+    for a in args:
+        fn(*a)
+
+
+def _errors_like_spec(spec_call: object, fast_call: object) -> None:
+    import pytest as _pytest
+
+    want: type[BaseException] | None = None
+    try:
+        spec_call()  # type: ignore[operator]
+    except Exception as exc:  # noqa: BLE001
+        want = type(exc)
+    if want is None:
+        fast_call()  # type: ignore[operator]
+    else:
+        with _pytest.raises(want):
+            fast_call()  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_batched_allocate_fork_free_are_the_single_calls_in_order(caching: bool) -> None:
+    config = BlockManagerConfig(block_size=2, num_gpu_blocks=24, enable_prefix_caching=caching)
+    spec, fast = SpecBlockManager(config), BlockManager(config)
+
+    def both(fn_spec: object, fn_fast: object) -> None:
+        _errors_like_spec(fn_spec, fn_fast)
+        assert observables(spec, range(20)) == observables(fast, range(20))
+        assert spec.free_block_order() == fast.free_block_order()
+        assert spec.cached_blocks() == fast.cached_blocks()
+        fast.check_integrity()
+
+    prompts = [[1, 2, 3], [1, 2, 3, 4, 5], [7], [1, 2]]
+    both(lambda: [spec.allocate(i, p) for i, p in enumerate(prompts)],
+         lambda: fast.allocate_batch(range(4), prompts))  # fmt: skip
+    # an error in the middle: the earlier prompts stay allocated, the error is the same
+    both(lambda: [spec.allocate(s, p) for s, p in [(4, [1]), (0, [2]), (5, [3])]],
+         lambda: fast.allocate_batch([4, 0, 5], [[1], [2], [3]]))  # fmt: skip
+    both(lambda: [spec.allocate(s, p) for s, p in [(6, [1]), (7, [])]],
+         lambda: fast.allocate_batch([6, 7], [[1], []]))  # fmt: skip
+    both(lambda: [spec.allocate(8, list(range(60)))],
+         lambda: fast.allocate_batch([8], [np.arange(60, dtype=np.int64)]))  # fmt: skip
+    both(lambda: _each(spec.fork, [(1, 10), (1, 11), (2, 12)]),
+         lambda: fast.fork_batch([1, 1, 2], [10, 11, 12]))  # fmt: skip
+    both(lambda: _each(spec.fork, [(0, 13), (99, 14)]),
+         lambda: fast.fork_batch([0, 99], [13, 14]))  # fmt: skip
+    both(lambda: _each(spec.fork, [(0, 15), (0, -1)]),
+         lambda: fast.fork_batch([0, 0], [15, -1]))  # fmt: skip
+    both(lambda: _each(spec.free, [(x,) for x in [10, 11, 10]]),
+         lambda: fast.free_batch([10, 11, 10]))  # fmt: skip
+    both(lambda: _each(spec.free, [(x,) for x in [12, 77]]),
+         lambda: fast.free_batch(np.array([12, 77], dtype=np.int64)))  # fmt: skip
+    live = spec.sequence_ids()
+    both(lambda: _each(spec.free, [(x,) for x in live]), lambda: fast.free_batch(live))
+    assert fast.num_free_gpu_blocks == 24
