@@ -632,6 +632,10 @@ def allocate_batch_kernel(
     for k in range(sids.shape[0]):
         info[3] = k
         sid = sids[k]
+        for t in range(offs[k], offs[k + 1]):
+            if flat[t] < 0:
+                info[0] = t
+                return BAD_TOKEN
         if oa_find(skeys, svals, sid) >= 0:
             return EXISTS
         prompt = flat[offs[k] : offs[k + 1]]

@@ -461,8 +461,18 @@ class BlockManager:
         for seq_id, prompt, key in zip(seq_ids, prompts, keys):
             try:  # the spec's order: id, tokens, extra key (then exists, then blocks)
                 self._check_new_id(seq_id)
-                tokens = self._check_prompt(prompt)
-                self._check_extra_key(key)
+                if (
+                    isinstance(prompt, np.ndarray)
+                    and prompt.dtype == np.int64
+                    and prompt.ndim == 1
+                    and prompt.shape[0] > 0
+                ):
+                    tokens = prompt  # negative tokens are reported by the kernel
+                else:
+                    tokens = self._check_prompt(prompt)
+                if key is not None and not isinstance(key, str):
+                    self._check_prompt(prompt)  # a bad token is reported first
+                    self._check_extra_key(key)
             except InvalidArgumentError as exc:
                 error = exc  # raised after the prompts before it are allocated
                 break
@@ -525,6 +535,9 @@ class BlockManager:
             self._freed.discard(seq_ids[k])
         if status == K.EXISTS:
             raise SequenceExistsError(seq_ids[m])
+        if status == K.BAD_TOKEN:
+            bad = int(flat[int(self._info[0])])
+            raise InvalidArgumentError("token_ids", bad, "token ids must be ints in [0, 2**63)")
         if status == K.NO_BLOCKS:
             raise OutOfBlocksError(int(self._info[0]), int(self._info[1]), self._wm)
         return list(cached.tolist())

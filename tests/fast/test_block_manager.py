@@ -83,6 +83,13 @@ def test_numpy_inputs_are_validated_like_lists() -> None:
     with pytest.raises(InvalidArgumentError) as err:
         fast.allocate(0, np.array([1, -5, 2], dtype=np.int64))
     assert err.value.value == -5
+    with pytest.raises(InvalidArgumentError) as err:  # the token is checked before the key
+        fast.allocate(0, np.array([1, -7], dtype=np.int64), 3)  # type: ignore[arg-type]
+    assert err.value.name == "token_ids" and err.value.value == -7
+    with pytest.raises(InvalidArgumentError) as err:
+        fast.allocate_batch([1, 2], [np.array([4], dtype=np.int64), np.array([-3], dtype=np.int64)])
+    assert err.value.value == -3 and fast.has_sequence(1) and not fast.has_sequence(2)
+    fast.free(1)
     fast.allocate(0, np.array([1, 2], dtype=np.int64))
     with pytest.raises(InvalidArgumentError):
         fast.append_batch(np.array([0], dtype=np.int64), np.array([-1], dtype=np.int64))
