@@ -113,6 +113,10 @@ def run_suite(
     """The machine on every preset (in rounds until ``steps`` steps ran), then the properties."""
     result = SuiteResult(impl, profile.name)
     start = time.perf_counter()
+    examples = None  # the profile's; with ``steps``, rounds sized to reach it in a few rounds
+    if steps is not None:
+        per_round = len(PRESETS) * profile.step_count
+        examples = max(1, min(profile.max_examples, -(-steps // per_round)))
     rnd = 0
     while True:
         for p in PRESETS:
@@ -120,7 +124,9 @@ def run_suite(
             t0 = time.perf_counter()
             run_seed = None if seed is None and rnd == 0 else (seed or 0) + rnd
             try:
-                run_machine(factory, p, profile, seed=run_seed, counter=result.counter)
+                run_machine(
+                    factory, p, profile, seed=run_seed, counter=result.counter, max_examples=examples
+                )
                 status = "ok"
             except Exception as exc:  # noqa: BLE001 - reported, then the suite fails
                 status = f"FAILED: {type(exc).__name__}: {exc}"
