@@ -537,6 +537,16 @@ def decode_kernel(
     bs: int,
     sids: I64,
     tok_in: I64,
+    caching: bool,  # with the spec's default hash (filled blocks are hashed here)
+    xid: I64,
+    xbytes: U8,
+    xoff: I64,
+    hscratch: NDArray[np.uint64],
+    nodes: I64,
+    ntoks: I64,
+    nkeys: I64,
+    nmeta: I64,
+    nstack: I64,
     gpool: I32,
     meta: I64,
     ent: I64,
@@ -557,16 +567,15 @@ def decode_kernel(
     pairs: I64,
     info: I64,
 ) -> tuple[int, I32, I32]:
-    """``append_kernel`` (prefix caching off) then the step's block tables ``[B, W]`` and
-    lengths ``[B]``, in one call: the whole bookkeeping of a decode step."""
+    """``append_kernel`` then the step's block tables ``[B, W]`` and lengths ``[B]``, in one
+    call: the whole bookkeeping of a decode step."""
     empty = np.empty(0, dtype=np.int64)
-    none8 = np.empty(0, dtype=np.uint8)
-    e2 = np.empty((0, 0), dtype=np.int64)
+    fills = np.empty(sids.shape[0], dtype=np.int32)
     status = append_kernel(
-        bs, True, sids, tok_in, -1, empty, False, empty, none8, empty,
-        np.empty(0, dtype=np.uint64), e2, e2, empty, empty, empty,
+        bs, True, sids, tok_in, -1, empty, True, xid, xbytes, xoff, hscratch,
+        nodes, ntoks, nkeys, nmeta, nstack,
         gpool, meta, ent, ikeys, ivals, skeys, svals,
-        tables, ntok, toks, swapped, bhash, bpid, False, rows, rows, rstamp, drop, slots,
+        tables, ntok, toks, swapped, bhash, bpid, caching, rows, fills, rstamp, drop, slots,
         pairs, info,
     )  # fmt: skip
     b = sids.shape[0]

@@ -777,10 +777,11 @@ class BlockManager:
         self, seq_ids: NDArray[np.int64], token_ids: NDArray[np.int64]
     ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int32], NDArray[np.int32]]:
         """``append_batch`` then ``gather``: slots ``[N]``, CoW pairs ``[M, 2]``, block tables
-        ``[N, W]`` and lengths ``[N]`` for the GPU step; one kernel call when prefix caching is
-        off and both arguments are int64 arrays. Same results and errors as the two calls."""
+        ``[N, W]`` and lengths ``[N]`` for the GPU step; one kernel call when both arguments are
+        int64 arrays and the hash is the spec's default. Same results and errors as the two
+        calls."""
         fast_path = (
-            not self._caching
+            (self._nb_hash or not self._caching)
             and isinstance(seq_ids, np.ndarray)
             and seq_ids.dtype == np.int64
             and isinstance(token_ids, np.ndarray)
@@ -789,11 +790,15 @@ class BlockManager:
         )
         if fast_path:
             n = seq_ids.shape[0]
+            if self._caching:
+                self._pids.reserve(n, self._live_pids)  # every append may fill a block
             while True:
                 slots = np.empty(n, dtype=np.int64)  # [N]
                 pairs = np.empty((n, 2), dtype=np.int64)  # [N, 2]
                 status, tables, lens = K.decode_kernel(
-                    self._bs, seq_ids, token_ids, self._gpool, self._meta, self._ent,
+                    self._bs, seq_ids, token_ids, self._caching, self._xid, self._xbytes,
+                    self._xoff, self._hscratch, *self._pids.args(), self._gpool, self._meta,
+                    self._ent,
                     self._ikeys, self._ivals, self._skeys, self._svals, self._tables, self._ntok,
                     self._toks, self._swapped, self._bhash, self._bpid, np.empty(n, np.int32),
                     self._rstamp, self._drop, slots, pairs, self._info,

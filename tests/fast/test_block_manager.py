@@ -222,3 +222,34 @@ def test_batched_allocate_fork_free_are_the_single_calls_in_order(caching: bool)
     live = spec.sequence_ids()
     both(lambda: _each(spec.free, [(x,) for x in live]), lambda: fast.free_batch(live))
     assert fast.num_free_gpu_blocks == 24
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_decode_step_over_many_steps_equals_spec_append_batch(caching: bool) -> None:
+    """Blocks fill (and get hashed and registered) inside the one decode kernel."""
+    config = BlockManagerConfig(block_size=2, num_gpu_blocks=300, enable_prefix_caching=caching)
+    spec, fast = SpecBlockManager(config), BlockManager(config)
+    prompts = [[1, 2, 3], [1, 2, 3], [4, 5], [1]]
+    for i, p in enumerate(prompts):
+        spec.allocate(i, p, "k" if i == 2 else None)
+        fast.allocate(i, p, "k" if i == 2 else None)
+    spec.fork(0, 4)
+    fast.fork(0, 4)
+    ids = np.array([0, 1, 2, 3, 4], dtype=np.int64)
+    for step in range(20):
+        toks = np.array([step % 3, 7, step, 1, step % 2], dtype=np.int64)
+        want_slots, want_pairs = spec.append_batch(ids.tolist(), toks.tolist())
+        slots, pairs, tables, lens = fast.decode_step(ids, toks)
+        assert slots.tolist() == want_slots.tolist()
+        assert pairs.tolist() == want_pairs.tolist()
+        for k, s in enumerate(ids.tolist()):
+            assert tables[k, : len(spec.block_table(s))].tolist() == spec.block_table(s)
+            assert lens[k] == spec.num_tokens(s)
+    assert observables(spec, range(5)) == observables(fast, range(5))
+    assert spec.cached_blocks() == fast.cached_blocks()
+    assert spec.free_block_order() == fast.free_block_order()
+    fast.check_integrity()
+    # a prompt equal to sequence 1's tokens now hits every full block but the last token's
+    n = spec.num_tokens(1)
+    got = fast.allocate(9, spec.token_ids(1))
+    assert got == spec.allocate(9, spec.token_ids(1)) == ((n - 1) // 2 * 2 if caching else 0)
