@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import kernels
-from fast.attention_context import AttentionContext
+from fast.engine_batch import HostBatch, HostStaging
 from fast.engine_config import EngineConfig, pool_sizes, resolve_device, resolve_dtype
 from fast.engine_stop import StopChecker
 from fast.loader import LoadedModel, load_model
@@ -129,10 +129,17 @@ class LLMEngine:
         self._requests: dict[str, list[Sequence]] = {}   # request id -> its n sequences
         self._generators: dict[int, torch.Generator] = {}
         self.stats = EngineStats()
+        self._max_width = -(-max_len // cfg.block_size)   # blocks of the longest sequence
+        self._staging = HostStaging(self.device)
         self._graphs: Any = None
-        if self.device.type == "cuda" and not cfg.enforce_eager:
-            from fast.engine_graphs import DecodeGraphs
-            self._graphs = DecodeGraphs(self)
+        if self.device.type == "cuda":
+            from fast.engine_graphs import DecodeGraphs, warm_up
+            limit = cfg.max_num_seqs
+            sizes = sorted({b for b in cfg.cuda_graph_batch_sizes if b <= limit}
+                           | {min(limit, max(cfg.cuda_graph_batch_sizes))})
+            warm_up(self, sizes)
+            if not cfg.enforce_eager:
+                self._graphs = DecodeGraphs(self, sizes)
 
     # -- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: PromptType,
@@ -198,21 +205,24 @@ class LLMEngine:
         finished: set[int] = set()
         touched: list[Sequence] = []
         if out.scheduled:
-            tokens, logprobs = self._run_model(out)
-            sample_ids = [s.seq_id for s in out.scheduled if s.sample]
-            for seq_id, token, lp in zip(sample_ids, tokens, logprobs):
-                seq = self.scheduler.seqs[seq_id]
-                self._record(seq, token, lp)
-                sampled[seq_id] = token
-                self.stats.generated_tokens += 1
-                if self._stop.check(seq):
-                    finished.add(seq_id)
-                touched.append(seq)
+            seqs, tokens, logprobs = self._run_model(out)
+            check = self._stop.check
+            for seq, token, lp in zip(seqs, tokens, logprobs):
+                if lp is None:
+                    seq.token_ids.append(token)
+                else:
+                    self._record(seq, token, lp)
+                sampled[seq.seq_id] = token
+                if check(seq):
+                    finished.add(seq.seq_id)
+            self.stats.generated_tokens += len(tokens)
+            touched = [s for s in seqs if s.seq_id in finished] if finished_only else seqs
         elif self.scheduler.has_unfinished and not self.scheduler.running:
             raise RuntimeError("the scheduler made no progress with requests waiting: "
                                f"{self.num_free_gpu_blocks} free blocks")
         self.scheduler.update(StepOutcome(sampled, frozenset(finished)))
         outputs = []
+        # With finished_only, only a request with a sequence finishing now can be done now.
         for request_id in dict.fromkeys(seq.request_id for seq in touched):
             group = self._requests[request_id]
             done = all(seq.is_finished for seq in group)
@@ -269,53 +279,77 @@ class LLMEngine:
             for k, v in self.kv_caches:
                 kernels.copy_blocks(k, v, pairs)
 
-    def _build_batch(self, out: SchedulerOutput
-                     ) -> tuple[torch.Tensor, torch.Tensor, AttentionContext, list[int]]:
-        bm, seqs, bs = self.block_manager, self.scheduler.seqs, self.config.block_size
-        sched = out.scheduled
-        ids = np.fromiter((s.seq_id for s in sched), np.int64, len(sched))          # [B]
-        starts = np.fromiter((s.start for s in sched), np.int64, len(sched))        # [B]
-        nums = np.fromiter((s.num_tokens for s in sched), np.int64, len(sched))     # [B]
-        tokens: list[int] = []
-        for s in sched:
-            tokens.extend(seqs[s.seq_id].token_ids[s.start:s.start + s.num_tokens])
+    def _build_batch(self, out: SchedulerOutput) -> HostBatch:
+        """Flatten the scheduled tokens into numpy arrays (no torch, no device work)."""
+        seqs, bs, sched = self.scheduler.seqs, self.config.block_size, out.scheduled
+        n = len(sched)
+        ids = np.fromiter((s.seq_id for s in sched), np.int64, n)                   # [B]
+        starts = np.fromiter((s.start for s in sched), np.int64, n)                 # [B]
+        nums = np.fromiter((s.num_tokens for s in sched), np.int64, n)              # [B]
+        cu = np.zeros(n + 1, dtype=np.int64)                                        # [B + 1]
+        np.cumsum(nums, out=cu[1:])
+        total = int(cu[-1])
+        decode = total == n                     # one new token per sequence
+        if decode:
+            tokens = np.fromiter((seqs[s.seq_id].token_ids[s.start] for s in sched),
+                                 np.int64, n)                                       # [T]
+            positions = starts                                                      # [T]
+            row = np.arange(n)                                                      # [T]
+        else:
+            tokens = np.fromiter(itertools.chain.from_iterable(
+                seqs[s.seq_id].token_ids[s.start:s.start + s.num_tokens] for s in sched),
+                np.int64, total)                                                    # [T]
+            positions = np.arange(total) - np.repeat(cu[:-1] - starts, nums)        # [T]
+            row = np.repeat(np.arange(n), nums)                                     # [T]
+        tables = self._tables(ids)                                                  # [B, W]
+        slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs  # [T]
+        sample = np.fromiter((s.sample for s in sched), np.bool_, n)                # [B]
+        return HostBatch(tokens, positions, slots, tables, (starts + nums).astype(np.int32),
+                          cu.astype(np.int32), int(nums.max()), decode, cu[1:][sample] - 1)
+
+    def _tables(self, ids: np.ndarray) -> np.ndarray:
+        """Block tables [B, W] int32; on CUDA W is padded to a power of two (>= 16, <= the
+        widest table ``max_model_len`` needs), so kernels see few distinct widths."""
+        bm = self.block_manager
         if hasattr(bm, "gather"):        # the numba block manager: one call for every table
-            tables, _ = bm.gather(ids)                                                # [B, W]
+            tables: np.ndarray = bm.gather(ids)[0]                                    # [B, w]
         else:
             rows = [bm.block_table(int(i)) for i in ids]
             width = max(len(r) for r in rows)
             tables = np.array([r + [0] * (width - len(r)) for r in rows], dtype=np.int32)
-        cu = np.zeros(len(sched) + 1, dtype=np.int64)                                 # [B + 1]
-        np.cumsum(nums, out=cu[1:])
-        row = np.repeat(np.arange(len(sched)), nums)                                  # [T]
-        positions = np.arange(int(cu[-1])) - np.repeat(cu[:-1] - starts, nums)        # [T]
-        slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs   # [T]
-        sample_rows = [int(cu[i + 1]) - 1 for i, s in enumerate(sched) if s.sample]
-        dev = self.device
-        ctx = AttentionContext(
-            slot_mapping=torch.from_numpy(slots).to(dev),
-            block_tables=torch.from_numpy(np.ascontiguousarray(tables, dtype=np.int32)).to(dev),
-            seq_lens=torch.from_numpy((starts + nums).astype(np.int32)).to(dev),
-            cu_seqlens_q=torch.from_numpy(cu.astype(np.int32)).to(dev),
-            max_seqlen_q=int(nums.max()),
-            is_decode=bool((nums == 1).all()))
-        return (torch.tensor(tokens, dtype=torch.int64).to(dev),
-                torch.from_numpy(positions).to(dev), ctx, sample_rows)
+        if self.device.type != "cuda":
+            return tables
+        w = tables.shape[1]
+        padded = max(w, min(self._max_width, max(16, 1 << max(0, (w - 1).bit_length()))))
+        if padded == w:
+            return tables
+        wide = np.zeros((tables.shape[0], padded), dtype=np.int32)                  # [B, W]
+        wide[:, :w] = tables
+        return wide
 
-    def _run_model(self, out: SchedulerOutput) -> tuple[list[int], list[dict[int, float] | None]]:
-        input_ids, positions, ctx, rows = self._build_batch(out)   # [T], [T], ctx, [N]
+    def _run_model(self, out: SchedulerOutput) -> tuple[
+            list[Sequence], list[int], list[dict[int, float] | None]]:
+        """Run the model on the step's batch; (sampled sequences, their tokens, logprobs)."""
+        batch = self._build_batch(out)
         hidden = None
-        if self._graphs is not None and ctx.is_decode:
-            hidden = self._graphs.run(input_ids, positions, ctx)    # [T, H] or None
+        rows: torch.Tensor | None = None
+        if self._graphs is not None and batch.decode:
+            hidden = self._graphs.run(batch)                        # [T, H] or None
         if hidden is None:
+            input_ids, positions, ctx, rows = self._staging.upload(batch)
             hidden = self.model(input_ids, positions, ctx, self.kv_caches)   # [T, H]
-        if not rows:
-            return [], []
-        logits = self.model.compute_logits(hidden[rows])            # [N, V] float32
+        num_rows = int(batch.sample_rows.shape[0])
+        if not num_rows:
+            return [], [], []
+        if num_rows != hidden.shape[0]:       # prefill, or a chunk that samples nothing
+            if rows is None:
+                rows = self._staging.put(torch.int64, [batch.sample_rows])[0]
+            hidden = hidden.index_select(0, rows)                   # [N, H]
+        logits = self.model.compute_logits(hidden)                  # [N, V] float32
         seqs = [self.scheduler.seqs[s.seq_id] for s in out.scheduled if s.sample]
-        return self.sampler.sample(
-            logits, [q.sampling_params for q in seqs],
-            [self._generators.get(q.seq_id) for q in seqs])
+        gens = [self._generators.get(q.seq_id) for q in seqs] if self._generators else None
+        tokens, logprobs = self.sampler.sample(logits, [q.sampling_params for q in seqs], gens)
+        return seqs, tokens, logprobs
 
     def _record(self, seq: Sequence, token: int, lp: dict[int, float] | None) -> None:
         logprob = None if lp is None else lp.get(token)

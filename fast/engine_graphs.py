@@ -1,11 +1,16 @@
-"""CUDA graphs of the decode step, one per padded batch size.
+"""CUDA graphs of the decode step, one per padded batch size, and the kernels' warm-up.
 
 A decode step launches hundreds of small kernels (every layer's norms, projections, rope, KV
 write, attention); at small batches their launch time exceeds their run time. A CUDA graph
 records the launches once and replays them with one call. Graph replay needs fixed shapes and
-addresses, so each captured size ``B`` owns static input buffers; a batch of ``b <= B``
-sequences is copied into them, the rows ``b..B-1`` padded (slot ``-1``: no KV write; length 0:
+addresses, so each captured size ``B`` reads static input buffers; a batch of ``b <= B``
+sequences is written into them, the rows ``b..B-1`` padded (slot ``-1``: no KV write; length 0:
 no keys, output 0), and the first ``b`` rows of the output are used.
+
+The static inputs are views of two device buffers, one int64 (token ids, positions, slots) and
+one int32 (block tables, lengths), each mirrored by a pinned host buffer: the engine's numpy
+arrays are written into the host mirrors and each buffer crosses in one asynchronous copy, so a
+replay costs two copies and one launch of host work.
 """
 
 from __future__ import annotations
@@ -16,33 +21,74 @@ from typing import TYPE_CHECKING
 import torch
 
 from fast.attention_context import AttentionContext
+from fast.engine_batch import HostBatch
 
 if TYPE_CHECKING:
     from fast.engine import LLMEngine
 
-__all__ = ["DecodeGraphs"]
+__all__ = ["DecodeGraphs", "warm_up"]
+
+
+def _dummy_ctx(b: int, width: int, device: torch.device) -> AttentionContext:
+    """A decode context of ``b`` padding rows: no KV write, no keys."""
+    return AttentionContext(
+        slot_mapping=torch.full((b,), -1, dtype=torch.int64, device=device),
+        block_tables=torch.zeros(b, width, dtype=torch.int32, device=device),
+        seq_lens=torch.zeros(b, dtype=torch.int32, device=device),
+        cu_seqlens_q=torch.arange(b + 1, dtype=torch.int32, device=device),
+        max_seqlen_q=1, is_decode=True)
+
+
+def warm_up(engine: LLMEngine, sizes: list[int]) -> None:
+    """Compile every kernel variant a run can meet before the first request.
+
+    Triton compiles a kernel once per set of compile-time arguments; the decode kernel's split
+    count depends on the batch size and the (power-of-two padded) block-table width, so each
+    (size, width) pair runs one padding-only decode forward; one prefill forward compiles the
+    prefill and KV-write kernels (their remaining arguments do not specialize).
+    """
+    dev, model, caches = engine.device, engine.model, engine.kv_caches
+    widths = sorted({min(engine._max_width, 1 << k) for k in range(4, 16)})
+    with torch.inference_mode():
+        for b in sizes:
+            for w in widths:
+                ids = torch.zeros(b, dtype=torch.int64, device=dev)               # [b]
+                model(ids, ids, _dummy_ctx(b, w, dev), caches)
+        n = 4
+        ids = torch.zeros(n, dtype=torch.int64, device=dev)                       # [n]
+        model(ids, torch.arange(n, device=dev), AttentionContext(
+            slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
+            block_tables=torch.zeros(1, widths[0], dtype=torch.int32, device=dev),
+            seq_lens=torch.full((1,), n, dtype=torch.int32, device=dev),
+            cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=dev),
+            max_seqlen_q=n, is_decode=False), caches)
+    torch.cuda.synchronize()
 
 
 class DecodeGraphs:
     """Captured decode forwards for the batch sizes in ``cuda_graph_batch_sizes``."""
 
-    def __init__(self, engine: LLMEngine) -> None:
-        cfg = engine.config
+    def __init__(self, engine: LLMEngine, sizes: list[int]) -> None:
         self.model = engine.model
         self.kv_caches = engine.kv_caches
-        limit = engine.scheduler_config.max_num_seqs
-        sizes = sorted({b for b in cfg.cuda_graph_batch_sizes if b <= limit} | {min(
-            limit, max(cfg.cuda_graph_batch_sizes))})
         self.sizes = sizes
         big = sizes[-1]
-        width = -(-engine.max_model_len // cfg.block_size)
+        width = engine._max_width
         dev = engine.device
-        self.input_ids = torch.zeros(big, dtype=torch.int64, device=dev)          # [B]
-        self.positions = torch.zeros(big, dtype=torch.int64, device=dev)          # [B]
-        self.slots = torch.full((big,), -1, dtype=torch.int64, device=dev)        # [B]
-        self.tables = torch.zeros(big, width, dtype=torch.int32, device=dev)      # [B, W]
-        self.lens = torch.zeros(big, dtype=torch.int32, device=dev)               # [B]
+        self.width = width
+        self.dev64 = torch.zeros(3, big, dtype=torch.int64, device=dev)   # ids, positions, slots
+        self.dev32 = torch.zeros(big * width + big, dtype=torch.int32, device=dev)  # tables, lens
+        self.host64 = torch.zeros(3, big, dtype=torch.int64, pin_memory=True)
+        self.host32 = torch.zeros(big * width + big, dtype=torch.int32, pin_memory=True)
+        self.dev64[2].fill_(-1)
+        self.tables = self.dev32[:big * width].view(big, width)                   # [B, W]
+        self.lens = self.dev32[big * width:]                                      # [B]
         self.cu = torch.arange(big + 1, dtype=torch.int32, device=dev)            # [B + 1]
+        h64, h32 = self.host64.numpy(), self.host32.numpy()
+        self._h_ids, self._h_pos, self._h_slots = h64[0], h64[1], h64[2]
+        self._h_tables = h32[:big * width].reshape(big, width)
+        self._h_lens = h32[big * width:]
+        self._event: torch.cuda.Event | None = None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         pool = None
@@ -52,38 +98,43 @@ class DecodeGraphs:
                 stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
-                    for _ in range(2):         # compile and warm up outside the capture
-                        self.model(self.input_ids[:b], self.positions[:b], ctx, self.kv_caches)
+                    for _ in range(2):         # warm up outside the capture
+                        self.model(self.dev64[0, :b], self.dev64[1, :b], ctx, self.kv_caches)
                 torch.cuda.current_stream().wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self.outputs[b] = self.model(self.input_ids[:b], self.positions[:b], ctx,
+                    self.outputs[b] = self.model(self.dev64[0, :b], self.dev64[1, :b], ctx,
                                                  self.kv_caches)                  # [b, H]
                 pool = graph.pool()
                 self.graphs[b] = graph
         torch.cuda.synchronize()
 
     def _ctx(self, b: int) -> AttentionContext:
-        return AttentionContext(self.slots[:b], self.tables[:b], self.lens[:b], self.cu[:b + 1],
-                                1, True)
+        return AttentionContext(self.dev64[2, :b], self.tables[:b], self.lens[:b],
+                                self.cu[:b + 1], 1, True)
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
-            ctx: AttentionContext) -> torch.Tensor | None:
-        """Replay the smallest graph that fits ``b`` sequences; None when none does."""
-        b = int(input_ids.shape[0])
+    def run(self, batch: HostBatch) -> torch.Tensor | None:
+        """Replay the smallest graph that fits the batch's ``b`` sequences; None when none
+        does (too many sequences, or a table wider than captured). -> hidden [b, H]"""
+        b, w = batch.tables.shape
         i = bisect.bisect_left(self.sizes, b)
-        if i == len(self.sizes):
+        if i == len(self.sizes) or w > self.width:
             return None
         size = self.sizes[i]
-        w = int(ctx.block_tables.shape[1])
-        if w > self.tables.shape[1]:
-            return None
-        self.input_ids[:b].copy_(input_ids)
-        self.positions[:b].copy_(positions)
-        self.slots[:b].copy_(ctx.slot_mapping)
-        self.slots[b:size].fill_(-1)
-        self.tables[:b, :w].copy_(ctx.block_tables)
-        self.lens[:b].copy_(ctx.seq_lens)
-        self.lens[b:size].zero_()
+        if self._event is not None:        # the previous upload has left the pinned buffers
+            self._event.synchronize()
+        self._h_ids[:b] = batch.tokens
+        self._h_ids[b:size] = 0
+        self._h_pos[:b] = batch.positions
+        self._h_pos[b:size] = 0
+        self._h_slots[:b] = batch.slots
+        self._h_slots[b:size] = -1
+        self._h_tables[:b, :w] = batch.tables
+        self._h_lens[:b] = batch.seq_lens
+        self._h_lens[b:size] = 0
+        self.dev64.copy_(self.host64, non_blocking=True)
+        self.dev32.copy_(self.host32, non_blocking=True)
+        self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        self._event.record()
         self.graphs[size].replay()
         return self.outputs[size][:b]

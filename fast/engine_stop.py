@@ -46,23 +46,25 @@ class StopChecker:
     def check(self, seq: Sequence) -> bool:
         """Account for ``seq``'s newest token; set its status and return True when it stops."""
         params = seq.sampling_params
-        token = seq.token_ids[-1]
-        detok = self._detok.get(seq.seq_id)
+        ids = seq.token_ids
+        token = ids[-1]
+        detok = self._detok.get(seq.seq_id) if self._detok else None
         delta = detok.add(token) if detok is not None else ""
-        seq.output_text += delta
-        n_out = seq.num_output_tokens
-        min_tokens = getattr(params, "min_tokens", 0) or 0
-        if n_out >= min_tokens:
+        if delta:
+            seq.output_text += delta
+        n_out = len(ids) - len(seq.prompt_token_ids)
+        if n_out >= (getattr(params, "min_tokens", 0) or 0):
             if not params.ignore_eos and token in self.eos_token_ids:
                 return self._stop(seq, SequenceStatus.FINISHED_STOPPED, None)
-            if token in (params.stop_token_ids or ()):
+            if params.stop_token_ids and token in params.stop_token_ids:
                 return self._stop(seq, SequenceStatus.FINISHED_STOPPED, token)
-            stop = self._find_stop_string(seq, len(delta))
-            if stop is not None:
-                return self._stop(seq, SequenceStatus.FINISHED_STOPPED, stop)
+            if delta:
+                stop = self._find_stop_string(seq, len(delta))
+                if stop is not None:
+                    return self._stop(seq, SequenceStatus.FINISHED_STOPPED, stop)
         if params.max_tokens is not None and n_out >= params.max_tokens:
             return self._stop(seq, SequenceStatus.FINISHED_LENGTH, None)
-        if len(seq.token_ids) >= self.max_model_len:
+        if len(ids) >= self.max_model_len:
             return self._stop(seq, SequenceStatus.FINISHED_LENGTH, None)
         return False
 

@@ -14,6 +14,8 @@ otherwise it writes a partial ``(o, lse)`` and ``_merge_kernel`` combines the ``
 Launch cost matters at small batch (a decode step is tens of microseconds), so the kernels take
 few run-time arguments: q, out and the inner cache dimensions are contiguous and their strides
 are derived from the compile-time sizes; only the block stride and table width vary at run time.
+The table width and the window are marked ``do_not_specialize``: Triton would otherwise compile
+one variant per divisibility class of each (width 64 vs 65), mid-run, as an engine's tables grow.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_btb", "window"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr,
     stride_kb, stride_btb, scale_log2, softcap, window,

@@ -25,7 +25,7 @@ from kernels.backend import interpreting
 from kernels.checks import AttentionDims
 from kernels.triton_common import check_inner_contiguous, check_triton_dims, dot_config, next_pow2
 
-__all__ = ["triton_paged_prefill", "prefill_config"]
+__all__ = ["triton_paged_prefill", "prefill_config", "search_steps"]
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -84,7 +84,7 @@ def _attend(
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_btb", "batch", "window"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, lens_ptr, cu_ptr,
     stride_kb, stride_btb, batch, scale_log2, softcap, window,
@@ -171,6 +171,16 @@ def prefill_config(head_dim: int, dtype: torch.dtype, group: int) -> tuple[int, 
     return max(rows, next_pow2(group)), block_n, warps, stages
 
 
+def search_steps(batch: int) -> int:
+    """Binary-search steps for ``batch`` sequences, bucketed so the constexpr rarely changes.
+
+    Extra steps are harmless (the search has converged), so every batch below 256 shares one
+    compiled kernel instead of one per ``batch.bit_length()`` (an engine's prefill batch size
+    varies from step to step, and each new value cost a Triton compile in the middle of a run).
+    """
+    return max(8, batch.bit_length())
+
+
 def triton_paged_prefill(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, dims: AttentionDims, *, scale: float,
@@ -197,7 +207,7 @@ def triton_paged_prefill(
         k_cache.stride(0), block_tables.stride(0), dims.batch, scale * LOG2E,
         float(softcap or 1.0), int(sliding_window or 0),
         HKV=dims.num_kv_heads, G=g, BLOCK_M=rows, TOK_M=tok_m, D=d, PAGE=dims.block_size,
-        BLOCK_N=block_n, SEARCH=max(1, dims.batch.bit_length()),
+        BLOCK_N=block_n, SEARCH=search_steps(dims.batch),
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
         PRECISION=precision, DOT_F32=dot_f32, num_warps=warps, num_stages=stages,
     )
