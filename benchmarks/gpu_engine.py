@@ -2,7 +2,7 @@
 
 Run on the GPU machine from the repository root::
 
-    PYTHONPATH=. python benchmarks/gpu_engine.py --out $OUT/engine_gpu.json
+    PYTHONPATH=. python benchmarks/gpu_engine.py          # writes $OUT/engine_gpu.json if $OUT
 
 1. Correctness first: a tiny random float32 Llama on the GPU, greedy, against transformers'
    ``generate`` (CUDA graphs on and off).
@@ -11,7 +11,12 @@ Run on the GPU machine from the repository root::
    token ids uniform in [100, 128000)), all queued at t=0, ``ignore_eos`` so each produces exactly
    its drawn length. Output tokens per second of wall time, decode CUDA graphs on (default) and
    off, against the transformers figures measured on the same machine (DESIGN.md: static batches
-   of 32, 203.8 tok/s; continuous batching ``paged|sdpa``, 399.9 tok/s).
+   of 32, 203.8 tok/s; continuous batching ``paged|sdpa``, 399.9 tok/s). The loop is
+   ``LLM.generate``'s: ``step(finished_only=True)``, the output tokens counted from the finished
+   requests. Engine construction (kernel warm-up, graph capture) is reported as ``setup_s``.
+3. Where the time goes: every timed step's wall time with its kind (prefill or decode) and batch
+   size, summarised as time in prefill and decode steps, decode steps by batch size, the slowest
+   steps.
 """
 
 from __future__ import annotations
@@ -116,15 +121,19 @@ def throughput(model: Any, enforce_eager: bool, n: int, max_num_seqs: int,
         engine.add_request(str(i), p, SamplingParams(temperature=0.0, max_tokens=k,
                                                      ignore_eos=True))
     produced = 0
-    step_times = []
+    log: list[tuple[float, int, bool]] = []     # (seconds, sampled seqs, decode) per step
     while engine.has_unfinished_requests():
+        c0, g0 = engine.stats.computed_tokens, engine.stats.generated_tokens
         s0 = time.perf_counter()
-        outs = engine.step()
-        step_times.append(time.perf_counter() - s0)
-        produced += len(outs)
+        outs = engine.step(finished_only=True)
+        dt = time.perf_counter() - s0
+        dc, dg = engine.stats.computed_tokens - c0, engine.stats.generated_tokens - g0
+        log.append((dt, dg, dc == dg))     # decode: one computed token per sampled sequence
+        produced += sum(len(o.outputs[0].token_ids) for o in outs)
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     expected = sum(n_out)
+    step_times = [t for t, _, _ in log]
     return {
         "enforce_eager": enforce_eager, "requests": n, "max_num_seqs": max_num_seqs,
         "max_num_batched_tokens": budget, "setup_s": round(setup_s, 2),
@@ -137,12 +146,33 @@ def throughput(model: Any, enforce_eager: bool, n: int, max_num_seqs: int,
         "vs_hf_static": round(produced / wall / HF_STATIC, 2),
         "vs_hf_continuous": round(produced / wall / HF_CONTINUOUS, 2),
         "leak_free": engine.num_free_gpu_blocks == engine.num_gpu_blocks,
+        "mean_step_ms": round(1000 * float(np.mean(step_times)), 3),
+        "breakdown": breakdown(log),
     }
+
+
+def breakdown(log: list[tuple[float, int, bool]]) -> dict[str, Any]:
+    """Time in prefill and decode steps, decode steps by batch-size bucket, slowest steps."""
+    pre = [t for t, _, d in log if not d]
+    dec = [(t, b) for t, b, d in log if d]
+    buckets: dict[str, Any] = {}
+    for lo, hi in ((1, 8), (9, 32), (33, 64), (65, 96), (97, 128), (129, 1 << 20)):
+        ts = [t for t, b in dec if lo <= b <= hi]
+        if ts:
+            buckets[f"{lo}-{hi}"] = {"steps": len(ts), "total_s": round(sum(ts), 3),
+                                     "median_ms": round(1000 * float(np.median(ts)), 3)}
+    slow = sorted(range(len(log)), key=lambda i: -log[i][0])[:8]
+    return {"prefill_steps": len(pre), "prefill_s": round(sum(pre), 3),
+            "decode_steps": len(dec), "decode_s": round(sum(t for t, _ in dec), 3),
+            "decode_by_batch": buckets,
+            "slowest": [{"step": i, "ms": round(1000 * log[i][0], 2), "seqs": log[i][1],
+                         "decode": log[i][2]} for i in slow]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="engine_gpu.json")
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."),
+                                                      "engine_gpu.json"))
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--budget", type=int, default=8192)
@@ -193,12 +223,14 @@ def main() -> None:
         print(run, flush=True)
         save()
         torch.cuda.empty_cache()
-    print("\n| mode | out tok/s | wall s | vs HF static | vs HF continuous |")
+    print("\n| mode | out tok/s | wall s | setup s | median/mean step ms | prefill s | "
+          "vs HF static | vs HF continuous |")
     for r in result["runs"]:
         if "error" not in r:
             mode = "eager" if r["enforce_eager"] else "CUDA graphs"
-            print(f"| {mode} | {r['out_tok_per_s']} | {r['wall_s']} | {r['vs_hf_static']}x | "
-                  f"{r['vs_hf_continuous']}x |")
+            print(f"| {mode} | {r['out_tok_per_s']} | {r['wall_s']} | {r['setup_s']} | "
+                  f"{r['median_step_ms']}/{r['mean_step_ms']} | {r['breakdown']['prefill_s']} | "
+                  f"{r['vs_hf_static']}x | {r['vs_hf_continuous']}x |")
     sys.stdout.flush()
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import kernels
-from fast.engine_batch import HostBatch, HostStaging
+from fast.engine_batch import HostBatch, HostStaging, padded_width
 from fast.engine_config import EngineConfig, pool_sizes, resolve_device, resolve_dtype
 from fast.engine_stop import StopChecker
 from fast.loader import LoadedModel, load_model
@@ -320,7 +320,7 @@ class LLMEngine:
         if self.device.type != "cuda":
             return tables
         w = tables.shape[1]
-        padded = max(w, min(self._max_width, max(16, 1 << max(0, (w - 1).bit_length()))))
+        padded = padded_width(w, self._max_width)
         if padded == w:
             return tables
         wide = np.zeros((tables.shape[0], padded), dtype=np.int32)                  # [B, W]

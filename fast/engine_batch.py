@@ -18,7 +18,22 @@ import torch
 
 from fast.attention_context import AttentionContext
 
-__all__ = ["HostBatch", "HostStaging"]
+__all__ = ["HostBatch", "HostStaging", "padded_width"]
+
+
+def padded_width(width: int, max_width: int) -> int:
+    """Block-table width handed to the CUDA kernels: ``width`` rounded up to a power of two,
+    at least 16, at most ``max_width`` (never below ``width``).
+
+    The decode kernel's split count is a compile-time constant chosen from the table width;
+    rounding keeps the number of widths (and so of compiled variants) to a handful.
+
+    >>> [padded_width(w, 128) for w in (1, 16, 17, 100, 128)]
+    [16, 16, 32, 128, 128]
+    >>> padded_width(7, 10), padded_width(12, 10)
+    (10, 12)
+    """
+    return max(width, min(max_width, max(16, 1 << max(0, (width - 1).bit_length()))))
 
 
 @dataclass(frozen=True)
@@ -39,9 +54,10 @@ class HostBatch:
 class HostStaging:
     """Uploads :class:`HostBatch` arrays; on CUDA through two reused pinned buffers."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, pack: bool | None = None) -> None:
         self.device = device
         self._cuda = device.type == "cuda"
+        self._pack = self._cuda if pack is None else pack   # tests pack on the CPU too
         self._host: dict[torch.dtype, torch.Tensor] = {}
         self._events: dict[torch.dtype, torch.cuda.Event] = {}
 
@@ -60,7 +76,7 @@ class HostStaging:
 
     def put(self, dtype: torch.dtype, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """The arrays as 1-D device tensors of ``dtype``: one copy on CUDA, none on the CPU."""
-        if not self._cuda:
+        if not self._pack:
             return [torch.from_numpy(np.ascontiguousarray(a, dtype=_NP[dtype]))
                     for a in arrays]
         sizes = [int(a.shape[0]) for a in arrays]
@@ -68,7 +84,7 @@ class HostStaging:
         self.wait(dtype)
         host = self._host.get(dtype)
         if host is None or host.shape[0] < total:
-            host = torch.empty(max(total, 1024) * 2, dtype=dtype, pin_memory=True)
+            host = torch.empty(max(total, 1024) * 2, dtype=dtype, pin_memory=self._cuda)
             self._host[dtype] = host
         view = host.numpy()
         at = 0
@@ -76,9 +92,10 @@ class HostStaging:
             view[at:at + n] = a
             at += n
         dev = host[:total].to(self.device, non_blocking=True)                     # [sum]
-        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        event.record()
-        self._events[dtype] = event
+        if self._cuda:
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record()
+            self._events[dtype] = event
         return list(torch.split(dev, sizes))
 
     def wait(self, dtype: torch.dtype) -> None:

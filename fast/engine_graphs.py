@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from fast.attention_context import AttentionContext
-from fast.engine_batch import HostBatch
+from fast.engine_batch import HostBatch, padded_width
 
 if TYPE_CHECKING:
     from fast.engine import LLMEngine
 
-__all__ = ["DecodeGraphs", "warm_up"]
+__all__ = ["DecodeGraphs", "GraphInputs", "warm_up"]
 
 
 def _dummy_ctx(b: int, width: int, device: torch.device) -> AttentionContext:
@@ -48,7 +48,9 @@ def warm_up(engine: LLMEngine, sizes: list[int]) -> None:
     prefill and KV-write kernels (their remaining arguments do not specialize).
     """
     dev, model, caches = engine.device, engine.model, engine.kv_caches
-    widths = sorted({min(engine._max_width, 1 << k) for k in range(4, 16)})
+    top = engine._max_width
+    widths = sorted({padded_width(w, top) for w in [1 << k for k in range(4, 16)
+                                                    if 1 << k < top] + [top]})
     with torch.inference_mode():
         for b in sizes:
             for w in widths:
@@ -62,7 +64,63 @@ def warm_up(engine: LLMEngine, sizes: list[int]) -> None:
             seq_lens=torch.full((1,), n, dtype=torch.int32, device=dev),
             cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=dev),
             max_seqlen_q=n, is_decode=False), caches)
-    torch.cuda.synchronize()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class GraphInputs:
+    """The graphs' static inputs: device buffers and their (pinned, on CUDA) host mirrors.
+
+    ``dev64 [3, B]`` holds token ids, positions and slots; ``dev32 [B * W + B]`` the block
+    tables ``[B, W]`` and the lengths ``[B]``. :meth:`write` fills the host mirrors for a batch
+    padded to ``size`` rows; :meth:`upload` sends both in one asynchronous copy each.
+    """
+
+    def __init__(self, big: int, width: int, device: torch.device) -> None:
+        pin = device.type == "cuda"
+        self.big, self.width, self.device = big, width, device
+        self.dev64 = torch.zeros(3, big, dtype=torch.int64, device=device)
+        self.dev64[2].fill_(-1)
+        self.dev32 = torch.zeros(big * width + big, dtype=torch.int32, device=device)
+        self.host64 = torch.zeros(3, big, dtype=torch.int64, pin_memory=pin)
+        self.host32 = torch.zeros(big * width + big, dtype=torch.int32, pin_memory=pin)
+        self.tables = self.dev32[:big * width].view(big, width)                   # [B, W]
+        self.lens = self.dev32[big * width:]                                      # [B]
+        self.cu = torch.arange(big + 1, dtype=torch.int32, device=device)         # [B + 1]
+        h64, h32 = self.host64.numpy(), self.host32.numpy()
+        self._ids, self._pos, self._slots = h64[0], h64[1], h64[2]
+        self._tables = h32[:big * width].reshape(big, width)
+        self._lens = h32[big * width:]
+        self._event: torch.cuda.Event | None = None
+
+    def ctx(self, b: int) -> AttentionContext:
+        """The decode context of the first ``b`` rows."""
+        return AttentionContext(self.dev64[2, :b], self.tables[:b], self.lens[:b],
+                                self.cu[:b + 1], 1, True)
+
+    def write(self, batch: HostBatch, size: int) -> None:
+        """Fill the host mirrors: the batch's ``b`` rows, then padding up to ``size``."""
+        b, w = batch.tables.shape
+        if self._event is not None:        # the previous upload has left the pinned buffers
+            self._event.synchronize()
+            self._event = None
+        self._ids[:b] = batch.tokens
+        self._ids[b:size] = 0
+        self._pos[:b] = batch.positions
+        self._pos[b:size] = 0
+        self._slots[:b] = batch.slots
+        self._slots[b:size] = -1
+        self._tables[:b, :w] = batch.tables
+        self._lens[:b] = batch.seq_lens
+        self._lens[b:size] = 0
+
+    def upload(self) -> None:
+        """Copy both host mirrors to the device (asynchronous on CUDA)."""
+        self.dev64.copy_(self.host64, non_blocking=True)
+        self.dev32.copy_(self.host32, non_blocking=True)
+        if self.device.type == "cuda":
+            self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._event.record()
 
 
 class DecodeGraphs:
@@ -72,69 +130,36 @@ class DecodeGraphs:
         self.model = engine.model
         self.kv_caches = engine.kv_caches
         self.sizes = sizes
-        big = sizes[-1]
-        width = engine._max_width
-        dev = engine.device
-        self.width = width
-        self.dev64 = torch.zeros(3, big, dtype=torch.int64, device=dev)   # ids, positions, slots
-        self.dev32 = torch.zeros(big * width + big, dtype=torch.int32, device=dev)  # tables, lens
-        self.host64 = torch.zeros(3, big, dtype=torch.int64, pin_memory=True)
-        self.host32 = torch.zeros(big * width + big, dtype=torch.int32, pin_memory=True)
-        self.dev64[2].fill_(-1)
-        self.tables = self.dev32[:big * width].view(big, width)                   # [B, W]
-        self.lens = self.dev32[big * width:]                                      # [B]
-        self.cu = torch.arange(big + 1, dtype=torch.int32, device=dev)            # [B + 1]
-        h64, h32 = self.host64.numpy(), self.host32.numpy()
-        self._h_ids, self._h_pos, self._h_slots = h64[0], h64[1], h64[2]
-        self._h_tables = h32[:big * width].reshape(big, width)
-        self._h_lens = h32[big * width:]
-        self._event: torch.cuda.Event | None = None
+        self.inputs = GraphInputs(sizes[-1], engine._max_width, engine.device)
+        ids, pos = self.inputs.dev64[0], self.inputs.dev64[1]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         pool = None
         with torch.inference_mode():
             for b in reversed(sizes):          # largest first: smaller ones reuse its pool
-                ctx = self._ctx(b)
+                ctx = self.inputs.ctx(b)
                 stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
                     for _ in range(2):         # warm up outside the capture
-                        self.model(self.dev64[0, :b], self.dev64[1, :b], ctx, self.kv_caches)
+                        self.model(ids[:b], pos[:b], ctx, self.kv_caches)
                 torch.cuda.current_stream().wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self.outputs[b] = self.model(self.dev64[0, :b], self.dev64[1, :b], ctx,
-                                                 self.kv_caches)                  # [b, H]
+                    self.outputs[b] = self.model(ids[:b], pos[:b], ctx, self.kv_caches)  # [b, H]
                 pool = graph.pool()
                 self.graphs[b] = graph
         torch.cuda.synchronize()
-
-    def _ctx(self, b: int) -> AttentionContext:
-        return AttentionContext(self.dev64[2, :b], self.tables[:b], self.lens[:b],
-                                self.cu[:b + 1], 1, True)
 
     def run(self, batch: HostBatch) -> torch.Tensor | None:
         """Replay the smallest graph that fits the batch's ``b`` sequences; None when none
         does (too many sequences, or a table wider than captured). -> hidden [b, H]"""
         b, w = batch.tables.shape
         i = bisect.bisect_left(self.sizes, b)
-        if i == len(self.sizes) or w > self.width:
+        if i == len(self.sizes) or w > self.inputs.width:
             return None
         size = self.sizes[i]
-        if self._event is not None:        # the previous upload has left the pinned buffers
-            self._event.synchronize()
-        self._h_ids[:b] = batch.tokens
-        self._h_ids[b:size] = 0
-        self._h_pos[:b] = batch.positions
-        self._h_pos[b:size] = 0
-        self._h_slots[:b] = batch.slots
-        self._h_slots[b:size] = -1
-        self._h_tables[:b, :w] = batch.tables
-        self._h_lens[:b] = batch.seq_lens
-        self._h_lens[b:size] = 0
-        self.dev64.copy_(self.host64, non_blocking=True)
-        self.dev32.copy_(self.host32, non_blocking=True)
-        self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        self._event.record()
+        self.inputs.write(batch, size)
+        self.inputs.upload()
         self.graphs[size].replay()
         return self.outputs[size][:b]
