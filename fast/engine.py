@@ -5,6 +5,11 @@
 :class:`~fast.attention_context.AttentionContext`, run the model, sample one token for every
 sequence that reached its last known token, check the stop conditions, and tell the scheduler
 (which frees the blocks of finished sequences).
+
+``n > 1`` is done by fork: only the request's first sequence (the parent) is scheduled and
+prefills the prompt; the step that samples its first token samples the other ``n - 1``
+sequences' first tokens from the same logits row (each with its own generator), and the block
+manager forks the parent into them (shared prompt blocks, copy-on-write on the first append).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from fast.outputs import CompletionOutput, RequestOutput
 from fast.sampler import Sampler
 from fast.sampling_params import SamplingParams
 from fast.scheduler import Scheduler
-from fast.sequence import Sequence
+from fast.sequence import Sequence, SequenceStatus
 from spec.errors import InvalidArgumentError
 from spec.scheduler import SchedulerConfig, SchedulerOutput, StepOutcome
 
@@ -56,7 +61,8 @@ class EngineStats:
     preempted: int = 0           # recompute preemptions
     swapped_out: int = 0
     swapped_in: int = 0
-    copied_blocks: int = 0
+    copied_blocks: int = 0       # copy-on-write block copies (forked children's first appends)
+    forked: int = 0              # children started from a parent's first token (n > 1)
 
     def record(self, out: SchedulerOutput) -> None:
         """Add one step's schedule."""
@@ -128,6 +134,7 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self._requests: dict[str, list[Sequence]] = {}   # request id -> its n sequences
         self._generators: dict[int, torch.Generator] = {}
+        self._children: dict[int, list[Sequence]] = {}   # parent seq id -> its unforked n - 1
         self.stats = EngineStats()
         self._max_width = -(-max_len // cfg.block_size)   # blocks of the longest sequence
         self._staging = HostStaging(self.device)
@@ -159,25 +166,30 @@ class LLMEngine:
         if bad:
             raise InvalidArgumentError("prompt_token_ids", bad[:5], f"outside [0, {vocab})")
         group = []
-        for index in range(params.n):   # n > 1: independent samples of the same prompt
+        for index in range(params.n):   # n > 1: the parent (index 0) is forked at its 1st token
             seq = Sequence(next(self._seq_ids), request_id, next(self._arrivals), list(ids),
                            sampling_params=params, prompt=text, index=index)
             if params.logprobs is not None:
                 seq.logprobs = []
             self._stop.start(seq)
-            self.scheduler.add_sequence(seq)
             group.append(seq)
             if params.seed is not None:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(params.seed + index)
                 self._generators[seq.seq_id] = gen
+        self.scheduler.add_sequence(group[0])
+        if len(group) > 1:
+            self._children[group[0].seq_id] = group[1:]
         self._requests[request_id] = group
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now; its blocks go back to the pool. Unknown ids are ignored."""
         for seq in self._requests.pop(request_id, []):
-            if not seq.is_finished:
+            self._children.pop(seq.seq_id, None)
+            if seq.seq_id in self.scheduler.seqs:
                 self.scheduler.abort(seq.seq_id)
+            elif not seq.is_finished:          # a child not forked yet: holds no blocks
+                seq.status = SequenceStatus.FINISHED_ABORTED
             self._stop.finish(seq)
             self._generators.pop(seq.seq_id, None)
 
@@ -205,18 +217,25 @@ class LLMEngine:
         finished: set[int] = set()
         touched: list[Sequence] = []
         if out.scheduled:
-            seqs, tokens, logprobs = self._run_model(out)
+            seqs, tokens, logprobs, forks = self._run_model(out)
             check = self._stop.check
+            children = {child.seq_id for _, child in forks}
             for seq, token, lp in zip(seqs, tokens, logprobs):
                 if lp is None:
                     seq.token_ids.append(token)
                 else:
                     self._record(seq, token, lp)
+                stopped = check(seq)
+                if seq.seq_id in children:       # not scheduled: the scheduler learns by fork
+                    continue
                 sampled[seq.seq_id] = token
-                if check(seq):
+                if stopped:
                     finished.add(seq.seq_id)
+            for parent, child in forks:          # before update() may free the parent
+                if not child.is_finished:
+                    self._fork(parent, child)
             self.stats.generated_tokens += len(tokens)
-            touched = [s for s in seqs if s.seq_id in finished] if finished_only else seqs
+            touched = [s for s in seqs if s.is_finished] if finished_only else seqs
         elif self.scheduler.has_unfinished and not self.scheduler.running:
             raise RuntimeError("the scheduler made no progress with requests waiting: "
                                f"{self.num_free_gpu_blocks} free blocks")
@@ -327,9 +346,40 @@ class LLMEngine:
         wide[:, :w] = tables
         return wide
 
+    def _fork(self, parent: Sequence, child: Sequence) -> None:
+        """Start a child that sampled its first token: forked into the running queue (shared
+        blocks) while the running queue has room under ``max_num_seqs``, else queued as a new
+        sequence that prefills prompt + first token itself (as after a recompute preemption)."""
+        self.stats.forked += 1
+        if len(self.scheduler.running) < self.scheduler_config.max_num_seqs:
+            self.scheduler.fork(parent, child)
+        else:
+            self.scheduler.add_sequence(child)
+
+    def _with_children(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[
+            list[Sequence], torch.Tensor, list[tuple[Sequence, Sequence]]]:
+        """Add a row for every unforked child of a parent that samples its first token now:
+        (sequences [N'], logits [N', V] with each child repeating its parent's row, forks)."""
+        rows: list[int] = []
+        order: list[Sequence] = []
+        forks: list[tuple[Sequence, Sequence]] = []
+        for i, seq in enumerate(seqs):
+            rows.append(i)
+            order.append(seq)
+            for child in self._children.pop(seq.seq_id, ()):
+                rows.append(i)
+                order.append(child)
+                forks.append((seq, child))
+        if not forks:
+            return seqs, logits, forks
+        index = torch.tensor(rows, dtype=torch.int64, device=logits.device)         # [N']
+        return order, logits.index_select(0, index), forks
+
     def _run_model(self, out: SchedulerOutput) -> tuple[
-            list[Sequence], list[int], list[dict[int, float] | None]]:
-        """Run the model on the step's batch; (sampled sequences, their tokens, logprobs)."""
+            list[Sequence], list[int], list[dict[int, float] | None],
+            list[tuple[Sequence, Sequence]]]:
+        """Run the model on the step's batch; (sampled sequences, their tokens, logprobs, the
+        (parent, child) pairs to fork: the children's first tokens are among those sampled)."""
         batch = self._build_batch(out)
         hidden = None
         rows: torch.Tensor | None = None
@@ -340,16 +390,19 @@ class LLMEngine:
             hidden = self.model(input_ids, positions, ctx, self.kv_caches)   # [T, H]
         num_rows = int(batch.sample_rows.shape[0])
         if not num_rows:
-            return [], [], []
+            return [], [], [], []
         if num_rows != hidden.shape[0]:       # prefill, or a chunk that samples nothing
             if rows is None:
                 rows = self._staging.put(torch.int64, [batch.sample_rows])[0]
             hidden = hidden.index_select(0, rows)                   # [N, H]
         logits = self.model.compute_logits(hidden)                  # [N, V] float32
         seqs = [self.scheduler.seqs[s.seq_id] for s in out.scheduled if s.sample]
+        forks: list[tuple[Sequence, Sequence]] = []
+        if self._children:
+            seqs, logits, forks = self._with_children(seqs, logits)                # [N', V]
         gens = [self._generators.get(q.seq_id) for q in seqs] if self._generators else None
         tokens, logprobs = self.sampler.sample(logits, [q.sampling_params for q in seqs], gens)
-        return seqs, tokens, logprobs
+        return seqs, tokens, logprobs, forks
 
     def _record(self, seq: Sequence, token: int, lp: dict[int, float] | None) -> None:
         logprob = None if lp is None else lp.get(token)

@@ -16,8 +16,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from fast.sequence import Sequence, SequenceStatus
-from spec.errors import InvalidArgumentError, SequenceExistsError, SwapOutError, \
-    UnknownSequenceError
+from spec.errors import InvalidArgumentError, SequenceExistsError, SequenceStateError, \
+    SwapOutError, UnknownSequenceError
 from spec.scheduler import (
     BlockManagerLike,
     ScheduledSequence,
@@ -34,6 +34,8 @@ class BatchBlockManager(BlockManagerLike, Protocol):
     """What the fast scheduler needs: the spec scheduler's calls plus ``append_batch``."""
 
     def append_batch(self, seq_ids: Any, token_ids: Any) -> tuple[Any, Any]: ...
+
+    def fork(self, parent_id: int, child_id: int) -> None: ...
 
 _WAITING, _RUNNING, _SWAPPED = SequenceStatus.WAITING, SequenceStatus.RUNNING, \
     SequenceStatus.SWAPPED
@@ -98,6 +100,34 @@ class Scheduler:
                 f"longer than max_model_len {self.config.max_model_len} (sequence {seq.seq_id})")
         self.seqs[seq.seq_id] = seq
         self._enqueue(self.waiting, seq, _WAITING)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Start ``child`` as a running copy of ``parent`` that shares its blocks (n > 1).
+
+        The engine calls it in the step where ``parent`` sampled its first token, before
+        :meth:`update`: ``parent``'s prompt is computed and in the pool, its sampled token is not.
+        ``child.token_ids`` is the prompt plus the child's own first token, which, like the
+        parent's, is appended to the pool (copy-on-write of the shared last block) by the next
+        step's decode. Not an event of ``spec.scheduler``: a forked child is a running sequence
+        like any other from then on (the engine keeps ``max_num_seqs``, see
+        ``LLMEngine._fork``). Raises SequenceExistsError (child id live), UnknownSequenceError
+        (parent unknown), SequenceStateError (parent swapped out), InvalidArgumentError (parent not
+        running with its blocks in the pool).
+        """
+        if child.seq_id in self.seqs:
+            raise SequenceExistsError(child.seq_id)
+        if self.seqs.get(parent.seq_id) is not parent:
+            raise UnknownSequenceError(parent.seq_id)
+        if parent.status is _SWAPPED:
+            raise SequenceStateError(parent.seq_id, True, "fork")
+        if parent.status is not _RUNNING or not parent.in_pool:
+            raise InvalidArgumentError("parent.status", parent.status.value,
+                                       f"fork needs running sequence {parent.seq_id} in the pool")
+        self.block_manager.fork(parent.seq_id, child.seq_id)
+        child.num_computed = parent.num_computed
+        child.in_pool = child.pending = True
+        self.seqs[child.seq_id] = child
+        self._enqueue(self.running, child, _RUNNING)
 
     def abort(self, seq_id: int) -> Sequence:
         """Remove a sequence from every queue and free its blocks; returns it."""
