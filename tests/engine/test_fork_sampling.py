@@ -201,3 +201,37 @@ def test_scheduler_fork_checks(ck: Checkpoint) -> None:
         eng.scheduler.fork(waiting, waiting)
     eng.abort_request("a")
     assert_whole(eng)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_fork_on_cuda_equals_separate_requests(eager: bool, temperature: float) -> None:
+    # CUDA graphs or eager decode, Triton copy_blocks (head_dim 64 for the Triton kernels).
+    from fast.config import ModelConfig
+    from fast.loader import random_model
+    config = ModelConfig(vocab_size=256, hidden_size=256, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=64, max_position_embeddings=512)
+    tiny = random_model(config, seed=0, dtype=torch.float32, device="cuda")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 17, 8, 33, 13)]
+    kw: dict[str, Any] = dict(block_size=16, num_gpu_blocks=64, max_model_len=128,
+                              dtype="float32", max_num_seqs=32, enforce_eager=eager)
+
+    def params(i: int, n: int, j: int = 0) -> SamplingParams:
+        return SamplingParams(n=n, temperature=temperature, seed=3 + 10 * i + j,
+                              max_tokens=20, ignore_eos=True)
+
+    fork = LLM(tiny, **kw)
+    outs = fork.generate([{"prompt_token_ids": p} for p in prompts],
+                         [params(i, 4) for i in range(len(prompts))], use_tqdm=False)
+    alone = LLM(tiny, **kw)
+    sep = alone.generate([{"prompt_token_ids": p} for p in prompts for _ in range(4)],
+                         [params(i, 1, j) for i in range(len(prompts)) for j in range(4)],
+                         use_tqdm=False)
+    assert [c.token_ids for o in outs for c in o.outputs] == [o.outputs[0].token_ids for o in sep]
+    eng = fork.llm_engine
+    assert eng.stats.copied_blocks == 3 * len(prompts)        # no prompt fills its last block
+    assert eng.stats.computed_tokens < alone.llm_engine.stats.computed_tokens
+    assert_whole(eng)
