@@ -26,8 +26,7 @@ import numpy as np
 from numba import njit
 from numpy.typing import NDArray
 
-from fast.block_hash import hash_into
-from fast.block_prefix import intern_chain, intern_one
+from fast.block_prefix import hash_intern_chain, hash_intern_one, intern_one
 
 # status codes returned by the kernels
 OK = 0
@@ -389,15 +388,17 @@ def append_kernel(
         if caching and (t + 1) % bs == 0:
             block = toks[r, bi * bs : (bi + 1) * bs]
             x = xid[r]
-            if nb_hash:
+            ppid = bpid[r, bi - 1] if bi > 0 else -1
+            if nb_hash:  # the node of a known prefix carries its hash (a memo)
                 key = xbytes[xoff[x] : xoff[x + 1]] if x >= 0 else xbytes[0:0]
                 parent = bhash[r, bi - 1] if bi > 0 else -1
-                h = hash_into(parent, block, key, x >= 0, hscratch)
+                h, pid, _ = hash_intern_one(
+                    ppid, parent, block, x, key, hscratch, nodes, ntoks, nkeys, nmeta, nstack
+                )  # fmt: skip
             else:
                 h = fill_hash[f]
                 f += 1
-            ppid = bpid[r, bi - 1] if bi > 0 else -1
-            pid = intern_one(ppid, block, x, h, True, nodes, ntoks, nkeys, nmeta, nstack)
+                pid = intern_one(ppid, block, x, h, True, nodes, ntoks, nkeys, nmeta, nstack)
             bhash[r, bi] = h
             bpid[r, bi] = pid
             _register(ent, ikeys, ivals, tables[r, bi], h, pid)
@@ -659,12 +660,11 @@ def allocate_batch_kernel(
         else:
             nfull = n // bs
             hashes = np.empty(nfull, dtype=np.int64)
+            pids = np.empty(nfull, dtype=np.int64)
             key = xbytes[xoff[x] : xoff[x + 1]] if x >= 0 else xbytes[0:0]
-            h = -1
-            for i in range(nfull):
-                h = hash_into(h, prompt[i * bs : (i + 1) * bs], key, x >= 0, hscratch)
-                hashes[i] = h
-            pids = intern_chain(prompt, bs, hashes, x, True, nodes, ntoks, nkeys, nmeta, nstack)
+            hash_intern_chain(
+                prompt, bs, x, key, hscratch, hashes, pids, nodes, ntoks, nkeys, nmeta, nstack
+            )  # fmt: skip
         hits = np.empty(hashes.shape[0], dtype=np.int32)
         row = rows_avail[k]
         status = allocate_kernel(

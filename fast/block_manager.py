@@ -43,6 +43,9 @@ from spec.prefix_cache import ROOT_PARENT_HASH, HashFn, chain_hashes, hash_block
 __all__ = ["BlockManager", "BlockManagerConfig"]
 
 _INT64_MAX = (1 << 63) - 1
+# per-row arrays read only below the row's token / full-block count: grown without zeroing
+# (zeroing megabytes of fresh pages was most of a first batch's cost)
+_UNREAD_PAST_END = ("_toks", "_bhash", "_bpid")
 
 
 def _is_int(value: object) -> bool:
@@ -103,7 +106,9 @@ class BlockManager:
         self._ikeys = np.full(cap, -1, dtype=np.int64)  # hash index
         self._ivals = np.full(cap, -1, dtype=np.int32)
         self._drop = np.zeros(g, dtype=np.int32)  # scratch for append_kernel
-        self._pids = PrefixIds(bs)
+        # live prefix ids are at most the cached blocks plus the live full blocks (<= g + c):
+        # start at that bound (up to 2**16 nodes) so that serving rarely collects or grows
+        self._pids = PrefixIds(bs, _pow2_at_least(min(g + c, 1 << 16)) if self._caching else 8)
         self._xids: dict[str, int] = {}  # extra key -> id; UTF-8 bytes in _xbytes[_xoff[id]:]
         self._xbytes = np.zeros(0, dtype=np.uint8)
         self._xoff = np.zeros(1, dtype=np.int64)
@@ -146,7 +151,7 @@ class BlockManager:
         r = self._tables.shape[0]
         for name, cols in (("_tables", w), ("_bhash", w), ("_bpid", w), ("_toks", w * self._bs)):
             old = getattr(self, name)
-            new = np.zeros((r, cols), dtype=old.dtype)
+            new = (np.empty if name in _UNREAD_PAST_END else np.zeros)((r, cols), dtype=old.dtype)
             new[:, : old.shape[1]] = old
             setattr(self, name, new)
 
@@ -161,19 +166,22 @@ class BlockManager:
         self._rows[seq_id] = row
         return row
 
-    def _grow_rows(self) -> None:
-        """Double the number of rows (the new rows are free and used last)."""
-        r = self._tables.shape[0]
+    def _grow_rows(self, free_needed: int = 1) -> None:
+        """Double the number of rows until ``free_needed`` rows are free, in one copy (the new
+        rows are free and used last)."""
+        r = new_r = self._tables.shape[0]
+        while new_r - r + len(self._free_rows) < free_needed:
+            new_r *= 2
         names = ("_tables", "_toks", "_bhash", "_bpid", "_ntok", "_swapped", "_rstamp", "_xid")
         for name in names:
             old = getattr(self, name)
-            new = np.zeros((2 * r,) + old.shape[1:], dtype=old.dtype)
-            if name == "_xid":
-                new[:] = -1
+            new = np.empty((new_r,) + old.shape[1:], dtype=old.dtype)
             new[:r] = old
+            if name not in _UNREAD_PAST_END:
+                new[r:] = -1 if name == "_xid" else 0
             setattr(self, name, new)
-        self._extra.extend([None] * r)
-        self._free_rows = list(range(2 * r - 1, r - 1, -1)) + self._free_rows
+        self._extra.extend([None] * (new_r - r))
+        self._free_rows = list(range(new_r - 1, r - 1, -1)) + self._free_rows
 
     def _drop_row(self, seq_id: int, row: int) -> None:
         K.oa_delete(self._skeys, self._svals, seq_id)
@@ -498,8 +506,8 @@ class BlockManager:
         sids = np.array(seq_ids, dtype=np.int64)
         # capacity for the whole batch: widths, rows, id map, prefix-id nodes
         self._ensure_width(int(-(-lens.max() // bs)))
-        while len(self._free_rows) < b:
-            self._grow_rows()
+        if len(self._free_rows) < b:
+            self._grow_rows(b)
         if 2 * (len(self._rows) + b) > len(self._skeys):
             cap = len(self._skeys)
             while 2 * (len(self._rows) + b) > cap:
@@ -699,8 +707,8 @@ class BlockManager:
             for p, c in zip(parent_ids, child_ids):  # the slow path: exactly the single calls
                 self.fork(p, c)
             return
-        while len(self._free_rows) < b:
-            self._grow_rows()
+        if len(self._free_rows) < b:
+            self._grow_rows(b)
         if 2 * (len(self._rows) + b) > len(self._skeys):
             cap = len(self._skeys)
             while 2 * (len(self._rows) + b) > cap:
