@@ -19,7 +19,9 @@ from kernels.errors import (
     UnsupportedDTypeError,
 )
 
-__all__ = ["write_kv", "copy_blocks", "swap_blocks", "as_pairs"]
+__all__ = [
+    "write_kv", "check_write_kv", "write_rows", "copy_blocks", "swap_blocks", "as_pairs",
+]
 
 
 def as_pairs(pairs: Any, device: torch.device, name: str = "pairs") -> torch.Tensor:
@@ -39,14 +41,11 @@ def _check_ids(name: str, ids: torch.Tensor, high: int) -> None:
             raise IndexOutOfRangeError(name, lo if lo < 0 else hi, 0, high - 1)
 
 
-def write_kv(
+def check_write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor, *, backend: str = "auto",
+    slot_mapping: torch.Tensor,
 ) -> None:
-    """Store the K/V of ``T`` new tokens at their slots; slot -1 is skipped.
-
-    k, v [T, Hkv, D]; k_cache, v_cache [num_blocks, bs, Hkv, D]; slot_mapping [T] (int64)
-    """
+    """The validation of :func:`write_kv` (shapes, dtypes, slots within the cache or -1)."""
     check_cache_pair(k_cache, v_cache)
     nb, bs, hkv, d = k_cache.shape
     for name, x in (("k", k), ("v", v)):
@@ -64,6 +63,17 @@ def write_kv(
         lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
         if lo < -1 or hi >= nb * bs:
             raise IndexOutOfRangeError("slot_mapping", lo if lo < -1 else hi, -1, nb * bs - 1)
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor, *, backend: str = "auto",
+) -> None:
+    """Store the K/V of ``T`` new tokens at their slots; slot -1 is skipped.
+
+    k, v [T, Hkv, D]; k_cache, v_cache [num_blocks, bs, Hkv, D]; slot_mapping [T] (int64)
+    """
+    check_write_kv(k, v, k_cache, v_cache, slot_mapping)
     if k.shape[0] == 0:
         return
     if resolve_backend(backend, k_cache.device) == "triton":
@@ -72,9 +82,20 @@ def write_kv(
         triton_write_kv(k, v, k_cache, v_cache, slot_mapping)
         return
     keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    k_cache.view(nb * bs, hkv, d).index_copy_(0, slots, k[keep])
-    v_cache.view(nb * bs, hkv, d).index_copy_(0, slots, v[keep])
+    write_rows(k[keep], v[keep], k_cache, v_cache, slot_mapping[keep].long())
+
+
+def write_rows(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    rows: torch.Tensor,
+) -> None:
+    """Unchecked torch store: k, v [R, Hkv, D] at flat cache rows ``rows [R]`` int64 (all valid).
+
+    For callers that validated the step once with :func:`check_write_kv`.
+    """
+    nb, bs, hkv, d = k_cache.shape
+    k_cache.view(nb * bs, hkv, d).index_copy_(0, rows, k)
+    v_cache.view(nb * bs, hkv, d).index_copy_(0, rows, v)
 
 
 def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, pairs: Any) -> None:

@@ -12,10 +12,15 @@ reaches the output.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["torch_paged_decode", "torch_paged_prefill", "gather_keys"]
+__all__ = [
+    "torch_paged_decode", "torch_paged_prefill", "gather_keys", "DecodePlan", "plan_decode",
+    "planned_decode",
+]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -71,7 +76,7 @@ def torch_paged_decode(
     max_len = int(lens.max())
     nblk = max(1, -(-max_len // bs))
     if softcap is None:
-        return _sdpa_decode(q, k_cache, v_cache, block_tables, lens, nblk, scale, sliding_window)
+        return _sdpa_decode(q, k_cache, v_cache, block_tables, lens, scale, sliding_window)
     bt = block_tables[:, :nblk].long().clamp(0, nb - 1)  # entries past a length: any valid id
     k = k_cache[bt].reshape(batch, nblk * bs, hkv, d).to(cdt)  # [B, N, Hkv, D]
     v = v_cache[bt].reshape(batch, nblk * bs, hkv, d).to(cdt)
@@ -86,32 +91,75 @@ def torch_paged_decode(
     return o.reshape(batch, hq, d).to(q.dtype)  # [B, Hkv, G, D] -> [B, Hq, D]
 
 
-def _sdpa_decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    lens: torch.Tensor, nblk: int, scale: float, sliding_window: int | None,
-) -> torch.Tensor:
-    """Decode through SDPA: q [B, Hq, D], lens [B] int64 -> [B, Hq, D]."""
-    batch, hq, d = q.shape
-    nb, bs, hkv, _ = k_cache.shape
-    cdt = _compute_dtype(q.dtype)
-    n = nblk * bs
-    pos = torch.arange(n, device=q.device)  # [N]
+@dataclass(frozen=True)
+class DecodePlan:
+    """The gather indices and masks of one decode step, shared by every layer of a model.
+
+    They depend only on the block tables, lengths, block size and window, so a model computes
+    them once per step (:func:`plan_decode`) instead of once per layer.
+    """
+
+    slots: torch.Tensor  # [B, N] int64 flat cache rows to gather (invisible keys -> a finite row)
+    visible: torch.Tensor  # [B, 1, 1, N] bool, key j of sequence b is attended
+    nonempty: torch.Tensor  # [B, 1, 1, 1] bool, sequence b has at least one key
+
+
+def plan_decode(
+    block_tables: torch.Tensor, lens: torch.Tensor, num_blocks: int, block_size: int,
+    sliding_window: int | None,
+) -> DecodePlan:
+    """Indices and masks for :func:`planned_decode`: block_tables [B, W], lens [B] int64.
+
+    The caller has validated the inputs (lens within the table, ids within the cache).
+    """
+    batch = lens.shape[0]
+    max_len = int(lens.max()) if batch else 0
+    nblk = max(1, -(-max_len // block_size))
+    n = nblk * block_size
+    bs = block_size
+    pos = torch.arange(n, device=lens.device)  # [N]
     visible = pos[None, :] < lens[:, None]  # [B, N]
     if sliding_window is not None:
         visible &= pos[None, :] >= lens[:, None] - sliding_window
-    blocks = block_tables[:, :nblk].long().clamp(0, nb - 1)  # [B, nblk]
+    blocks = block_tables[:, :nblk].long().clamp(0, num_blocks - 1)  # [B, nblk]
     slots = blocks[:, pos // bs] * bs + pos % bs  # [B, N]
     first = slots[:, :1]
     if sliding_window is not None:  # the first visible key, a finite row
         start = (lens - sliding_window).clamp_min(0).clamp_max(n - 1)[:, None]
         first = slots.gather(1, start)
     slots = torch.where(visible, slots, first)
-    k = k_cache.view(nb * bs, hkv, d)[slots].transpose(1, 2).to(cdt)  # [B, Hkv, N, D]
-    v = v_cache.view(nb * bs, hkv, d)[slots].transpose(1, 2).to(cdt)
-    qf = q.to(cdt).view(batch, hkv, hq // hkv, d)  # [B, Hkv, G, D]: G plays the query rows
-    o = F.scaled_dot_product_attention(qf, k, v, attn_mask=visible[:, None, None, :], scale=scale)
-    o = torch.where((lens > 0)[:, None, None, None], o, torch.zeros_like(o))  # no key: 0
+    return DecodePlan(slots, visible[:, None, None, :], (lens > 0)[:, None, None, None])
+
+
+def planned_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: DecodePlan,
+    scale: float,
+) -> torch.Tensor:
+    """Decode through SDPA with a precomputed plan, no soft-cap: q [B, Hq, D] -> [B, Hq, D].
+
+    No validation: the caller checked the step's inputs once (see :func:`plan_decode`).
+    """
+    batch, hq, d = q.shape
+    nb, bs, hkv, _ = k_cache.shape
+    cdt = _compute_dtype(q.dtype)
+    slots = plan.slots
+    k = k_cache.view(nb * bs, hkv, d)[slots].transpose(1, 2)  # [B, Hkv, N, D]
+    v = v_cache.view(nb * bs, hkv, d)[slots].transpose(1, 2)
+    qf = q.view(batch, hkv, hq // hkv, d)  # [B, Hkv, G, D]: G plays the query rows
+    if cdt != q.dtype:
+        k, v, qf = k.to(cdt), v.to(cdt), qf.to(cdt)
+    o = F.scaled_dot_product_attention(qf, k, v, attn_mask=plan.visible, scale=scale)
+    o = o.masked_fill(~plan.nonempty, 0.0)  # no key: 0
     return o.reshape(batch, hq, d).to(q.dtype)
+
+
+def _sdpa_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    lens: torch.Tensor, scale: float, sliding_window: int | None,
+) -> torch.Tensor:
+    """Decode through SDPA: q [B, Hq, D], lens [B] int64 -> [B, Hq, D]."""
+    plan = plan_decode(block_tables, lens, k_cache.shape[0], k_cache.shape[1], sliding_window)
+    return planned_decode(q, k_cache, v_cache, plan, scale)
 
 
 def torch_paged_prefill(

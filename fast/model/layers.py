@@ -15,6 +15,9 @@ import kernels
 from fast.attention_context import AttentionContext
 from fast.config import ModelConfig
 from fast.model.rope import apply_rope
+from fast.model.step_plan import DecodeStepPlan
+from kernels.cache_ops import write_rows
+from kernels.torch_attention import planned_decode
 
 
 class Linear(nn.Module):
@@ -73,8 +76,10 @@ class Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor],
+                plan: DecodeStepPlan | None = None) -> torch.Tensor:
         # positions [T], x [T, H], caches [N, bs, Hkv, D], rope (cos, sin) [T, 1, D] -> [T, H]
+        # plan: the step validated once (CPU decode): unchecked torch paths, shared indices
         t = x.shape[0]
         qkv = self.qkv_proj(x)                                         # [T, Q + 2 KV]
         qk = qkv[:, :self.q_size + self.kv_size].unflatten(
@@ -83,6 +88,20 @@ class Attention(nn.Module):
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]          # [T, Hq|Hkv, D]
         v = qkv[:, self.q_size + self.kv_size:].unflatten(
             -1, (self.num_kv_heads, self.head_dim))                   # [T, Hkv, D]
+        if plan is not None:
+            if plan.keep is not None:
+                k, v = k[plan.keep], v[plan.keep]
+            write_rows(k, v, k_cache, v_cache, plan.rows)
+            o = planned_decode(q, k_cache, v_cache, plan.attend, self.scale)  # [T, Hq, D]
+        else:
+            o = self._checked_attention(q, k, v, ctx, k_cache, v_cache)
+        out: torch.Tensor = self.o_proj(o.reshape(t, self.q_size))     # [T, H]
+        return out
+
+    def _checked_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           ctx: AttentionContext, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor) -> torch.Tensor:
+        # q [T, Hq, D], k, v [T, Hkv, D] -> [T, Hq, D] through the validating public kernels
         kernels.write_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
         if ctx.is_decode:
             o = kernels.paged_decode(q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens,
@@ -92,8 +111,7 @@ class Attention(nn.Module):
                                       ctx.seq_lens, scale=self.scale,
                                       sliding_window=self.sliding_window,
                                       max_seqlen_q=ctx.max_seqlen_q)
-        out: torch.Tensor = self.o_proj(o.reshape(t, self.q_size))     # [T, H]
-        return out
+        return o
 
 
 class MLP(nn.Module):
@@ -125,10 +143,11 @@ class DecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor],
+                plan: DecodeStepPlan | None = None) -> torch.Tensor:
         # positions [T], x [T, H], rope (cos, sin) [T, 1, D] -> [T, H]
         attn: torch.Tensor = self.self_attn(positions, self.input_layernorm(x), ctx, k_cache,
-                                            v_cache, rope)
+                                            v_cache, rope, plan)
         x = x + attn
         mlp: torch.Tensor = self.mlp(self.post_attention_layernorm(x))
         return x + mlp

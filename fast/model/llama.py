@@ -9,6 +9,7 @@ from fast.attention_context import AttentionContext
 from fast.config import ModelConfig
 from fast.model.layers import DecoderLayer, Embedding, Linear, RMSNorm
 from fast.model.rope import inverse_frequencies, rope_cos_sin
+from fast.model.step_plan import plan_decode_step
 
 # Hugging Face projection name -> (our fused module, index of its slice)
 _FUSED = {
@@ -73,8 +74,9 @@ class LlamaForCausalLM(nn.Module):
                              f"{self.config.num_hidden_layers} layers")
         x = self.model.embed_tokens(input_ids)                          # [T, H]
         rope = rope_cos_sin(positions, self.rope_inv_freq(input_ids.device), x.dtype)
+        plan = plan_decode_step(self.config, ctx, x.dtype, kv_caches)  # once per step
         for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches):
-            x = layer(positions, x, ctx, k_cache, v_cache, rope)
+            x = layer(positions, x, ctx, k_cache, v_cache, rope, plan)
         out: torch.Tensor = self.model.norm(x)
         return out
 
