@@ -1,8 +1,9 @@
 """The scheduler under test: its protocol and the two built-in adapters (spec, fast).
 
-A scheduler implementation is driven by four events: ``add_request``, ``abort_request``,
-``schedule`` (returns a ``spec.scheduler.SchedulerOutput``) and ``update`` (a
-``spec.scheduler.StepOutcome``). Two implementations conform when, for the same events, they
+A scheduler implementation is driven by five events: ``add_request``, ``abort_request``,
+``schedule`` (returns a ``spec.scheduler.SchedulerOutput``), ``fork`` (between ``schedule`` and
+``update``, as ``spec.scheduler.Scheduler.fork``) and ``update`` (a
+``spec.scheduler.StepOutcome``, which carries a forked child's first token). Two implementations conform when, for the same events, they
 return equal outputs at every step. Factories take a ``SchedulerConfig`` and a
 ``BlockManagerConfig`` and return a fresh implementation with its own block manager.
 """
@@ -40,6 +41,10 @@ class SchedulerImpl(Protocol):
     def abort_request(self, seq_id: int) -> None: ...
 
     def schedule(self) -> SchedulerOutput: ...
+
+    def fork(self, parent_id: int, child_id: int) -> bool:
+        """Fork as the engine does; False (nothing done) when the running queue is full."""
+        ...
 
     def update(self, outcome: StepOutcome) -> None: ...
 
@@ -81,6 +86,12 @@ class SpecSchedulerAdapter:
     def schedule(self) -> SchedulerOutput:
         return self.scheduler.schedule()
 
+    def fork(self, parent_id: int, child_id: int) -> bool:
+        if len(self.scheduler.running) >= self.scheduler.config.max_num_seqs:
+            return False
+        self.scheduler.fork(parent_id, child_id)
+        return True
+
     def update(self, outcome: StepOutcome) -> None:
         self.scheduler.update(outcome)
 
@@ -89,7 +100,11 @@ class FastSchedulerAdapter:
     """``fast.scheduler.Scheduler`` over the fast block manager and ``fast.sequence`` state.
 
     The engine appends sampled tokens to its sequences itself; this adapter does the same before
-    handing the outcome on. ``block_manager_name`` picks the block manager from
+    handing the outcome on. Forks are done the engine's way (``LLMEngine.step``): after the
+    tokens are appended and before ``update``, with the child's first token already in its
+    ``token_ids`` and the child left out of the outcome. A request's sequences get consecutive
+    arrivals in the engine; here a request's arrival is spaced by ``_FORK_SPAN`` for its
+    children. ``block_manager_name`` picks the block manager from
     ``conformance.registry`` (the numba one by default).
     """
 
@@ -101,6 +116,8 @@ class FastSchedulerAdapter:
         self.block_manager = _block_manager(bm_config, self.block_manager_name)
         self.scheduler = Scheduler(config, self.block_manager)
         self._arrivals = 0
+        self._forks: list[tuple[int, int]] = []          # (parent, child) of the step in flight
+        self._num_forks: dict[int, int] = {}             # parent -> children forked so far
 
     @property
     def has_unfinished(self) -> bool:
@@ -113,7 +130,8 @@ class FastSchedulerAdapter:
     def add_request(self, seq_id: int, prompt_token_ids: Sequence[int]) -> None:
         from fast.sequence import Sequence as Seq
 
-        seq = Seq(seq_id, str(seq_id), self._arrivals, [int(t) for t in prompt_token_ids])
+        seq = Seq(seq_id, str(seq_id), self._arrivals * _FORK_SPAN,
+                  [int(t) for t in prompt_token_ids])
         self.scheduler.add_sequence(seq)
         self._arrivals += 1
 
@@ -123,12 +141,38 @@ class FastSchedulerAdapter:
     def schedule(self) -> SchedulerOutput:
         return self.scheduler.schedule()
 
+    def fork(self, parent_id: int, child_id: int) -> bool:
+        running = len(self.scheduler.running) + len(self._forks)
+        if running >= self.scheduler.config.max_num_seqs:
+            return False
+        self._forks.append((parent_id, child_id))
+        return True
+
     def update(self, outcome: StepOutcome) -> None:
+        from fast.sequence import Sequence as Seq
+
+        children = {child for _, child in self._forks}
         for seq_id, token in outcome.sampled.items():
             seq = self.scheduler.seqs.get(seq_id)
-            if seq is not None:
+            if seq is not None and seq_id not in children:
                 seq.append_token(token)
-        self.scheduler.update(outcome)
+        for parent_id, child_id in self._forks:
+            parent = self.scheduler.seqs[parent_id]
+            k = self._num_forks.get(parent_id, 0) + 1
+            self._num_forks[parent_id] = k
+            tokens = parent.token_ids[:-1] + [int(outcome.sampled[child_id])]
+            child = Seq(child_id, parent.request_id, parent.arrival + k, tokens)
+            self.scheduler.fork(parent, child)
+        self._forks = []
+        self.scheduler.update(StepOutcome(
+            {s: t for s, t in outcome.sampled.items() if s not in children},
+            outcome.finished - children))
+        for child_id in children & outcome.finished:
+            self.scheduler.abort(child_id)
+
+
+#: Arrival spacing of requests in the fast adapter: room for a request's forked children.
+_FORK_SPAN = 1 << 16
 
 
 _SCHEDULERS: dict[str, SchedulerFactory] = {

@@ -1,7 +1,9 @@
 """Random request streams run through a scheduler, and two schedulers run in lockstep.
 
 A :class:`Workload` is a scheduler configuration, a block-manager configuration and a list of
-requests (arrival step, prompt, number of tokens to generate, optional abort step). :func:`run`
+requests (arrival step, prompt, number of tokens to generate, optional abort step, number of
+sequences ``n``: the other ``n - 1`` are forked from the first at its first sampled token, the
+way ``fast.engine`` does it). :func:`run`
 plays it against one implementation with a deterministic fake model (the token sampled for a
 sequence is a function of its id and length), checks the limits of every step and that the pool
 is whole again at the end. :func:`run_lockstep` plays it against two implementations and
@@ -36,6 +38,15 @@ class RequestSpec:
     prompt: tuple[int, ...]
     max_tokens: int
     abort_step: int | None = None
+    n: int = 1
+
+    def child_ids(self) -> list[int]:
+        """The ids of the ``n - 1`` forked sequences."""
+        return [self.seq_id + CHILD_ID_STRIDE * k for k in range(1, self.n)]
+
+
+#: A request's child ``k`` has id ``seq_id + CHILD_ID_STRIDE * k`` (workload ids stay below it).
+CHILD_ID_STRIDE = 10_000
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,9 @@ class _Driver:
         self.step_no = 0
         self.last_arrival = max([r.arrival_step for r in wl.requests], default=0)
         self.by_id = {r.seq_id: r for r in wl.requests}
+        for r in wl.requests:
+            self.by_id.update((c, r) for c in r.child_ids())
+        self.unforked: dict[int, list[int]] = {}   # parent id -> children not forked yet
 
     def step(self) -> SchedulerOutput:
         wl, cfg = self.wl, self.wl.config
@@ -71,28 +85,45 @@ class _Driver:
                 self.impl.add_request(r.seq_id, r.prompt)
                 self.length[r.seq_id] = len(r.prompt)
                 self.generated[r.seq_id] = 0
+                if r.n > 1:
+                    self.unforked[r.seq_id] = r.child_ids()
         for r in wl.requests:
-            if r.abort_step == self.step_no and r.seq_id in self.length:
-                self.impl.abort_request(r.seq_id)
-                del self.length[r.seq_id]
+            if r.abort_step == self.step_no:     # the whole request, as the engine aborts
+                self.unforked.pop(r.seq_id, None)
+                for sid in [r.seq_id, *r.child_ids()]:
+                    if sid in self.length:
+                        self.impl.abort_request(sid)
+                        del self.length[sid]
         out = self.impl.schedule()
         self._check_limits(out)
         sampled: dict[int, int] = {}
         finished: set[int] = set()
         for s in out.scheduled:
-            if not s.sample:
+            if s.sample:
+                self._sample(s.seq_id, self.length[s.seq_id], sampled, finished)
+        for s in out.scheduled:       # children start at their parent's first token
+            if not s.sample or s.seq_id not in self.unforked:
                 continue
-            sid = s.seq_id
-            sampled[sid] = _token(sid, self.length[sid], wl.vocab)
-            self.length[sid] += 1
-            self.generated[sid] += 1
-            if (self.generated[sid] >= self.by_id[sid].max_tokens
-                    or self.length[sid] >= cfg.max_model_len):
-                finished.add(sid)
-                del self.length[sid]
+            prompt_len = len(self.by_id[s.seq_id].prompt)   # nothing generated before
+            for child in self.unforked.pop(s.seq_id):
+                token_finishes = (self.by_id[child].max_tokens <= 1
+                                  or prompt_len + 1 >= cfg.max_model_len)
+                if token_finishes:    # the engine never forks a child finished at once
+                    continue
+                if self.impl.fork(s.seq_id, child):
+                    self._sample(child, prompt_len, sampled, finished)
         self.impl.update(StepOutcome(sampled, frozenset(finished)))
         self.step_no += 1
         return out
+
+    def _sample(self, sid: int, length: int, sampled: dict[int, int], finished: set[int]) -> None:
+        sampled[sid] = _token(sid, length, self.wl.vocab)
+        self.length[sid] = length + 1
+        self.generated[sid] = self.generated.get(sid, 0) + 1
+        if (self.generated[sid] >= self.by_id[sid].max_tokens
+                or self.length[sid] >= self.wl.config.max_model_len):
+            finished.add(sid)
+            del self.length[sid]
 
     @property
     def done(self) -> bool:
@@ -178,7 +209,8 @@ def workloads(draw: st.DrawFn, max_requests: int = 8) -> Workload:
         prompt = tuple(draw(st.lists(st.integers(0, vocab - 1), min_size=plen, max_size=plen)))
         arrival = draw(st.integers(0, 3))
         abort = draw(st.one_of(st.none(), st.none(), st.integers(arrival, arrival + 12)))
-        requests.append(RequestSpec(i, arrival, prompt, draw(st.integers(1, 16)), abort))
+        n_seqs = draw(st.sampled_from([1, 1, 2, 3]))
+        requests.append(RequestSpec(i, arrival, prompt, draw(st.integers(1, 16)), abort, n_seqs))
     return Workload(config, bm_config, tuple(requests), vocab)
 
 

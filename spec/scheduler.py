@@ -26,6 +26,11 @@ far. Preemption by *swap* moves the blocks to the host pool (the swapped queue);
 sequences in the decode phase, and falls back to recompute when the host pool is full or the
 sequence is still in its prefill.
 
+Fork (``n > 1`` sampling): in the step where a parent samples its first token, a child can be
+forked from it (:meth:`Scheduler.fork`): it shares the parent's blocks and computed prefix, samples
+its own first token in the same step, and from then on is a running sequence like any other. It
+sorts right after its parent (and the parent's earlier children) in every queue.
+
 Limits: at most ``max_num_seqs`` sequences hold blocks on the device (the running queue), at
 most ``max_num_batched_tokens`` tokens are computed per step.
 """
@@ -41,6 +46,7 @@ from spec.errors import (
     InvalidArgumentError,
     PagedKVError,
     SequenceExistsError,
+    SequenceStateError,
     SwapOutError,
     UnknownSequenceError,
 )
@@ -89,6 +95,8 @@ class BlockManagerLike(Protocol):
     def swap_out(self, seq_id: int) -> list[tuple[int, int]]: ...
 
     def swap_in(self, seq_id: int) -> list[tuple[int, int]]: ...
+
+    def fork(self, parent_id: int, child_id: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -190,12 +198,13 @@ class _Request:
     """The scheduler's state of one sequence."""
 
     seq_id: int
-    arrival: int
+    arrival: tuple[int, ...]       # a forked child: its parent's key plus its fork number
     token_ids: list[int]
     num_computed: int = 0
     in_pool: bool = False          # holds blocks (device or host)
     pending: bool = False          # last token sampled, not yet in the pool: a decode is due
     status: Status = "waiting"
+    forks: int = 0                 # children forked from this sequence so far
 
 
 class Scheduler:
@@ -256,10 +265,47 @@ class Scheduler:
             raise InvalidArgumentError(
                 "len(prompt_token_ids)", n,
                 f"longer than max_model_len {self.config.max_model_len} (sequence {seq_id})")
-        req = _Request(seq_id, self._arrivals, [int(t) for t in prompt_token_ids])
+        req = _Request(seq_id, (self._arrivals,), [int(t) for t in prompt_token_ids])
         self._arrivals += 1
         self._requests[seq_id] = req
         self._insert(self._waiting, req, "waiting")
+
+    def fork(self, parent_id: int, child_id: int) -> None:
+        """Start ``child_id`` as a running copy of ``parent_id`` that shares its blocks (n > 1).
+
+        Call it between :meth:`schedule` and :meth:`update` of the step in which the parent
+        samples (the engine forks at the parent's first sampled token). The child gets the
+        parent's known tokens and computed count and the block manager's ``fork`` (shared blocks,
+        reference counts raised); it samples in this step too: the step's outcome carries the
+        child's first token in ``sampled`` (and may finish it), and its next step decodes that
+        token like any running sequence (copy-on-write of the shared last block). The child sorts
+        right after the parent and the parent's earlier children in every queue. It does not
+        check ``max_num_seqs``: the caller keeps the running queue within it.
+
+        Raises SequenceExistsError (``child_id`` live), UnknownSequenceError (parent unknown),
+        SequenceStateError (parent swapped out), InvalidArgumentError (parent not running with
+        its blocks in the pool, or not sampling in the step in flight), SchedulerOrderError (no
+        step in flight).
+        """
+        if child_id in self._requests:
+            raise SequenceExistsError(child_id)
+        parent = self._get(parent_id)
+        if parent.status == "swapped":
+            raise SequenceStateError(parent_id, True, "fork")
+        if parent.status != "running" or not parent.in_pool:
+            raise InvalidArgumentError("parent.status", parent.status,
+                                       f"fork needs running sequence {parent_id} in the pool")
+        if self._expected is None:
+            raise SchedulerOrderError("fork", "no step is in flight")
+        if parent_id not in self._expected:
+            raise InvalidArgumentError("parent_id", parent_id, "does not sample in this step")
+        self.block_manager.fork(parent_id, child_id)
+        parent.forks += 1
+        child = _Request(child_id, parent.arrival + (parent.forks,), list(parent.token_ids),
+                         parent.num_computed, in_pool=True)
+        self._requests[child_id] = child
+        self._insert(self._running, child, "running")
+        self._expected.add(child_id)
 
     def abort_request(self, seq_id: int) -> None:
         """Drop a sequence wherever it is; its blocks go back to the pool."""

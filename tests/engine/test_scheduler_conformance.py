@@ -14,6 +14,7 @@ from conformance.scheduler_protocol import (
     scheduler_names,
 )
 from conformance.scheduler_run import (
+    CHILD_ID_STRIDE,
     RequestSpec,
     SchedulerConformanceError,
     Workload,
@@ -23,7 +24,7 @@ from conformance.scheduler_run import (
     workloads,
 )
 from fast.scheduler import Scheduler as FastScheduler
-from fast.sequence import Sequence
+from fast.sequence import Sequence, SequenceStatus
 from spec.errors import OutOfBlocksError
 from spec.scheduler import SchedulerConfig
 
@@ -94,10 +95,38 @@ def _mutant(cls: type[FastScheduler]) -> Any:
     return factory
 
 
-@pytest.mark.parametrize("mutant", [_OldestVictim, _NoFrontRequeue])
+class _ForkToBack(FastScheduler):
+    """Mutant: a forked child goes to the back of the running queue, not after its parent."""
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        child.arrival += 1 << 40
+        super().fork(parent, child)
+
+
+class _ForkWithoutSharing(FastScheduler):
+    """Mutant: fork gives the child fresh blocks instead of raising the parent's refcounts."""
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        self.block_manager.allocate(child.seq_id, child.token_ids[:-1])
+        child.num_computed = parent.num_computed
+        child.in_pool = child.pending = True
+        self.seqs[child.seq_id] = child
+        self._enqueue(self.running, child, SequenceStatus.RUNNING)
+
+
+@pytest.mark.parametrize("mutant", [_OldestVictim, _NoFrontRequeue, _ForkToBack])
 def test_planted_mutants_are_caught(mutant: type[FastScheduler]) -> None:
     with pytest.raises(SchedulerConformanceError, match="differs"):
         check_scheduler(_mutant(mutant), max_examples=300, shrink=False)
+
+
+def test_fork_without_sharing_mutant_is_caught() -> None:
+    # fresh blocks for the child: other block ids and no copy-on-write, or a pool run dry
+    # where the spec's shared blocks fit
+    with pytest.raises((SchedulerConformanceError, OutOfBlocksError)):
+        check_scheduler(_mutant(_ForkWithoutSharing), max_examples=300, shrink=False)
+    with pytest.raises(SchedulerConformanceError, match="differs"):
+        run_lockstep(SpecSchedulerAdapter, _mutant(_ForkWithoutSharing), _fork_workload())
 
 
 def test_swap_in_capacity_mutant_is_caught() -> None:
@@ -112,3 +141,38 @@ def test_swap_in_capacity_mutant_is_caught() -> None:
     assert run_lockstep(SpecSchedulerAdapter, _FastOverSpecBM, wl) > 3
     with pytest.raises(OutOfBlocksError):
         run_lockstep(SpecSchedulerAdapter, _mutant(_SwapInIgnoresAppend), wl)
+
+
+def _fork_workload() -> Workload:
+    from spec.block_manager import BlockManagerConfig
+
+    return Workload(SchedulerConfig(4, 16, 16, False, "recompute"),
+                    BlockManagerConfig(block_size=2, num_gpu_blocks=12),
+                    (RequestSpec(0, 0, (1, 2, 3), 5, None, 3), RequestSpec(1, 0, (5, 6, 7, 8), 4)))
+
+
+def test_n_greater_than_one_forks_children_after_the_parent_in_lockstep() -> None:
+    wl = _fork_workload()
+    outs = run(SpecSchedulerAdapter(wl.config, wl.bm_config), wl)
+    c1, c2 = CHILD_ID_STRIDE, 2 * CHILD_ID_STRIDE
+    # step 1 decodes the parent, its two children (shared prompt blocks), then request 1
+    assert [x.seq_id for x in outs[1].scheduled] == [0, c1, c2, 1]
+    assert all(x.start == 3 for x in outs[1].scheduled[:3])
+    assert len(outs[1].blocks_to_copy) == 2          # each child copies the shared last block
+    assert run_lockstep(SpecSchedulerAdapter, FastSchedulerAdapter, wl) == len(outs)
+    assert run_lockstep(SpecSchedulerAdapter, _FastOverSpecBM, wl) == len(outs)
+    with pytest.raises(SchedulerConformanceError, match="differs"):
+        run_lockstep(SpecSchedulerAdapter, _mutant(_ForkToBack), wl)
+
+
+def test_drawn_workloads_exercise_fork() -> None:
+    forks: list[int] = []
+
+    class Counting(SpecSchedulerAdapter):
+        def fork(self, parent_id: int, child_id: int) -> bool:
+            done = super().fork(parent_id, child_id)
+            forks.append(int(done))
+            return done
+
+    check_scheduler(Counting, max_examples=40)
+    assert sum(forks) >= 10

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from spec.block_manager import BlockManager, BlockManagerConfig
-from spec.errors import InvalidArgumentError, SequenceExistsError, UnknownSequenceError
+from spec.errors import InvalidArgumentError, SequenceExistsError, SequenceStateError, \
+    UnknownSequenceError
 from spec.scheduler import (
     ScheduledSequence,
     Scheduler,
@@ -234,3 +235,71 @@ def test_sequence_preempts_itself_when_only_scheduled_ones_remain() -> None:
     # 0 appends into its free slot; 1 needs a block and only the scheduled 0 is left.
     assert out.preempted == (1,)
     assert out.scheduled == (ScheduledSequence(0, 3, 1, True),)
+
+
+# -- fork (n > 1) ---------------------------------------------------------------------------
+def test_fork_shares_blocks_and_puts_child_right_after_parent() -> None:
+    s, bm = make(num_gpu_blocks=16, block_size=4)
+    s.add_request(0, [1, 2, 3, 4, 5])
+    s.add_request(1, [6, 7])
+    s.schedule()                                   # both prefill; both sample
+    free_before = bm.num_free_gpu_blocks
+    s.fork(0, 100)
+    assert bm.num_free_gpu_blocks == free_before   # shared blocks, no new ones
+    assert bm.block_table(100) == bm.block_table(0)
+    assert [bm.refcount(b) for b in bm.block_table(0)] == [2, 2]
+    assert s.running == (0, 100, 1)                # after the parent, before the newer request
+    assert s.num_computed(100) == 5 and s.token_ids(100) == [1, 2, 3, 4, 5]
+    with pytest.raises(InvalidArgumentError):      # the child's first token is missing
+        s.update(StepOutcome({0: 8, 1: 9}))
+    s.update(StepOutcome({0: 8, 1: 9, 100: 10}))
+    assert s.token_ids(100) == [1, 2, 3, 4, 5, 10]
+    out = s.schedule()                             # child decodes its own token
+    assert [x.seq_id for x in out.scheduled] == [0, 100, 1]
+    assert len(out.blocks_to_copy) == 1            # copy-on-write of the shared last block
+    sample_all(s, finished=frozenset({0, 100, 1}))
+    assert bm.num_free_gpu_blocks == 16
+
+
+def test_later_children_sort_after_earlier_ones() -> None:
+    s, _ = make()
+    s.add_request(0, [1, 2])
+    s.add_request(1, [3])
+    s.schedule()
+    s.fork(0, 10)
+    s.fork(0, 20)
+    assert s.running == (0, 10, 20, 1)
+
+
+def test_fork_rejects_bad_calls_with_named_errors() -> None:
+    s, _ = make(num_gpu_blocks=4, block_size=4, max_num_seqs=1)
+    s.add_request(0, [1, 2])
+    s.add_request(1, [3])
+    with pytest.raises(UnknownSequenceError) as u:
+        s.fork(9, 5)
+    assert u.value.seq_id == 9
+    s.schedule()                                   # 0 runs, 1 waits (max_num_seqs 1)
+    with pytest.raises(SequenceExistsError):
+        s.fork(0, 1)
+    with pytest.raises(InvalidArgumentError) as e:  # parent not running
+        s.fork(1, 5)
+    assert e.value.value == "waiting"
+    sample_all(s)
+    s.schedule()                                   # 0 decodes: its token is not first-sampled
+    s.update(StepOutcome({0: 3}))
+    with pytest.raises(SchedulerOrderError):
+        s.fork(0, 5)
+
+
+def test_fork_of_a_swapped_parent_raises_sequence_state_error() -> None:
+    s, _ = make(num_gpu_blocks=4, block_size=2, num_cpu_blocks=4, max_num_seqs=4,
+                max_num_batched_tokens=8, max_model_len=8, preemption_mode="swap")
+    s.add_request(0, [1, 2, 3, 4])
+    s.add_request(1, [5, 6, 7, 8])
+    s.schedule()
+    sample_all(s)
+    s.schedule()                                   # 1 swapped out; 0 decodes
+    assert s.swapped == (1,)
+    with pytest.raises(SequenceStateError) as e:
+        s.fork(1, 5)
+    assert e.value.seq_id == 1 and e.value.swapped
