@@ -108,9 +108,9 @@ class Scheduler:
         :meth:`update`: ``parent``'s prompt is computed and in the pool, its sampled token is not.
         ``child.token_ids`` is the prompt plus the child's own first token, which, like the
         parent's, is appended to the pool (copy-on-write of the shared last block) by the next
-        step's decode. Not an event of ``spec.scheduler``: a forked child is a running sequence
-        like any other from then on (the engine keeps ``max_num_seqs``, see
-        ``LLMEngine._fork``). Raises SequenceExistsError (child id live), UnknownSequenceError
+        step's decode. Mirrors :meth:`spec.scheduler.Scheduler.fork` (held to it by the lockstep
+        conformance driver); from then on the child is a running sequence like any other (the
+        engine keeps ``max_num_seqs``, see ``LLMEngine._fork``). Raises SequenceExistsError (child id live), UnknownSequenceError
         (parent unknown), SequenceStateError (parent swapped out), InvalidArgumentError (parent not
         running with its blocks in the pool).
         """
