@@ -8,12 +8,12 @@ chunked prefill, and prefix caching, and leave the whole pool free afterwards.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from hf_reference import Checkpoint, save_with_reference
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,12 +23,6 @@ from fast.sampling_params import SamplingParams  # noqa: E402
 MAX_TOKENS = 12
 PROMPT_LENS = (5, 17, 33, 3, 26, 9)
 
-
-@dataclass
-class Checkpoint:
-    path: Path
-    prompts: list[list[int]]
-    reference: list[list[int]]
 
 
 def _make(tmp: Path, kind: str) -> Checkpoint:
@@ -47,18 +41,9 @@ def _make(tmp: Path, kind: str) -> Checkpoint:
         model = transformers.LlamaForCausalLM(cfg)
     model.eval()
     path = tmp / kind
-    model.save_pretrained(path)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in PROMPT_LENS]
-    reference = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
-                                 eos_token_id=None, pad_token_id=None)
-            reference.append(out[0, len(p):].tolist())
-    return Checkpoint(path, prompts, reference)
+    return save_with_reference(model, path, prompts, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,11 @@ n = 1 requests with seeds ``seed + i`` (what n > 1 gave before it was done by fo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from hf_reference import Checkpoint, save_with_reference
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,13 +27,6 @@ MAX_TOKENS = 10
 PROMPT_LENS = (5, 17, 8, 9)        # 8 is a multiple of the block size: no copy-on-write
 
 
-@dataclass
-class Checkpoint:
-    path: Path
-    prompts: list[list[int]]
-    reference: list[list[int]]     # transformers' greedy continuation of each prompt
-
-
 @pytest.fixture(scope="module")
 def ck(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
     torch.manual_seed(0)
@@ -44,18 +36,9 @@ def ck(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
                                    initializer_range=0.3)
     model = transformers.LlamaForCausalLM(cfg).eval()
     path = tmp_path_factory.mktemp("fork") / "gqa"
-    model.save_pretrained(path)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in PROMPT_LENS]
-    reference = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
-                                 eos_token_id=None, pad_token_id=None)
-            reference.append(out[0, len(p):].tolist())
-    return Checkpoint(path, prompts, reference)
+    return save_with_reference(model, path, prompts, MAX_TOKENS)
 
 
 def greedy(n: int) -> SamplingParams:
