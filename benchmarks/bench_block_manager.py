@@ -44,7 +44,7 @@ def _manager(impl: str, num_gpu_blocks: int, caching: bool) -> Any:
         from spec.block_manager import BlockManager as SpecBM
 
         return SpecBM(config)
-    from fast.block_manager import BlockManager as FastBM
+    from fast.blocks.manager import BlockManager as FastBM
 
     return FastBM(config)
 
@@ -249,7 +249,7 @@ def main(out: Path) -> dict[str, Any]:
     # first call in a fresh process: with numba's on-disk cache empty (compile) and warm (load)
     first_call = (
         "import time; t = time.perf_counter(); import numpy as np; "
-        "from fast.block_manager import BlockManager, BlockManagerConfig; "
+        "from fast.blocks.manager import BlockManager, BlockManagerConfig; "
         "bm = BlockManager(BlockManagerConfig(block_size=4, num_gpu_blocks=64, "
         "num_cpu_blocks=8, enable_prefix_caching=True)); "
         "bm.allocate(0, np.arange(9)); bm.fork(0, 1); bm.append(1, 3); "
@@ -307,8 +307,11 @@ def main(out: Path) -> dict[str, Any]:
         "decode step includes the int32 block tables and lengths for the GPU",
         "results": results,
         "targets": {"decode_step_256_fast_us": 20.0, "speedup_each": 30.0},
-        "peer_nano_vllm_us": {"decode_step_256": [540, 635], "decode_step_256_with_int32_tables":
-                              [1800, 2000], "allocate_256_sharegpt": 16000},
+        "peer_nano_vllm_us": {
+            "decode_step_256": [540, 635],
+            "decode_step_256_with_int32_tables": [1800, 2000],
+            "allocate_256_sharegpt": 16000,
+        },
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -36,8 +36,9 @@ import numpy as np
 import torch
 
 
-def scaled_trace(n: int, scale: int, seed: int = 0, vocab: int = 49152
-                 ) -> tuple[list[list[int]], list[int]]:
+def scaled_trace(
+    n: int, scale: int, seed: int = 0, vocab: int = 49152
+) -> tuple[list[list[int]], list[int]]:
     """DESIGN.md's ShareGPT-like lengths divided by ``scale``; token ids uniform in [100, vocab)."""
     rng = np.random.default_rng(seed)
     hi = 1024 // scale
@@ -48,7 +49,7 @@ def scaled_trace(n: int, scale: int, seed: int = 0, vocab: int = 49152
 
 
 def ours(llm: Any, prompts: list[list[int]], n_out: list[int]) -> tuple[float, list[list[int]]]:
-    from fast.sampling_params import SamplingParams
+    from fast.engine.sampling_params import SamplingParams
 
     params = [SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True) for k in n_out]
     t0 = time.perf_counter()
@@ -57,35 +58,44 @@ def ours(llm: Any, prompts: list[list[int]], n_out: list[int]) -> tuple[float, l
     return dt, [o.outputs[0].token_ids for o in outs]
 
 
-def theirs(model: Any, prompts: list[list[int]], n_out: list[int]
-           ) -> tuple[float, list[list[int]]]:
+def theirs(model: Any, prompts: list[list[int]], n_out: list[int]) -> tuple[float, list[list[int]]]:
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):                     # left padding
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+    for i, p in enumerate(prompts):  # left padding
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=mask, do_sample=False,
-                             max_new_tokens=max(n_out), min_new_tokens=max(n_out),
-                             pad_token_id=0, eos_token_id=None)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max(n_out),
+            min_new_tokens=max(n_out),
+            pad_token_id=0,
+            eos_token_id=None,
+        )
     dt = time.perf_counter() - t0
-    return dt, [out[i, width:width + k].tolist() for i, k in enumerate(n_out)]
+    return dt, [out[i, width : width + k].tolist() for i, k in enumerate(n_out)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--scale", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for both sides (1: robust on a shared machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for both sides (1: robust on a shared machine)",
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine_cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
 
-    from fast.llm import LLM
+    from fast.api.llm import LLM
     from fast.loader.default import default_model_path
 
     path = default_model_path()
@@ -95,40 +105,53 @@ def main() -> None:
     load_ours = time.perf_counter() - t0
     t0 = time.perf_counter()
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
     load_hf = time.perf_counter() - t0
 
     rng = np.random.default_rng(1)
     one = [rng.integers(100, 49152, size=24).tolist()]
     runs: dict[str, Any] = {}
-    for name, prompts, n_out in [("batch1", one, [64]),
-                                 ("sharegpt", *scaled_trace(args.requests, args.scale))]:
-        ours(llm, prompts[:1], [4])                      # warm-up
+    for name, prompts, n_out in [
+        ("batch1", one, [64]),
+        ("sharegpt", *scaled_trace(args.requests, args.scale)),
+    ]:
+        ours(llm, prompts[:1], [4])  # warm-up
         t_ours, tok_ours = ours(llm, prompts, n_out)
         t_hf, tok_hf = theirs(hf, prompts, n_out)
         total = sum(n_out)
         runs[name] = {
-            "requests": len(prompts), "mean_input": float(np.mean([len(p) for p in prompts])),
-            "mean_output": float(np.mean(n_out)), "output_tokens": total,
-            "pagedkv_s": round(t_ours, 2), "pagedkv_tok_s": round(total / t_ours, 1),
-            "transformers_s": round(t_hf, 2), "transformers_tok_s": round(total / t_hf, 1),
+            "requests": len(prompts),
+            "mean_input": float(np.mean([len(p) for p in prompts])),
+            "mean_output": float(np.mean(n_out)),
+            "output_tokens": total,
+            "pagedkv_s": round(t_ours, 2),
+            "pagedkv_tok_s": round(total / t_ours, 1),
+            "transformers_s": round(t_hf, 2),
+            "transformers_tok_s": round(total / t_hf, 1),
             "ratio": round(t_hf / t_ours, 2),
             "identical_outputs": sum(a == b for a, b in zip(tok_ours, tok_hf)),
         }
         print(name, runs[name], flush=True)
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
     result = {
         "benchmark": "engine end to end on CPU, SmolLM2-135M-Instruct Q4_1 GGUF in float32",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "load_average_1m": round(os.getloadavg()[0], 2)},
-        "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "commit": commit,
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_1m": round(os.getloadavg()[0], 2),
+        },
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "commit": commit,
         "trace": f"DESIGN.md ShareGPT-like, seed 0, lengths / {args.scale}, clipped to "
-                 f"[4, {1024 // args.scale}]",
+        f"[4, {1024 // args.scale}]",
         "load_s": {"pagedkv": round(load_ours, 1), "transformers": round(load_hf, 1)},
         "runs": runs,
     }

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-VOCAB_STUB = 512   # logits width of the stub (sampling cost on the host is not the point)
+VOCAB_STUB = 512  # logits width of the stub (sampling cost on the host is not the point)
 
 
 class StubModel(torch.nn.Module):
@@ -43,45 +43,57 @@ class StubModel(torch.nn.Module):
         super().__init__()
         self.hidden = hidden
         self.anchor = torch.nn.Parameter(torch.zeros(1))
-        self.states = torch.zeros(8192, hidden)                               # [T_max, H]
-        self.logits = torch.zeros(8192, VOCAB_STUB)                           # [N_max, V]
+        self.states = torch.zeros(8192, hidden)  # [T_max, H]
+        self.logits = torch.zeros(8192, VOCAB_STUB)  # [N_max, V]
         self.logits[:, 7] = 1.0
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Any,
-                kv_caches: Any) -> torch.Tensor:
-        return self.states[:input_ids.shape[0]]                               # [T, H]
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Any, kv_caches: Any
+    ) -> torch.Tensor:
+        return self.states[: input_ids.shape[0]]  # [T, H]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.logits[:hidden.shape[0]]                                  # [N, V]
+        return self.logits[: hidden.shape[0]]  # [N, V]
 
 
 def make_engine(seqs: int) -> Any:
     """An engine with the Llama-3-8B shape (no weights: the stub replaces the model)."""
     from benchmarks.gpu_engine import llama3_8b
-    from fast.engine import LLMEngine
-    from fast.engine_config import EngineConfig
+    from fast.engine.config import EngineConfig
+    from fast.engine.engine import LLMEngine
     from fast.loader import LoadedModel
 
     cfg = llama3_8b()
     # A shallow KV pool: one layer's worth is enough, the stub never reads it.
     small = type(cfg)(**{**cfg.__dict__, "num_hidden_layers": 1})
     loaded = LoadedModel(StubModel(cfg.hidden_size), None, small)
-    return LLMEngine(loaded, EngineConfig(
-        block_size=16, max_num_seqs=seqs, max_num_batched_tokens=8192, max_model_len=2048,
-        num_gpu_blocks=seqs * 128, device="cpu", dtype="float32", enforce_eager=True))
+    return LLMEngine(
+        loaded,
+        EngineConfig(
+            block_size=16,
+            max_num_seqs=seqs,
+            max_num_batched_tokens=8192,
+            max_model_len=2048,
+            num_gpu_blocks=seqs * 128,
+            device="cpu",
+            dtype="float32",
+            enforce_eager=True,
+        ),
+    )
 
 
 def run(seqs: int, steps: int, finished_only: bool, profile: bool) -> dict[str, Any]:
     """Prefill ``seqs`` requests, then time ``steps`` decode steps of all of them."""
     from benchmarks.gpu_engine import sharegpt_trace
-    from fast.sampling_params import SamplingParams
+    from fast.engine.sampling_params import SamplingParams
 
     engine = make_engine(seqs)
     prompts, _ = sharegpt_trace(seqs)
     for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, SamplingParams(temperature=0.0, max_tokens=steps + 8,
-                                                     ignore_eos=True))
-    while engine.scheduler.waiting:                    # prefill steps (not timed)
+        engine.add_request(
+            str(i), p, SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+        )
+    while engine.scheduler.waiting:  # prefill steps (not timed)
         engine.step(finished_only=finished_only)
     for _ in range(3):
         engine.step(finished_only=finished_only)
@@ -96,13 +108,18 @@ def run(seqs: int, steps: int, finished_only: bool, profile: bool) -> dict[str, 
         times.append(time.perf_counter() - t0)
         if prof is not None:
             prof.disable()
-    assert len(engine.scheduler.running) == seqs   # every step was a full decode step
+    assert len(engine.scheduler.running) == seqs  # every step was a full decode step
     if prof is not None:
         pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
     ms = 1000 * np.asarray(times)
-    return {"finished_only": finished_only, "seqs": seqs, "steps": steps,
-            "median_ms": round(float(np.median(ms)), 3), "mean_ms": round(float(ms.mean()), 3),
-            "p90_ms": round(float(np.percentile(ms, 90)), 3)}
+    return {
+        "finished_only": finished_only,
+        "seqs": seqs,
+        "steps": steps,
+        "median_ms": round(float(np.median(ms)), 3),
+        "mean_ms": round(float(ms.mean()), 3),
+        "p90_ms": round(float(np.percentile(ms, 90)), 3),
+    }
 
 
 def main() -> None:
@@ -117,18 +134,22 @@ def main() -> None:
     rows = [run(args.seqs, args.steps, fo, args.profile) for fo in (True, False)]
     for r in rows:
         path = "generate (finished_only)" if r["finished_only"] else "streaming step()"
-        print(f"{args.label}: {path}: {r['seqs']} seqs, median {r['median_ms']} ms/step, "
-              f"mean {r['mean_ms']}, p90 {r['p90_ms']}")
+        print(
+            f"{args.label}: {path}: {r['seqs']} seqs, median {r['median_ms']} ms/step, "
+            f"mean {r['mean_ms']}, p90 {r['p90_ms']}"
+        )
     try:
         with open(args.out) as f:
             result = json.load(f)
     except (OSError, ValueError):
-        result = {"benchmark": "engine host overhead per decode step (stub model, CPU)",
-                  "runs": {}}
+        result = {"benchmark": "engine host overhead per decode step (stub model, CPU)", "runs": {}}
     result["runs"][args.label] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-        "torch": torch.__version__, "rows": rows}
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 

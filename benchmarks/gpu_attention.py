@@ -31,10 +31,25 @@ import torch.nn.functional as F
 
 HQ, HKV, D = 32, 8, 128
 DT = torch.bfloat16
-DECODE_SHAPES = [(1, 4096), (16, 2048), (64, 4096), (128, 1024), (256, 512), (32, 16384),
-                 (8, 32768)]
-PREFILL_SHAPES = [(1024, 0), (2048, 0), (4096, 0), (8192, 0), (1024, 4096), (2048, 8192),
-                  (4096, 4096), (1024, 8192)]
+DECODE_SHAPES = [
+    (1, 4096),
+    (16, 2048),
+    (64, 4096),
+    (128, 1024),
+    (256, 512),
+    (32, 16384),
+    (8, 32768),
+]
+PREFILL_SHAPES = [
+    (1024, 0),
+    (2048, 0),
+    (4096, 0),
+    (8192, 0),
+    (1024, 4096),
+    (2048, 8192),
+    (4096, 4096),
+    (1024, 8192),
+]
 ROTATE_BYTES = 256e6  # rotate input copies until a cycle touches at least this much
 
 
@@ -86,8 +101,11 @@ def env(res: dict[str, Any], commit: str) -> None:
 
     p = torch.cuda.get_device_properties(0)
     res["meta"] = {
-        "gpu": torch.cuda.get_device_name(0), "sms": p.multi_processor_count,
-        "torch": torch.__version__, "triton": triton.__version__, "commit": commit,
+        "gpu": torch.cuda.get_device_name(0),
+        "sms": p.multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": sys.version.split()[0],
     }
@@ -107,9 +125,13 @@ def decode(res: dict[str, Any], with_flex: bool, num_splits: int | None = None) 
     for batch, length in DECODE_SHAPES:
         kv_bytes = 2 * batch * length * HKV * D * 2
         n_rot = max(1, min(16, math.ceil(ROTATE_BYTES / kv_bytes)))
-        row: dict[str, Any] = {"B": batch, "L": length, "kv_MB": round(kv_bytes / 1e6, 1),
-                               "rotations": n_rot,
-                               "floor_us": round(kv_bytes / (bw * 1e12) * 1e6, 1)}
+        row: dict[str, Any] = {
+            "B": batch,
+            "L": length,
+            "kv_MB": round(kv_bytes / 1e6, 1),
+            "rotations": n_rot,
+            "floor_us": round(kv_bytes / (bw * 1e12) * 1e6, 1),
+        }
         sets = []
         for _ in range(n_rot):
             q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
@@ -119,13 +141,15 @@ def decode(res: dict[str, Any], with_flex: bool, num_splits: int | None = None) 
             sets.append((q, k, v, kp, vp, bt))
         lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
         q, k, v, kp, vp, bt = sets[0]
-        ref = F.scaled_dot_product_attention(q.float()[:, :, None], k.float(), v.float(),
-                                             enable_gqa=True)[:, :, 0]
+        ref = F.scaled_dot_product_attention(
+            q.float()[:, :, None], k.float(), v.float(), enable_gqa=True
+        )[:, :, 0]
         scale = D**-0.5
 
         def ours(s: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
-            return lambda: kernels.paged_decode(s[0], s[3], s[4], s[5], lens, scale=scale,
-                                                num_splits=num_splits)
+            return lambda: kernels.paged_decode(
+                s[0], s[3], s[4], s[5], lens, scale=scale, num_splits=num_splits
+            )
 
         def sdpa(s: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
             q4 = s[0][:, :, None]
@@ -137,6 +161,7 @@ def decode(res: dict[str, Any], with_flex: bool, num_splits: int | None = None) 
                 kk = s[3][idx].reshape(batch, length, HKV, D).transpose(1, 2)
                 vv = s[4][idx].reshape(batch, length, HKV, D).transpose(1, 2)
                 return F.scaled_dot_product_attention(s[0][:, :, None], kk, vv, enable_gqa=True)
+
             return run
 
         row["ours_err"] = f"{rel_err(ours(sets[0])(), ref):.1e}"
@@ -166,8 +191,9 @@ def decode(res: dict[str, Any], with_flex: bool, num_splits: int | None = None) 
     res["decode"] = rows
 
 
-def flex_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref: torch.Tensor,
-                kv_bytes: int) -> dict[str, Any]:
+def flex_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref: torch.Tensor, kv_bytes: int
+) -> dict[str, Any]:
     """FlexAttention with torch's experimental PagedAttention helper (page 128), compiled."""
     try:
         from torch.nn.attention.experimental._paged_attention import PagedAttention
@@ -184,7 +210,8 @@ def flex_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref: torch.Te
         positions = torch.arange(length, device="cuda")[None].expand(batch, length)
         pa.assign(torch.arange(batch, device="cuda"), positions, k, v, kc, vc)
         mask = pa.convert_logical_block_mask(
-            create_block_mask(noop_mask, batch, 1, 1, length, BLOCK_SIZE=page))
+            create_block_mask(noop_mask, batch, 1, 1, length, BLOCK_SIZE=page)
+        )
         compiled = torch.compile(flex_attention)
         q4 = q[:, :, None]
 
@@ -193,8 +220,11 @@ def flex_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref: torch.Te
 
         err = rel_err(run()[:, :, 0], ref)
         ms = bench_ms(run)
-        res = {"flex_paged_us": round(ms * 1e3, 1),
-               "flex_paged_TBps": round(kv_bytes / ms / 1e9, 2), "flex_paged_err": f"{err:.1e}"}
+        res = {
+            "flex_paged_us": round(ms * 1e3, 1),
+            "flex_paged_TBps": round(kv_bytes / ms / 1e9, 2),
+            "flex_paged_err": f"{err:.1e}",
+        }
         try:
             res["flex_paged_graph_us"] = round(bench_graph_ms(run) * 1e3, 1)
         except Exception as e:
@@ -220,6 +250,7 @@ def prefill(res: dict[str, Any]) -> None:
         lens = torch.tensor([length], dtype=torch.int32, device="cuda")
         q4 = q.transpose(0, 1)[None]  # [1, Hq, q_len, D]
         if ctx == 0:
+
             def sdpa() -> Any:
                 return F.scaled_dot_product_attention(q4, k, v, is_causal=True, enable_gqa=True)
         else:
@@ -269,16 +300,40 @@ def tune(res: dict[str, Any]) -> None:
             for splits in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48):
                 if batch * HKV * splits > 132 * 16:
                     continue
-                def make(s: tuple[torch.Tensor, ...], cfg: tuple[int, int, int] = cfg,
-                         splits: int = splits) -> Callable[[], Any]:
+
+                def make(
+                    s: tuple[torch.Tensor, ...],
+                    cfg: tuple[int, int, int] = cfg,
+                    splits: int = splits,
+                ) -> Callable[[], Any]:
                     return lambda: triton_paged_decode(
-                        s[0], s[1], s[2], s[3], lens, dims, scale=0.1, sliding_window=None,
-                        softcap=None, num_splits=splits, out=None, config=cfg)
+                        s[0],
+                        s[1],
+                        s[2],
+                        s[3],
+                        lens,
+                        dims,
+                        scale=0.1,
+                        sliding_window=None,
+                        softcap=None,
+                        num_splits=splits,
+                        out=None,
+                        config=cfg,
+                    )
+
                 try:
                     ms = bench_graph_ms(rotating([make(s) for s in sets]))
-                    out.append({"op": "decode", "B": batch, "L": length, "cfg": cfg,
-                                "splits": splits, "graph_us": round(ms * 1e3, 1),
-                                "TBps": round(kv_bytes / ms / 1e9, 2)})
+                    out.append(
+                        {
+                            "op": "decode",
+                            "B": batch,
+                            "L": length,
+                            "cfg": cfg,
+                            "splits": splits,
+                            "graph_us": round(ms * 1e3, 1),
+                            "TBps": round(kv_bytes / ms / 1e9, 2),
+                        }
+                    )
                 except Exception as e:
                     out.append({"op": "decode", "cfg": cfg, "error": repr(e)[:120]})
         del sets
@@ -292,16 +347,45 @@ def tune(res: dict[str, Any]) -> None:
         lens = torch.tensor([length], dtype=torch.int32, device="cuda")
         dims = check_prefill(q, kp, vp, bt, cu, lens)
         flops = 4 * HQ * D * (q_len * ctx + q_len * (q_len + 1) / 2)
-        for pcfg in [(128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (256, 64, 8, 2),
-                     (256, 128, 8, 2), (256, 64, 16, 3), (128, 128, 8, 2), (128, 64, 4, 4)]:
+        for pcfg in [
+            (128, 64, 8, 3),
+            (128, 128, 8, 3),
+            (256, 64, 8, 3),
+            (256, 64, 8, 2),
+            (256, 128, 8, 2),
+            (256, 64, 16, 3),
+            (128, 128, 8, 2),
+            (128, 64, 4, 4),
+        ]:
+
             def pf(pcfg: tuple[int, int, int, int] = pcfg) -> Any:
-                return triton_paged_prefill(q, kp, vp, bt, cu, lens, dims, scale=0.1,
-                                            sliding_window=None, softcap=None, out=None,
-                                            config=pcfg)
+                return triton_paged_prefill(
+                    q,
+                    kp,
+                    vp,
+                    bt,
+                    cu,
+                    lens,
+                    dims,
+                    scale=0.1,
+                    sliding_window=None,
+                    softcap=None,
+                    out=None,
+                    config=pcfg,
+                )
+
             try:
                 ms = bench_ms(pf)
-                out.append({"op": "prefill", "q_len": q_len, "ctx": ctx, "cfg": pcfg,
-                            "us": round(ms * 1e3, 1), "TFLOPs": round(flops / ms / 1e9, 1)})
+                out.append(
+                    {
+                        "op": "prefill",
+                        "q_len": q_len,
+                        "ctx": ctx,
+                        "cfg": pcfg,
+                        "us": round(ms * 1e3, 1),
+                        "TFLOPs": round(flops / ms / 1e9, 1),
+                    }
+                )
             except Exception as e:
                 out.append({"op": "prefill", "cfg": pcfg, "error": repr(e)[:120]})
     res["tune"] = out
@@ -319,7 +403,9 @@ def tune(res: dict[str, Any]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "attention_h200.json"))
+    ap.add_argument(
+        "--out", default=os.path.join(os.environ.get("OUT", "."), "attention_h200.json")
+    )
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--sections", default="env,decode,prefill,flex")
     args = ap.parse_args()
@@ -345,13 +431,17 @@ def main() -> None:
 def summary(res: dict[str, Any]) -> None:
     """A short table at the end of the output."""
     for r in res.get("decode", []):
-        print(f"decode B={r['B']:>3} L={r['L']:>5} ours {r.get('ours_us')} us "
-              f"({r.get('ours_TBps')} TB/s) sdpa {r.get('sdpa_us')} gather {r.get('gather_sdpa_us')} "
-              f"flex {r.get('flex_paged_us')} | graph ours {r.get('ours_graph_us')} sdpa "
-              f"{r.get('sdpa_graph_us')} flex {r.get('flex_paged_graph_us')} err {r.get('ours_err')}")
+        print(
+            f"decode B={r['B']:>3} L={r['L']:>5} ours {r.get('ours_us')} us "
+            f"({r.get('ours_TBps')} TB/s) sdpa {r.get('sdpa_us')} gather {r.get('gather_sdpa_us')} "
+            f"flex {r.get('flex_paged_us')} | graph ours {r.get('ours_graph_us')} sdpa "
+            f"{r.get('sdpa_graph_us')} flex {r.get('flex_paged_graph_us')} err {r.get('ours_err')}"
+        )
     for r in res.get("prefill", []):
-        print(f"prefill q={r['q_len']} ctx={r['ctx']} ours {r['ours_TFLOPs']} TF/s sdpa "
-              f"{r['sdpa_TFLOPs']} ratio {r['ours_over_sdpa_TFLOPs']} err {r['err_vs_sdpa']}")
+        print(
+            f"prefill q={r['q_len']} ctx={r['ctx']} ours {r['ours_TFLOPs']} TF/s sdpa "
+            f"{r['sdpa_TFLOPs']} ratio {r['ours_over_sdpa_TFLOPs']} err {r['err_vs_sdpa']}"
+        )
 
 
 if __name__ == "__main__":

@@ -48,12 +48,20 @@ def sharegpt_trace(n: int, seed: int = 0, vocab: int = 128000) -> tuple[list[lis
 
 
 def llama3_8b() -> Any:
-    from fast.config import ModelConfig
+    from fast.model.config import ModelConfig
 
-    return ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                       head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
-                       max_position_embeddings=8192)
+    return ModelConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+    )
 
 
 def check_tiny_fp32(enforce_eager: bool) -> dict[str, Any]:
@@ -62,14 +70,20 @@ def check_tiny_fp32(enforce_eager: bool) -> dict[str, Any]:
 
     import transformers
 
-    from fast.llm import LLM
-    from fast.sampling_params import SamplingParams
+    from fast.api.llm import LLM
+    from fast.engine.sampling_params import SamplingParams
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=256,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=512,
-                                   initializer_range=0.3)
+    cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=256,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+    )
     hf = transformers.LlamaForCausalLM(cfg).eval()
     path = tempfile.mkdtemp()
     hf.save_pretrained(path)
@@ -80,66 +94,103 @@ def check_tiny_fp32(enforce_eager: bool) -> dict[str, Any]:
     with torch.no_grad():
         for p in prompts:
             x = torch.tensor([p], device="cuda")
-            out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
-                              max_new_tokens=24, min_new_tokens=24, eos_token_id=None,
-                              pad_token_id=None)
-            ref.append(out[0, len(p):].tolist())
-    llm = LLM(path, dtype="float32", device="cuda", num_gpu_blocks=64, block_size=16,
-              max_model_len=256, max_num_seqs=8, enforce_eager=enforce_eager)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
-                        use_tqdm=False)
+            out = hf.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                do_sample=False,
+                max_new_tokens=24,
+                min_new_tokens=24,
+                eos_token_id=None,
+                pad_token_id=None,
+            )
+            ref.append(out[0, len(p) :].tolist())
+    llm = LLM(
+        path,
+        dtype="float32",
+        device="cuda",
+        num_gpu_blocks=64,
+        block_size=16,
+        max_model_len=256,
+        max_num_seqs=8,
+        enforce_eager=enforce_eager,
+    )
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
+        use_tqdm=False,
+    )
     got = [o.outputs[0].token_ids for o in outs]
     same = sum(a == b for a, b in zip(got, ref))
-    return {"enforce_eager": enforce_eager, "prompts": len(prompts), "identical": same,
-            "leak_free": llm.llm_engine.num_free_gpu_blocks == 64}
+    return {
+        "enforce_eager": enforce_eager,
+        "prompts": len(prompts),
+        "identical": same,
+        "leak_free": llm.llm_engine.num_free_gpu_blocks == 64,
+    }
 
 
-def throughput(model: Any, enforce_eager: bool, n: int, max_num_seqs: int,
-               budget: int) -> dict[str, Any]:
+def throughput(
+    model: Any, enforce_eager: bool, n: int, max_num_seqs: int, budget: int
+) -> dict[str, Any]:
     """Run the trace through a fresh engine over ``model``; wall time and tokens per second."""
-    from fast.engine import LLMEngine
-    from fast.engine_config import EngineConfig
-    from fast.sampling_params import SamplingParams
+    from fast.engine.config import EngineConfig
+    from fast.engine.engine import LLMEngine
+    from fast.engine.sampling_params import SamplingParams
 
     prompts, n_out = sharegpt_trace(n)
     t0 = time.perf_counter()
-    engine = LLMEngine(model, EngineConfig(
-        block_size=16, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-        max_model_len=2048, gpu_memory_utilization=0.9, enforce_eager=enforce_eager))
+    engine = LLMEngine(
+        model,
+        EngineConfig(
+            block_size=16,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=budget,
+            max_model_len=2048,
+            gpu_memory_utilization=0.9,
+            enforce_eager=enforce_eager,
+        ),
+    )
     setup_s = time.perf_counter() - t0
     # warm-up: compile the prefill/decode kernels for a few shapes (not timed)
     for i in range(4):
-        engine.add_request(f"w{i}", prompts[i][:64], SamplingParams(
-            temperature=0.0, max_tokens=8, ignore_eos=True))
+        engine.add_request(
+            f"w{i}", prompts[i][:64], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+        )
     while engine.has_unfinished_requests():
         engine.step()
     torch.cuda.synchronize()
     steps0 = engine.stats.steps
     t0 = time.perf_counter()
     for i, (p, k) in enumerate(zip(prompts, n_out)):
-        engine.add_request(str(i), p, SamplingParams(temperature=0.0, max_tokens=k,
-                                                     ignore_eos=True))
+        engine.add_request(
+            str(i), p, SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True)
+        )
     produced = 0
-    log: list[tuple[float, int, bool]] = []     # (seconds, sampled seqs, decode) per step
+    log: list[tuple[float, int, bool]] = []  # (seconds, sampled seqs, decode) per step
     while engine.has_unfinished_requests():
         c0, g0 = engine.stats.computed_tokens, engine.stats.generated_tokens
         s0 = time.perf_counter()
         outs = engine.step(finished_only=True)
         dt = time.perf_counter() - s0
         dc, dg = engine.stats.computed_tokens - c0, engine.stats.generated_tokens - g0
-        log.append((dt, dg, dc == dg))     # decode: one computed token per sampled sequence
+        log.append((dt, dg, dc == dg))  # decode: one computed token per sampled sequence
         produced += sum(len(o.outputs[0].token_ids) for o in outs)
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     expected = sum(n_out)
     step_times = [t for t, _, _ in log]
     return {
-        "enforce_eager": enforce_eager, "requests": n, "max_num_seqs": max_num_seqs,
-        "max_num_batched_tokens": budget, "setup_s": round(setup_s, 2),
-        "num_gpu_blocks": engine.num_gpu_blocks, "wall_s": round(wall, 2),
-        "output_tokens": produced, "expected_output_tokens": expected,
-        "out_tok_per_s": round(produced / wall, 1), "req_per_s": round(n / wall, 3),
+        "enforce_eager": enforce_eager,
+        "requests": n,
+        "max_num_seqs": max_num_seqs,
+        "max_num_batched_tokens": budget,
+        "setup_s": round(setup_s, 2),
+        "num_gpu_blocks": engine.num_gpu_blocks,
+        "wall_s": round(wall, 2),
+        "output_tokens": produced,
+        "expected_output_tokens": expected,
+        "out_tok_per_s": round(produced / wall, 1),
+        "req_per_s": round(n / wall, 3),
         "steps": engine.stats.steps - steps0,
         "median_step_ms": round(1000 * float(np.median(step_times)), 3),
         "preempted": engine.stats.preempted,
@@ -159,20 +210,30 @@ def breakdown(log: list[tuple[float, int, bool]]) -> dict[str, Any]:
     for lo, hi in ((1, 8), (9, 32), (33, 64), (65, 96), (97, 128), (129, 1 << 20)):
         ts = [t for t, b in dec if lo <= b <= hi]
         if ts:
-            buckets[f"{lo}-{hi}"] = {"steps": len(ts), "total_s": round(sum(ts), 3),
-                                     "median_ms": round(1000 * float(np.median(ts)), 3)}
+            buckets[f"{lo}-{hi}"] = {
+                "steps": len(ts),
+                "total_s": round(sum(ts), 3),
+                "median_ms": round(1000 * float(np.median(ts)), 3),
+            }
     slow = sorted(range(len(log)), key=lambda i: -log[i][0])[:8]
-    return {"prefill_steps": len(pre), "prefill_s": round(sum(pre), 3),
-            "decode_steps": len(dec), "decode_s": round(sum(t for t, _ in dec), 3),
-            "decode_by_batch": buckets,
-            "slowest": [{"step": i, "ms": round(1000 * log[i][0], 2), "seqs": log[i][1],
-                         "decode": log[i][2]} for i in slow]}
+    return {
+        "prefill_steps": len(pre),
+        "prefill_s": round(sum(pre), 3),
+        "decode_steps": len(dec),
+        "decode_s": round(sum(t for t, _ in dec), 3),
+        "decode_by_batch": buckets,
+        "slowest": [
+            {"step": i, "ms": round(1000 * log[i][0], 2), "seqs": log[i][1], "decode": log[i][2]}
+            for i in slow
+        ],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."),
-                                                      "engine_gpu.json"))
+    parser.add_argument(
+        "--out", default=os.path.join(os.environ.get("OUT", "."), "engine_gpu.json")
+    )
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--budget", type=int, default=8192)
@@ -182,21 +243,32 @@ def main() -> None:
 
     def commit() -> str:
         try:
-            return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                                  text=True).stdout.strip() or "unknown"
+            return (
+                subprocess.run(
+                    ["git", "rev-parse", "HEAD"], capture_output=True, text=True
+                ).stdout.strip()
+                or "unknown"
+            )
         except OSError:
             return "unknown"
 
     import triton
+
     result: dict[str, Any] = {
         "benchmark": "engine end to end, Llama-3-8B-shaped random bf16, ShareGPT-like trace",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "triton": triton.__version__, "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
         "commit": os.environ.get("PAGEDKV_COMMIT", commit()),
-        "peers": {"hf_static_bs32_tok_s": HF_STATIC, "hf_continuous_paged_sdpa_tok_s":
-                  HF_CONTINUOUS, "source": "DESIGN.md, same GPU machine"},
-        "correctness": [], "runs": [],
+        "peers": {
+            "hf_static_bs32_tok_s": HF_STATIC,
+            "hf_continuous_paged_sdpa_tok_s": HF_CONTINUOUS,
+            "source": "DESIGN.md, same GPU machine",
+        },
+        "correctness": [],
+        "runs": [],
     }
 
     def save() -> None:
@@ -214,7 +286,7 @@ def main() -> None:
     model = random_model(llama3_8b(), seed=0, dtype=torch.bfloat16, device="cuda")
     torch.cuda.synchronize()
     result["model_init_s"] = round(time.perf_counter() - t0, 2)
-    for eager in ((False,) if args.skip_eager else (False, True)):
+    for eager in (False,) if args.skip_eager else (False, True):
         try:
             run = throughput(model, eager, args.requests, args.max_num_seqs, args.budget)
         except Exception as exc:
@@ -223,14 +295,18 @@ def main() -> None:
         print(run, flush=True)
         save()
         torch.cuda.empty_cache()
-    print("\n| mode | out tok/s | wall s | setup s | median/mean step ms | prefill s | "
-          "vs HF static | vs HF continuous |")
+    print(
+        "\n| mode | out tok/s | wall s | setup s | median/mean step ms | prefill s | "
+        "vs HF static | vs HF continuous |"
+    )
     for r in result["runs"]:
         if "error" not in r:
             mode = "eager" if r["enforce_eager"] else "CUDA graphs"
-            print(f"| {mode} | {r['out_tok_per_s']} | {r['wall_s']} | {r['setup_s']} | "
-                  f"{r['median_step_ms']}/{r['mean_step_ms']} | {r['breakdown']['prefill_s']} | "
-                  f"{r['vs_hf_static']}x | {r['vs_hf_continuous']}x |")
+            print(
+                f"| {mode} | {r['out_tok_per_s']} | {r['wall_s']} | {r['setup_s']} | "
+                f"{r['median_step_ms']}/{r['mean_step_ms']} | {r['breakdown']['prefill_s']} | "
+                f"{r['vs_hf_static']}x | {r['vs_hf_continuous']}x |"
+            )
     sys.stdout.flush()
 
 

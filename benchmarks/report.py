@@ -61,7 +61,7 @@ def attention_tables() -> list[str]:
         "### Paged decode attention on one H200 (Hq 32, Hkv 8, D 128, bf16; µs, median)",
         "",
         f"Source: `benchmarks/results/attention_h200.json` ({_stamp(d['meta'])}); device copy "
-        f"{d.get('copy_TBps', '?')} TB/s. \"graph\" = replayed from a CUDA graph (how the engine "
+        f'{d.get("copy_TBps", "?")} TB/s. "graph" = replayed from a CUDA graph (how the engine '
         "runs decode). TB/s = K/V bytes read / time.",
         "",
         "| B × L | KV MB | pagedkv | pagedkv graph (TB/s) | SDPA contiguous | SDPA graph "

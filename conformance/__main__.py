@@ -52,8 +52,10 @@ def _attention(args: argparse.Namespace) -> bool:
     examples = 30 if args.profile == "ci" else 300
     result = run_attention_suite(name, device="cuda" if gpu else "cpu", max_examples=examples)
     errors = ", ".join(f"{k} {v:.1e}" for k, v in sorted(result.max_error.items()))
-    print(f"attention: {name} vs spec: cases {result.cases}, largest error per dtype: {errors}, "
-          f"{result.seconds:.1f} s")
+    print(
+        f"attention: {name} vs spec: cases {result.cases}, largest error per dtype: {errors}, "
+        f"{result.seconds:.1f} s"
+    )
     for failure in result.failures:
         print(f"  FAILED: {failure}")
     return result.ok
@@ -80,15 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the arguments, run the chosen suites, print a summary; 0 when everything passed."""
     parser = argparse.ArgumentParser(prog="python -m conformance", description=__doc__)
     parser.add_argument("--suite", default="all", choices=(*SUITES, "all"))
-    parser.add_argument("--impl", default="fast",
-                        help=f"implementation name (block managers: {block_manager_names()}; "
-                             "attention: torch, triton; schedulers: fast, spec)")
+    parser.add_argument(
+        "--impl",
+        default="fast",
+        help=f"implementation name (block managers: {block_manager_names()}; "
+        "attention: torch, triton; schedulers: fast, spec)",
+    )
     parser.add_argument("--profile", default="ci", choices=sorted(PROFILES))
-    parser.add_argument("--steps", type=int, default=None,
-                        help="block suite: run at least this many steps")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="block suite: run at least this many steps"
+    )
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: profile)")
-    parser.add_argument("--no-properties", action="store_true",
-                        help="block suite: state machine only")
+    parser.add_argument(
+        "--no-properties", action="store_true", help="block suite: state machine only"
+    )
     args = parser.parse_args(argv)
     runners = {"blocks": _blocks, "attention": _attention, "scheduler": _scheduler}
     chosen = SUITES if args.suite == "all" else (args.suite,)

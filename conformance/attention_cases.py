@@ -115,22 +115,31 @@ def build_case(case: AttentionCase, device: str | torch.device = "cpu") -> Built
         v_cache[ids] = compact_v.to(device)
     pool_tables = np.full_like(spec_tables, -7)
     if used:
-        pool_tables = np.where(spec_tables >= 0, base + spread[np.clip(spec_tables, 0, used - 1)],
-                               -7)
+        pool_tables = np.where(
+            spec_tables >= 0, base + spread[np.clip(spec_tables, 0, used - 1)], -7
+        )
     lens = torch.tensor(case.seq_lens, dtype=torch.int32, device=device)
     if case.q_lens is None:
         tokens = len(case.seq_lens)
         cu = torch.arange(tokens + 1, dtype=torch.int32, device=device)
     else:
         tokens = sum(case.q_lens)
-        cu = torch.tensor(np.concatenate([[0], np.cumsum(case.q_lens)]), dtype=torch.int32,
-                          device=device)
+        cu = torch.tensor(
+            np.concatenate([[0], np.cumsum(case.q_lens)]), dtype=torch.int32, device=device
+        )
     q = torch.randn(tokens, case.num_q_heads, d, generator=gen).to(dt)
     return BuiltCase(
-        case=case, q=q.to(device), k_cache=k_cache, v_cache=v_cache,
+        case=case,
+        q=q.to(device),
+        k_cache=k_cache,
+        v_cache=v_cache,
         block_tables=torch.tensor(pool_tables, dtype=torch.int32, device=device),
-        seq_lens=lens, cu_seqlens_q=cu, spec_q=q.double().numpy(), spec_k=spec_k,
-        spec_v=spec_v, spec_tables=np.clip(spec_tables, 0, None),
+        seq_lens=lens,
+        cu_seqlens_q=cu,
+        spec_q=q.double().numpy(),
+        spec_k=spec_k,
+        spec_v=spec_v,
+        spec_tables=np.clip(spec_tables, 0, None),
     )
 
 
@@ -149,17 +158,31 @@ class CaseLimits:
 
 
 CPU_LIMITS = CaseLimits(
-    max_batch=3, max_len=70, head_dims=(64, 128, 256), block_sizes=(8, 16, 32, 64, 128, 256),
-    dtypes=("float32", "float16", "bfloat16"), kv_heads=(1, 2),
+    max_batch=3,
+    max_len=70,
+    head_dims=(64, 128, 256),
+    block_sizes=(8, 16, 32, 64, 128, 256),
+    dtypes=("float32", "float16", "bfloat16"),
+    kv_heads=(1, 2),
 )
 GPU_LIMITS = CaseLimits(
-    max_batch=8, max_len=3000, head_dims=(64, 128, 256), block_sizes=(8, 16, 32, 64, 128, 256),
-    dtypes=("float32", "float16", "bfloat16"), kv_heads=(1, 2, 8), high_ids=True,
+    max_batch=8,
+    max_len=3000,
+    head_dims=(64, 128, 256),
+    block_sizes=(8, 16, 32, 64, 128, 256),
+    dtypes=("float32", "float16", "bfloat16"),
+    kv_heads=(1, 2, 8),
+    high_ids=True,
 )
 #: Prefill on a GPU: shorter, since the float64 spec costs O(q_len * seq_len) per head on the CPU.
 GPU_PREFILL_LIMITS = CaseLimits(
-    max_batch=4, max_len=700, head_dims=(64, 128, 256), block_sizes=(8, 16, 32, 64, 128, 256),
-    dtypes=("float32", "float16", "bfloat16"), kv_heads=(1, 2, 8), high_ids=True,
+    max_batch=4,
+    max_len=700,
+    head_dims=(64, 128, 256),
+    block_sizes=(8, 16, 32, 64, 128, 256),
+    dtypes=("float32", "float16", "bfloat16"),
+    kv_heads=(1, 2, 8),
+    high_ids=True,
 )
 
 
@@ -170,8 +193,9 @@ def attention_cases(
     """Hypothesis strategy over :class:`AttentionCase` within ``limits``."""
     batch = draw(st.integers(1, limits.max_batch))
     min_len = 1 if prefill else 0
-    lens = tuple(draw(st.lists(st.integers(min_len, limits.max_len), min_size=batch,
-                               max_size=batch)))
+    lens = tuple(
+        draw(st.lists(st.integers(min_len, limits.max_len), min_size=batch, max_size=batch))
+    )
     q_lens = None
     if prefill:
         q_lens = tuple(draw(st.integers(1, n)) if n else 0 for n in lens)
@@ -182,8 +206,11 @@ def attention_cases(
         group=draw(st.sampled_from(limits.groups)),
         head_dim=draw(st.sampled_from(limits.head_dims)),
         block_size=draw(st.sampled_from(limits.block_sizes)),
-        seq_lens=lens, q_lens=q_lens, dtype=draw(st.sampled_from(limits.dtypes)),
-        sliding_window=window, softcap=softcap,
+        seq_lens=lens,
+        q_lens=q_lens,
+        dtype=draw(st.sampled_from(limits.dtypes)),
+        sliding_window=window,
+        softcap=softcap,
         high_block_ids=limits.high_ids and draw(st.booleans()),
         seed=draw(st.integers(0, 2**31 - 1)),
     )

@@ -38,15 +38,32 @@ class AttentionImpl(Protocol):
     name: str
 
     def paged_decode(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-        block_tables: torch.Tensor, seq_lens: torch.Tensor, *, scale: float,
-        sliding_window: int | None, softcap: float | None, out: torch.Tensor,
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        *,
+        scale: float,
+        sliding_window: int | None,
+        softcap: float | None,
+        out: torch.Tensor,
     ) -> torch.Tensor: ...
 
     def paged_prefill(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-        block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *,
-        scale: float, sliding_window: int | None, softcap: float | None, out: torch.Tensor,
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        seq_lens: torch.Tensor,
+        *,
+        scale: float,
+        sliding_window: int | None,
+        softcap: float | None,
+        out: torch.Tensor,
     ) -> torch.Tensor: ...
 
 
@@ -58,29 +75,63 @@ class KernelsAttention:
         self.backend = backend
 
     def paged_decode(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-        block_tables: torch.Tensor, seq_lens: torch.Tensor, *, scale: float,
-        sliding_window: int | None, softcap: float | None, out: torch.Tensor,
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        *,
+        scale: float,
+        sliding_window: int | None,
+        softcap: float | None,
+        out: torch.Tensor,
     ) -> torch.Tensor:
         """``kernels.paged_decode`` on this backend."""
         import kernels
 
         return kernels.paged_decode(
-            q, k_cache, v_cache, block_tables, seq_lens, scale=scale,
-            sliding_window=sliding_window, softcap=softcap, out=out, backend=self.backend,
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            seq_lens,
+            scale=scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            out=out,
+            backend=self.backend,
         )
 
     def paged_prefill(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-        block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *,
-        scale: float, sliding_window: int | None, softcap: float | None, out: torch.Tensor,
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        seq_lens: torch.Tensor,
+        *,
+        scale: float,
+        sliding_window: int | None,
+        softcap: float | None,
+        out: torch.Tensor,
     ) -> torch.Tensor:
         """``kernels.paged_prefill`` on this backend."""
         import kernels
 
         return kernels.paged_prefill(
-            q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=scale,
-            sliding_window=sliding_window, softcap=softcap, out=out, backend=self.backend,
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            cu_seqlens_q,
+            seq_lens,
+            scale=scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            out=out,
+            backend=self.backend,
         )
 
 
@@ -125,13 +176,26 @@ def check_decode(impl: AttentionImpl, built: BuiltCase) -> float:
     c = built.case
     out = torch.full_like(built.q, float("nan"))
     got = impl.paged_decode(
-        built.q, built.k_cache, built.v_cache, built.block_tables, built.seq_lens,
-        scale=c.scale, sliding_window=c.sliding_window, softcap=c.softcap, out=out,
+        built.q,
+        built.k_cache,
+        built.v_cache,
+        built.block_tables,
+        built.seq_lens,
+        scale=c.scale,
+        sliding_window=c.sliding_window,
+        softcap=c.softcap,
+        out=out,
     )
     if got.data_ptr() != out.data_ptr():
         raise AssertionError(f"{impl.name}: paged_decode did not return out")
-    ref = spec_paged_decode(built.spec_q, built.spec_k, built.spec_v, built.spec_tables,
-                            list(c.seq_lens), _params(built))
+    ref = spec_paged_decode(
+        built.spec_q,
+        built.spec_k,
+        built.spec_v,
+        built.spec_tables,
+        list(c.seq_lens),
+        _params(built),
+    )
     return _compare(out, ref, built, f"{impl.name} paged_decode")
 
 
@@ -140,12 +204,26 @@ def check_prefill(impl: AttentionImpl, built: BuiltCase) -> float:
     c = built.case
     out = torch.full_like(built.q, float("nan"))
     got = impl.paged_prefill(
-        built.q, built.k_cache, built.v_cache, built.block_tables, built.cu_seqlens_q,
-        built.seq_lens, scale=c.scale, sliding_window=c.sliding_window, softcap=c.softcap,
+        built.q,
+        built.k_cache,
+        built.v_cache,
+        built.block_tables,
+        built.cu_seqlens_q,
+        built.seq_lens,
+        scale=c.scale,
+        sliding_window=c.sliding_window,
+        softcap=c.softcap,
         out=out,
     )
     if got.data_ptr() != out.data_ptr():
         raise AssertionError(f"{impl.name}: paged_prefill did not return out")
-    ref = spec_paged_prefill(built.spec_q, built.spec_k, built.spec_v, built.spec_tables,
-                             built.cu_seqlens_q.cpu().numpy(), list(c.seq_lens), _params(built))
+    ref = spec_paged_prefill(
+        built.spec_q,
+        built.spec_k,
+        built.spec_v,
+        built.spec_tables,
+        built.cu_seqlens_q.cpu().numpy(),
+        list(c.seq_lens),
+        _params(built),
+    )
     return _compare(out, ref, built, f"{impl.name} paged_prefill")

@@ -62,8 +62,13 @@ def run_attention_suite(
     for op, limits, prefill, check in plans:
         result.cases[op] = 0
 
-        @settings(max_examples=max_examples, derandomize=derandomize, deadline=None,
-                  database=None, suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=max_examples,
+            derandomize=derandomize,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case=attention_cases(limits, prefill=prefill))
         def run(case: AttentionCase) -> None:
             err = check(impl, build_case(case, device))  # raises AssertionError beyond bound

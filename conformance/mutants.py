@@ -1,7 +1,7 @@
 """Deliberately broken variants of the fast block manager, one per named bug class.
 
 Each mutant plants one bug that a real paged-KV system shipped, on top of
-:class:`fast.block_manager.BlockManager`, and turns its own ``check_integrity`` into a no-op (a
+:class:`fast.blocks.manager.BlockManager`, and turns its own ``check_integrity`` into a no-op (a
 buggy implementation's self-check is blind to its own bug): the named property must catch it
 from the outside, by comparing with the spec and reading tokens back through the slots.
 ``MUTANTS`` maps each property name to the mutant it must catch.
@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fast import block_kernels as K
-from fast.block_manager import BlockManager
+from fast.blocks import kernels as K
+from fast.blocks.manager import BlockManager
 
 Tokens = Sequence[int] | NDArray[np.int64]
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from hypothesis import HealthCheck, given, note, settings as Settings
+from hypothesis import HealthCheck, given, note
+from hypothesis import settings as Settings
 from hypothesis import strategies as st
 
 from conformance.block_machine import new_lockstep

@@ -48,12 +48,12 @@ class SpecBlockManagerAdapter:
 
 
 class FastBlockManagerAdapter:
-    """The numba implementation: ``fast.block_manager.BlockManager``."""
+    """The numba implementation: ``fast.blocks.manager.BlockManager``."""
 
     name = "fast"
 
     def __call__(self, config: Any, **kwargs: Any) -> BlockManagerImpl:
-        from fast.block_manager import BlockManager
+        from fast.blocks.manager import BlockManager
 
         return BlockManager(config, **kwargs)
 

@@ -10,7 +10,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hypothesis import HealthCheck, Phase, seed as hypothesis_seed
+from hypothesis import HealthCheck, Phase
+from hypothesis import seed as hypothesis_seed
 from hypothesis import settings as Settings
 from hypothesis.stateful import get_state_machine_test
 
@@ -125,7 +126,12 @@ def run_suite(
             run_seed = None if seed is None and rnd == 0 else (seed or 0) + rnd
             try:
                 run_machine(
-                    factory, p, profile, seed=run_seed, counter=result.counter, max_examples=examples
+                    factory,
+                    p,
+                    profile,
+                    seed=run_seed,
+                    counter=result.counter,
+                    max_examples=examples,
                 )
                 status = "ok"
             except Exception as exc:  # noqa: BLE001 - reported, then the suite fails

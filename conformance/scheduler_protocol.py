@@ -3,7 +3,8 @@
 A scheduler implementation is driven by five events: ``add_request``, ``abort_request``,
 ``schedule`` (returns a ``spec.scheduler.SchedulerOutput``), ``fork`` (between ``schedule`` and
 ``update``, as ``spec.scheduler.Scheduler.fork``) and ``update`` (a
-``spec.scheduler.StepOutcome``, which carries a forked child's first token). Two implementations conform when, for the same events, they
+``spec.scheduler.StepOutcome``, which carries a forked child's first token). Two implementations
+conform when, for the same events, they
 return equal outputs at every step. Factories take a ``SchedulerConfig`` and a
 ``BlockManagerConfig`` and return a fresh implementation with its own block manager.
 """
@@ -97,7 +98,8 @@ class SpecSchedulerAdapter:
 
 
 class FastSchedulerAdapter:
-    """``fast.scheduler.Scheduler`` over the fast block manager and ``fast.sequence`` state.
+    """``fast.engine.scheduler.Scheduler`` over the fast block manager and ``fast.engine.sequence``
+    state.
 
     The engine appends sampled tokens to its sequences itself; this adapter does the same before
     handing the outcome on. Forks are done the engine's way (``LLMEngine.step``): after the
@@ -111,13 +113,13 @@ class FastSchedulerAdapter:
     block_manager_name = "fast"
 
     def __init__(self, config: SchedulerConfig, bm_config: Any) -> None:
-        from fast.scheduler import Scheduler
+        from fast.engine.scheduler import Scheduler
 
         self.block_manager = _block_manager(bm_config, self.block_manager_name)
         self.scheduler = Scheduler(config, self.block_manager)
         self._arrivals = 0
-        self._forks: list[tuple[int, int]] = []          # (parent, child) of the step in flight
-        self._num_forks: dict[int, int] = {}             # parent -> children forked so far
+        self._forks: list[tuple[int, int]] = []  # (parent, child) of the step in flight
+        self._num_forks: dict[int, int] = {}  # parent -> children forked so far
 
     @property
     def has_unfinished(self) -> bool:
@@ -128,10 +130,11 @@ class FastSchedulerAdapter:
         return int(self.block_manager.num_free_gpu_blocks)
 
     def add_request(self, seq_id: int, prompt_token_ids: Sequence[int]) -> None:
-        from fast.sequence import Sequence as Seq
+        from fast.engine.sequence import Sequence as Seq
 
-        seq = Seq(seq_id, str(seq_id), self._arrivals * _FORK_SPAN,
-                  [int(t) for t in prompt_token_ids])
+        seq = Seq(
+            seq_id, str(seq_id), self._arrivals * _FORK_SPAN, [int(t) for t in prompt_token_ids]
+        )
         self.scheduler.add_sequence(seq)
         self._arrivals += 1
 
@@ -149,7 +152,7 @@ class FastSchedulerAdapter:
         return True
 
     def update(self, outcome: StepOutcome) -> None:
-        from fast.sequence import Sequence as Seq
+        from fast.engine.sequence import Sequence as Seq
 
         children = {child for _, child in self._forks}
         for seq_id, token in outcome.sampled.items():
@@ -164,9 +167,12 @@ class FastSchedulerAdapter:
             child = Seq(child_id, parent.request_id, parent.arrival + k, tokens)
             self.scheduler.fork(parent, child)
         self._forks = []
-        self.scheduler.update(StepOutcome(
-            {s: t for s, t in outcome.sampled.items() if s not in children},
-            outcome.finished - children))
+        self.scheduler.update(
+            StepOutcome(
+                {s: t for s, t in outcome.sampled.items() if s not in children},
+                outcome.finished - children,
+            )
+        )
         for child_id in children & outcome.finished:
             self.scheduler.abort(child_id)
 
@@ -191,8 +197,7 @@ def scheduler_factory(name: str) -> SchedulerFactory:
     try:
         return _SCHEDULERS[name]
     except KeyError:
-        raise KeyError(f"no scheduler registered as {name!r}; known: {scheduler_names()}") \
-            from None
+        raise KeyError(f"no scheduler registered as {name!r}; known: {scheduler_names()}") from None
 
 
 def scheduler_names() -> list[str]:

@@ -3,7 +3,7 @@
 A :class:`Workload` is a scheduler configuration, a block-manager configuration and a list of
 requests (arrival step, prompt, number of tokens to generate, optional abort step, number of
 sequences ``n``: the other ``n - 1`` are forked from the first at its first sampled token, the
-way ``fast.engine`` does it). :func:`run`
+way ``fast.engine.engine`` does it). :func:`run`
 plays it against one implementation with a deterministic fake model (the token sampled for a
 sequence is a function of its id and length), checks the limits of every step and that the pool
 is whole again at the end. :func:`run_lockstep` plays it against two implementations and
@@ -21,8 +21,15 @@ from hypothesis import strategies as st
 from conformance.scheduler_protocol import SchedulerFactory, SchedulerImpl
 from spec.scheduler import PreemptionMode, SchedulerConfig, SchedulerOutput, StepOutcome
 
-__all__ = ["RequestSpec", "Workload", "SchedulerConformanceError", "run", "run_lockstep",
-           "workloads", "check_scheduler"]
+__all__ = [
+    "RequestSpec",
+    "Workload",
+    "SchedulerConformanceError",
+    "run",
+    "run_lockstep",
+    "workloads",
+    "check_scheduler",
+]
 
 
 class SchedulerConformanceError(AssertionError):
@@ -68,7 +75,7 @@ class _Driver:
 
     def __init__(self, impl: SchedulerImpl, wl: Workload) -> None:
         self.impl, self.wl = impl, wl
-        self.length: dict[int, int] = {}      # live seq id -> prompt + generated
+        self.length: dict[int, int] = {}  # live seq id -> prompt + generated
         self.generated: dict[int, int] = {}
         self.total_free = impl.num_free_gpu_blocks
         self.step_no = 0
@@ -76,7 +83,7 @@ class _Driver:
         self.by_id = {r.seq_id: r for r in wl.requests}
         for r in wl.requests:
             self.by_id.update((c, r) for c in r.child_ids())
-        self.unforked: dict[int, list[int]] = {}   # parent id -> children not forked yet
+        self.unforked: dict[int, list[int]] = {}  # parent id -> children not forked yet
 
     def step(self) -> SchedulerOutput:
         wl, cfg = self.wl, self.wl.config
@@ -88,7 +95,7 @@ class _Driver:
                 if r.n > 1:
                     self.unforked[r.seq_id] = r.child_ids()
         for r in wl.requests:
-            if r.abort_step == self.step_no:     # the whole request, as the engine aborts
+            if r.abort_step == self.step_no:  # the whole request, as the engine aborts
                 self.unforked.pop(r.seq_id, None)
                 for sid in [r.seq_id, *r.child_ids()]:
                     if sid in self.length:
@@ -101,14 +108,15 @@ class _Driver:
         for s in out.scheduled:
             if s.sample:
                 self._sample(s.seq_id, self.length[s.seq_id], sampled, finished)
-        for s in out.scheduled:       # children start at their parent's first token
+        for s in out.scheduled:  # children start at their parent's first token
             if not s.sample or s.seq_id not in self.unforked:
                 continue
-            prompt_len = len(self.by_id[s.seq_id].prompt)   # nothing generated before
+            prompt_len = len(self.by_id[s.seq_id].prompt)  # nothing generated before
             for child in self.unforked.pop(s.seq_id):
-                token_finishes = (self.by_id[child].max_tokens <= 1
-                                  or prompt_len + 1 >= cfg.max_model_len)
-                if token_finishes:    # the engine never forks a child finished at once
+                token_finishes = (
+                    self.by_id[child].max_tokens <= 1 or prompt_len + 1 >= cfg.max_model_len
+                )
+                if token_finishes:  # the engine never forks a child finished at once
                     continue
                 if self.impl.fork(s.seq_id, child):
                     self._sample(child, prompt_len, sampled, finished)
@@ -120,8 +128,10 @@ class _Driver:
         sampled[sid] = _token(sid, length, self.wl.vocab)
         self.length[sid] = length + 1
         self.generated[sid] = self.generated.get(sid, 0) + 1
-        if (self.generated[sid] >= self.by_id[sid].max_tokens
-                or self.length[sid] >= self.wl.config.max_model_len):
+        if (
+            self.generated[sid] >= self.by_id[sid].max_tokens
+            or self.length[sid] >= self.wl.config.max_model_len
+        ):
             finished.add(sid)
             del self.length[sid]
 
@@ -135,11 +145,13 @@ class _Driver:
         if out.num_batched_tokens > cfg.max_num_batched_tokens:
             raise SchedulerConformanceError(
                 f"step {self.step_no}: {out.num_batched_tokens} tokens > budget "
-                f"{cfg.max_num_batched_tokens}")
+                f"{cfg.max_num_batched_tokens}"
+            )
         if len(ids) > cfg.max_num_seqs or len(set(ids)) != len(ids):
             raise SchedulerConformanceError(f"step {self.step_no}: scheduled {ids}")
-        if any(s.num_tokens < 1 or s.start + s.num_tokens > cfg.max_model_len
-               for s in out.scheduled):
+        if any(
+            s.num_tokens < 1 or s.start + s.num_tokens > cfg.max_model_len for s in out.scheduled
+        ):
             raise SchedulerConformanceError(f"step {self.step_no}: bad shares {out.scheduled}")
         if out.is_empty and self.impl.has_unfinished and self.step_no > self.last_arrival:
             raise SchedulerConformanceError(f"step {self.step_no}: stalled with work left")
@@ -148,7 +160,8 @@ class _Driver:
         free = self.impl.num_free_gpu_blocks
         if free != self.total_free:
             raise SchedulerConformanceError(
-                f"{self.total_free - free} blocks leaked after every request ended")
+                f"{self.total_free - free} blocks leaked after every request ended"
+            )
 
 
 def run(impl: SchedulerImpl, wl: Workload, max_steps: int = 20_000) -> list[SchedulerOutput]:
@@ -163,8 +176,9 @@ def run(impl: SchedulerImpl, wl: Workload, max_steps: int = 20_000) -> list[Sche
     return outputs
 
 
-def run_lockstep(reference: SchedulerFactory, candidate: SchedulerFactory, wl: Workload,
-                 max_steps: int = 20_000) -> int:
+def run_lockstep(
+    reference: SchedulerFactory, candidate: SchedulerFactory, wl: Workload, max_steps: int = 20_000
+) -> int:
     """Play ``wl`` against both; equal outputs at every step. Returns the number of steps."""
     a = _Driver(reference(wl.config, wl.bm_config), wl)
     b = _Driver(candidate(wl.config, wl.bm_config), wl)
@@ -175,7 +189,8 @@ def run_lockstep(reference: SchedulerFactory, candidate: SchedulerFactory, wl: W
         out_a, out_b = a.step(), b.step()
         if out_a != out_b:
             raise SchedulerConformanceError(
-                f"step {step} differs:\n reference {out_a}\n candidate {out_b}")
+                f"step {step} differs:\n reference {out_a}\n candidate {out_b}"
+            )
     a.check_end()
     b.check_end()
     return a.step_no
@@ -199,9 +214,12 @@ def workloads(draw: st.DrawFn, max_requests: int = 8) -> Workload:
     prefix = draw(st.booleans())
     vocab = draw(st.sampled_from([3, 50]))
     config = SchedulerConfig(max_num_seqs, budget, max_model_len, chunked, mode)
-    bm_config = BlockManagerConfig(block_size=block_size, num_gpu_blocks=num_gpu_blocks,
-                                   num_cpu_blocks=num_cpu_blocks,
-                                   enable_prefix_caching=prefix)
+    bm_config = BlockManagerConfig(
+        block_size=block_size,
+        num_gpu_blocks=num_gpu_blocks,
+        num_cpu_blocks=num_cpu_blocks,
+        enable_prefix_caching=prefix,
+    )
     n = draw(st.integers(1, max_requests))
     requests = []
     for i in range(n):
@@ -214,8 +232,12 @@ def workloads(draw: st.DrawFn, max_requests: int = 8) -> Workload:
     return Workload(config, bm_config, tuple(requests), vocab)
 
 
-def check_scheduler(candidate: SchedulerFactory, reference: SchedulerFactory | None = None,
-                    max_examples: int = 100, shrink: bool = True) -> None:
+def check_scheduler(
+    candidate: SchedulerFactory,
+    reference: SchedulerFactory | None = None,
+    max_examples: int = 100,
+    shrink: bool = True,
+) -> None:
     """Hypothesis property: ``candidate`` makes the reference's decisions on random workloads.
 
     ``shrink=False`` reports the first failing workload as found (faster, longer to read).

@@ -12,11 +12,11 @@ from typing import Any
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "LLMEngine"]
 
 _WHERE = {
-    "LLM": "fast.llm",
-    "LLMEngine": "fast.engine",
-    "SamplingParams": "fast.sampling_params",
-    "RequestOutput": "fast.outputs",
-    "CompletionOutput": "fast.outputs",
+    "LLM": "fast.api.llm",
+    "LLMEngine": "fast.engine.engine",
+    "SamplingParams": "fast.engine.sampling_params",
+    "RequestOutput": "fast.engine.outputs",
+    "CompletionOutput": "fast.engine.outputs",
 }
 
 

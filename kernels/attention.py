@@ -12,9 +12,17 @@ __all__ = ["paged_decode", "paged_prefill"]
 
 
 def paged_decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    seq_lens: torch.Tensor, *, scale: float, sliding_window: int | None = None,
-    softcap: float | None = None, num_splits: int | None = None, out: torch.Tensor | None = None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Attention of one new query per sequence over its paged K/V.
@@ -38,8 +46,17 @@ def paged_decode(
         from kernels.triton_decode import triton_paged_decode
 
         return triton_paged_decode(
-            q, k_cache, v_cache, block_tables, seq_lens, dims, scale=scale,
-            sliding_window=sliding_window, softcap=softcap, num_splits=num_splits, out=out,
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            seq_lens,
+            dims,
+            scale=scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            num_splits=num_splits,
+            out=out,
         )
     result = torch_paged_decode(
         q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap
@@ -51,10 +68,19 @@ def paged_decode(
 
 
 def paged_prefill(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, scale: float,
-    sliding_window: int | None = None, softcap: float | None = None,
-    max_seqlen_q: int | None = None, out: torch.Tensor | None = None, backend: str = "auto",
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    max_seqlen_q: int | None = None,
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Attention of new (prefill or chunked-prefill) tokens after a cached prefix.
 
@@ -71,8 +97,17 @@ def paged_prefill(
         from kernels.triton_prefill import triton_paged_prefill
 
         return triton_paged_prefill(
-            q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, dims, scale=scale,
-            sliding_window=sliding_window, softcap=softcap, out=out,
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            cu_seqlens_q,
+            seq_lens,
+            dims,
+            scale=scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            out=out,
         )
     result = torch_paged_prefill(
         q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, sliding_window, softcap

@@ -20,7 +20,12 @@ from kernels.errors import (
 )
 
 __all__ = [
-    "write_kv", "check_write_kv", "write_rows", "copy_blocks", "swap_blocks", "as_pairs",
+    "write_kv",
+    "check_write_kv",
+    "write_rows",
+    "copy_blocks",
+    "swap_blocks",
+    "as_pairs",
 ]
 
 
@@ -42,7 +47,10 @@ def _check_ids(name: str, ids: torch.Tensor, high: int) -> None:
 
 
 def check_write_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
     """The validation of :func:`write_kv` (shapes, dtypes, slots within the cache or -1)."""
@@ -66,8 +74,13 @@ def check_write_kv(
 
 
 def write_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor, *, backend: str = "auto",
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    backend: str = "auto",
 ) -> None:
     """Store the K/V of ``T`` new tokens at their slots; slot -1 is skipped.
 
@@ -86,7 +99,10 @@ def write_kv(
 
 
 def write_rows(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
     rows: torch.Tensor,
 ) -> None:
     """Unchecked torch store: k, v [R, Hkv, D] at flat cache rows ``rows [R]`` int64 (all valid).

@@ -101,7 +101,10 @@ def check_params(scale: float, sliding_window: int | None, softcap: float | None
 
 
 def check_attention_inputs(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
 ) -> AttentionDims:
     """Checks shared by decode and prefill; returns the dimensions."""
@@ -140,7 +143,10 @@ def check_attention_inputs(
 
 
 def check_decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
 ) -> AttentionDims:
     """Decode: one query per sequence, ``q [B, Hq, D]``."""
@@ -151,8 +157,12 @@ def check_decode(
 
 
 def check_prefill(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
 ) -> AttentionDims:
     """Prefill: ``q [T, Hq, D]`` packed by ``cu_seqlens_q [B+1]``; each q_len <= seq_len."""
     dims = check_attention_inputs(q, k_cache, v_cache, block_tables, seq_lens)

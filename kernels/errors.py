@@ -1,6 +1,7 @@
 """Named exceptions for bad kernel inputs; each carries the offending numbers as attributes.
 
-They all derive from :class:`KernelInputError`, itself a ``PagedKVError`` and a ``ValueError``, so callers can catch
+They all derive from :class:`KernelInputError`, itself a ``PagedKVError`` and a ``ValueError``, so
+callers can catch
 one family. The message always names the argument and the numbers that were wrong.
 """
 
@@ -23,7 +24,8 @@ __all__ = [
 
 
 class KernelInputError(PagedKVError, ValueError):
-    """Base class: an argument handed to a kernel is invalid (a :class:`spec.errors.PagedKVError`)."""
+    """Base class: an argument handed to a kernel is invalid (a
+    :class:`spec.errors.PagedKVError`)."""
 
 
 class DTypeMismatchError(KernelInputError):

@@ -19,8 +19,13 @@ H200_SMS = 132
 
 
 def choose_num_splits(
-    batch: int, num_kv_heads: int, max_len: int, *, num_sms: int = H200_SMS,
-    min_tokens: int = 128, max_splits: int = 64,
+    batch: int,
+    num_kv_heads: int,
+    max_len: int,
+    *,
+    num_sms: int = H200_SMS,
+    min_tokens: int = 128,
+    max_splits: int = 64,
 ) -> int:
     """Split factor for ``batch * num_kv_heads`` programs over up to ``max_len`` keys.
 

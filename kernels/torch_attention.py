@@ -3,7 +3,8 @@
 The math follows ARCHITECTURE.md: logits ``s = scale * q.k``, then soft-cap ``c * tanh(s / c)``,
 a query at absolute position ``p`` sees key ``j`` iff ``j <= p`` and (with window ``w``)
 ``j > p - w``; query head ``h`` reads KV head ``h // (Hq // Hkv)``; a row that sees no key
-outputs 0. Accumulation is float32 (float64 for float64 inputs). Without a soft-cap the softmax and value
+outputs 0. Accumulation is float32 (float64 for float64 inputs). Without a soft-cap the softmax and
+value
 product run fused in ``F.scaled_dot_product_attention`` (about twice as fast on the CPU as the
 explicit ops, which remain for the soft-cap); keys past a length are redirected to the
 sequence's first token before the gather so that whatever those rows hold (NaN included) never
@@ -18,7 +19,11 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "torch_paged_decode", "torch_paged_prefill", "gather_keys", "DecodePlan", "plan_decode",
+    "torch_paged_decode",
+    "torch_paged_prefill",
+    "gather_keys",
+    "DecodePlan",
+    "plan_decode",
     "planned_decode",
 ]
 
@@ -27,9 +32,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def gather_keys(
-    cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int
-) -> torch.Tensor:
+def gather_keys(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """The first ``num_tokens`` entries of one sequence, in logical order.
 
     cache [num_blocks, bs, Hkv, D], block_table [W] -> [num_tokens, Hkv, D]
@@ -59,8 +62,14 @@ def _softmax_attend(
 
 
 def torch_paged_decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    seq_lens: torch.Tensor, scale: float, sliding_window: int | None, softcap: float | None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+    softcap: float | None,
 ) -> torch.Tensor:
     """One query per sequence at position ``seq_lens[b] - 1``.
 
@@ -105,7 +114,10 @@ class DecodePlan:
 
 
 def plan_decode(
-    block_tables: torch.Tensor, lens: torch.Tensor, num_blocks: int, block_size: int,
+    block_tables: torch.Tensor,
+    lens: torch.Tensor,
+    num_blocks: int,
+    block_size: int,
     sliding_window: int | None,
 ) -> DecodePlan:
     """Indices and masks for :func:`planned_decode`: block_tables [B, W], lens [B] int64.
@@ -132,7 +144,10 @@ def plan_decode(
 
 
 def planned_decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: DecodePlan,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    plan: DecodePlan,
     scale: float,
 ) -> torch.Tensor:
     """Decode through SDPA with a precomputed plan, no soft-cap: q [B, Hq, D] -> [B, Hq, D].
@@ -154,8 +169,13 @@ def planned_decode(
 
 
 def _sdpa_decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    lens: torch.Tensor, scale: float, sliding_window: int | None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
 ) -> torch.Tensor:
     """Decode through SDPA: q [B, Hq, D], lens [B] int64 -> [B, Hq, D]."""
     plan = plan_decode(block_tables, lens, k_cache.shape[0], k_cache.shape[1], sliding_window)
@@ -163,9 +183,15 @@ def _sdpa_decode(
 
 
 def torch_paged_prefill(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-    sliding_window: int | None, softcap: float | None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+    softcap: float | None,
 ) -> torch.Tensor:
     """Queries of each sequence after its cached prefix (bottom-right causal).
 
@@ -195,7 +221,10 @@ def torch_paged_prefill(
         if softcap is None:  # fused: rows (g, i) of each KV head, mask repeated over g
             qs = qb.permute(1, 2, 0, 3).reshape(hkv, g * n, d)  # [Hkv, G*n, D]
             o = F.scaled_dot_product_attention(
-                qs, k.transpose(0, 1), v.transpose(0, 1), attn_mask=visible.repeat(g, 1),
+                qs,
+                k.transpose(0, 1),
+                v.transpose(0, 1),
+                attn_mask=visible.repeat(g, 1),
                 scale=scale,
             ).view(hkv, g, n, d)  # [Hkv, G, n, D]
         else:

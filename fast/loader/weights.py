@@ -6,12 +6,13 @@ from collections.abc import Iterable
 
 import torch
 
-from fast.config import ModelConfig
 from fast.model import LlamaForCausalLM, WeightLoadError
+from fast.model.config import ModelConfig
 
 
-def empty_model(config: ModelConfig, dtype: torch.dtype,
-                device: torch.device | str) -> LlamaForCausalLM:
+def empty_model(
+    config: ModelConfig, dtype: torch.dtype, device: torch.device | str
+) -> LlamaForCausalLM:
     """A model whose parameters are allocated (not initialized) in ``dtype`` on ``device``.
 
     Built on the meta device first, so no time is spent on default initialization and no
@@ -23,7 +24,8 @@ def empty_model(config: ModelConfig, dtype: torch.dtype,
         for name, meta in list(module._parameters.items()):
             if meta is not None:
                 module._parameters[name] = torch.nn.Parameter(
-                    torch.empty(meta.shape, dtype=dtype, device=device), requires_grad=False)
+                    torch.empty(meta.shape, dtype=dtype, device=device), requires_grad=False
+                )
     return model.eval()
 
 

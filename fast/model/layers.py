@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from fast.attention_context import AttentionContext
-from fast.config import ModelConfig
+from fast.model.attention_context import AttentionContext
+from fast.model.config import ModelConfig
 from fast.model.rope import apply_rope
 from fast.model.step_plan import DecodeStepPlan
 from kernels.cache_ops import write_rows
@@ -68,26 +68,35 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = config.q_size
         self.kv_size = config.kv_size
-        self.scale = config.head_dim ** -0.5
+        self.scale = config.head_dim**-0.5
         self.sliding_window = config.sliding_window
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
-                                  bias=config.attention_bias)
+        self.qkv_proj = Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        )
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext,
-                k_cache: torch.Tensor, v_cache: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor],
-                plan: DecodeStepPlan | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        ctx: AttentionContext,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        plan: DecodeStepPlan | None = None,
+    ) -> torch.Tensor:
         # positions [T], x [T, H], caches [N, bs, Hkv, D], rope (cos, sin) [T, 1, D] -> [T, H]
         # plan: the step validated once (CPU decode): unchecked torch paths, shared indices
         t = x.shape[0]
-        qkv = self.qkv_proj(x)                                         # [T, Q + 2 KV]
-        qk = qkv[:, :self.q_size + self.kv_size].unflatten(
-            -1, (self.num_heads + self.num_kv_heads, self.head_dim))  # [T, Hq + Hkv, D]
-        qk = apply_rope(qk, *rope)                                     # [T, Hq + Hkv, D]
-        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]          # [T, Hq|Hkv, D]
-        v = qkv[:, self.q_size + self.kv_size:].unflatten(
-            -1, (self.num_kv_heads, self.head_dim))                   # [T, Hkv, D]
+        qkv = self.qkv_proj(x)  # [T, Q + 2 KV]
+        qk = qkv[:, : self.q_size + self.kv_size].unflatten(
+            -1, (self.num_heads + self.num_kv_heads, self.head_dim)
+        )  # [T, Hq + Hkv, D]
+        qk = apply_rope(qk, *rope)  # [T, Hq + Hkv, D]
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # [T, Hq|Hkv, D]
+        v = qkv[:, self.q_size + self.kv_size :].unflatten(
+            -1, (self.num_kv_heads, self.head_dim)
+        )  # [T, Hkv, D]
         if plan is not None:
             if plan.keep is not None:
                 k, v = k[plan.keep], v[plan.keep]
@@ -95,22 +104,42 @@ class Attention(nn.Module):
             o = planned_decode(q, k_cache, v_cache, plan.attend, self.scale)  # [T, Hq, D]
         else:
             o = self._checked_attention(q, k, v, ctx, k_cache, v_cache)
-        out: torch.Tensor = self.o_proj(o.reshape(t, self.q_size))     # [T, H]
+        out: torch.Tensor = self.o_proj(o.reshape(t, self.q_size))  # [T, H]
         return out
 
-    def _checked_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           ctx: AttentionContext, k_cache: torch.Tensor,
-                           v_cache: torch.Tensor) -> torch.Tensor:
+    def _checked_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        ctx: AttentionContext,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
         # q [T, Hq, D], k, v [T, Hkv, D] -> [T, Hq, D] through the validating public kernels
         kernels.write_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
         if ctx.is_decode:
-            o = kernels.paged_decode(q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens,
-                                     scale=self.scale, sliding_window=self.sliding_window)
+            o = kernels.paged_decode(
+                q,
+                k_cache,
+                v_cache,
+                ctx.block_tables,
+                ctx.seq_lens,
+                scale=self.scale,
+                sliding_window=self.sliding_window,
+            )
         else:
-            o = kernels.paged_prefill(q, k_cache, v_cache, ctx.block_tables, ctx.cu_seqlens_q,
-                                      ctx.seq_lens, scale=self.scale,
-                                      sliding_window=self.sliding_window,
-                                      max_seqlen_q=ctx.max_seqlen_q)
+            o = kernels.paged_prefill(
+                q,
+                k_cache,
+                v_cache,
+                ctx.block_tables,
+                ctx.cu_seqlens_q,
+                ctx.seq_lens,
+                scale=self.scale,
+                sliding_window=self.sliding_window,
+                max_seqlen_q=ctx.max_seqlen_q,
+            )
         return o
 
 
@@ -120,8 +149,7 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size,
-                                      bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,13 +169,20 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext,
-                k_cache: torch.Tensor, v_cache: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor],
-                plan: DecodeStepPlan | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        ctx: AttentionContext,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        plan: DecodeStepPlan | None = None,
+    ) -> torch.Tensor:
         # positions [T], x [T, H], rope (cos, sin) [T, 1, D] -> [T, H]
-        attn: torch.Tensor = self.self_attn(positions, self.input_layernorm(x), ctx, k_cache,
-                                            v_cache, rope, plan)
+        attn: torch.Tensor = self.self_attn(
+            positions, self.input_layernorm(x), ctx, k_cache, v_cache, rope, plan
+        )
         x = x + attn
         mlp: torch.Tensor = self.mlp(self.post_attention_layernorm(x))
         return x + mlp

@@ -5,24 +5,32 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fast.attention_context import AttentionContext
-from fast.config import ModelConfig
+from fast.model.attention_context import AttentionContext
+from fast.model.config import ModelConfig
 from fast.model.layers import DecoderLayer, Embedding, Linear, RMSNorm
 from fast.model.rope import inverse_frequencies, rope_cos_sin
 from fast.model.step_plan import plan_decode_step
 
 # Hugging Face projection name -> (our fused module, index of its slice)
 _FUSED = {
-    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
 }
 
 
 class WeightLoadError(ValueError):
     """A checkpoint tensor has an unknown name or a shape the model does not expect."""
 
-    def __init__(self, name: str, message: str, expected: tuple[int, ...] | None = None,
-                 got: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        message: str,
+        expected: tuple[int, ...] | None = None,
+        got: tuple[int, ...] | None = None,
+    ) -> None:
         detail = f" (expected shape {expected}, got {got})" if expected is not None else ""
         super().__init__(f"weight {name!r}: {message}{detail}")
         self.name, self.expected, self.got = name, expected, got
@@ -53,9 +61,9 @@ class LlamaForCausalLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         # Kept off the module's buffers so that model.to(dtype) cannot round it to bf16.
-        self._inv_freq = inverse_frequencies(config.head_dim, config.rope_theta,
-                                             config.rope_scaling,
-                                             config.rope_freq_factors)  # [D/2] float32, CPU
+        self._inv_freq = inverse_frequencies(
+            config.head_dim, config.rope_theta, config.rope_scaling, config.rope_freq_factors
+        )  # [D/2] float32, CPU
         self._inv_freq_on: dict[torch.device, torch.Tensor] = {}
 
     def rope_inv_freq(self, device: torch.device) -> torch.Tensor:
@@ -66,13 +74,20 @@ class LlamaForCausalLM(nn.Module):
             self._inv_freq_on[device] = cached
         return cached
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        ctx: AttentionContext,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
         """input_ids [T], positions [T] -> hidden [T, H]; writes the new K/V into kv_caches."""
         if len(kv_caches) != self.config.num_hidden_layers:
-            raise ValueError(f"need one (k, v) cache per layer: {len(kv_caches)} given, "
-                             f"{self.config.num_hidden_layers} layers")
-        x = self.model.embed_tokens(input_ids)                          # [T, H]
+            raise ValueError(
+                f"need one (k, v) cache per layer: {len(kv_caches)} given, "
+                f"{self.config.num_hidden_layers} layers"
+            )
+        x = self.model.embed_tokens(input_ids)  # [T, H]
         rope = rope_cos_sin(positions, self.rope_inv_freq(input_ids.device), x.dtype)
         plan = plan_decode_step(self.config, ctx, x.dtype, kv_caches)  # once per step
         for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches):
@@ -82,8 +97,9 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> logits [N, V] float32."""
-        weight = (self.model.embed_tokens.weight if self.lm_head is None
-                  else self.lm_head.weight)                             # [V, H]
+        weight = (
+            self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        )  # [V, H]
         return torch.nn.functional.linear(hidden, weight).float()
 
     # -- weights, by Hugging Face name
@@ -148,13 +164,21 @@ class LlamaForCausalLM(nn.Module):
         return [c.intermediate_size, c.intermediate_size]
 
 
-def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int,
-                       dtype: torch.dtype, device: torch.device | str
-                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def allocate_kv_caches(
+    config: ModelConfig,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One zeroed (K, V) pair per layer, each [num_blocks, block_size, Hkv, D]."""
     if num_blocks < 1 or block_size < 1:
         raise ValueError(f"num_blocks and block_size must be >= 1: {num_blocks}, {block_size}")
     shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-    return [(torch.zeros(shape, dtype=dtype, device=device),
-             torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(config.num_hidden_layers)]
+    return [
+        (
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
+        for _ in range(config.num_hidden_layers)
+    ]

@@ -11,11 +11,15 @@ import math
 
 import torch
 
-from fast.config import RopeScaling
+from fast.model.config import RopeScaling
 
 
-def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None,
-                        factors: tuple[float, ...] | None = None) -> torch.Tensor:
+def inverse_frequencies(
+    head_dim: int,
+    theta: float,
+    scaling: RopeScaling | None = None,
+    factors: tuple[float, ...] | None = None,
+) -> torch.Tensor:
     """The ``[head_dim // 2]`` float32 inverse frequencies, Llama-3 scaled if ``scaling``.
 
     Llama-3 scaling divides the slow (long-wavelength) frequencies by ``factor``, keeps the fast
@@ -26,16 +30,17 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
         base = inverse_frequencies(head_dim, theta, scaling)
         return base / torch.tensor(factors, dtype=torch.float32, device="cpu")
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
-    inv_freq = 1.0 / (theta ** exponents)                             # [D/2]
+    inv_freq = 1.0 / (theta**exponents)  # [D/2]
     if scaling is None:
         return inv_freq
     old_len = scaling.original_max_position_embeddings
     low_wavelen = old_len / scaling.low_freq_factor
     high_wavelen = old_len / scaling.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq                                   # [D/2]
+    wavelen = 2 * math.pi / inv_freq  # [D/2]
     scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
     smooth = (old_len / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor)
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     return torch.where(medium, smoothed, scaled)
@@ -47,15 +52,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [T] int, inv_freq [D/2] float32 -> (cos, sin), each [T, 1, D] in ``dtype``.
 
     The angles are computed in float32 and rounded to the activation dtype, as transformers
     does; computed once per forward pass and shared by every layer.
     """
-    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]   # [T, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]                # [T, 1, D]
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 

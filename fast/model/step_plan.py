@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fast.attention_context import AttentionContext
-from fast.config import ModelConfig
+from fast.model.attention_context import AttentionContext
+from fast.model.config import ModelConfig
 from kernels.cache_ops import check_write_kv
 from kernels.checks import check_decode, check_params
 from kernels.torch_attention import DecodePlan, plan_decode
@@ -33,13 +33,19 @@ def _uniform(kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
     """Every layer's pair has layer 0's shape, dtype, device and strides."""
     k0 = kv_caches[0][0]
     shape, dtype, device, stride = k0.shape, k0.dtype, k0.device, k0.stride()
-    return all(c.shape == shape and c.dtype == dtype and c.device == device
-               and c.stride() == stride for pair in kv_caches for c in pair)
+    return all(
+        c.shape == shape and c.dtype == dtype and c.device == device and c.stride() == stride
+        for pair in kv_caches
+        for c in pair
+    )
 
 
-def plan_decode_step(config: ModelConfig, ctx: AttentionContext, dtype: torch.dtype,
-                     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
-                     ) -> DecodeStepPlan | None:
+def plan_decode_step(
+    config: ModelConfig,
+    ctx: AttentionContext,
+    dtype: torch.dtype,
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+) -> DecodeStepPlan | None:
     """Validate a decode step once; None where the per-layer public kernels must run instead.
 
     None for prefill steps, non-CPU caches, caches that differ between layers, and activations
@@ -55,12 +61,16 @@ def plan_decode_step(config: ModelConfig, ctx: AttentionContext, dtype: torch.dt
     hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     probe_kv = torch.empty(t, hkv, d, dtype=dtype)  # stands for every layer's k, v [T, Hkv, D]
     check_write_kv(probe_kv, probe_kv, k0, v0, ctx.slot_mapping)
-    dims = check_decode(torch.empty(t, hq, d, dtype=dtype), k0, v0, ctx.block_tables,
-                        ctx.seq_lens)
-    check_params(config.head_dim ** -0.5, config.sliding_window, None)
+    dims = check_decode(torch.empty(t, hq, d, dtype=dtype), k0, v0, ctx.block_tables, ctx.seq_lens)
+    check_params(config.head_dim**-0.5, config.sliding_window, None)
     slots = ctx.slot_mapping
     kept = slots >= 0  # [T]
     keep, rows = (None, slots.long()) if bool(kept.all()) else (kept, slots[kept].long())
-    attend = plan_decode(ctx.block_tables, ctx.seq_lens.long(), dims.num_blocks,
-                         dims.block_size, config.sliding_window)
+    attend = plan_decode(
+        ctx.block_tables,
+        ctx.seq_lens.long(),
+        dims.num_blocks,
+        dims.block_size,
+        config.sliding_window,
+    )
     return DecodeStepPlan(attend, keep, rows)

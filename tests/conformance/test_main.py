@@ -1,4 +1,5 @@
-"""``python -m conformance``: each suite passes on the real implementations, and a mutant fails it."""
+"""``python -m conformance``: each suite passes on the real implementations, and a mutant fails
+it."""
 
 from __future__ import annotations
 

@@ -46,7 +46,9 @@ MACHINE_CATCHES = {
 @pytest.mark.parametrize("name", sorted(MACHINE_CATCHES))
 def test_mutant_is_caught_by_the_state_machine_too(name: str) -> None:
     with pytest.raises(ConformanceError):
-        run_machine(mutant_factory(name), preset(MACHINE_CATCHES[name]), PROFILES["ci"], shrink=False)
+        run_machine(
+            mutant_factory(name), preset(MACHINE_CATCHES[name]), PROFILES["ci"], shrink=False
+        )
 
 
 def test_fast_passes_the_mutant_settings() -> None:

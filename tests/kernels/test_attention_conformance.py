@@ -19,8 +19,9 @@ from conformance.attention_cases import (
 )
 from conformance.attention_impl import attention_impl, check_decode, check_prefill
 
-CI = settings(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
-              database=None)
+CI = settings(
+    deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None
+)
 
 
 @settings(CI, max_examples=60)
@@ -36,7 +37,11 @@ def test_torch_prefill_matches_spec(case: AttentionCase) -> None:
 
 
 _SMALL = CPU_LIMITS.__class__(
-    max_batch=2, max_len=40, head_dims=(64,), block_sizes=(8, 16, 32), kv_heads=(1, 2),
+    max_batch=2,
+    max_len=40,
+    head_dims=(64,),
+    block_sizes=(8, 16, 32),
+    kv_heads=(1, 2),
     dtypes=CPU_LIMITS.dtypes,
 )
 
@@ -68,16 +73,31 @@ _GRID = [
 @pytest.mark.parametrize("group,block_size,head_dim,dtype,window,softcap", _GRID)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_grid_matches_spec(
-    backend: str, group: int, block_size: int, head_dim: int, dtype: str, window: int | None,
+    backend: str,
+    group: int,
+    block_size: int,
+    head_dim: int,
+    dtype: str,
+    window: int | None,
     softcap: float | None,
 ) -> None:
-    common = dict(num_kv_heads=2, group=group, head_dim=head_dim, block_size=block_size,
-                  dtype=dtype, sliding_window=window, softcap=softcap, seed=group * block_size)
+    common = dict(
+        num_kv_heads=2,
+        group=group,
+        head_dim=head_dim,
+        block_size=block_size,
+        dtype=dtype,
+        sliding_window=window,
+        softcap=softcap,
+        seed=group * block_size,
+    )
     impl = attention_impl(backend)
-    check_decode(impl, build_case(AttentionCase(seq_lens=(block_size + 3, 1, 0, 37),
-                                                q_lens=None, **common)))  # type: ignore[arg-type]
-    check_prefill(impl, build_case(AttentionCase(seq_lens=(block_size + 5, 33), q_lens=(7, 33),
-                                                 **common)))  # type: ignore[arg-type]
+    check_decode(
+        impl, build_case(AttentionCase(seq_lens=(block_size + 3, 1, 0, 37), q_lens=None, **common))
+    )  # type: ignore[arg-type]
+    check_prefill(
+        impl, build_case(AttentionCase(seq_lens=(block_size + 5, 33), q_lens=(7, 33), **common))
+    )  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
@@ -85,8 +105,17 @@ def test_triton_decode_any_split_count(num_splits: int) -> None:
     import kernels
     from spec.tolerances import relative_error
 
-    built = build_case(AttentionCase(num_kv_heads=2, group=4, head_dim=64, block_size=8,
-                                     seq_lens=(50, 3, 17), q_lens=None, dtype="float32"))
+    built = build_case(
+        AttentionCase(
+            num_kv_heads=2,
+            group=4,
+            head_dim=64,
+            block_size=8,
+            seq_lens=(50, 3, 17),
+            q_lens=None,
+            dtype="float32",
+        )
+    )
     args = (built.q, built.k_cache, built.v_cache, built.block_tables, built.seq_lens)
     ref = kernels.paged_decode(*args, scale=0.1, backend="torch")
     out = torch.full_like(built.q, float("nan"))
@@ -94,9 +123,13 @@ def test_triton_decode_any_split_count(num_splits: int) -> None:
     assert relative_error(out.double().numpy(), ref.double().numpy()) < 1e-5
 
 
-GPU_CI = settings(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
-                  database=None,
-                  max_examples=int(os.environ.get("PAGEDKV_GPU_EXAMPLES", "60")))
+GPU_CI = settings(
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=list(HealthCheck),
+    database=None,
+    max_examples=int(os.environ.get("PAGEDKV_GPU_EXAMPLES", "60")),
+)
 
 
 @pytest.mark.gpu

@@ -16,15 +16,34 @@ class _TopLeftCausal(KernelsAttention):
         super().__init__("torch")
         self.name = "top-left"
 
-    def paged_prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                      seq_lens: torch.Tensor, *, scale: float, sliding_window: int | None,
-                      softcap: float | None, out: torch.Tensor) -> torch.Tensor:
+    def paged_prefill(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        seq_lens: torch.Tensor,
+        *,
+        scale: float,
+        sliding_window: int | None,
+        softcap: float | None,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
         q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-        return kernels.paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q,
-                                     q_lens.to(seq_lens.dtype), scale=scale,
-                                     sliding_window=sliding_window, softcap=softcap, out=out,
-                                     backend="torch")
+        return kernels.paged_prefill(
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            cu_seqlens_q,
+            q_lens.to(seq_lens.dtype),
+            scale=scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            out=out,
+            backend="torch",
+        )
 
 
 def test_suite_passes_torch_and_catches_top_left_mask() -> None:

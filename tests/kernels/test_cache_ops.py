@@ -82,8 +82,13 @@ def test_gpu_copy_and_swap_blocks_with_pinned_pool() -> None:
 def test_cache_op_errors_name_the_numbers() -> None:
     kc = torch.zeros(4, 8, 2, 64)
     with pytest.raises(ShapeMismatchError) as e:
-        kernels.write_kv(torch.zeros(3, 2, 32), torch.zeros(3, 2, 32), kc, kc.clone(),
-                         torch.zeros(3, dtype=torch.int64))
+        kernels.write_kv(
+            torch.zeros(3, 2, 32),
+            torch.zeros(3, 2, 32),
+            kc,
+            kc.clone(),
+            torch.zeros(3, dtype=torch.int64),
+        )
     assert e.value.shape == (3, 2, 32)
     with pytest.raises(DTypeMismatchError):
         kernels.swap_blocks(kc, torch.zeros(4, 8, 2, 64, dtype=torch.float16), [[0, 1]])

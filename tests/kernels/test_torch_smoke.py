@@ -30,14 +30,25 @@ def test_decode_and_prefill_match_spec(window: int | None, softcap: float | None
     params = AttentionParams(scale=0.3, sliding_window=window, softcap=softcap)
     q = torch.randn(2, hq, d, generator=g)
     out = torch.full_like(q, float("nan"))
-    kernels.paged_decode(q, k, v, bt, lens, scale=0.3, sliding_window=window, softcap=softcap,
-                         out=out, backend="torch")
+    kernels.paged_decode(
+        q,
+        k,
+        v,
+        bt,
+        lens,
+        scale=0.3,
+        sliding_window=window,
+        softcap=softcap,
+        out=out,
+        backend="torch",
+    )
     ref = spec_decode(_np(q), _np(k), _np(v), bt.numpy(), lens.numpy(), params)
     assert relative_error(_np(out), ref) <= TOLERANCES["float32"]
     cu = torch.tensor([0, 5, 8], dtype=torch.int32)
     qp = torch.randn(8, hq, d, generator=g)
-    o = kernels.paged_prefill(qp, k, v, bt, cu, lens, scale=0.3, sliding_window=window,
-                              softcap=softcap, backend="torch")
+    o = kernels.paged_prefill(
+        qp, k, v, bt, cu, lens, scale=0.3, sliding_window=window, softcap=softcap, backend="torch"
+    )
     ref = spec_prefill(_np(qp), _np(k), _np(v), bt.numpy(), cu.numpy(), lens.numpy(), params)
     assert relative_error(_np(o), ref) <= TOLERANCES["float32"]
 
@@ -74,8 +85,9 @@ def test_bad_inputs_raise_named_errors() -> None:
     with pytest.raises(kernels.errors.DTypeMismatchError):
         kernels.paged_decode(q.half(), k, k, bt, lens, scale=1.0)
     with pytest.raises(kernels.errors.IndexOutOfRangeError) as e2:
-        kernels.paged_decode(torch.zeros(1, 4, 16), k, k, bt, torch.tensor([17], dtype=torch.int32),
-                             scale=1.0)
+        kernels.paged_decode(
+            torch.zeros(1, 4, 16), k, k, bt, torch.tensor([17], dtype=torch.int32), scale=1.0
+        )
     assert e2.value.value == 17 and e2.value.high == 16
     with pytest.raises(kernels.errors.IndexOutOfRangeError):
         kernels.write_kv(torch.zeros(1, 2, 16), torch.zeros(1, 2, 16), k, k, torch.tensor([32]))

@@ -17,7 +17,13 @@ from kernels.splits import choose_num_splits
 def _decode_args(block_size: int, head_dim: int) -> tuple[torch.Tensor, ...]:
     k = torch.randn(4, block_size, 2, head_dim)
     q = torch.randn(1, 4, head_dim)
-    return q, k, k.clone(), torch.zeros(1, 2, dtype=torch.int32), torch.tensor([3], dtype=torch.int32)
+    return (
+        q,
+        k,
+        k.clone(),
+        torch.zeros(1, 2, dtype=torch.int32),
+        torch.tensor([3], dtype=torch.int32),
+    )
 
 
 @pytest.mark.parametrize("block_size", [4, 12, 512])
@@ -46,10 +52,18 @@ def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     "batch,kv_heads,length,expected",
-    [(1, 8, 4096, 32), (16, 8, 2048, 4), (8, 8, 32768, 8), (64, 8, 4096, 1), (1, 8, 32768, 64),
-     (2, 1, 100, 1)],
+    [
+        (1, 8, 4096, 32),
+        (16, 8, 2048, 4),
+        (8, 8, 32768, 8),
+        (64, 8, 4096, 1),
+        (1, 8, 32768, 64),
+        (2, 1, 100, 1),
+    ],
 )
-def test_split_heuristic_fills_132_sms(batch: int, kv_heads: int, length: int, expected: int) -> None:
+def test_split_heuristic_fills_132_sms(
+    batch: int, kv_heads: int, length: int, expected: int
+) -> None:
     s = choose_num_splits(batch, kv_heads, length)
     assert s == expected
     assert s == 1 or batch * kv_heads * s >= 132 or length // 128 == s
@@ -58,17 +72,34 @@ def test_split_heuristic_fills_132_sms(batch: int, kv_heads: int, length: int, e
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_gpu_long_decode_with_high_block_ids(dtype: str) -> None:
-    case = AttentionCase(num_kv_heads=8, group=4, head_dim=128, block_size=16,
-                         seq_lens=(20000, 777, 1, 4096), q_lens=None, dtype=dtype,
-                         high_block_ids=True, seed=5)
+    case = AttentionCase(
+        num_kv_heads=8,
+        group=4,
+        head_dim=128,
+        block_size=16,
+        seq_lens=(20000, 777, 1, 4096),
+        q_lens=None,
+        dtype=dtype,
+        high_block_ids=True,
+        seed=5,
+    )
     check_decode(attention_impl("triton"), build_case(case, "cuda"))
 
 
 @pytest.mark.gpu
 def test_gpu_prefill_after_long_prefix_with_high_block_ids() -> None:
-    case = AttentionCase(num_kv_heads=8, group=4, head_dim=128, block_size=16,
-                         seq_lens=(3000, 600), q_lens=(512, 600), dtype="bfloat16",
-                         high_block_ids=True, sliding_window=1000, seed=6)
+    case = AttentionCase(
+        num_kv_heads=8,
+        group=4,
+        head_dim=128,
+        block_size=16,
+        seq_lens=(3000, 600),
+        q_lens=(512, 600),
+        dtype="bfloat16",
+        high_block_ids=True,
+        sliding_window=1000,
+        seed=6,
+    )
     check_prefill(attention_impl("triton"), build_case(case, "cuda"))
 
 
@@ -77,8 +108,16 @@ def test_prefill_tile_search_over_many_ragged_sequences(group: int) -> None:
     # q_len 0 chunks, chunks shorter and longer than a tile, and a decode-like q_len 1
     q_lens = (0, 1, 33, 0, 5, 16, 17, 2, 40)
     seq_lens = (3, 1, 50, 0, 5, 30, 17, 9, 41)
-    case = AttentionCase(num_kv_heads=1, group=group, head_dim=64, block_size=8,
-                         seq_lens=seq_lens, q_lens=q_lens, dtype="float32", seed=11)
+    case = AttentionCase(
+        num_kv_heads=1,
+        group=group,
+        head_dim=64,
+        block_size=8,
+        seq_lens=seq_lens,
+        q_lens=q_lens,
+        dtype="float32",
+        seed=11,
+    )
     for backend in ("triton", "torch"):
         check_prefill(attention_impl(backend), build_case(case))
 
@@ -102,8 +141,9 @@ def test_strided_views_as_the_engine_passes_them(backend: str) -> None:
     big = torch.full((t, hq, 2 * d), float("nan"))
     out = big[:, :, :d]  # non-contiguous
     kernels.paged_prefill(q, kc, vc, table, cu, lens, scale=0.125, out=out, backend=backend)
-    ref = kernels.paged_prefill(q.contiguous(), kc, vc, table, cu, lens, scale=0.125,
-                                backend="torch")
+    ref = kernels.paged_prefill(
+        q.contiguous(), kc, vc, table, cu, lens, scale=0.125, backend="torch"
+    )
     assert torch.allclose(out, ref, atol=1e-5) and torch.isnan(big[:, :, d:]).all()
     dec = kernels.paged_decode(q[-1:], kc, vc, table, lens, scale=0.125, backend=backend)
     assert torch.allclose(dec, ref[-1:], atol=1e-5)

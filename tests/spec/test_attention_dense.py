@@ -67,7 +67,9 @@ def loop_attention(case: DenseCase) -> tuple[np.ndarray, np.ndarray]:
             for j in range(case.k.shape[0]):
                 if j > pos or (p.sliding_window is not None and j <= pos - p.sliding_window):
                     continue
-                s = p.scale * sum(float(case.q[i, h, x]) * float(case.k[j, kvh, x]) for x in range(d))
+                s = p.scale * sum(
+                    float(case.q[i, h, x]) * float(case.k[j, kvh, x]) for x in range(d)
+                )
                 if p.softcap is not None:
                     s = p.softcap * math.tanh(s / p.softcap)
                 scores.append((s, j))
@@ -131,7 +133,8 @@ def prop_window_is_recent_keys(case: DenseCase) -> None:
 
 
 def prop_softcap_large_is_plain(case: DenseCase) -> None:
-    """c * tanh(s / c) = s - s^3 / (3 c^2) + ...: for |s| <= 100 and c = 1e6 a logit moves < 4e-7."""
+    """c * tanh(s / c) = s - s^3 / (3 c^2) + ...: for |s| <= 100 and c = 1e6 a logit moves <
+    4e-7."""
     capped = replace(case, params=replace(case.params, softcap=1e6))
     plain = replace(case, params=replace(case.params, softcap=None))
     assert_states_close(run(capped), run(plain), rtol=1e-6, atol=1e-6)
@@ -184,8 +187,13 @@ def test_attention_fully_masked_row_is_zero_with_lse_minus_inf() -> None:
 
 
 def test_attention_no_keys_gives_empty_state() -> None:
-    o, lse = attention(np.ones((1, 1, 2)), np.zeros((0, 1, 2)), np.zeros((0, 1, 2)),
-                       AttentionParams(scale=1.0), q_positions=[0])
+    o, lse = attention(
+        np.ones((1, 1, 2)),
+        np.zeros((0, 1, 2)),
+        np.zeros((0, 1, 2)),
+        AttentionParams(scale=1.0),
+        q_positions=[0],
+    )
     assert o.shape == (1, 1, 2) and not o.any() and np.isneginf(lse).all()
 
 
@@ -234,7 +242,9 @@ def test_attention_rejects_bad_shapes_with_numbers() -> None:
     with pytest.raises(AttentionShapeError, match="k and v"):
         attention(np.zeros((1, 1, 2)), np.zeros((2, 1, 2)), np.zeros((3, 1, 2)), p)
     with pytest.raises(AttentionShapeError, match="integers"):
-        attention(np.zeros((1, 1, 2)), np.zeros((2, 1, 2)), np.zeros((2, 1, 2)), p, q_positions=[0.5])
+        attention(
+            np.zeros((1, 1, 2)), np.zeros((2, 1, 2)), np.zeros((2, 1, 2)), p, q_positions=[0.5]
+        )
 
 
 def test_attention_error_is_an_invalid_argument_error() -> None:

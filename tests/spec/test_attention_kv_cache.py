@@ -45,9 +45,13 @@ def write_cases(draw: st.DrawFn) -> WriteCase:
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     shape = (num_blocks, bs, hkv, d)
     return WriteCase(
-        k_cache=rng.normal(size=shape), v_cache=rng.normal(size=shape), block_table=table,
-        seq_len=seq_len, positions=np.array(positions, dtype=np.int64),
-        k=rng.normal(size=(len(positions), hkv, d)), v=rng.normal(size=(len(positions), hkv, d)),
+        k_cache=rng.normal(size=shape),
+        v_cache=rng.normal(size=shape),
+        block_table=table,
+        seq_len=seq_len,
+        positions=np.array(positions, dtype=np.int64),
+        k=rng.normal(size=(len(positions), hkv, d)),
+        v=rng.normal(size=(len(positions), hkv, d)),
     )
 
 
@@ -69,7 +73,8 @@ def prop_write_then_gather(case: WriteCase, write: Callable[..., None] = write_k
 
 @dataclass(frozen=True)
 class BlockMoveCase:
-    """Two pools [N, bs, Hkv, D] (K and V of one pool, or source and destination pools) and pairs."""
+    """Two pools [N, bs, Hkv, D] (K and V of one pool, or source and destination pools) and
+    pairs."""
 
     a: np.ndarray
     b: np.ndarray
@@ -83,7 +88,9 @@ def copy_cases(draw: st.DrawFn) -> BlockMoveCase:
     num_src = draw(st.integers(1, num_blocks - 1))
     srcs, free = ids[:num_src], ids[num_src:]
     dsts = draw(st.lists(st.sampled_from(free), unique=True, max_size=len(free)))
-    pairs = np.array([(draw(st.sampled_from(srcs)), dst) for dst in dsts], dtype=np.int64).reshape(-1, 2)
+    pairs = np.array([(draw(st.sampled_from(srcs)), dst) for dst in dsts], dtype=np.int64).reshape(
+        -1, 2
+    )
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     shape = (num_blocks, draw(st.integers(1, 3)), 1, 2)
     return BlockMoveCase(a=rng.normal(size=shape), b=rng.normal(size=shape), pairs=pairs)
@@ -93,7 +100,9 @@ def copy_cases(draw: st.DrawFn) -> BlockMoveCase:
 def swap_cases(draw: st.DrawFn) -> BlockMoveCase:
     n_src, n_dst = draw(st.integers(1, 8)), draw(st.integers(1, 8))
     dsts = draw(st.lists(st.integers(0, n_dst - 1), unique=True, max_size=n_dst))
-    pairs = np.array([(draw(st.integers(0, n_src - 1)), d) for d in dsts], dtype=np.int64).reshape(-1, 2)
+    pairs = np.array([(draw(st.integers(0, n_src - 1)), d) for d in dsts], dtype=np.int64).reshape(
+        -1, 2
+    )
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     block = (draw(st.integers(1, 3)), 2, 2)
     a, b = rng.normal(size=(n_src,) + block), rng.normal(size=(n_dst,) + block)
@@ -194,7 +203,9 @@ def test_swap_blocks_rejects() -> None:
     kc, _ = cache()
     with pytest.raises(AttentionShapeError, match="block shapes differ"):
         swap_blocks(kc, np.zeros((4, 3, 1, 2)), [[0, 0]])
-    with pytest.raises(AttentionShapeError, match="destination block out of range.*block=2, num_blocks=2"):
+    with pytest.raises(
+        AttentionShapeError, match="destination block out of range.*block=2, num_blocks=2"
+    ):
         swap_blocks(kc, np.zeros((2, 2, 1, 2)), [[0, 2]])
 
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_attention_dense import assert_states_close
 
 from spec.attention import AttentionParams, AttentionShapeError, attention
 from spec.paged_decode import paged_decode, paged_decode_with_lse
 from spec.paged_prefill import paged_prefill, paged_prefill_with_lse
-from test_attention_dense import assert_states_close
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -134,8 +134,13 @@ def prop_decode_equals_dense(case: PagedCase) -> None:
     """Each decode query equals dense attention from the last position of its sequence."""
     o, lse = run_decode(case)
     for b in range(len(case.ks)):
-        ref = attention(case.decode_q[b : b + 1], case.ks[b], case.vs[b], case.params,
-                        q_positions=[case.ks[b].shape[0] - 1])
+        ref = attention(
+            case.decode_q[b : b + 1],
+            case.ks[b],
+            case.vs[b],
+            case.params,
+            q_positions=[case.ks[b].shape[0] - 1],
+        )
         assert_states_close((o[b : b + 1], lse[b : b + 1]), ref)
 
 
@@ -215,8 +220,9 @@ def test_paged_prefill_zero_length_chunk_is_skipped() -> None:
         ((1, 2, 2), [[0], [1]], [1], "block_tables=2, seq_lens=1"),
     ],
 )
-def test_paged_decode_rejects(q_shape: tuple[int, ...], tables: list[list[int]], lens: list[int],
-                              needle: str) -> None:
+def test_paged_decode_rejects(
+    q_shape: tuple[int, ...], tables: list[list[int]], lens: list[int], needle: str
+) -> None:
     kc = np.zeros((4, 2, 2, 2))  # 4 blocks of 2 tokens, Hkv 2, D 2
     with pytest.raises(AttentionShapeError, match=needle):
         paged_decode(np.zeros(q_shape), kc, kc.copy(), tables, lens, AttentionParams(scale=1.0))
@@ -232,8 +238,9 @@ def test_paged_decode_rejects(q_shape: tuple[int, ...], tables: list[list[int]],
         (2, [[0]], [0, 2, 2], [2], "entries=3, sequences=1"),
     ],
 )
-def test_paged_prefill_rejects(num_tokens: int, tables: list[list[int]], cu: list[int],
-                               lens: list[int], needle: str) -> None:
+def test_paged_prefill_rejects(
+    num_tokens: int, tables: list[list[int]], cu: list[int], lens: list[int], needle: str
+) -> None:
     kc = np.zeros((4, 2, 2, 2))
     q = np.zeros((num_tokens, 2, 2))
     with pytest.raises(AttentionShapeError, match=needle):

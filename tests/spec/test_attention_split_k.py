@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_attention_dense import DenseCase, assert_states_close, dense_cases
 
 from spec.attention import AttentionParams, AttentionShapeError, attention
 from spec.split_k import merge_states, partial_attention, split_k_attention
-from test_attention_dense import DenseCase, assert_states_close, dense_cases
 
 Merge = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 SETTINGS = settings(max_examples=80, deadline=None)
@@ -85,7 +85,9 @@ def prop_merge_associative(case: StateCase, merge: Merge = merge_states) -> None
     for cut in range(len(case.lses) + 1):
         left = merge(case.os[:cut], case.lses[:cut])
         right = merge(case.os[cut:], case.lses[cut:])
-        assert_states_close(merge(np.stack([left[0], right[0]]), np.stack([left[1], right[1]])), whole)
+        assert_states_close(
+            merge(np.stack([left[0], right[0]]), np.stack([left[1], right[1]])), whole
+        )
 
 
 def prop_empty_state_is_identity(case: StateCase, merge: Merge = merge_states) -> None:

@@ -64,7 +64,9 @@ def test_tolerance_values_and_errors() -> None:
 def round_to_bf16(x: np.ndarray) -> np.ndarray:
     """Round float64 values to the nearest bfloat16 (ties to even), returned as float64."""
     bits = x.astype(np.float32).view(np.uint32)
-    bits = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    bits = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(
+        0xFFFF0000
+    )
     return bits.view(np.float32).astype(np.float64)
 
 
@@ -85,7 +87,11 @@ def test_bounds_admit_rounding_of_inputs_and_output(
     2x) for accumulation error on top.
     """
     rng = np.random.default_rng(7)
-    q, k, v = rng.normal(size=(16, 8, 64)), rng.normal(size=(256, 2, 64)), rng.normal(size=(256, 2, 64))
+    q, k, v = (
+        rng.normal(size=(16, 8, 64)),
+        rng.normal(size=(256, 2, 64)),
+        rng.normal(size=(256, 2, 64)),
+    )
     p = AttentionParams(scale=64**-0.5)
     ref, _ = attention(q, k, v, p)
     out, _ = attention(round_fn(q), round_fn(k), round_fn(v), p)

@@ -171,8 +171,13 @@ CORRUPTIONS: list[tuple[Callable[[BlockManager], None], str]] = [
 def test_check_integrity_catches(corrupt: Callable[[BlockManager], None], message: str) -> None:
     bm = healthy()
     corrupt(bm)
-    with pytest.raises(AssertionError, match=message.replace("(", r"\(").replace(")", r"\)")
-                       .replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        AssertionError,
+        match=message.replace("(", r"\(")
+        .replace(")", r"\)")
+        .replace("[", r"\[")
+        .replace("]", r"\]"),
+    ):
         bm.check_integrity()
 
 

@@ -88,8 +88,9 @@ def test_the_store_catches_a_skipped_copy_on_write() -> None:
 
 
 def test_prefix_hits_hold_the_right_tokens_after_eviction_pressure() -> None:
-    bm = BlockManager(BlockManagerConfig(block_size=2, num_gpu_blocks=8,
-                                         enable_prefix_caching=True))
+    bm = BlockManager(
+        BlockManagerConfig(block_size=2, num_gpu_blocks=8, enable_prefix_caching=True)
+    )
     engine = Engine(bm)
     system = [1, 2, 3, 4]
     assert engine.prefill(0, system + [10]) == 0  # blocks 0, 1, 2

@@ -21,7 +21,7 @@ def test_hash_follows_the_documented_byte_layout() -> None:
     assert hash_block_tokens(ROOT_PARENT_HASH, [1, 2, 3], None) == int.from_bytes(
         digest, "little"
     ) & (2**63 - 1)
-    key = "lora-a".encode()
+    key = b"lora-a"
     payload = b"".join(struct.pack("<q", v) for v in (5, 1, 7)) + struct.pack("<q", len(key)) + key
     digest = hashlib.blake2b(payload, digest_size=8).digest()
     assert hash_block_tokens(5, [7], "lora-a") == int.from_bytes(digest, "little") & (2**63 - 1)

@@ -133,8 +133,12 @@ class BlockMachine(RuleBasedStateMachine):
         extra_key=st.sampled_from([None, None, "lora-a"]),
     )
     def allocate(
-        self, data: st.DataObject, base: list[int], length: int, tail: list[int],
-        extra_key: str | None
+        self,
+        data: st.DataObject,
+        base: list[int],
+        length: int,
+        tail: list[int],
+        extra_key: str | None,
     ) -> None:
         seq_id = self.pick(data, [s for s in SEQ_IDS if not self.bm.has_sequence(s)])
         tokens = base[:length] + tail
@@ -189,8 +193,9 @@ class BlockMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def append_batch(self, data: st.DataObject) -> None:
         seq_ids = data.draw(st.lists(st.sampled_from(self.resident()), unique=True))
-        tokens = data.draw(st.lists(st.integers(0, 3), min_size=len(seq_ids),
-                                    max_size=len(seq_ids)))
+        tokens = data.draw(
+            st.lists(st.integers(0, 3), min_size=len(seq_ids), max_size=len(seq_ids))
+        )
         note(f"bm.append_batch({seq_ids}, {tokens})")
         if not self.bm.can_append(seq_ids):
             self.expect_error(OutOfBlocksError, self.bm.append_batch, seq_ids, tokens)
@@ -199,8 +204,7 @@ class BlockMachine(RuleBasedStateMachine):
         slots, pairs = self.bm.append_batch(seq_ids, tokens)
         note(f"  -> slots {slots.tolist()}, copy-on-write {pairs.tolist()}")
         assert slots.shape == (len(seq_ids),) and pairs.shape[1] == 2
-        grown = sum(1 for s in seq_ids if (self.bm.num_tokens(s) - 1) % self.config.block_size
-                    == 0)
+        grown = sum(1 for s in seq_ids if (self.bm.num_tokens(s) - 1) % self.config.block_size == 0)
         assert self.bm.num_free_gpu_blocks == free - grown - len(pairs)
         for src, dst in pairs.tolist():  # the engine copies before the forward pass writes
             self.kv.copy(self.kv.gpu, src, self.kv.gpu, dst)
@@ -244,8 +248,10 @@ class BlockMachine(RuleBasedStateMachine):
             assert self.bm.num_free_cpu_blocks == cpu_free + len(table)
         else:
             assert self.bm.num_free_gpu_blocks == gpu_free + len(sole)
-            assert self.bm.free_block_order()[len(self.bm.free_block_order()) - len(sole):] \
+            assert (
+                self.bm.free_block_order()[len(self.bm.free_block_order()) - len(sole) :]
                 == sole[::-1]
+            )
         assert not self.bm.has_sequence(seq_id)
 
     @precondition(lambda self: bool(self.resident()))
@@ -320,8 +326,13 @@ class BlockMachine(RuleBasedStateMachine):
             self.expect_error(InvalidArgumentError, bm.slot_mapping, s, 0, bm.num_tokens(s) + 1)
         elif kind == 6 and swapped:
             s = data.draw(st.sampled_from(swapped))
-            for fn, args in ((bm.append, (s, 1)), (bm.swap_out, (s,)), (bm.fork, (s, 99)),
-                             (bm.slot_mapping, (s, 0, 1)), (bm.append_batch, ([s], [1]))):
+            for fn, args in (
+                (bm.append, (s, 1)),
+                (bm.swap_out, (s,)),
+                (bm.fork, (s, 99)),
+                (bm.slot_mapping, (s, 0, 1)),
+                (bm.append_batch, ([s], [1])),
+            ):
                 self.expect_error(SequenceStateError, fn, *args)
         elif kind == 7 and resident:
             s = data.draw(st.sampled_from(resident))
@@ -333,8 +344,12 @@ class BlockMachine(RuleBasedStateMachine):
             self.expect_error(InvalidArgumentError, bm.can_swap_in, s, -1)
         elif kind == 9 and resident:
             # an unknown id anywhere in a batch spoils the whole batch
-            self.expect_error(UnknownSequenceError, bm.append_batch, resident + [unknown],
-                              [0] * (len(resident) + 1))
+            self.expect_error(
+                UnknownSequenceError,
+                bm.append_batch,
+                resident + [unknown],
+                [0] * (len(resident) + 1),
+            )
         elif kind == 10:
             self.expect_error(UnknownSequenceError, bm.swap_in, unknown)
             self.expect_error(UnknownSequenceError, bm.swap_out, unknown)
@@ -388,22 +403,26 @@ TestSwapWatermark = machine(
 )
 TestPrefix = machine(
     "Prefix",
-    BlockManagerConfig(block_size=2, num_gpu_blocks=10, num_cpu_blocks=6,
-                       enable_prefix_caching=True),
+    BlockManagerConfig(
+        block_size=2, num_gpu_blocks=10, num_cpu_blocks=6, enable_prefix_caching=True
+    ),
 )
 TestPrefixBs4 = machine(
     "PrefixBs4",
-    BlockManagerConfig(block_size=4, num_gpu_blocks=32, num_cpu_blocks=8, watermark=0.1,
-                       enable_prefix_caching=True),
+    BlockManagerConfig(
+        block_size=4, num_gpu_blocks=32, num_cpu_blocks=8, watermark=0.1, enable_prefix_caching=True
+    ),
 )
 TestPrefixBs1 = machine(
     "PrefixBs1",
-    BlockManagerConfig(block_size=1, num_gpu_blocks=16, num_cpu_blocks=8,
-                       enable_prefix_caching=True),
+    BlockManagerConfig(
+        block_size=1, num_gpu_blocks=16, num_cpu_blocks=8, enable_prefix_caching=True
+    ),
 )
 TestPrefixCollisions = machine(
     "PrefixCollisions",
-    BlockManagerConfig(block_size=2, num_gpu_blocks=12, num_cpu_blocks=4,
-                       enable_prefix_caching=True),
+    BlockManagerConfig(
+        block_size=2, num_gpu_blocks=12, num_cpu_blocks=4, enable_prefix_caching=True
+    ),
     hash_fn=weak_hash,
 )

@@ -47,8 +47,16 @@ def unchanged_after(bm: BlockManager, error: type[Exception], fn: Callable[[], o
 
 
 def test_all_errors_derive_from_pagedkv_error() -> None:
-    for cls in (DoubleFreeError, InvalidArgumentError, OutOfBlocksError, SequenceExistsError,
-                SequenceStateError, SwapInError, SwapOutError, UnknownSequenceError):
+    for cls in (
+        DoubleFreeError,
+        InvalidArgumentError,
+        OutOfBlocksError,
+        SequenceExistsError,
+        SequenceStateError,
+        SwapInError,
+        SwapOutError,
+        UnknownSequenceError,
+    ):
         assert issubclass(cls, PagedKVError)
 
 
@@ -56,8 +64,16 @@ def test_unknown_sequence() -> None:
     bm = make()
     err = unchanged_after(bm, UnknownSequenceError, lambda: bm.append(7, 1))
     assert err.seq_id == 7 and "7" in str(err)
-    for fn in (bm.num_tokens, bm.token_ids, bm.block_table, bm.is_swapped, bm.swap_out,
-               bm.swap_in, bm.can_swap_in, bm.free):
+    for fn in (
+        bm.num_tokens,
+        bm.token_ids,
+        bm.block_table,
+        bm.is_swapped,
+        bm.swap_out,
+        bm.swap_in,
+        bm.can_swap_in,
+        bm.free,
+    ):
         unchanged_after(bm, UnknownSequenceError, lambda fn=fn: fn(7))  # type: ignore[misc]
     unchanged_after(bm, UnknownSequenceError, lambda: bm.slot_mapping(7, 0, 0))
     unchanged_after(bm, UnknownSequenceError, lambda: bm.can_append([7]))
@@ -111,9 +127,14 @@ def test_sequence_state_error_both_ways() -> None:
     assert err.swapped is False and err.operation == "swap_in"
     unchanged_after(bm, SequenceStateError, lambda: bm.can_swap_in(0))
     bm.swap_out(0)
-    for call in (lambda: bm.append(0, 1), lambda: bm.fork(0, 1), lambda: bm.swap_out(0),
-                 lambda: bm.slot_mapping(0, 0, 1), lambda: bm.can_append([0]),
-                 lambda: bm.append_batch([0], [1])):
+    for call in (
+        lambda: bm.append(0, 1),
+        lambda: bm.fork(0, 1),
+        lambda: bm.swap_out(0),
+        lambda: bm.slot_mapping(0, 0, 1),
+        lambda: bm.can_append([0]),
+        lambda: bm.append_batch([0], [1]),
+    ):
         err = unchanged_after(bm, SequenceStateError, call)
         assert err.seq_id == 0 and err.swapped is True and "swapped out" in str(err)
 

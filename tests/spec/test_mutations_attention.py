@@ -17,14 +17,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-
-import spec.attention
-import spec.kv_cache
-import spec.paged_decode
-import spec.paged_prefill
-import spec.split_k
-from spec.attention import AttentionShapeError
-from spec.kv_cache import copy_blocks, write_kv
 from test_attention_dense import (
     dense_cases,
     prop_dense_matches_loops,
@@ -56,6 +48,14 @@ from test_attention_split_k import (
     state_cases,
 )
 from test_attention_tolerances import prop_non_finite_never_passes
+
+import spec.attention
+import spec.kv_cache
+import spec.paged_decode
+import spec.paged_prefill
+import spec.split_k
+from spec.attention import AttentionShapeError
+from spec.kv_cache import copy_blocks, write_kv
 
 MUTANT_SETTINGS = settings(
     max_examples=300,
@@ -106,23 +106,32 @@ def softcap_without_c(
 ) -> np.ndarray:
     heads = spec.attention.kv_head_map(q.shape[1], k.shape[1])
     s = params.scale * np.einsum("qhd,khd->qhk", q, k[:, heads, :])
-    return np.tanh(s / params.softcap) if params.softcap is not None else s  # should be c * tanh(s / c)
+    return (
+        np.tanh(s / params.softcap) if params.softcap is not None else s
+    )  # should be c * tanh(s / c)
 
 
 @pytest.mark.parametrize("prop", [prop_gqa_equals_mha, prop_dense_matches_loops])
 def test_mutant_gqa_head_mapping_modulo(prop: Callable[[Any], None]) -> None:
-    assert_caught(prop, dense_cases(min_kv_heads=2, min_group=2),
-                  mock.patch.object(spec.attention, "kv_head_map", kv_head_modulo))
+    assert_caught(
+        prop,
+        dense_cases(min_kv_heads=2, min_group=2),
+        mock.patch.object(spec.attention, "kv_head_map", kv_head_modulo),
+    )
 
 
 @pytest.mark.parametrize("prop", [prop_window_is_recent_keys, prop_dense_matches_loops])
 def test_mutant_window_off_by_one(prop: Callable[[Any], None]) -> None:
-    assert_caught(prop, dense_cases(), mock.patch.object(spec.attention, "visible", window_one_wider))
+    assert_caught(
+        prop, dense_cases(), mock.patch.object(spec.attention, "visible", window_one_wider)
+    )
 
 
 @pytest.mark.parametrize("prop", [prop_softcap_large_is_plain, prop_dense_matches_loops])
 def test_mutant_softcap_missing_factor(prop: Callable[[Any], None]) -> None:
-    assert_caught(prop, dense_cases(), mock.patch.object(spec.attention, "logits", softcap_without_c))
+    assert_caught(
+        prop, dense_cases(), mock.patch.object(spec.attention, "logits", softcap_without_c)
+    )
 
 
 # -- mutants of paged prefill / decode / gather ---------------------------------------------------
@@ -150,8 +159,11 @@ def test_mutant_causal_alignment_top_left(prop: Callable[[Any], None]) -> None:
 
 
 def test_mutant_decode_position_off_by_one() -> None:
-    assert_caught(prop_decode_equals_dense, paged_cases(),
-                  mock.patch.object(spec.paged_decode, "attention", decode_one_position_late))
+    assert_caught(
+        prop_decode_equals_dense,
+        paged_cases(),
+        mock.patch.object(spec.paged_decode, "attention", decode_one_position_late),
+    )
 
 
 @pytest.mark.parametrize("prop", [prop_layout_invariant, prop_prefill_equals_dense])

@@ -1,0 +1,113 @@
+"""One step's flat batch on the host, and its upload to the device in two copies.
+
+The engine builds a step's inputs as numpy arrays (:class:`HostBatch`); :class:`HostStaging`
+turns them into the model's tensors. On the CPU that is ``torch.from_numpy`` (no copy). On CUDA
+six small host-to-device copies per step cost more host time than the data is worth, and a copy
+from pageable memory blocks the host; instead every int64 array is packed into one pinned
+buffer and every int32 array into another, each goes over in one asynchronous copy, and the
+device tensors are views of the two destinations. A CUDA event recorded after the copies is
+waited on before the pinned buffers are written again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fast.model.attention_context import AttentionContext
+
+__all__ = ["HostBatch", "HostStaging", "padded_width"]
+
+
+def padded_width(width: int, max_width: int) -> int:
+    """Block-table width handed to the CUDA kernels: ``width`` rounded up to a power of two,
+    at least 16, at most ``max_width`` (never below ``width``).
+
+    The decode kernel's split count is a compile-time constant chosen from the table width;
+    rounding keeps the number of widths (and so of compiled variants) to a handful.
+
+    >>> [padded_width(w, 128) for w in (1, 16, 17, 100, 128)]
+    [16, 16, 32, 128, 128]
+    >>> padded_width(7, 10), padded_width(12, 10)
+    (10, 12)
+    """
+    return max(width, min(max_width, max(16, 1 << max(0, (width - 1).bit_length()))))
+
+
+@dataclass(frozen=True)
+class HostBatch:
+    """A step's inputs as numpy arrays (T tokens of B sequences, N of them sampled)."""
+
+    tokens: np.ndarray  # [T] int64 token ids
+    positions: np.ndarray  # [T] int64 absolute positions
+    slots: np.ndarray  # [T] int64 cache slots
+    tables: np.ndarray  # [B, W] int32 block tables
+    seq_lens: np.ndarray  # [B] int32 cached + new tokens
+    cu_seqlens_q: np.ndarray  # [B + 1] int32
+    max_seqlen_q: int
+    decode: bool  # every sequence has exactly one new token
+    sample_rows: np.ndarray  # [N] int64 rows of the flat batch whose next token is sampled
+
+
+class HostStaging:
+    """Uploads :class:`HostBatch` arrays; on CUDA through two reused pinned buffers."""
+
+    def __init__(self, device: torch.device, pack: bool | None = None) -> None:
+        self.device = device
+        self._cuda = device.type == "cuda"
+        self._pack = self._cuda if pack is None else pack  # tests pack on the CPU too
+        self._host: dict[torch.dtype, torch.Tensor] = {}
+        self._events: dict[torch.dtype, torch.cuda.Event] = {}
+
+    def upload(
+        self, batch: HostBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionContext, torch.Tensor]:
+        """(input_ids [T], positions [T], ctx, sample_rows [N]) on the device."""
+        b, w = batch.tables.shape
+        longs = self.put(
+            torch.int64, [batch.tokens, batch.positions, batch.slots, batch.sample_rows]
+        )
+        ints = self.put(torch.int32, [batch.tables.reshape(-1), batch.seq_lens, batch.cu_seqlens_q])
+        ctx = AttentionContext(
+            slot_mapping=longs[2],
+            block_tables=ints[0].view(b, w),
+            seq_lens=ints[1],
+            cu_seqlens_q=ints[2],
+            max_seqlen_q=batch.max_seqlen_q,
+            is_decode=batch.decode,
+        )
+        return longs[0], longs[1], ctx, longs[3]
+
+    def put(self, dtype: torch.dtype, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """The arrays as 1-D device tensors of ``dtype``: one copy on CUDA, none on the CPU."""
+        if not self._pack:
+            return [torch.from_numpy(np.ascontiguousarray(a, dtype=_NP[dtype])) for a in arrays]
+        sizes = [int(a.shape[0]) for a in arrays]
+        total = sum(sizes)
+        self.wait(dtype)
+        host = self._host.get(dtype)
+        if host is None or host.shape[0] < total:
+            host = torch.empty(max(total, 1024) * 2, dtype=dtype, pin_memory=self._cuda)
+            self._host[dtype] = host
+        view = host.numpy()
+        at = 0
+        for a, n in zip(arrays, sizes):
+            view[at : at + n] = a
+            at += n
+        dev = host[:total].to(self.device, non_blocking=True)  # [sum]
+        if self._cuda:
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record()
+            self._events[dtype] = event
+        return list(torch.split(dev, sizes))
+
+    def wait(self, dtype: torch.dtype) -> None:
+        """Block until the last copy out of ``dtype``'s pinned buffer has finished."""
+        event = self._events.pop(dtype, None)
+        if event is not None:
+            event.synchronize()
+
+
+_NP = {torch.int64: np.int64, torch.int32: np.int32}

@@ -1,0 +1,138 @@
+"""The engine's settings, and how the KV pool is sized from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from fast.model.config import ModelConfig
+from spec.errors import InvalidArgumentError
+
+__all__ = ["EngineConfig", "resolve_device", "resolve_dtype", "kv_bytes_per_block", "pool_sizes"]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "half": torch.float16,
+    "float": torch.float32,
+}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything ``LLM(...)`` / ``LLMEngine(...)`` accepts besides the model (vLLM's names).
+
+    ``None`` means "derive it": ``max_model_len`` from the model, ``max_num_batched_tokens``
+    as ``max(max_model_len, 2048)`` (2048 with chunked prefill), ``swap_space`` as 4 GiB on CUDA
+    and 0.25 GiB on CPU when ``preemption_mode == "swap"`` (0 otherwise), the device pool from
+    ``num_gpu_blocks``, else ``kv_cache_gb`` (CPU default 1 GiB), else
+    ``gpu_memory_utilization`` of the GPU's memory, ``enforce_eager`` as True on CPU.
+    """
+
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    num_gpu_blocks: int | None = None
+    kv_cache_gb: float | None = None
+    gpu_memory_utilization: float = 0.9
+    swap_space: float | None = None
+    enable_prefix_caching: bool = False
+    enable_chunked_prefill: bool = False
+    preemption_mode: Literal["recompute", "swap"] = "recompute"
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    enforce_eager: bool | None = None
+    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise InvalidArgumentError("block_size", self.block_size, "must be >= 1")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise InvalidArgumentError(
+                "gpu_memory_utilization", self.gpu_memory_utilization, "must be in (0, 1]"
+            )
+        for name in ("kv_cache_gb", "swap_space"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise InvalidArgumentError(name, value, "must be >= 0")
+        if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
+            raise InvalidArgumentError("num_gpu_blocks", self.num_gpu_blocks, "must be >= 1")
+        if self.enable_chunked_prefill and self.enable_prefix_caching:
+            raise InvalidArgumentError(
+                "enable_prefix_caching",
+                True,
+                "cannot be combined with enable_chunked_prefill: the block manager offers a "
+                "prompt's full blocks to the prefix cache when it allocates them, before a later "
+                "chunk has computed them, so another request could read their unwritten KV",
+            )
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise InvalidArgumentError("dtype", self.dtype, f"one of auto, {sorted(_DTYPES)}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` is CUDA when available, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``"auto"`` is bfloat16 on CUDA and float32 on the CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def kv_bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """K and V of one block over every layer: ``2 * L * bs * Hkv * D * itemsize``."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return (
+        2
+        * model.num_hidden_layers
+        * block_size
+        * model.num_key_value_heads
+        * model.head_dim
+        * itemsize
+    )
+
+
+def pool_sizes(
+    cfg: EngineConfig,
+    model: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_model_len: int,
+) -> tuple[int, int]:
+    """(device blocks, host blocks) for this configuration.
+
+    A derived device pool is capped at what ``max_num_seqs`` sequences of ``max_model_len``
+    tokens can use; an explicit ``num_gpu_blocks`` is taken as is.
+    """
+    per_block = kv_bytes_per_block(model, cfg.block_size, dtype)
+    gib = 1 << 30
+    if cfg.num_gpu_blocks is not None:
+        gpu = cfg.num_gpu_blocks
+    elif cfg.kv_cache_gb is not None or device.type != "cuda":
+        gpu = int((cfg.kv_cache_gb if cfg.kv_cache_gb is not None else 1.0) * gib) // per_block
+    else:
+        free, total = torch.cuda.mem_get_info(device)
+        reserve = 2 * gib  # activations and logits of the largest step
+        budget = free - (1.0 - cfg.gpu_memory_utilization) * total - reserve
+        gpu = int(budget) // per_block
+    if cfg.num_gpu_blocks is None:
+        gpu = min(gpu, cfg.max_num_seqs * -(-max_model_len // cfg.block_size))
+    swap = cfg.swap_space
+    if swap is None:
+        swap = 0.0 if cfg.preemption_mode != "swap" else (4.0 if device.type == "cuda" else 0.25)
+    cpu = int(swap * gib) // per_block
+    if gpu < 1:
+        raise InvalidArgumentError("num_gpu_blocks", gpu, "no room for a single KV block")
+    return gpu, cpu

@@ -1,0 +1,187 @@
+"""CUDA graphs of the decode step, one per padded batch size, and the kernels' warm-up.
+
+A decode step launches hundreds of small kernels (every layer's norms, projections, rope, KV
+write, attention); at small batches their launch time exceeds their run time. A CUDA graph
+records the launches once and replays them with one call. Graph replay needs fixed shapes and
+addresses, so each captured size ``B`` reads static input buffers; a batch of ``b <= B``
+sequences is written into them, the rows ``b..B-1`` padded (slot ``-1``: no KV write; length 0:
+no keys, output 0), and the first ``b`` rows of the output are used.
+
+The static inputs are views of two device buffers, one int64 (token ids, positions, slots) and
+one int32 (block tables, lengths), each mirrored by a pinned host buffer: the engine's numpy
+arrays are written into the host mirrors and each buffer crosses in one asynchronous copy, so a
+replay costs two copies and one launch of host work.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from fast.engine.batch import HostBatch, padded_width
+from fast.model.attention_context import AttentionContext
+from fast.model.llama import LlamaForCausalLM
+
+KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k_cache, v_cache)
+
+__all__ = ["DecodeGraphs", "GraphInputs", "warm_up"]
+
+
+def _dummy_ctx(b: int, width: int, device: torch.device) -> AttentionContext:
+    """A decode context of ``b`` padding rows: no KV write, no keys."""
+    return AttentionContext(
+        slot_mapping=torch.full((b,), -1, dtype=torch.int64, device=device),
+        block_tables=torch.zeros(b, width, dtype=torch.int32, device=device),
+        seq_lens=torch.zeros(b, dtype=torch.int32, device=device),
+        cu_seqlens_q=torch.arange(b + 1, dtype=torch.int32, device=device),
+        max_seqlen_q=1,
+        is_decode=True,
+    )
+
+
+def warm_up(
+    model: LlamaForCausalLM,
+    kv_caches: KVCaches,
+    device: torch.device,
+    max_width: int,
+    sizes: list[int],
+) -> None:
+    """Compile every kernel variant a run can meet before the first request.
+
+    Triton compiles a kernel once per set of compile-time arguments; the decode kernel's split
+    count depends on the batch size and the (power-of-two padded) block-table width, so each
+    (size, width) pair runs one padding-only decode forward; one prefill forward compiles the
+    prefill and KV-write kernels (their remaining arguments do not specialize).
+    """
+    dev, caches, top = device, kv_caches, max_width
+    widths = sorted(
+        {padded_width(w, top) for w in [1 << k for k in range(4, 16) if 1 << k < top] + [top]}
+    )
+    with torch.inference_mode():
+        for b in sizes:
+            for w in widths:
+                ids = torch.zeros(b, dtype=torch.int64, device=dev)  # [b]
+                model(ids, ids, _dummy_ctx(b, w, dev), caches)
+        n = 4
+        ids = torch.zeros(n, dtype=torch.int64, device=dev)  # [n]
+        model(
+            ids,
+            torch.arange(n, device=dev),
+            AttentionContext(
+                slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
+                block_tables=torch.zeros(1, widths[0], dtype=torch.int32, device=dev),
+                seq_lens=torch.full((1,), n, dtype=torch.int32, device=dev),
+                cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=dev),
+                max_seqlen_q=n,
+                is_decode=False,
+            ),
+            caches,
+        )
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class GraphInputs:
+    """The graphs' static inputs: device buffers and their (pinned, on CUDA) host mirrors.
+
+    ``dev64 [3, B]`` holds token ids, positions and slots; ``dev32 [B * W + B]`` the block
+    tables ``[B, W]`` and the lengths ``[B]``. :meth:`write` fills the host mirrors for a batch
+    padded to ``size`` rows; :meth:`upload` sends both in one asynchronous copy each.
+    """
+
+    def __init__(self, big: int, width: int, device: torch.device) -> None:
+        pin = device.type == "cuda"
+        self.big, self.width, self.device = big, width, device
+        self.dev64 = torch.zeros(3, big, dtype=torch.int64, device=device)
+        self.dev64[2].fill_(-1)
+        self.dev32 = torch.zeros(big * width + big, dtype=torch.int32, device=device)
+        self.host64 = torch.zeros(3, big, dtype=torch.int64, pin_memory=pin)
+        self.host32 = torch.zeros(big * width + big, dtype=torch.int32, pin_memory=pin)
+        self.tables = self.dev32[: big * width].view(big, width)  # [B, W]
+        self.lens = self.dev32[big * width :]  # [B]
+        self.cu = torch.arange(big + 1, dtype=torch.int32, device=device)  # [B + 1]
+        h64, h32 = self.host64.numpy(), self.host32.numpy()
+        self._ids, self._pos, self._slots = h64[0], h64[1], h64[2]
+        self._tables = h32[: big * width].reshape(big, width)
+        self._lens = h32[big * width :]
+        self._event: torch.cuda.Event | None = None
+
+    def ctx(self, b: int) -> AttentionContext:
+        """The decode context of the first ``b`` rows."""
+        return AttentionContext(
+            self.dev64[2, :b], self.tables[:b], self.lens[:b], self.cu[: b + 1], 1, True
+        )
+
+    def write(self, batch: HostBatch, size: int) -> None:
+        """Fill the host mirrors: the batch's ``b`` rows, then padding up to ``size``."""
+        b, w = batch.tables.shape
+        if self._event is not None:  # the previous upload has left the pinned buffers
+            self._event.synchronize()
+            self._event = None
+        self._ids[:b] = batch.tokens
+        self._ids[b:size] = 0
+        self._pos[:b] = batch.positions
+        self._pos[b:size] = 0
+        self._slots[:b] = batch.slots
+        self._slots[b:size] = -1
+        self._tables[:b, :w] = batch.tables
+        self._lens[:b] = batch.seq_lens
+        self._lens[b:size] = 0
+
+    def upload(self) -> None:
+        """Copy both host mirrors to the device (asynchronous on CUDA)."""
+        self.dev64.copy_(self.host64, non_blocking=True)
+        self.dev32.copy_(self.host32, non_blocking=True)
+        if self.device.type == "cuda":
+            self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._event.record()
+
+
+class DecodeGraphs:
+    """Captured decode forwards for the batch sizes in ``cuda_graph_batch_sizes``."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: KVCaches,
+        device: torch.device,
+        max_width: int,
+        sizes: list[int],
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.sizes = sizes
+        self.inputs = GraphInputs(sizes[-1], max_width, device)
+        ids, pos = self.inputs.dev64[0], self.inputs.dev64[1]
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        pool = None
+        with torch.inference_mode():
+            for b in reversed(sizes):  # largest first: smaller ones reuse its pool
+                ctx = self.inputs.ctx(b)
+                stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):  # warm up outside the capture
+                        self.model(ids[:b], pos[:b], ctx, self.kv_caches)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs[b] = self.model(ids[:b], pos[:b], ctx, self.kv_caches)  # [b, H]
+                pool = graph.pool()
+                self.graphs[b] = graph
+        torch.cuda.synchronize()
+
+    def run(self, batch: HostBatch) -> torch.Tensor | None:
+        """Replay the smallest graph that fits the batch's ``b`` sequences; None when none
+        does (too many sequences, or a table wider than captured). -> hidden [b, H]"""
+        b, w = batch.tables.shape
+        i = bisect.bisect_left(self.sizes, b)
+        if i == len(self.sizes) or w > self.inputs.width:
+            return None
+        size = self.sizes[i]
+        self.inputs.write(batch, size)
+        self.inputs.upload()
+        self.graphs[size].replay()
+        return self.outputs[size][:b]

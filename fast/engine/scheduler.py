@@ -1,0 +1,313 @@
+"""The engine's scheduler: the decisions of ``spec.scheduler`` over the engine's own sequences.
+
+It keeps :class:`fast.engine.sequence.Sequence` objects (shared with the engine, which appends
+sampled
+tokens to them) in three arrival-ordered queues and asks the engine's block manager for capacity.
+For the same events it returns the same :class:`spec.scheduler.SchedulerOutput` as the spec
+(checked step by step by ``conformance.scheduler_machine``). The policy is written down in
+``spec.scheduler``'s module docstring and in ``docs/scheduler.md``.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import numpy as np
+
+from fast.engine.sequence import Sequence, SequenceStatus
+from spec.errors import (
+    InvalidArgumentError,
+    SequenceExistsError,
+    SequenceStateError,
+    SwapOutError,
+    UnknownSequenceError,
+)
+from spec.scheduler import (
+    BlockManagerLike,
+    ScheduledSequence,
+    SchedulerConfig,
+    SchedulerOrderError,
+    SchedulerOutput,
+    StepOutcome,
+)
+
+__all__ = ["Scheduler", "BatchBlockManager"]
+
+
+class BatchBlockManager(BlockManagerLike, Protocol):
+    """What the fast scheduler needs: the spec scheduler's calls plus ``append_batch``."""
+
+    def append_batch(self, seq_ids: Any, token_ids: Any) -> tuple[Any, Any]: ...
+
+    def fork(self, parent_id: int, child_id: int) -> None: ...
+
+
+_WAITING, _RUNNING, _SWAPPED = (
+    SequenceStatus.WAITING,
+    SequenceStatus.RUNNING,
+    SequenceStatus.SWAPPED,
+)
+
+
+class _Step:
+    """Accumulates one step's decisions."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.scheduled: list[ScheduledSequence] = []
+        self.done: set[int] = set()
+        self.preempted: list[int] = []
+        self.swapped_out: list[int] = []
+        self.swapped_in: list[int] = []
+        self.swap_out_map: list[tuple[int, int]] = []
+        self.swap_in_map: list[tuple[int, int]] = []
+        self.copies: list[tuple[int, int]] = []
+
+    def add(self, seq: Sequence, n: int) -> None:
+        start = seq.num_computed
+        seq.num_computed = start + n
+        self.budget -= n
+        self.done.add(seq.seq_id)
+        self.scheduled.append(
+            ScheduledSequence(seq.seq_id, start, n, seq.num_computed == len(seq.token_ids))
+        )
+
+    def output(self) -> SchedulerOutput:
+        return SchedulerOutput(
+            tuple(self.scheduled),
+            tuple(self.preempted),
+            tuple(self.swapped_out),
+            tuple(self.swapped_in),
+            tuple(self.swap_out_map),
+            tuple(self.swap_in_map),
+            tuple(self.copies),
+        )
+
+
+class Scheduler:
+    """FCFS continuous batching over :class:`Sequence` objects (see ``spec.scheduler``)."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BatchBlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.seqs: dict[int, Sequence] = {}
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.swapped: list[Sequence] = []
+        self._in_flight: dict[int, Sequence] | None = None  # sequences that sample this step
+
+    @property
+    def has_unfinished(self) -> bool:
+        """Some sequence is waiting, running or swapped."""
+        return bool(self.seqs)
+
+    def add_sequence(self, seq: Sequence) -> None:
+        """Queue a new sequence (validated by the engine before it gets here)."""
+        if seq.seq_id in self.seqs:
+            raise SequenceExistsError(seq.seq_id)
+        n = len(seq.token_ids)
+        if n == 0:
+            raise InvalidArgumentError("prompt_token_ids", [], f"empty prompt for {seq.seq_id}")
+        if n > self.config.max_model_len:
+            raise InvalidArgumentError(
+                "len(prompt_token_ids)",
+                n,
+                f"longer than max_model_len {self.config.max_model_len} (sequence {seq.seq_id})",
+            )
+        self.seqs[seq.seq_id] = seq
+        self._enqueue(self.waiting, seq, _WAITING)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Start ``child`` as a running copy of ``parent`` that shares its blocks (n > 1).
+
+        The engine calls it in the step where ``parent`` sampled its first token, before
+        :meth:`update`: ``parent``'s prompt is computed and in the pool, its sampled token is not.
+        ``child.token_ids`` is the prompt plus the child's own first token, which, like the
+        parent's, is appended to the pool (copy-on-write of the shared last block) by the next
+        step's decode. Mirrors :meth:`spec.scheduler.Scheduler.fork` (held to it by the lockstep
+        conformance driver); from then on the child is a running sequence like any other (the
+        engine keeps ``max_num_seqs``, see ``LLMEngine._fork``). Raises SequenceExistsError (child
+        id live), UnknownSequenceError
+        (parent unknown), SequenceStateError (parent swapped out), InvalidArgumentError (parent not
+        running with its blocks in the pool).
+        """
+        if child.seq_id in self.seqs:
+            raise SequenceExistsError(child.seq_id)
+        if self.seqs.get(parent.seq_id) is not parent:
+            raise UnknownSequenceError(parent.seq_id)
+        if parent.status is _SWAPPED:
+            raise SequenceStateError(parent.seq_id, True, "fork")
+        if parent.status is not _RUNNING or not parent.in_pool:
+            raise InvalidArgumentError(
+                "parent.status",
+                parent.status.value,
+                f"fork needs running sequence {parent.seq_id} in the pool",
+            )
+        self.block_manager.fork(parent.seq_id, child.seq_id)
+        child.num_computed = parent.num_computed
+        child.in_pool = child.pending = True
+        self.seqs[child.seq_id] = child
+        self._enqueue(self.running, child, _RUNNING)
+
+    def abort(self, seq_id: int) -> Sequence:
+        """Remove a sequence from every queue and free its blocks; returns it."""
+        seq = self.seqs.pop(seq_id, None)
+        if seq is None:
+            raise UnknownSequenceError(seq_id)
+        {_WAITING: self.waiting, _RUNNING: self.running, _SWAPPED: self.swapped}[seq.status].remove(
+            seq
+        )
+        if seq.in_pool:
+            self.block_manager.free(seq_id)
+            seq.in_pool = False
+        seq.status = SequenceStatus.FINISHED_ABORTED
+        if self._in_flight is not None:
+            self._in_flight.pop(seq_id, None)
+        return seq
+
+    def schedule(self) -> SchedulerOutput:
+        """One step of decisions: running decodes, running prefills, swapped, waiting."""
+        if self._in_flight is not None:
+            raise SchedulerOrderError("schedule", "update() of the previous step is missing")
+        step = _Step(self.config.max_num_batched_tokens)
+        self._schedule_running(step)
+        if not step.preempted and not step.swapped_out:
+            self._schedule_swapped(step)
+            if not self.swapped:
+                self._schedule_waiting(step)
+        self._in_flight = {s.seq_id: self.seqs[s.seq_id] for s in step.scheduled if s.sample}
+        return step.output()
+
+    def update(self, outcome: StepOutcome) -> list[Sequence]:
+        """Take the step's outcome; the engine has appended the sampled tokens already.
+
+        Frees the finished sequences and returns them (their status is set by the engine).
+        """
+        if self._in_flight is None:
+            raise SchedulerOrderError("update", "no step was scheduled")
+        in_flight = self._in_flight
+        if set(outcome.sampled) != set(in_flight):
+            raise InvalidArgumentError(
+                "outcome.sampled", sorted(outcome.sampled), f"expected {sorted(in_flight)}"
+            )
+        extra = outcome.finished - set(in_flight)
+        if extra:
+            raise InvalidArgumentError("outcome.finished", sorted(extra), "these sampled nothing")
+        for seq_id, seq in in_flight.items():
+            if seq_id not in outcome.finished and len(seq.token_ids) > self.config.max_model_len:
+                raise InvalidArgumentError(
+                    "outcome.finished",
+                    sorted(outcome.finished),
+                    f"sequence {seq_id} reaches {len(seq.token_ids)} tokens > max_model_len "
+                    f"{self.config.max_model_len} unfinished",
+                )
+        self._in_flight = None
+        finished = []
+        for seq_id, seq in in_flight.items():
+            if seq_id in outcome.finished:
+                self.running.remove(seq)
+                self.block_manager.free(seq_id)
+                seq.in_pool = False
+                del self.seqs[seq_id]
+                finished.append(seq)
+            else:
+                seq.pending = True
+        return finished
+
+    # -- the four phases ------------------------------------------------------------------
+    def _schedule_running(self, step: _Step) -> None:
+        bm = self.block_manager
+        decodes = [seq for seq in self.running if seq.pending]
+        if decodes and bm.can_append([seq.seq_id for seq in decodes]):
+            # Every decode fits: no preemption, and one batched append makes the same
+            # decisions (same blocks, same copy-on-write pairs, same order) as one by one.
+            ids = np.fromiter((seq.seq_id for seq in decodes), np.int64, len(decodes))
+            toks = np.fromiter((seq.token_ids[-1] for seq in decodes), np.int64, len(decodes))
+            _, pairs = bm.append_batch(ids, toks)
+            step.copies.extend((int(a), int(b)) for a, b in pairs.tolist())
+            for seq in decodes:
+                seq.pending = False
+                step.add(seq, 1)
+            decodes = []
+        for seq in decodes:
+            if seq.status is not _RUNNING:
+                continue
+            while not bm.can_append([seq.seq_id]):
+                victim = self._newest_unscheduled(step, exclude=seq)
+                self._preempt(step, victim if victim is not None else seq)
+                if victim is None:
+                    break
+            if seq.status is _RUNNING:
+                self._append_pending(step, seq)
+                step.add(seq, 1)
+        for seq in self.running:
+            left = len(seq.token_ids) - seq.num_computed
+            if left and step.budget and seq.seq_id not in step.done:
+                step.add(seq, min(left, step.budget))
+
+    def _schedule_swapped(self, step: _Step) -> None:
+        bm = self.block_manager
+        while self.swapped and len(self.running) < self.config.max_num_seqs and step.budget:
+            seq = self.swapped[0]
+            if not bm.can_swap_in(seq.seq_id, 1):
+                return
+            step.swap_in_map.extend((int(c), int(g)) for c, g in bm.swap_in(seq.seq_id))
+            del self.swapped[0]
+            self._enqueue(self.running, seq, _RUNNING)
+            step.swapped_in.append(seq.seq_id)
+            self._append_pending(step, seq)
+            step.add(seq, 1)
+
+    def _schedule_waiting(self, step: _Step) -> None:
+        cfg, bm = self.config, self.block_manager
+        while self.waiting and len(self.running) < cfg.max_num_seqs and step.budget:
+            seq = self.waiting[0]
+            if not cfg.enable_chunked_prefill and len(seq.token_ids) > step.budget:
+                return
+            if not bm.can_allocate(seq.token_ids):
+                return
+            cached = bm.allocate(seq.seq_id, seq.token_ids)
+            del self.waiting[0]
+            seq.in_pool = True
+            seq.num_computed = cached
+            self._enqueue(self.running, seq, _RUNNING)
+            step.add(seq, min(len(seq.token_ids) - cached, step.budget))
+
+    # -- helpers --------------------------------------------------------------------------
+    def _newest_unscheduled(self, step: _Step, exclude: Sequence) -> Sequence | None:
+        for seq in reversed(self.running):
+            if seq is not exclude and seq.seq_id not in step.done:
+                return seq
+        return None
+
+    def _preempt(self, step: _Step, seq: Sequence) -> None:
+        self.running.remove(seq)
+        if self.config.preemption_mode == "swap" and seq.pending:
+            try:
+                mapping = self.block_manager.swap_out(seq.seq_id)
+            except SwapOutError:
+                pass
+            else:
+                step.swap_out_map.extend((int(g), int(c)) for g, c in mapping)
+                step.swapped_out.append(seq.seq_id)
+                self._enqueue(self.swapped, seq, _SWAPPED)
+                return
+        self.block_manager.free(seq.seq_id)
+        seq.in_pool = seq.pending = False
+        seq.num_computed = 0
+        step.preempted.append(seq.seq_id)
+        self._enqueue(self.waiting, seq, _WAITING)
+
+    def _append_pending(self, step: _Step, seq: Sequence) -> None:
+        cow = self.block_manager.append(seq.seq_id, seq.token_ids[-1])
+        seq.pending = False
+        if cow is not None:
+            step.copies.append((int(cow[0]), int(cow[1])))
+
+    @staticmethod
+    def _enqueue(queue: list[Sequence], seq: Sequence, status: SequenceStatus) -> None:
+        seq.status = status
+        keys: Iterable[int] = (s.arrival for s in queue)
+        queue.insert(bisect.bisect(list(keys), seq.arrival), seq)

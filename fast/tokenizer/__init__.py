@@ -1,0 +1,1 @@
+"""Tokenizers: the tokenizer.json wrapper (``tokenizer``) and its GGUF construction (``gguf``)."""

@@ -1,0 +1,157 @@
+"""The engine's step batch: numpy flattening, packed uploads, graph inputs, kernel warm-up.
+
+The CUDA-only parts (pinned buffers, graph replay) run on the GPU in test_engine_gpu.py and
+benchmarks/gpu_engine.py; here their host logic runs on the CPU: the packing of several arrays
+into one buffer, the padding of graph inputs, and the warm-up forwards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from fast.engine.batch import HostBatch, HostStaging, padded_width
+from fast.engine.cuda_graphs import GraphInputs, warm_up
+from fast.engine.engine import LLMEngine
+from fast.engine.sampling_params import SamplingParams
+from fast.loader import random_model
+from fast.model.config import ModelConfig
+from spec.scheduler import SchedulerOutput
+
+CFG = ModelConfig(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+)
+
+
+def _engine(**kw: Any) -> LLMEngine:
+    model = random_model(CFG, seed=0, dtype=torch.float32, device="cpu")
+    return LLMEngine(
+        model,
+        device="cpu",
+        dtype="float32",
+        block_size=8,
+        num_gpu_blocks=64,
+        max_model_len=128,
+        max_num_seqs=8,
+        **kw,
+    )
+
+
+def _batch(b: int, w: int, seed: int = 0) -> HostBatch:
+    rng = np.random.default_rng(seed)
+    return HostBatch(
+        tokens=rng.integers(0, 96, b),
+        positions=rng.integers(0, 50, b),
+        slots=rng.integers(0, 500, b),
+        tables=rng.integers(0, 60, (b, w)).astype(np.int32),
+        seq_lens=rng.integers(1, 50, b).astype(np.int32),
+        cu_seqlens_q=np.arange(b + 1, dtype=np.int32),
+        max_seqlen_q=1,
+        decode=True,
+        sample_rows=np.arange(b),
+    )
+
+
+def test_padded_width_is_a_bounded_power_of_two() -> None:
+    for top in (10, 16, 100, 128, 8192):
+        for w in range(1, top + 1):
+            p = padded_width(w, top)
+            assert w <= p <= max(w, top)
+            assert p == top or (p >= 16 and p & (p - 1) == 0), (w, top, p)
+    assert len({padded_width(w, 128) for w in range(1, 129)}) == 4  # 16, 32, 64, 128
+
+
+def test_packed_upload_returns_the_arrays() -> None:
+    staging = HostStaging(torch.device("cpu"), pack=True)
+    for b, w in ((3, 5), (7, 2), (1, 9)):
+        batch = _batch(b, w, seed=b)
+        ids, pos, ctx, rows = staging.upload(batch)
+        assert ids.tolist() == batch.tokens.tolist()
+        assert pos.tolist() == batch.positions.tolist()
+        assert ctx.slot_mapping.tolist() == batch.slots.tolist()
+        assert ctx.block_tables.tolist() == batch.tables.tolist()
+        assert ctx.block_tables.dtype == torch.int32 and ctx.seq_lens.dtype == torch.int32
+        assert ctx.seq_lens.tolist() == batch.seq_lens.tolist()
+        assert ctx.cu_seqlens_q.tolist() == batch.cu_seqlens_q.tolist()
+        assert rows.tolist() == batch.sample_rows.tolist() and ctx.is_decode
+
+
+def test_graph_inputs_pad_rows_past_the_batch() -> None:
+    inputs = GraphInputs(8, 6, torch.device("cpu"))
+    inputs.write(_batch(8, 6, seed=1), 8)  # a full batch first: padding must overwrite it
+    inputs.upload()
+    batch = _batch(3, 4, seed=2)
+    inputs.write(batch, 4)
+    inputs.upload()
+    ids, pos, slots = inputs.dev64
+    assert ids[:3].tolist() == batch.tokens.tolist() and ids[3] == 0
+    assert pos[:3].tolist() == batch.positions.tolist() and pos[3] == 0
+    assert slots[:3].tolist() == batch.slots.tolist() and slots[3] == -1  # no KV write
+    assert inputs.tables[:3, :4].tolist() == batch.tables.tolist()
+    assert inputs.lens[:3].tolist() == batch.seq_lens.tolist() and inputs.lens[3] == 0
+    ctx = inputs.ctx(4)
+    assert ctx.block_tables.shape == (4, 6) and ctx.cu_seqlens_q.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_warm_up_writes_nothing_to_the_cache() -> None:
+    engine = _engine()
+    engine._max_width = 16
+    before = [(k.clone(), v.clone()) for k, v in engine.kv_caches]
+    warm_up(engine.model, engine.kv_caches, engine.device, engine._max_width, [1, 2, 8])
+    for (k, v), (k0, v0) in zip(engine.kv_caches, before):
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_step_batch_matches_the_block_manager(chunked: bool) -> None:
+    """Every token of every step's batch sits at the block manager's slot for its position."""
+    engine = _engine(enable_chunked_prefill=chunked, max_num_batched_tokens=16 if chunked else None)
+    build = engine._build_batch
+    kinds: list[bool] = []
+
+    def checked(out: SchedulerOutput) -> HostBatch:
+        batch = build(out)
+        at = 0
+        for s in out.scheduled:
+            seq = engine.scheduler.seqs[s.seq_id]
+            want = engine.block_manager.slot_mapping(s.seq_id, s.start, s.start + s.num_tokens)
+            assert batch.slots[at : at + s.num_tokens].tolist() == want
+            assert batch.positions[at : at + s.num_tokens].tolist() == list(
+                range(s.start, s.start + s.num_tokens)
+            )
+            assert (
+                batch.tokens[at : at + s.num_tokens].tolist()
+                == seq.token_ids[s.start : s.start + s.num_tokens]
+            )
+            at += s.num_tokens
+        assert at == batch.tokens.shape[0]
+        assert batch.seq_lens.tolist() == [s.start + s.num_tokens for s in out.scheduled]
+        assert batch.sample_rows.tolist() == [
+            int(batch.cu_seqlens_q[i + 1]) - 1 for i, s in enumerate(out.scheduled) if s.sample
+        ]
+        kinds.append(batch.decode)
+        return batch
+
+    engine._build_batch = checked  # type: ignore[method-assign]
+    for i, n in enumerate((5, 17, 9)):
+        engine.add_request(
+            str(i),
+            list(range(1, n + 1)),
+            SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
+        )
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step(finished_only=True)
+    assert sorted(len(o.outputs[0].token_ids) for o in outs) == [6, 6, 6]
+    assert True in kinds and False in kinds
+    assert engine.num_free_gpu_blocks == 64
