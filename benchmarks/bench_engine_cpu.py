@@ -11,7 +11,7 @@ drawn number of tokens, in the same process:
 * batch 1: one 24-token prompt, 64 new tokens; ``LLM.generate`` vs ``model.generate``;
 * torch runs ``--threads`` threads (default 1): on this shared 2-core machine, two OpenMP
   threads per process next to other busy processes made small ops 30x slower than one;
-* a batch of ShareGPT-like requests: DESIGN.md's trace (seed 0) with both lengths divided by
+* a batch of ShareGPT-like requests: docs/workloads.md's trace (seed 0) with both lengths divided by
   ``--scale`` (default 8; so that a 2-core CPU finishes in minutes) and clipped to [4, 1024 /
   scale]. Our engine gets all requests at once (continuous batching); transformers gets them as
   one left-padded static batch running to the longest output (its ``generate``), and only the
@@ -39,7 +39,7 @@ import torch
 def scaled_trace(
     n: int, scale: int, seed: int = 0, vocab: int = 49152
 ) -> tuple[list[list[int]], list[int]]:
-    """DESIGN.md's ShareGPT-like lengths divided by ``scale``; token ids uniform in [100, vocab)."""
+    """ShareGPT-like lengths (docs/workloads.md) / ``scale``; token ids uniform in [100, vocab)."""
     rng = np.random.default_rng(seed)
     hi = 1024 // scale
     n_in = np.clip(np.round(rng.lognormal(4.68, 1.0, n) / scale), 4, hi).astype(int)
@@ -150,7 +150,7 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "commit": commit,
-        "trace": f"DESIGN.md ShareGPT-like, seed 0, lengths / {args.scale}, clipped to "
+        "trace": f"ShareGPT-like (docs/workloads.md), seed 0, lengths / {args.scale}, clipped to "
         f"[4, {1024 // args.scale}]",
         "load_s": {"pagedkv": round(load_ours, 1), "transformers": round(load_hf, 1)},
         "runs": runs,

@@ -39,8 +39,10 @@ def block_manager_table() -> list[str]:
         "### Block manager bookkeeping (this 2-core CPU, µs per unit, median wall time)",
         "",
         f"Source: `benchmarks/results/block_manager.json` ({_stamp(d)}; versions "
-        f"{d.get('versions', {})}). nano-vllm's pure-Python manager: 540-635 µs per 256-sequence "
-        "decode step, 1.8-2.0 ms with int32 tables, ~16 ms to allocate 256 prompts.",
+        f"{d.get('versions', {})}). For comparison, not measured by this benchmark: nano-vllm's "
+        "pure-Python manager, measured once on a 2-core CPU in the project's design phase "
+        "([docs/workloads.md](docs/workloads.md)), spends 540-635 µs per 256-sequence decode "
+        "step, 1.8-2.0 ms with int32 tables, ~16 ms to allocate 256 prompts.",
         "",
         "| workload | spec | fast | fast / spec speed-up |",
         "|---|---:|---:|---:|",
@@ -100,8 +102,11 @@ def engine_tables() -> list[str]:
         out += [
             "### End to end on one H200: Llama-3-8B-shaped random bf16, 128 ShareGPT-like requests",
             "",
-            f"Source: `benchmarks/results/engine_gpu.json` ({_stamp(g)}). Transformers figures "
-            "from DESIGN.md, measured on the same GPU machine.",
+            f"Source: `benchmarks/results/engine_gpu.json` ({_stamp(g)}). The transformers "
+            "figures were measured on the GPU machine with the scripts of the project's design "
+            "phase, not re-measured by this repository's benchmark, so the ratios compare "
+            "different runs; workload, model and machine: "
+            "[docs/workloads.md](docs/workloads.md).",
             "",
             "| system | output tok/s | vs transformers static | vs transformers CB |",
             "|---|---:|---:|---:|",
@@ -111,9 +116,10 @@ def engine_tables() -> list[str]:
             tps = r["out_tok_per_s"]
             out.append(f"| pagedkv, {mode} | {tps:,.0f} | {tps / static:.1f}× | {tps / cb:.1f}× |")
         out += [
-            f"| transformers `generate`, static batches of 32 | {static:,.1f} | 1.0× "
+            f"| transformers `generate`, static batches of 32 (design phase) | {static:,.1f} "
+            "| 1.0× "
             f"| {static / cb:.2f}× |",
-            f"| transformers continuous batching (`paged\\|sdpa`) | {cb:,.1f} "
+            f"| transformers continuous batching (`paged\\|sdpa`, design phase) | {cb:,.1f} "
             f"| {cb / static:.2f}× | 1.0× |",
             "",
         ]

@@ -235,7 +235,7 @@ class ModelConfig:
             eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
         )
 
-    # -- the GPU benchmark shapes (DESIGN.md)
+    # -- the GPU benchmark shapes (docs/workloads.md)
     @classmethod
     def llama3_8b(cls) -> ModelConfig:
         """Llama-3-8B: hidden 4096, 32 layers, 32 heads / 8 KV heads, ffn 14336, vocab 128256."""
