@@ -31,8 +31,7 @@ __all__ = [
 class SchedulerImpl(Protocol):
     """The event interface of ``spec.scheduler.Scheduler``."""
 
-    @property
-    def has_unfinished(self) -> bool: ...
+    def has_unfinished_requests(self) -> bool: ...
 
     @property
     def num_free_gpu_blocks(self) -> int: ...
@@ -70,9 +69,8 @@ class SpecSchedulerAdapter:
         self.block_manager = _block_manager(bm_config, "spec")
         self.scheduler = Scheduler(config, self.block_manager)
 
-    @property
-    def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
 
     @property
     def num_free_gpu_blocks(self) -> int:
@@ -121,9 +119,8 @@ class FastSchedulerAdapter:
         self._forks: list[tuple[int, int]] = []  # (parent, child) of the step in flight
         self._num_forks: dict[int, int] = {}  # parent -> children forked so far
 
-    @property
-    def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
 
     @property
     def num_free_gpu_blocks(self) -> int:
@@ -135,11 +132,11 @@ class FastSchedulerAdapter:
         seq = Seq(
             seq_id, str(seq_id), self._arrivals * _FORK_SPAN, [int(t) for t in prompt_token_ids]
         )
-        self.scheduler.add_sequence(seq)
+        self.scheduler.add_request(seq)
         self._arrivals += 1
 
     def abort_request(self, seq_id: int) -> None:
-        self.scheduler.abort(seq_id)
+        self.scheduler.abort_request(seq_id)
 
     def schedule(self) -> SchedulerOutput:
         return self.scheduler.schedule()
@@ -174,7 +171,7 @@ class FastSchedulerAdapter:
             )
         )
         for child_id in children & outcome.finished:
-            self.scheduler.abort(child_id)
+            self.scheduler.abort_request(child_id)
 
 
 #: Arrival spacing of requests in the fast adapter: room for a request's forked children.

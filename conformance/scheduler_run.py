@@ -137,7 +137,7 @@ class _Driver:
 
     @property
     def done(self) -> bool:
-        return self.step_no > self.last_arrival and not self.impl.has_unfinished
+        return self.step_no > self.last_arrival and not self.impl.has_unfinished_requests()
 
     def _check_limits(self, out: SchedulerOutput) -> None:
         cfg = self.wl.config
@@ -153,7 +153,11 @@ class _Driver:
             s.num_tokens < 1 or s.start + s.num_tokens > cfg.max_model_len for s in out.scheduled
         ):
             raise SchedulerConformanceError(f"step {self.step_no}: bad shares {out.scheduled}")
-        if out.is_empty and self.impl.has_unfinished and self.step_no > self.last_arrival:
+        if (
+            out.is_empty
+            and self.impl.has_unfinished_requests()
+            and self.step_no > self.last_arrival
+        ):
             raise SchedulerConformanceError(f"step {self.step_no}: stalled with work left")
 
     def check_end(self) -> None:

@@ -230,8 +230,7 @@ class Scheduler:
         self._expected: set[int] | None = None  # sequences that sample in the step in flight
 
     # -- queries --------------------------------------------------------------------------
-    @property
-    def has_unfinished(self) -> bool:
+    def has_unfinished_requests(self) -> bool:
         """Some request is waiting, running or swapped."""
         return bool(self._requests)
 
@@ -444,8 +443,12 @@ class Scheduler:
             blocks_to_copy=tuple(copies),
         )
 
-    def update(self, outcome: StepOutcome) -> None:
-        """Record the step's sampled tokens and free the sequences that finished."""
+    def update(self, outcome: StepOutcome) -> list[int]:
+        """Record the step's sampled tokens, free the sequences that finished and return them.
+
+        Returns the ids of the finished sequences in arrival order (``fast.engine.scheduler``
+        returns the same sequences as its ``Sequence`` objects, in the same order).
+        """
         if self._expected is None:
             raise SchedulerOrderError("update", "no step was scheduled")
         got = set(outcome.sampled)
@@ -467,6 +470,7 @@ class Scheduler:
                     f"sequence {seq_id} reaches {n} tokens > max_model_len {limit} unfinished",
                 )
         self._expected = None
+        finished = sorted(outcome.finished, key=lambda i: self._requests[i].arrival)
         for seq_id, token in outcome.sampled.items():
             req = self._requests[seq_id]
             if seq_id in outcome.finished:
@@ -476,6 +480,7 @@ class Scheduler:
             else:
                 req.token_ids.append(int(token))
                 req.pending = True
+        return finished
 
     # -- internals ------------------------------------------------------------------------
     def _get(self, seq_id: int) -> _Request:

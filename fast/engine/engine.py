@@ -218,7 +218,7 @@ class LLMEngine:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(params.seed + index)
                 self._generators[seq.seq_id] = gen
-        self.scheduler.add_sequence(group[0])
+        self.scheduler.add_request(group[0])
         if len(group) > 1:
             self._children[group[0].seq_id] = group[1:]
         self._requests[request_id] = group
@@ -228,7 +228,7 @@ class LLMEngine:
         for seq in self._requests.pop(request_id, []):
             self._children.pop(seq.seq_id, None)
             if seq.seq_id in self.scheduler.seqs:
-                self.scheduler.abort(seq.seq_id)
+                self.scheduler.abort_request(seq.seq_id)
             elif not seq.is_finished:  # a child not forked yet: holds no blocks
                 seq.status = SequenceStatus.FINISHED_ABORTED
             self._stop.finish(seq)
@@ -236,7 +236,7 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         """Some request is waiting, running or swapped."""
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished_requests()
 
     @property
     def num_free_gpu_blocks(self) -> int:
@@ -277,7 +277,7 @@ class LLMEngine:
                     self._fork(parent, child)
             self.stats.generated_tokens += len(tokens)
             touched = [s for s in seqs if s.is_finished] if finished_only else seqs
-        elif self.scheduler.has_unfinished and not self.scheduler.running:
+        elif self.scheduler.has_unfinished_requests() and not self.scheduler.running:
             raise RuntimeError(
                 "the scheduler made no progress with requests waiting: "
                 f"{self.num_free_gpu_blocks} free blocks"
@@ -425,7 +425,7 @@ class LLMEngine:
         if len(self.scheduler.running) < self.scheduler_config.max_num_seqs:
             self.scheduler.fork(parent, child)
         else:
-            self.scheduler.add_sequence(child)
+            self.scheduler.add_request(child)
 
     def _with_children(
         self, seqs: list[Sequence], logits: torch.Tensor

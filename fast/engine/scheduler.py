@@ -98,13 +98,17 @@ class Scheduler:
         self.swapped: list[Sequence] = []
         self._in_flight: dict[int, Sequence] | None = None  # sequences that sample this step
 
-    @property
-    def has_unfinished(self) -> bool:
+    def has_unfinished_requests(self) -> bool:
         """Some sequence is waiting, running or swapped."""
         return bool(self.seqs)
 
-    def add_sequence(self, seq: Sequence) -> None:
-        """Queue a new sequence (validated by the engine before it gets here)."""
+    def add_request(self, seq: Sequence) -> None:
+        """Queue a new sequence (validated by the engine before it gets here).
+
+        The spec's ``add_request(seq_id, prompt_token_ids)`` takes the id and the prompt; here
+        the engine's :class:`Sequence` carries both (``seq.seq_id``, ``seq.token_ids``) and its
+        arrival key.
+        """
         if seq.seq_id in self.seqs:
             raise SequenceExistsError(seq.seq_id)
         n = len(seq.token_ids)
@@ -151,8 +155,8 @@ class Scheduler:
         self.seqs[child.seq_id] = child
         self._enqueue(self.running, child, _RUNNING)
 
-    def abort(self, seq_id: int) -> Sequence:
-        """Remove a sequence from every queue and free its blocks; returns it."""
+    def abort_request(self, seq_id: int) -> None:
+        """Remove a sequence from every queue and free its blocks (marked FINISHED_ABORTED)."""
         seq = self.seqs.pop(seq_id, None)
         if seq is None:
             raise UnknownSequenceError(seq_id)
@@ -165,7 +169,6 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED_ABORTED
         if self._in_flight is not None:
             self._in_flight.pop(seq_id, None)
-        return seq
 
     def schedule(self) -> SchedulerOutput:
         """One step of decisions: running decodes, running prefills, swapped, waiting."""
@@ -183,7 +186,8 @@ class Scheduler:
     def update(self, outcome: StepOutcome) -> list[Sequence]:
         """Take the step's outcome; the engine has appended the sampled tokens already.
 
-        Frees the finished sequences and returns them (their status is set by the engine).
+        Frees the finished sequences and returns them in arrival order (their status is set by
+        the engine): the spec's ``update`` returns the same sequences as ids, in the same order.
         """
         if self._in_flight is None:
             raise SchedulerOrderError("update", "no step was scheduled")
@@ -214,6 +218,7 @@ class Scheduler:
                 finished.append(seq)
             else:
                 seq.pending = True
+        finished.sort(key=lambda seq: seq.arrival)
         return finished
 
     # -- the four phases ------------------------------------------------------------------

@@ -233,7 +233,7 @@ def test_abort_frees_blocks_everywhere() -> None:
     sample_all(s)
     for i in (1, 2):
         s.abort_request(i)
-    assert not s.has_unfinished
+    assert not s.has_unfinished_requests()
     assert bm.num_free_gpu_blocks == 4 and bm.num_free_cpu_blocks == 4
 
 
@@ -260,7 +260,7 @@ def test_max_model_len_must_finish() -> None:
     with pytest.raises(InvalidArgumentError):
         s.update(StepOutcome({0: 5}))
     s.update(StepOutcome({0: 5}, frozenset({0})))
-    assert not s.has_unfinished
+    assert not s.has_unfinished_requests()
 
 
 def test_sequence_preempts_itself_when_only_scheduled_ones_remain() -> None:
@@ -350,3 +350,26 @@ def test_fork_of_a_swapped_parent_raises_sequence_state_error() -> None:
     with pytest.raises(SequenceStateError) as e:
         s.fork(1, 5)
     assert e.value.seq_id == 1 and e.value.swapped
+
+
+def test_update_returns_the_finished_in_arrival_order_in_spec_and_fast() -> None:
+    from fast.engine.scheduler import Scheduler as FastScheduler
+    from fast.engine.sequence import Sequence
+
+    spec_s, _ = make()
+    fast_bm = BlockManager(BlockManagerConfig(block_size=4, num_gpu_blocks=16))
+    fast_s = FastScheduler(spec_s.config, fast_bm)
+    for i, prompt in enumerate([[1, 2], [3], [4, 5, 6]]):
+        spec_s.add_request(i, prompt)
+        fast_s.add_request(Sequence(i, str(i), i, list(prompt)))
+    spec_s.schedule(), fast_s.schedule()
+    done = frozenset({2, 0})
+    sampled = {2: 9, 1: 9, 0: 9}  # the outcome's order does not matter
+    for seq_id in (0, 1, 2):
+        fast_s.seqs[seq_id].append_token(9)
+    assert spec_s.update(StepOutcome(sampled, done)) == [0, 2]
+    assert [seq.seq_id for seq in fast_s.update(StepOutcome(sampled, done))] == [0, 2]
+    assert spec_s.has_unfinished_requests() and fast_s.has_unfinished_requests()
+    spec_s.abort_request(1)
+    assert fast_s.abort_request(1) is None
+    assert not spec_s.has_unfinished_requests() and not fast_s.has_unfinished_requests()
