@@ -77,7 +77,6 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,
         x: torch.Tensor,
         ctx: AttentionContext,
         k_cache: torch.Tensor,
@@ -85,7 +84,7 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         plan: DecodeStepPlan | None = None,
     ) -> torch.Tensor:
-        # positions [T], x [T, H], caches [N, bs, Hkv, D], rope (cos, sin) [T, 1, D] -> [T, H]
+        # x [T, H], caches [N, bs, Hkv, D], rope (cos, sin) [T, 1, D] of the positions -> [T, H]
         # plan: the step validated once (CPU decode): unchecked torch paths, shared indices
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, Q + 2 KV]
@@ -171,7 +170,6 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,
         x: torch.Tensor,
         ctx: AttentionContext,
         k_cache: torch.Tensor,
@@ -179,9 +177,9 @@ class DecoderLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         plan: DecodeStepPlan | None = None,
     ) -> torch.Tensor:
-        # positions [T], x [T, H], rope (cos, sin) [T, 1, D] -> [T, H]
+        # x [T, H], rope (cos, sin) [T, 1, D] of the positions -> [T, H]
         attn: torch.Tensor = self.self_attn(
-            positions, self.input_layernorm(x), ctx, k_cache, v_cache, rope, plan
+            self.input_layernorm(x), ctx, k_cache, v_cache, rope, plan
         )
         x = x + attn
         mlp: torch.Tensor = self.mlp(self.post_attention_layernorm(x))

@@ -91,7 +91,7 @@ class LlamaForCausalLM(nn.Module):
         rope = rope_cos_sin(positions, self.rope_inv_freq(input_ids.device), x.dtype)
         plan = plan_decode_step(self.config, ctx, x.dtype, kv_caches)  # once per step
         for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches):
-            x = layer(positions, x, ctx, k_cache, v_cache, rope, plan)
+            x = layer(x, ctx, k_cache, v_cache, rope, plan)
         out: torch.Tensor = self.model.norm(x)
         return out
 
