@@ -15,7 +15,6 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from conformance.attention_cases import BuiltCase
-from spec.attention import AttentionParams
 from spec.paged_decode import paged_decode as spec_paged_decode
 from spec.paged_prefill import paged_prefill as spec_paged_prefill
 from spec.tolerances import TOLERANCES, relative_error
@@ -158,11 +157,6 @@ def attention_names() -> list[str]:
     return sorted(_ATTENTION)
 
 
-def _params(built: BuiltCase) -> AttentionParams:
-    c = built.case
-    return AttentionParams(scale=c.scale, sliding_window=c.sliding_window, softcap=c.softcap)
-
-
 def _compare(out: torch.Tensor, ref: object, built: BuiltCase, what: str) -> float:
     err = relative_error(out.double().cpu().numpy(), ref)  # type: ignore[arg-type]
     bound = TOLERANCES[built.case.dtype]
@@ -194,7 +188,9 @@ def check_decode(impl: AttentionImpl, built: BuiltCase) -> float:
         built.spec_v,
         built.spec_tables,
         list(c.seq_lens),
-        _params(built),
+        scale=c.scale,
+        sliding_window=c.sliding_window,
+        softcap=c.softcap,
     )
     return _compare(out, ref, built, f"{impl.name} paged_decode")
 
@@ -224,6 +220,8 @@ def check_prefill(impl: AttentionImpl, built: BuiltCase) -> float:
         built.spec_tables,
         built.cu_seqlens_q.cpu().numpy(),
         list(c.seq_lens),
-        _params(built),
+        scale=c.scale,
+        sliding_window=c.sliding_window,
+        softcap=c.softcap,
     )
     return _compare(out, ref, built, f"{impl.name} paged_prefill")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 __all__ = [
     "torch_paged_decode",
     "torch_paged_prefill",
-    "gather_keys",
+    "gather_kv",
     "DecodePlan",
     "plan_decode",
     "planned_decode",
@@ -32,15 +32,20 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def gather_keys(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """The first ``num_tokens`` entries of one sequence, in logical order.
+def gather_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, v) each [seq_len, Hkv, D]: one sequence's keys and values in logical order.
 
-    cache [num_blocks, bs, Hkv, D], block_table [W] -> [num_tokens, Hkv, D]
+    k_cache, v_cache [num_blocks, bs, Hkv, D], block_table [W] (entries past
+    ``ceil(seq_len / bs)`` are not read). The torch twin of ``spec.kv_cache.gather_kv``, unchecked.
     """
-    bs = cache.shape[1]
-    nblk = -(-num_tokens // bs)
-    blocks = cache[block_table[:nblk].long()]  # [nblk, bs, Hkv, D]
-    return blocks.reshape(nblk * bs, *cache.shape[2:])[:num_tokens]
+    bs = k_cache.shape[1]
+    nblk = -(-seq_len // bs)
+    ids = block_table[:nblk].long()
+    k = k_cache[ids].reshape(nblk * bs, *k_cache.shape[2:])[:seq_len]  # [seq_len, Hkv, D]
+    v = v_cache[ids].reshape(nblk * bs, *v_cache.shape[2:])[:seq_len]
+    return k, v
 
 
 def _softmax_attend(
@@ -210,8 +215,8 @@ def torch_paged_prefill(
         n = end - start
         if n == 0:
             continue
-        k = gather_keys(k_cache, block_tables[b], seq_len).to(cdt)  # [L, Hkv, D]
-        v = gather_keys(v_cache, block_tables[b], seq_len).to(cdt)
+        k, v = gather_kv(k_cache, v_cache, block_tables[b], seq_len)  # [L, Hkv, D]
+        k, v = k.to(cdt), v.to(cdt)
         qb = q[start:end].to(cdt).reshape(n, hkv, g, d)  # [n, Hkv, G, D]
         pos = torch.arange(seq_len - n, seq_len, device=q.device)[:, None]  # [n, 1]
         key = torch.arange(seq_len, device=q.device)[None, :]  # [1, L]

@@ -6,7 +6,7 @@ at slot ``block_table[t // bs] * bs + t % bs``; slot ``s`` is row ``s % bs`` of 
 >>> import numpy as np
 >>> kc = np.zeros((4, 2, 1, 1)); vc = np.zeros((4, 2, 1, 1))
 >>> t = np.array([10.0, 11.0, 12.0]).reshape(3, 1, 1)
->>> write_kv(kc, vc, t, -t, [6, 7, 2])          # tokens 0, 1 in block 3, token 2 in block 1
+>>> write_kv(t, -t, kc, vc, [6, 7, 2])          # tokens 0, 1 in block 3, token 2 in block 1
 >>> k, v = gather_kv(kc, vc, block_table=[3, 1], seq_len=3)
 >>> k[:, 0, 0].tolist(), v[:, 0, 0].tolist()
 ([10.0, 11.0, 12.0], [-10.0, -11.0, -12.0])
@@ -89,9 +89,12 @@ def gather_kv(
 
 
 def write_kv(
-    k_cache: ArrayLike, v_cache: ArrayLike, k: ArrayLike, v: ArrayLike, slot_mapping: ArrayLike
+    k: ArrayLike, v: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike, slot_mapping: ArrayLike
 ) -> None:
     """Store ``k``, ``v`` [T, Hkv, D] at ``slot_mapping`` [T] in place; slot ``-1`` is skipped.
+
+    The new tokens come first, then the caches they go into (vLLM's ``reshape_and_cache``
+    order, as ``kernels.write_kv``).
 
     All checks run before anything is written: slots must lie in ``[-1, num_blocks * bs)`` and
     the non-negative ones must be distinct.

@@ -5,14 +5,16 @@ The new token's K/V are already in the cache, so the query of sequence ``b`` sit
 with ``seq_len = 0`` sees nothing: its output is 0 and its log-sum-exp ``-inf``.
 
 >>> import numpy as np
->>> from spec.attention import AttentionParams
 >>> kc = np.zeros((3, 2, 1, 1)); vc = np.arange(6.0).reshape(3, 2, 1, 1)
 >>> q = np.zeros((1, 2, 1))        # two query heads share the one KV head
->>> paged_decode(q, kc, vc, [[2, 0]], [3], AttentionParams(scale=1.0))[0, :, 0].tolist()
+>>> paged_decode(q, kc, vc, [[2, 0]], [3], scale=1.0)[0, :, 0].tolist()
 [3.0, 3.0]
 
 Tokens 0, 1, 2 live in block 2 (rows 0, 1) and block 0 (row 0), holding values 4, 5, 0; equal
 logits average them to 3.
+
+``scale``, ``sliding_window`` and ``softcap`` are keyword-only, with the names and order of
+``kernels.paged_decode``; they form a :class:`spec.attention.AttentionParams` (validated there).
 """
 
 from __future__ import annotations
@@ -71,9 +73,13 @@ def paged_decode_with_lse(
     v_cache: ArrayLike,
     block_tables: ArrayLike,
     seq_lens: ArrayLike,
-    params: AttentionParams,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[F64, F64]:
     """(o [B, Hq, D], lse [B, Hq]) of ``q`` [B, Hq, D] against each sequence's cached keys."""
+    params = AttentionParams(scale, sliding_window, softcap)
     qa, kc, vc, tables, lens = check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens)
     if qa.shape[0] != lens.shape[0]:
         raise AttentionShapeError(
@@ -94,7 +100,10 @@ def paged_decode(
     v_cache: ArrayLike,
     block_tables: ArrayLike,
     seq_lens: ArrayLike,
-    params: AttentionParams,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> F64:
     """[B, Hq, D]: one decode step of attention for a batch of sequences.
 
@@ -102,4 +111,13 @@ def paged_decode(
     (entries past ``ceil(seq_len / bs)`` are not read); ``seq_lens`` [B] counts the keys of each
     sequence, the current token included.
     """
-    return paged_decode_with_lse(q, k_cache, v_cache, block_tables, seq_lens, params)[0]
+    return paged_decode_with_lse(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        scale=scale,
+        sliding_window=sliding_window,
+        softcap=softcap,
+    )[0]

@@ -6,10 +6,9 @@ cache). The causal mask is aligned bottom right: query ``i`` of the chunk sits a
 ``seq_len - q_len + i`` and sees keys ``0 .. seq_len - q_len + i``.
 
 >>> import numpy as np
->>> from spec.attention import AttentionParams
 >>> kc = np.zeros((2, 4, 1, 1)); vc = np.arange(8.0).reshape(2, 4, 1, 1)
 >>> q = np.zeros((2, 1, 1))        # 2 new tokens after 2 cached ones
->>> paged_prefill(q, kc, vc, [[1]], [0, 2], [4], AttentionParams(scale=1.0))[:, 0, 0].tolist()
+>>> paged_prefill(q, kc, vc, [[1]], [0, 2], [4], scale=1.0)[:, 0, 0].tolist()
 [5.0, 5.5]
 """
 
@@ -66,9 +65,13 @@ def paged_prefill_with_lse(
     block_tables: ArrayLike,
     cu_seqlens_q: ArrayLike,
     seq_lens: ArrayLike,
-    params: AttentionParams,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[F64, F64]:
     """(o [T, Hq, D], lse [T, Hq]) of the packed chunk queries ``q`` [T, Hq, D]."""
+    params = AttentionParams(scale, sliding_window, softcap)
     qa, kc, vc, tables, lens = check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens)
     cu = check_cu_seqlens(cu_seqlens_q, lens.shape[0], qa.shape[0])
     out = np.zeros(qa.shape, dtype=np.float64)  # [T, Hq, D]
@@ -93,12 +96,17 @@ def paged_prefill(
     block_tables: ArrayLike,
     cu_seqlens_q: ArrayLike,
     seq_lens: ArrayLike,
-    params: AttentionParams,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> F64:
     """[T, Hq, D]: attention of a packed batch of prefill chunks over their paged K/V.
 
     ``q`` [T, Hq, D]; ``block_tables`` [B, W]; ``cu_seqlens_q`` [B+1] non-decreasing from 0 to T;
-    ``seq_lens`` [B] counts cached plus new keys (``q_len_b <= seq_lens[b]``).
+    ``seq_lens`` [B] counts cached plus new keys (``q_len_b <= seq_lens[b]``). ``scale``,
+    ``sliding_window`` and ``softcap`` are keyword-only, as in ``kernels.paged_prefill``.
     """
-    args = (q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, params)
-    return paged_prefill_with_lse(*args)[0]
+    window, cap = sliding_window, softcap
+    args = (q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens)
+    return paged_prefill_with_lse(*args, scale=scale, sliding_window=window, softcap=cap)[0]

@@ -9,7 +9,6 @@ import torch
 
 import kernels
 from spec import kv_cache as spec_kv
-from spec.attention import AttentionParams
 from spec.paged_decode import paged_decode as spec_decode
 from spec.paged_prefill import paged_prefill as spec_prefill
 from spec.tolerances import TOLERANCES, relative_error
@@ -27,7 +26,7 @@ def test_decode_and_prefill_match_spec(window: int | None, softcap: float | None
     v = torch.randn(nb, bs, hkv, d, generator=g)
     bt = torch.tensor([[7, 2, 5, 0], [1, 8, 3, 6]], dtype=torch.int32)
     lens = torch.tensor([13, 6], dtype=torch.int32)
-    params = AttentionParams(scale=0.3, sliding_window=window, softcap=softcap)
+    params = {"scale": 0.3, "sliding_window": window, "softcap": softcap}
     q = torch.randn(2, hq, d, generator=g)
     out = torch.full_like(q, float("nan"))
     kernels.paged_decode(
@@ -42,14 +41,14 @@ def test_decode_and_prefill_match_spec(window: int | None, softcap: float | None
         out=out,
         backend="torch",
     )
-    ref = spec_decode(_np(q), _np(k), _np(v), bt.numpy(), lens.numpy(), params)
+    ref = spec_decode(_np(q), _np(k), _np(v), bt.numpy(), lens.numpy(), **params)
     assert relative_error(_np(out), ref) <= TOLERANCES["float32"]
     cu = torch.tensor([0, 5, 8], dtype=torch.int32)
     qp = torch.randn(8, hq, d, generator=g)
     o = kernels.paged_prefill(
         qp, k, v, bt, cu, lens, scale=0.3, sliding_window=window, softcap=softcap, backend="torch"
     )
-    ref = spec_prefill(_np(qp), _np(k), _np(v), bt.numpy(), cu.numpy(), lens.numpy(), params)
+    ref = spec_prefill(_np(qp), _np(k), _np(v), bt.numpy(), cu.numpy(), lens.numpy(), **params)
     assert relative_error(_np(o), ref) <= TOLERANCES["float32"]
 
 
@@ -61,7 +60,7 @@ def test_cache_ops_match_spec() -> None:
     newk, newv = torch.randn(5, 2, 8, generator=g), torch.randn(5, 2, 8, generator=g)
     slots = torch.tensor([3, -1, 17, 22, -1])
     kernels.write_kv(newk, newv, k, v, slots)
-    spec_kv.write_kv(kn, vn, _np(newk), _np(newv), slots.numpy())
+    spec_kv.write_kv(_np(newk), _np(newv), kn, vn, slots.numpy())
     assert np.array_equal(_np(k), kn) and np.array_equal(_np(v), vn)
     pairs = np.array([[0, 5], [0, 2], [3, 1]])
     kernels.copy_blocks(k, v, pairs)

@@ -60,7 +60,7 @@ def prop_write_then_gather(case: WriteCase, write: Callable[..., None] = write_k
     kc, vc = case.k_cache.copy(), case.v_cache.copy()
     all_slots = slots_of(case.block_table, case.seq_len, kc.shape[1])  # [L]
     slots = np.where(case.positions >= 0, all_slots[case.positions], -1)
-    write(kc, vc, case.k, case.v, slots)
+    write(case.k, case.v, kc, vc, slots)
     k, v = gather_kv(kc, vc, case.block_table, case.seq_len)
     live = case.positions >= 0
     assert np.array_equal(k[case.positions[live]], case.k[live])
@@ -158,20 +158,20 @@ def cache() -> tuple[np.ndarray, np.ndarray]:
 def test_write_kv_rejects_bad_slots_and_changes_nothing(slots: list[int], needle: str) -> None:
     kc, vc = cache()
     with pytest.raises(AttentionShapeError, match=needle):
-        write_kv(kc, vc, np.ones((2, 1, 2)), np.ones((2, 1, 2)), slots)
+        write_kv(np.ones((2, 1, 2)), np.ones((2, 1, 2)), kc, vc, slots)
     assert np.array_equal(kc, cache()[0]) and np.array_equal(vc, cache()[1])
 
 
 def test_write_kv_rejects_shapes() -> None:
     kc, vc = cache()
     with pytest.raises(AttentionShapeError, match="expected=\\(1, 1, 2\\)"):
-        write_kv(kc, vc, np.ones((1, 2, 2)), np.ones((1, 2, 2)), [0])
+        write_kv(np.ones((1, 2, 2)), np.ones((1, 2, 2)), kc, vc, [0])
     with pytest.raises(AttentionShapeError, match="k_cache and v_cache shapes differ"):
-        write_kv(kc, vc[:2], np.ones((1, 1, 2)), np.ones((1, 1, 2)), [0])
+        write_kv(np.ones((1, 1, 2)), np.ones((1, 1, 2)), kc, vc[:2], [0])
     with pytest.raises(AttentionShapeError, match="ndarray"):
-        write_kv(kc.tolist(), vc, np.ones((1, 1, 2)), np.ones((1, 1, 2)), [0])
+        write_kv(np.ones((1, 1, 2)), np.ones((1, 1, 2)), kc.tolist(), vc, [0])
     with pytest.raises(AttentionShapeError, match="integers"):
-        write_kv(kc, vc, np.ones((1, 1, 2)), np.ones((1, 1, 2)), [0.0])
+        write_kv(np.ones((1, 1, 2)), np.ones((1, 1, 2)), kc, vc, [0.0])
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ reads one) and block tables are padded with -1 past the blocks in use.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pytest
@@ -113,12 +113,13 @@ def paged_cases(draw: st.DrawFn) -> PagedCase:
 def run_prefill(case: PagedCase, which: int = 0) -> tuple[np.ndarray, np.ndarray]:
     kc, vc, tables = layout(case, which)
     cu, lens = case.cu_seqlens_q, case.seq_lens
-    return paged_prefill_with_lse(case.q, kc, vc, tables, cu, lens, case.params)
+    return paged_prefill_with_lse(case.q, kc, vc, tables, cu, lens, **asdict(case.params))
 
 
 def run_decode(case: PagedCase, which: int = 0) -> tuple[np.ndarray, np.ndarray]:
     kc, vc, tables = layout(case, which)
-    return paged_decode_with_lse(case.decode_q, kc, vc, tables, case.seq_lens, case.params)
+    args = (case.decode_q, kc, vc, tables, case.seq_lens)
+    return paged_decode_with_lse(*args, **asdict(case.params))
 
 
 def prop_prefill_equals_dense(case: PagedCase) -> None:
@@ -194,17 +195,15 @@ def small_cache() -> tuple[np.ndarray, np.ndarray]:
 
 def test_paged_decode_empty_sequence_gives_zero() -> None:
     kc, vc = small_cache()
-    p = AttentionParams(scale=1.0)
-    o, lse = paged_decode_with_lse(np.ones((2, 2, 2)), kc, vc, [[-1], [3]], [0, 2], p)
+    o, lse = paged_decode_with_lse(np.ones((2, 2, 2)), kc, vc, [[-1], [3]], [0, 2], scale=1.0)
     assert not o[0].any() and np.isneginf(lse[0]).all() and o[1].any()
 
 
 def test_paged_prefill_zero_length_chunk_is_skipped() -> None:
     kc, vc = small_cache()
-    p = AttentionParams(scale=1.0)
     q = np.ones((1, 1, 2))
-    both = paged_prefill(q, kc, vc, [[0, 1], [2, 3]], [0, 0, 1], [3, 4], p)
-    one = paged_prefill(q, kc, vc, [[2, 3]], [0, 1], [4], p)
+    both = paged_prefill(q, kc, vc, [[0, 1], [2, 3]], [0, 0, 1], [3, 4], scale=1.0)
+    one = paged_prefill(q, kc, vc, [[2, 3]], [0, 1], [4], scale=1.0)
     assert np.array_equal(both, one)
 
 
@@ -225,7 +224,7 @@ def test_paged_decode_rejects(
 ) -> None:
     kc = np.zeros((4, 2, 2, 2))  # 4 blocks of 2 tokens, Hkv 2, D 2
     with pytest.raises(AttentionShapeError, match=needle):
-        paged_decode(np.zeros(q_shape), kc, kc.copy(), tables, lens, AttentionParams(scale=1.0))
+        paged_decode(np.zeros(q_shape), kc, kc.copy(), tables, lens, scale=1.0)
 
 
 @pytest.mark.parametrize(
@@ -244,4 +243,4 @@ def test_paged_prefill_rejects(
     kc = np.zeros((4, 2, 2, 2))
     q = np.zeros((num_tokens, 2, 2))
     with pytest.raises(AttentionShapeError, match=needle):
-        paged_prefill(q, kc, kc.copy(), tables, cu, lens, AttentionParams(scale=1.0))
+        paged_prefill(q, kc, kc.copy(), tables, cu, lens, scale=1.0)

@@ -229,7 +229,7 @@ def test_mutant_merge_order_dependent() -> None:
 
 
 def write_kv_padding_too(
-    k_cache: np.ndarray, v_cache: np.ndarray, k: Any, v: Any, slot_mapping: Any
+    k: Any, v: Any, k_cache: np.ndarray, v_cache: np.ndarray, slot_mapping: Any
 ) -> None:
     slots = np.asarray(slot_mapping)
     bs = k_cache.shape[1]
