@@ -58,12 +58,12 @@ class StubModel(torch.nn.Module):
 
 def make_engine(seqs: int) -> Any:
     """An engine with the Llama-3-8B shape (no weights: the stub replaces the model)."""
-    from benchmarks.gpu_engine import llama3_8b
     from fast.engine.config import EngineConfig
     from fast.engine.engine import LLMEngine
     from fast.loader import LoadedModel
+    from fast.model.config import ModelConfig
 
-    cfg = llama3_8b()
+    cfg = ModelConfig.llama3_8b()
     # A shallow KV pool: one layer's worth is enough, the stub never reads it.
     small = type(cfg)(**{**cfg.__dict__, "num_hidden_layers": 1})
     loaded = LoadedModel(StubModel(cfg.hidden_size), None, small)

@@ -49,23 +49,6 @@ def sharegpt_trace(n: int, seed: int = 0, vocab: int = 128000) -> tuple[list[lis
     return prompts, [int(k) for k in n_out]
 
 
-def llama3_8b() -> Any:
-    from fast.model.config import ModelConfig
-
-    return ModelConfig(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        max_position_embeddings=8192,
-    )
-
-
 def check_tiny_fp32(enforce_eager: bool) -> dict[str, Any]:
     """Greedy tokens of a tiny fp32 Llama on the GPU vs transformers (same weights)."""
     import tempfile
@@ -242,6 +225,7 @@ def main() -> None:
     parser.add_argument("--skip-eager", action="store_true")
     args = parser.parse_args()
     from fast.loader import random_model
+    from fast.model.config import ModelConfig
 
     def commit() -> str:
         try:
@@ -286,7 +270,7 @@ def main() -> None:
         print(result["correctness"][-1], flush=True)
         save()
     t0 = time.perf_counter()
-    model = random_model(llama3_8b(), seed=0, dtype=torch.bfloat16, device="cuda")
+    model = random_model(ModelConfig.llama3_8b(), seed=0, dtype=torch.bfloat16, device="cuda")
     torch.cuda.synchronize()
     result["model_init_s"] = round(time.perf_counter() - t0, 2)
     for eager in (False,) if args.skip_eager else (False, True):

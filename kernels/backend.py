@@ -9,9 +9,7 @@ import torch
 
 from kernels.errors import BackendUnavailableError, KernelInputError
 
-__all__ = ["Backend", "resolve_backend", "interpreting"]
-
-Backend = Literal["auto", "triton", "torch"]
+__all__ = ["resolve_backend", "interpreting"]
 
 
 def interpreting() -> bool:
