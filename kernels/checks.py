@@ -71,8 +71,13 @@ def _index_tensor(name: str, t: torch.Tensor, ndim: int) -> None:
         raise ShapeMismatchError(name, tuple(t.shape), f"{ndim} dimensions")
 
 
-def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    """K and V caches: ``[num_blocks, block_size, num_kv_heads, head_dim]``, same shape/dtype."""
+def check_cache_pair(
+    k_cache: torch.Tensor, v_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V caches: ``[num_blocks, block_size, num_kv_heads, head_dim]``, same shape/dtype.
+
+    Returns the pair unchanged (as ``spec.kv_cache.check_cache_pair`` returns its validated
+    arrays)."""
     if k_cache.dim() != 4:
         raise ShapeMismatchError(
             "k_cache", tuple(k_cache.shape), "[num_blocks, block_size, num_kv_heads, head_dim]"
@@ -88,6 +93,7 @@ def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         raise ShapeMismatchError(
             "k_cache/v_cache strides", tuple(k_cache.stride()), "equal, last dimension contiguous"
         )
+    return k_cache, v_cache
 
 
 def check_params(scale: float, sliding_window: int | None, softcap: float | None) -> None:

@@ -35,7 +35,7 @@ def check_cache(name: str, cache: object) -> Cache:
     return cache
 
 
-def check_pair(k_cache: object, v_cache: object) -> tuple[Cache, Cache]:
+def check_cache_pair(k_cache: object, v_cache: object) -> tuple[Cache, Cache]:
     """Raise unless the K and V caches are valid and of one shape."""
     kc, vc = check_cache("k_cache", k_cache), check_cache("v_cache", v_cache)
     if kc.shape != vc.shape:
@@ -75,7 +75,7 @@ def gather_kv(
     Only the first ``ceil(seq_len / bs)`` entries of ``block_table`` are read (the rest may be
     padding) and each must name a block of the pool.
     """
-    kc, vc = check_pair(k_cache, v_cache)
+    kc, vc = check_cache_pair(k_cache, v_cache)
     num_blocks, block_size = kc.shape[0], kc.shape[1]
     slots = slots_of(block_table, seq_len, block_size)  # [L]
     blocks = slots // block_size
@@ -99,7 +99,7 @@ def write_kv(
     All checks run before anything is written: slots must lie in ``[-1, num_blocks * bs)`` and
     the non-negative ones must be distinct.
     """
-    kc, vc = check_pair(k_cache, v_cache)
+    kc, vc = check_cache_pair(k_cache, v_cache)
     ka, va = np.asarray(k), np.asarray(v)
     slots = as_int_array("slot_mapping", slot_mapping, 1)
     expected = (slots.shape[0],) + kc.shape[2:]
@@ -158,7 +158,7 @@ def copy_blocks(k_cache: ArrayLike, v_cache: ArrayLike, pairs: ArrayLike) -> Non
     the pairs does not matter (a kernel may run them in parallel). A source may be copied to
     several destinations.
     """
-    kc, vc = check_pair(k_cache, v_cache)
+    kc, vc = check_cache_pair(k_cache, v_cache)
     arr = check_block_pairs("pairs", pairs, kc.shape[0], kc.shape[0])
     both = np.intersect1d(arr[:, 0], arr[:, 1])
     if both.size:

@@ -32,10 +32,10 @@ from spec.attention import (
     attention,
     kv_head_map,
 )
-from spec.kv_cache import Cache, check_pair, gather_kv
+from spec.kv_cache import Cache, check_cache_pair, gather_kv
 
 
-def check_paged_inputs(
+def check_attention_inputs(
     q: ArrayLike,
     k_cache: ArrayLike,
     v_cache: ArrayLike,
@@ -43,7 +43,7 @@ def check_paged_inputs(
     seq_lens: ArrayLike,
 ) -> tuple[F64, Cache, Cache, I64, I64]:
     """Validated (q [N, Hq, D], k_cache, v_cache, block_tables [B, W], seq_lens [B])."""
-    kc, vc = check_pair(k_cache, v_cache)
+    kc, vc = check_cache_pair(k_cache, v_cache)
     qa = as_float_array("q", q, 3)
     if qa.shape[2] != kc.shape[3]:
         raise AttentionShapeError(
@@ -80,7 +80,7 @@ def paged_decode_with_lse(
 ) -> tuple[F64, F64]:
     """(o [B, Hq, D], lse [B, Hq]) of ``q`` [B, Hq, D] against each sequence's cached keys."""
     params = AttentionParams(scale, sliding_window, softcap)
-    qa, kc, vc, tables, lens = check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    qa, kc, vc, tables, lens = check_attention_inputs(q, k_cache, v_cache, block_tables, seq_lens)
     if qa.shape[0] != lens.shape[0]:
         raise AttentionShapeError(
             "decode needs one query per sequence", queries=qa.shape[0], sequences=lens.shape[0]

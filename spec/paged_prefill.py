@@ -19,7 +19,7 @@ from numpy.typing import ArrayLike
 
 from spec.attention import F64, I64, AttentionParams, AttentionShapeError, as_int_array, attention
 from spec.kv_cache import gather_kv
-from spec.paged_decode import check_paged_inputs
+from spec.paged_decode import check_attention_inputs
 
 
 def query_positions(seq_len: int, q_len: int) -> I64:
@@ -72,7 +72,7 @@ def paged_prefill_with_lse(
 ) -> tuple[F64, F64]:
     """(o [T, Hq, D], lse [T, Hq]) of the packed chunk queries ``q`` [T, Hq, D]."""
     params = AttentionParams(scale, sliding_window, softcap)
-    qa, kc, vc, tables, lens = check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    qa, kc, vc, tables, lens = check_attention_inputs(q, k_cache, v_cache, block_tables, seq_lens)
     cu = check_cu_seqlens(cu_seqlens_q, lens.shape[0], qa.shape[0])
     out = np.zeros(qa.shape, dtype=np.float64)  # [T, Hq, D]
     lse = np.zeros(qa.shape[:2], dtype=np.float64)  # [T, Hq]
