@@ -51,6 +51,18 @@ def dequantize(
 
     With ``out`` (a C-contiguous float32 array of ``shape``), the values are written there
     and ``out`` is returned, sparing a temporary the size of the tensor.
+
+    One Q4_1 block by hand: scale 0.5, minimum -1, the nibbles 0..15 in the low halves
+    (elements 0-15) and 15..0 in the high halves (elements 16-31):
+
+    >>> d, m = np.float16(0.5).tobytes(), np.float16(-1.0).tobytes()
+    >>> q = np.arange(16, dtype=np.uint8)
+    >>> block = np.frombuffer(d + m + (q | (15 - q) << 4).tobytes(), dtype=np.uint8)
+    >>> len(block), _BLOCK_BYTES[Q4_1]
+    (20, 20)
+    >>> x = dequantize(block, Q4_1, (32,))
+    >>> x[:4].tolist(), x[14:18].tolist(), x[-2:].tolist()
+    ([-1.0, -0.5, 0.0, 0.5], [6.0, 6.5, 6.5, 6.0], [-0.5, -1.0])
     """
     count = int(np.prod(shape))
     if out is None:
@@ -99,6 +111,14 @@ def unpermute_qk(weight: NDArray[np.float32], num_heads: int) -> NDArray[np.floa
     llama.cpp stores each head's rotary pairs interleaved (``x0, x_{D/2}, x1, ...``) where
     Hugging Face keeps the halves apart; per head, rows ``(2, D/2)`` were swapped to
     ``(D/2, 2)``. This swaps them back. ``permute_qk`` is its inverse.
+
+    One head of width 8 (a column of row numbers stands in for the weight rows):
+
+    >>> rows = np.arange(8, dtype=np.float32)[:, None]
+    >>> permute_qk(rows, num_heads=1).ravel().tolist()
+    [0.0, 4.0, 1.0, 5.0, 2.0, 6.0, 3.0, 7.0]
+    >>> unpermute_qk(permute_qk(rows, num_heads=1), num_heads=1).ravel().tolist()
+    [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
     """
     rows = weight.shape[0]
     head = rows // num_heads

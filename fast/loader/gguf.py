@@ -45,7 +45,15 @@ class UnsupportedGGUFError(ValueError):
 
 
 def hf_name(gguf_name: str) -> str | None:
-    """The Hugging Face name of a llama.cpp tensor, or None when it has no counterpart."""
+    """The Hugging Face name of a llama.cpp tensor, or None when it has no counterpart.
+
+    >>> hf_name("blk.3.attn_q.weight")
+    'model.layers.3.self_attn.q_proj.weight'
+    >>> hf_name("output_norm.weight")
+    'model.norm.weight'
+    >>> hf_name("rope_freqs.weight") is None  # read into the config, not a parameter
+    True
+    """
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     match = _LAYER.match(gguf_name)

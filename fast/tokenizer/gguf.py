@@ -46,6 +46,22 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> Tokenizer:
     ``llama``: SentencePiece-style BPE with byte fallback (Llama 2, Mistral); when the file
     stores no merges they are recovered from the token scores. Both match what transformers
     builds for the same file.
+
+    A byte-level vocabulary of eight tokens (``Ġ`` spells the space byte) with two merges:
+
+    >>> tok = tokenizer_from_gguf({
+    ...     "tokenizer.ggml.model": "gpt2",
+    ...     "tokenizer.ggml.tokens": ["<|endoftext|>", "h", "i", "Ġ", "hi", "Ġhi", "Ã", "©"],
+    ...     "tokenizer.ggml.token_type": [3, 1, 1, 1, 1, 1, 1, 1],  # 3: control token
+    ...     "tokenizer.ggml.merges": ["h i", "Ġ hi"],
+    ...     "tokenizer.ggml.eos_token_id": 0,
+    ... })
+    >>> tok.encode("hi hi"), tok.encode("hi<|endoftext|>"), tok.encode("é")
+    ([4, 5], [4, 0], [6, 7])
+    >>> tok.decode([4, 5, 0]), tok.decode([4, 5, 0], skip_special_tokens=False)
+    ('hi hi', 'hi hi<|endoftext|>')
+    >>> tok.eos_token_id, tok.vocab_size
+    (0, 8)
     """
     kind = metadata.get("tokenizer.ggml.model")
     if kind not in ("gpt2", "llama"):
@@ -157,7 +173,17 @@ def _merges_from_scores(
 
 @lru_cache(maxsize=1)
 def byte_spelling() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters.
+
+    Printable bytes spell themselves; the others (space, control bytes, ...) are moved up to
+    U+0100 and beyond, so every byte string has a spelling without whitespace:
+
+    >>> spelling = byte_spelling()
+    >>> spelling[ord("a")], spelling[ord(" ")], spelling[ord("\\n")]
+    ('a', 'Ġ', 'Ċ')
+    >>> [spelling[b] for b in "é".encode("utf-8")]
+    ['Ã', '©']
+    """
     printable = (
         list(range(ord("!"), ord("~") + 1))
         + list(range(ord("¡"), ord("¬") + 1))

@@ -161,6 +161,22 @@ class IncrementalDetokenizer:
     ``decode(ids[prefix:]) - decode(ids[prefix:read])`` over a short window that starts a few
     tokens back (``prefix``), and nothing is emitted while the window ends in an incomplete
     character (U+FFFD).
+
+    With a byte-level vocabulary where ``é`` takes two tokens (its UTF-8 bytes):
+
+    >>> from fast.tokenizer.gguf import tokenizer_from_gguf
+    >>> tok = tokenizer_from_gguf({
+    ...     "tokenizer.ggml.model": "gpt2",
+    ...     "tokenizer.ggml.tokens": ["<|endoftext|>", "h", "i", "Ġ", "hi", "Ġhi", "Ã", "©"],
+    ...     "tokenizer.ggml.merges": ["h i", "Ġ hi"],
+    ... })
+    >>> tok.decode([6]) == "\\ufffd"  # the first byte of "é" alone: the replacement character
+    True
+    >>> detok = IncrementalDetokenizer(tok)
+    >>> [detok.add(t) for t in tok.encode("hié hi")]
+    ['hi', '', 'é', ' hi']
+    >>> detok.text
+    'hié hi'
     """
 
     def __init__(
