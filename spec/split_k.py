@@ -29,11 +29,14 @@ def partial_attention(
     q: ArrayLike,
     k: ArrayLike,
     v: ArrayLike,
+    params: AttentionParams,
     q_positions: ArrayLike,
     k_positions: ArrayLike,
-    params: AttentionParams,
 ) -> tuple[F64, F64]:
     """(o [Q, Hq, D], lse [Q, Hq]) of ``q`` [Q, Hq, D] over one part ``k``, ``v`` [K, Hkv, D].
+
+    The arguments of :func:`spec.attention.attention`, in its order; here both position arrays
+    are required.
 
     Positions are absolute (``q_positions`` [Q], ``k_positions`` [K]) so the causal mask and the
     sliding window are the ones of the whole sequence. ``K = 0`` gives ``o = 0, lse = -inf``.
@@ -108,7 +111,7 @@ def split_k_attention(
         q_positions = np.arange(num_k - num_q, num_k, dtype=np.int64)
     va = np.asarray(v, dtype=np.float64)
     states = [
-        partial_attention(qa, ka[a:b], va[a:b], q_positions, np.arange(a, b), params)
+        partial_attention(qa, ka[a:b], va[a:b], params, q_positions, np.arange(a, b))
         for a, b in zip(points[:-1].tolist(), points[1:].tolist())
     ]
     return merge_states([s[0] for s in states], [s[1] for s in states])

@@ -62,7 +62,7 @@ def partial_states(case: SplitCase) -> tuple[np.ndarray, np.ndarray]:
     d = case.dense
     keys = np.array(case.part_of_key, dtype=np.int64)
     picks = [np.flatnonzero(keys == j) for j in range(case.num_parts)]
-    states = [partial_attention(d.q, d.k[i], d.v[i], d.q_positions, i, d.params) for i in picks]
+    states = [partial_attention(d.q, d.k[i], d.v[i], d.params, d.q_positions, i) for i in picks]
     return np.stack([s[0] for s in states]), np.stack([s[1] for s in states])
 
 
