@@ -124,9 +124,21 @@ class LLM:
 
     @staticmethod
     def _as_list(prompts: Prompts) -> list[PromptType]:
+        """One prompt (text, ids, or a mapping) or a sequence of them -> a list of prompts.
+
+        >>> LLM._as_list("hi"), LLM._as_list([5, 6]), LLM._as_list(["a", [5, 6]])
+        (['hi'], [[5, 6]], ['a', [5, 6]])
+        """
         if isinstance(prompts, (str, Mapping)):
             return [prompts]
         items = list(prompts)
-        if items and all(isinstance(t, int) for t in items):
-            return [[int(t) for t in items if isinstance(t, int)]]  # one prompt of ids
+        ids = [t for t in items if isinstance(t, int)]
+        if items and len(ids) == len(items):
+            return [ids]  # one prompt of token ids
+        if ids:
+            raise InvalidArgumentError(
+                "prompts",
+                prompts,
+                "mixes token ids with prompts; a prompt of ids is one list of ints",
+            )
         return [p for p in items if not isinstance(p, int)]
