@@ -3,7 +3,8 @@
 The README, ARCHITECTURE.md and the Sphinx pages under ``docs/`` are scanned for
 
 * repository paths (``fast/engine/batch.py``, ``tests/kernels``, ``benchmarks/results/*.json``,
-  ``tests/fast/{blocks,engine}``): each must match at least one file or folder of the checkout;
+  ``tests/fast/{blocks,engine}``, ``./scripts/setup``, ``.ci/run``): each must match at least one
+  file or folder of the checkout;
 * dotted names under our import packages (``fast.engine.scheduler.Scheduler``,
   ``spec.kv_cache.write_kv``, ``kernels.paged_decode``, ``conformance.lockstep``): the longest
   module prefix must import and the rest must resolve as attributes.
@@ -20,12 +21,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", ROOT / "ARCHITECTURE.md", *sorted((ROOT / "docs").glob("*.md"))]
-TOP = ("fast", "spec", "kernels", "conformance", "tests", "benchmarks", "docs", "scripts")
+TOP = ("fast", "spec", "kernels", "conformance", "tests", "benchmarks", "docs", "scripts", r"\.ci")
 PACKAGES = ("fast", "spec", "kernels", "conformance")
 FILE_SUFFIXES = {"md", "py", "json", "toml", "txt", "gguf", "html"}
 
 # Not preceded by a word character, a slash or a dot, so URLs and longer paths do not match.
-_PATH = re.compile(rf"(?<![\w/.-])(?:{'|'.join(TOP)})/[\w./*{{}},-]*")
+_PATH = re.compile(rf"(?<![\w/.-])(?:\./)?(?:{'|'.join(TOP)})/[\w./*{{}},-]*")
 _DOTTED = re.compile(rf"(?<![\w/.-])(?:{'|'.join(PACKAGES)})(?:\.[A-Za-z_]\w*)+")
 
 
@@ -40,7 +41,7 @@ def _references(pattern: re.Pattern[str]) -> list[tuple[str, str]]:
     found: set[tuple[str, str]] = set()
     for doc in DOCUMENTS:
         for match in pattern.finditer(doc.read_text(encoding="utf-8")):
-            ref = match.group(0).split("::")[0].rstrip(".,")
+            ref = match.group(0).split("::")[0].rstrip(".,").removeprefix("./")
             if "," in ref and "{" not in ref:  # a list in prose: "fast/, spec/"
                 ref = ref.split(",")[0]
             found.add((doc.relative_to(ROOT).as_posix(), ref))
