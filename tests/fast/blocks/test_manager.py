@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conformance.lockstep import Lockstep, observables
-from fast.blocks import kernels as K
+from fast.blocks import open_addressing
 from fast.blocks.manager import BlockManager
 from fast.blocks.prefix_ids import MISSING, PrefixIds, intern_one
+from fast.blocks.state import live_prefix_ids
 from spec.block_manager import BlockManager as SpecBlockManager
 from spec.block_manager import BlockManagerConfig
 from spec.errors import InvalidArgumentError, UnknownSequenceError
@@ -42,11 +41,11 @@ def test_rows_and_widths_grow_by_doubling_and_stay_identical_to_spec() -> None:
     ls.check()
     impl = ls.impl
     assert isinstance(impl, BlockManager)
-    assert impl._tables.shape[0] >= 40 and impl._tables.shape[1] >= 8
+    assert impl._a.tables.shape[0] >= 40 and impl._a.tables.shape[1] >= 8
     ls.free_all()
 
 
-def test_gather_and_decode_step_match_the_spec_block_tables() -> None:
+def test_gather_matches_the_spec_block_tables() -> None:
     config = BlockManagerConfig(block_size=4, num_gpu_blocks=200)
     spec, fast = SpecBlockManager(config), BlockManager(config)
     rng = np.random.default_rng(0)
@@ -59,8 +58,9 @@ def test_gather_and_decode_step_match_the_spec_block_tables() -> None:
     ids = np.array([10, 0, 3, 7], dtype=np.int64)
     toks = np.array([1, 2, 3, 4], dtype=np.int64)
     want_slots, want_pairs = spec.append_batch(ids.tolist(), toks.tolist())
-    slots, pairs, tables, lens = fast.decode_step(ids, toks)
+    slots, pairs = fast.append_batch(ids, toks)
     assert slots.tolist() == want_slots.tolist() and pairs.tolist() == want_pairs.tolist()
+    tables, lens = fast.gather(ids)
     assert tables.dtype == np.int32 and lens.dtype == np.int32
     width = max(len(spec.block_table(int(s))) for s in ids)
     assert tables.shape == (4, width)
@@ -69,12 +69,9 @@ def test_gather_and_decode_step_match_the_spec_block_tables() -> None:
         assert tables[k, : len(row)].tolist() == row
         assert not tables[k, len(row) :].any()  # zero padded
         assert lens[k] == spec.num_tokens(s)
-    t2, l2 = fast.gather(ids)
-    assert np.array_equal(t2, tables) and np.array_equal(l2, lens)
-    with pytest.raises(UnknownSequenceError):
+    with pytest.raises(UnknownSequenceError) as err:
         fast.gather([0, 99])
-    with pytest.raises(UnknownSequenceError):
-        fast.decode_step(np.array([0, 99], dtype=np.int64), np.array([1, 1], dtype=np.int64))
+    assert err.value.seq_id == 99
     fast.check_integrity()
 
 
@@ -86,10 +83,6 @@ def test_numpy_inputs_are_validated_like_lists() -> None:
     with pytest.raises(InvalidArgumentError) as err:  # the token is checked before the key
         fast.allocate(0, np.array([1, -7], dtype=np.int64), 3)  # type: ignore[arg-type]
     assert err.value.name == "token_ids" and err.value.value == -7
-    with pytest.raises(InvalidArgumentError) as err:
-        fast.allocate_batch([1, 2], [np.array([4], dtype=np.int64), np.array([-3], dtype=np.int64)])
-    assert err.value.value == -3 and fast.has_sequence(1) and not fast.has_sequence(2)
-    fast.free(1)
     fast.allocate(0, np.array([1, 2], dtype=np.int64))
     with pytest.raises(InvalidArgumentError):
         fast.append_batch(np.array([0], dtype=np.int64), np.array([-1], dtype=np.int64))
@@ -97,21 +90,12 @@ def test_numpy_inputs_are_validated_like_lists() -> None:
     fast.check_integrity()
 
 
-def test_allocate_batch_is_allocate_in_order() -> None:
-    config = BlockManagerConfig(block_size=2, num_gpu_blocks=16, enable_prefix_caching=True)
-    spec, fast = SpecBlockManager(config), BlockManager(config)
-    prompts = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [1, 2, 9]]
-    want = [spec.allocate(i, p) for i, p in enumerate(prompts)]
-    assert fast.allocate_batch([0, 1, 2], prompts) == want == [0, 4, 2]
-    assert [fast.block_table(i) for i in range(3)] == [spec.block_table(i) for i in range(3)]
-
-
 def test_prefix_ids_are_equal_exactly_for_equal_prefixes_and_survive_collection() -> None:
     ids = PrefixIds(block_size=2, capacity=8)
 
     def intern(parent: int, block: list[int], extra: int, create: bool = True) -> int:
         arr = np.array(block, dtype=np.int64)
-        return int(intern_one(parent, arr, extra, 7, create, *ids.args()))  # one hash: collide
+        return int(intern_one(parent, arr, extra, 7, create, ids.arrays))  # one hash: collide
 
     a = intern(-1, [1, 2], -1)
     b = intern(a, [3, 4], -1)
@@ -136,13 +120,13 @@ def test_open_addressing_table_behaves_like_a_dict(ops: list[tuple[bool, int]]) 
     model: dict[int, int] = {}
     for insert, key in ops:
         if insert and key not in model:
-            K.oa_insert(keys, vals, key, key + 100)
+            open_addressing.insert(keys, vals, key, key + 100)
             model[key] = key + 100
         elif not insert:
-            K.oa_delete(keys, vals, key)
+            open_addressing.delete(keys, vals, key)
             model.pop(key, None)
         for k in range(41):
-            assert K.oa_find(keys, vals, k) == model.get(k, -1)
+            assert open_addressing.find(keys, vals, k) == model.get(k, -1)
     assert int((keys >= 0).sum()) == len(model)
 
 
@@ -161,72 +145,16 @@ def test_prefix_id_collection_keeps_hits_identical_to_spec() -> None:
             ls.call("free", s)
         prompt = rng.integers(0, 3, size=int(rng.integers(1, 12))).tolist()
         ls.call("allocate", s, prompt, None)
-        impl._pids.collect(impl._live_pids())  # collect after every allocate
+        impl._pids.collect(live_prefix_ids(impl._a))  # collect after every allocate
         ls.check()
     # only ids of cached blocks (<= 64) and of the live sequences' blocks (<= 4 * 11) remain
     assert len(impl._pids) <= 64 + 44
 
 
-def _each(fn: Any, args: Any) -> None:
-    for a in args:
-        fn(*a)
-
-
-def _errors_like_spec(spec_call: object, fast_call: object) -> None:
-    import pytest as _pytest
-
-    want: type[BaseException] | None = None
-    try:
-        spec_call()  # type: ignore[operator]
-    except Exception as exc:  # noqa: BLE001
-        want = type(exc)
-    if want is None:
-        fast_call()  # type: ignore[operator]
-    else:
-        with _pytest.raises(want):
-            fast_call()  # type: ignore[operator]
-
-
 @pytest.mark.parametrize("caching", [False, True])
-def test_batched_allocate_fork_free_are_the_single_calls_in_order(caching: bool) -> None:
-    config = BlockManagerConfig(block_size=2, num_gpu_blocks=24, enable_prefix_caching=caching)
-    spec, fast = SpecBlockManager(config), BlockManager(config)
-
-    def both(fn_spec: object, fn_fast: object) -> None:
-        _errors_like_spec(fn_spec, fn_fast)
-        assert observables(spec, range(20)) == observables(fast, range(20))
-        assert spec.free_block_order() == fast.free_block_order()
-        assert spec.cached_blocks() == fast.cached_blocks()
-        fast.check_integrity()
-
-    prompts = [[1, 2, 3], [1, 2, 3, 4, 5], [7], [1, 2]]
-    both(lambda: [spec.allocate(i, p) for i, p in enumerate(prompts)],
-         lambda: fast.allocate_batch(range(4), prompts))  # fmt: skip
-    # an error in the middle: the earlier prompts stay allocated, the error is the same
-    both(lambda: [spec.allocate(s, p) for s, p in [(4, [1]), (0, [2]), (5, [3])]],
-         lambda: fast.allocate_batch([4, 0, 5], [[1], [2], [3]]))  # fmt: skip
-    both(lambda: [spec.allocate(s, p) for s, p in [(6, [1]), (7, [])]],
-         lambda: fast.allocate_batch([6, 7], [[1], []]))  # fmt: skip
-    both(lambda: [spec.allocate(8, list(range(60)))],
-         lambda: fast.allocate_batch([8], [np.arange(60, dtype=np.int64)]))  # fmt: skip
-    both(lambda: _each(spec.fork, [(1, 10), (1, 11), (2, 12)]),
-         lambda: fast.fork_batch([1, 1, 2], [10, 11, 12]))  # fmt: skip
-    both(lambda: _each(spec.fork, [(0, 13), (99, 14)]),
-         lambda: fast.fork_batch([0, 99], [13, 14]))  # fmt: skip
-    both(lambda: _each(spec.fork, [(0, 15), (0, -1)]),
-         lambda: fast.fork_batch([0, 0], [15, -1]))  # fmt: skip
-    both(lambda: _each(spec.free, [(x,) for x in [10, 11, 10]]),
-         lambda: fast.free_batch([10, 11, 10]))  # fmt: skip
-    both(lambda: _each(spec.free, [(x,) for x in [12, 77]]),
-         lambda: fast.free_batch(np.array([12, 77], dtype=np.int64)))  # fmt: skip
-    live = spec.sequence_ids()
-    both(lambda: _each(spec.free, [(x,) for x in live]), lambda: fast.free_batch(live))
-    assert fast.num_free_gpu_blocks == 24
-
-
-@pytest.mark.parametrize("caching", [False, True])
-def test_decode_step_over_many_steps_equals_spec_append_batch(caching: bool) -> None:
-    """Blocks fill (and get hashed and registered) inside the one decode kernel."""
+def test_decode_steps_equal_spec_append_batch(caching: bool) -> None:
+    """The engine's decode step (append_batch, then gather) over many steps: blocks fill (and
+    get hashed, interned and registered) inside the append kernel."""
     config = BlockManagerConfig(block_size=2, num_gpu_blocks=300, enable_prefix_caching=caching)
     spec, fast = SpecBlockManager(config), BlockManager(config)
     prompts = [[1, 2, 3], [1, 2, 3], [4, 5], [1]]
@@ -239,7 +167,8 @@ def test_decode_step_over_many_steps_equals_spec_append_batch(caching: bool) -> 
     for step in range(20):
         toks = np.array([step % 3, 7, step, 1, step % 2], dtype=np.int64)
         want_slots, want_pairs = spec.append_batch(ids.tolist(), toks.tolist())
-        slots, pairs, tables, lens = fast.decode_step(ids, toks)
+        slots, pairs = fast.append_batch(ids, toks)
+        tables, lens = fast.gather(ids)
         assert slots.tolist() == want_slots.tolist()
         assert pairs.tolist() == want_pairs.tolist()
         for k, s in enumerate(ids.tolist()):

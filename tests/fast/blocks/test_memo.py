@@ -17,7 +17,7 @@ def _chain(ids: PrefixIds, tokens: np.ndarray, extra: int, key: bytes) -> tuple[
     hashes, pids = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
     kb = np.frombuffer(key, dtype=np.uint8)
     hashed = hash_intern_chain(
-        tokens, ids.bs, extra, kb, scratch_for(ids.bs, kb.shape[0]), hashes, pids, *ids.args()
+        tokens, ids.bs, extra, kb, scratch_for(ids.bs, kb.shape[0]), hashes, pids, ids.arrays
     )
     return hashes.tolist(), pids.tolist(), [int(hashed)]
 
@@ -37,7 +37,7 @@ def test_memo_hashes_only_new_prefixes_and_equals_the_spec_hash() -> None:
     assert nb == [2]  # the 3 system-prompt blocks come from the memo
     assert pb[:3] == pa[:3] and pb[3] != pa[3]
     # the ids are the interned ones (same as intern_chain over the same hashes)
-    again = intern_chain(b, bs, np.array(hb, dtype=np.int64), -1, False, *ids.args())
+    again = intern_chain(b, bs, np.array(hb, dtype=np.int64), -1, False, ids.arrays)
     assert again.tolist() == pb
     # another extra key: a different prefix, hashed again with the key
     hk, pk, nk = _chain(ids, b, 0, b"tenant")
@@ -58,7 +58,7 @@ def test_memo_survives_collection_and_growth() -> None:
     assert h2 == h1 and p2[:3] == p1[:3] and n2 == [2]
 
 
-def test_allocate_batch_over_shared_prompts_matches_the_spec() -> None:
+def test_allocate_over_shared_prompts_matches_the_spec() -> None:
     config = BlockManagerConfig(block_size=4, num_gpu_blocks=256, enable_prefix_caching=True)
     spec, fast = SpecBlockManager(config), BlockManager(config)
     rng = np.random.default_rng(1)
@@ -68,14 +68,14 @@ def test_allocate_batch_over_shared_prompts_matches_the_spec() -> None:
         for k in (1, 6, 3, 9, 2, 7)
     ]
     want = [spec.allocate(i, p.tolist()) for i, p in enumerate(prompts)]
-    assert fast.allocate_batch(list(range(6)), prompts) == want
+    assert [fast.allocate(i, p) for i, p in enumerate(prompts)] == want
     for i in range(6):
         assert fast.block_table(i) == spec.block_table(i)
     assert fast.cached_blocks() == sorted(spec.cached_blocks())
     fast.check_integrity()
-    # rows grown in one step for a batch far larger than the initial 8 rows
+    # rows grown by doubling, far past the initial 8 rows
     more = [rng.integers(0, 1000, size=5).astype(np.int64) for _ in range(40)]
     want = [spec.allocate(100 + i, p.tolist()) for i, p in enumerate(more)]
-    assert fast.allocate_batch(list(range(100, 140)), more) == want
+    assert [fast.allocate(100 + i, p) for i, p in enumerate(more)] == want
     assert fast.free_block_order() == spec.free_block_order()
     fast.check_integrity()
