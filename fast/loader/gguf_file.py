@@ -124,7 +124,20 @@ class _Cursor:
 
 
 def read_gguf(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
-    """(metadata, tensors) of a GGUF file; tensor data stays memory-mapped (read-only)."""
+    """(metadata, tensors) of a GGUF file; tensor data stays memory-mapped (read-only).
+
+    A file cut short anywhere (header, metadata, tensor table or data) raises
+    :class:`GGUFFormatError` naming the file.
+    """
+    try:
+        return _read_gguf(path)
+    except GGUFFormatError:
+        raise
+    except (struct.error, ValueError) as e:  # a read past the end of a truncated file
+        raise GGUFFormatError(f"{path}: truncated or corrupt GGUF file ({e})") from e
+
+
+def _read_gguf(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     cur = _Cursor(memoryview(mm))  # type: ignore[arg-type]
     if bytes(mm[:4]) != b"GGUF":
