@@ -1,9 +1,17 @@
-"""Batched token sampling with per-row parameters: greedy, temperature, top-k, top-p, seeds.
+"""Batched token sampling with per-row parameters, in vLLM's order of operations.
 
-Order of operations for each row (vLLM's): divide the logits by the temperature, keep the
-``top_k`` largest, keep the smallest prefix of the sorted distribution whose mass reaches
-``top_p``, then draw from the renormalized distribution. A greedy row (temperature 0) takes the
-argmax of the raw logits.
+For each row:
+
+1. the ``logits_processors`` of its request, in order (``f(output_ids, logits)``);
+2. the penalties: ``repetition_penalty`` over the tokens of the prompt and the output (a
+   positive logit is divided by it, a negative one multiplied), then ``frequency_penalty``
+   times each token's count in the output and ``presence_penalty`` once for each token present
+   in the output, both subtracted;
+3. banned tokens (``min_tokens``) are set to ``-inf``;
+4. a greedy row (temperature 0) takes the argmax here; the others divide by the temperature,
+   keep the ``top_k`` largest, keep the smallest prefix of the sorted distribution whose mass
+   reaches ``top_p``, drop the tokens whose probability is below ``min_p`` times the largest,
+   and draw from what is left, renormalized.
 
 The draw uses the exponential race: with ``E_i ~ Exp(1)`` independent, ``argmax_i p_i / E_i``
 is distributed as ``p``. A seeded row draws its ``V`` exponentials from its own
@@ -11,21 +19,34 @@ is distributed as ``p``. A seeded row draws its ``V`` exponentials from its own
 requests share the batch. Unseeded rows share the global generator.
 
 Log-probabilities are those of the raw model distribution, ``log_softmax(logits)`` before
-temperature, top-k and top-p (what vLLM returns by default), so they measure the model, not the
-sampling settings.
+processors, penalties, temperature, top-k, top-p and min-p (what vLLM returns by default), so
+they measure the model, not the sampling settings. The sampled token's log-probability is
+computed for every row (the engine sums it into ``cumulative_logprob``); the top-``k``
+alternatives and ranks only for rows that ask for ``logprobs``.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Collection, Sequence
+from typing import NamedTuple
 
 import torch
 
-from fast.engine.sampling_params import SamplingParams
+from fast.engine.outputs import Logprob
+from fast.engine.sampling_params import LogitsProcessor, SamplingParams
 
 
 class SamplerInputError(ValueError):
-    """``sample`` got mismatched row counts."""
+    """``sample`` got mismatched row counts, or penalties without the token histories."""
+
+
+class SamplerOutput(NamedTuple):
+    """What :meth:`Sampler.sample` returns for ``N`` rows."""
+
+    tokens: list[int]  # [N] the sampled token ids
+    logprobs: list[dict[int, Logprob] | None]  # [N] top-k + sampled; None: not asked for
+    sampled_logprobs: list[float]  # [N] raw log-probability of each sampled token
 
 
 class Sampler:
@@ -37,38 +58,51 @@ class Sampler:
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None] | None = None,
         banned: Sequence[Collection[int]] | None = None,
-    ) -> tuple[list[int], list[dict[int, float] | None]]:
-        """logits [N, V] float32 -> (N token ids, N logprob dicts or None).
+        histories: Sequence[tuple[Sequence[int], Sequence[int]] | None] | None = None,
+    ) -> SamplerOutput:
+        """logits [N, V] float32 -> :class:`SamplerOutput` (N tokens, logprobs).
 
         ``generators[i]`` (optional) is row ``i``'s own generator, created from its seed by the
         caller and kept across steps. ``banned[i]`` (optional) lists token ids row ``i`` must
         not produce this step -- EOS and ``stop_token_ids`` while fewer than ``min_tokens``
         tokens exist, as vLLM does; they are removed before greedy or random choice (the
-        reported logprobs stay those of the raw distribution). The logprob dict of a row with
-        ``logprobs=k`` maps the ``k`` most likely token ids and the sampled id to their
-        log-probabilities; rows with ``logprobs=None`` get None.
+        reported logprobs stay those of the raw distribution). ``histories[i]`` is row ``i``'s
+        ``(prompt_token_ids, output_token_ids)``, needed by the rows whose parameters have
+        penalties or logits processors (``SamplingParams.needs_history``). The logprob dict of
+        a row with ``logprobs=k`` maps the ``k`` most likely token ids and the sampled id to
+        their :class:`~fast.engine.outputs.Logprob` (ranks from 1); rows with
+        ``logprobs=None`` get None.
         """
         n = logits.shape[0]
         gens: Sequence[torch.Generator | None] = (
             generators if generators is not None else [None] * n
         )
-        if len(params) != n or len(gens) != n or (banned is not None and len(banned) != n):
+        if (
+            len(params) != n
+            or len(gens) != n
+            or (banned is not None and len(banned) != n)
+            or (histories is not None and len(histories) != n)
+        ):
             raise SamplerInputError(
                 f"{n} logit rows, {len(params)} params, {len(gens)} "
-                f"generators, {n if banned is None else len(banned)} bans"
+                f"generators, {n if banned is None else len(banned)} bans, "
+                f"{n if histories is None else len(histories)} histories"
             )
         if n == 0:
-            return [], []
+            return SamplerOutput([], [], [])
         logits = logits.float()
         choice = logits
+        if any(p.needs_history for p in params):
+            choice = process_logits(logits, params, histories)
         if banned is not None and any(banned):
-            choice = logits.clone()
+            choice = choice.clone() if choice is logits else choice
             for row, ids in enumerate(banned):
                 if ids:
                     choice[row, list(ids)] = float("-inf")
         tokens = self._choose(choice, params, gens)  # [N]
         token_list: list[int] = tokens.tolist()
-        return token_list, self._logprobs(logits, tokens, params)
+        sampled, lps = token_logprobs(logits, tokens, [p.logprobs for p in params])
+        return SamplerOutput(token_list, lps, sampled)
 
     # -- token choice
     def _choose(
@@ -83,17 +117,7 @@ class Sampler:
         if not rows:
             return tokens
         sub = logits[rows]  # [M, V]
-        temps = torch.tensor(
-            [params[r].temperature for r in rows], dtype=sub.dtype, device=sub.device
-        )
-        probs = torch.softmax(
-            apply_top_k_top_p(
-                sub / temps[:, None],
-                [params[r].top_k_or_none for r in rows],
-                [params[r].top_p for r in rows],
-            ),
-            dim=-1,
-        )  # [M, V]
+        probs = torch.softmax(warp_logits(sub, [params[r] for r in rows]), dim=-1)  # [M, V]
         race = torch.empty_like(probs)  # [M, V]
         unseeded = [i for i, r in enumerate(rows) if gens[r] is None]
         if unseeded:
@@ -106,30 +130,147 @@ class Sampler:
         tokens[rows] = (probs / race).argmax(dim=-1)
         return tokens
 
-    # -- log-probabilities of the raw distribution
-    @staticmethod
-    def _logprobs(
-        logits: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams]
-    ) -> list[dict[int, float] | None]:
-        # logits [N, V], tokens [N] -> per-row dicts
-        wanted = [p.logprobs for p in params]
-        if all(k is None for k in wanted):
-            return [None] * len(params)
-        logp = torch.log_softmax(logits, dim=-1)  # [N, V]
-        k_max = max(k for k in wanted if k is not None)
-        top_vals, top_ids = (
-            logp.topk(k_max, dim=-1) if k_max > 0 else (logp[:, :0], tokens[:, None][:, :0])
-        )  # [N, K]
-        chosen = logp.gather(1, tokens[:, None]).squeeze(1)  # [N]
-        out: list[dict[int, float] | None] = []
-        for i, k in enumerate(wanted):
-            if k is None:
-                out.append(None)
-                continue
-            row = dict(zip(top_ids[i, :k].tolist(), top_vals[i, :k].tolist()))
-            row[int(tokens[i])] = float(chosen[i])
-            out.append(row)
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, wanted: Sequence[int | None]
+) -> tuple[list[float], list[dict[int, Logprob] | None]]:
+    """Raw log-probabilities of ``tokens`` under ``logits``, and vLLM's logprob dicts.
+
+    logits [N, V], tokens [N] -> (N floats, N dicts or None). Row ``i`` with ``wanted[i] = k``
+    gets ``{id: Logprob(logprob, rank)}`` for its ``k`` most likely ids (ranks 1..k) and for
+    ``tokens[i]``, whose rank is the number of ids at least as likely as it (vLLM's). The
+    engine uses it for sampled tokens and for ``prompt_logprobs`` (tokens = the next prompt
+    token of every position).
+    """
+    logits = logits.float()
+    norm = torch.logsumexp(logits, dim=-1)  # [N]
+    chosen = logits.gather(1, tokens[:, None]).squeeze(1) - norm  # [N]
+    sampled: list[float] = chosen.tolist()
+    rows = [i for i, k in enumerate(wanted) if k is not None]
+    if not rows:
+        return sampled, [None] * len(wanted)
+    logp = logits[rows] - norm[rows, None]  # [M, V]
+    ranks = (logp >= chosen[rows, None]).sum(dim=-1).tolist()  # [M]
+    k_max = max(wanted[i] or 0 for i in rows)
+    top_vals, top_ids = logp.topk(k_max, dim=-1) if k_max > 0 else (logp[:, :0], logp[:, :0])
+    top_v, top_i = top_vals.tolist(), top_ids.tolist()
+    out: list[dict[int, Logprob] | None] = [None] * len(wanted)
+    for j, i in enumerate(rows):
+        k = wanted[i] or 0
+        row = {
+            int(t): Logprob(v, r + 1) for r, (t, v) in enumerate(zip(top_i[j][:k], top_v[j][:k]))
+        }
+        token = int(tokens[i])
+        if token not in row:
+            row[token] = Logprob(sampled[i], int(ranks[j]))
+        out[i] = row
+    return sampled, out
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    output_counts: torch.Tensor,
+    presence: Sequence[float],
+    frequency: Sequence[float],
+    repetition: Sequence[float],
+) -> torch.Tensor:
+    """vLLM's penalties; logits [M, V], prompt_mask [M, V] bool, output_counts [M, V] -> [M, V].
+
+    Repetition first (over prompt and output tokens: positive logits divided by the penalty,
+    negative ones multiplied), then ``frequency * count`` and ``presence * (count > 0)``
+    subtracted (over output tokens only).
+    """
+    dev, dt = logits.device, logits.dtype
+    rep = torch.tensor(list(repetition), dtype=dt, device=dev)[:, None]  # [M, 1]
+    freq = torch.tensor(list(frequency), dtype=dt, device=dev)[:, None]
+    pres = torch.tensor(list(presence), dtype=dt, device=dev)[:, None]
+    seen = prompt_mask | (output_counts > 0)  # [M, V]
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    out = torch.where(seen, penalized, logits)
+    counts = output_counts.to(dt)
+    return out - freq * counts - pres * (counts > 0).to(dt)
+
+
+def process_logits(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    histories: Sequence[tuple[Sequence[int], Sequence[int]] | None] | None,
+) -> torch.Tensor:
+    """Steps 1 and 2: each row's logits processors, then its penalties; logits [N, V] -> a new
+    [N, V] tensor. ``histories[i]`` is row ``i``'s ``(prompt ids, output ids)``; rows whose
+    parameters need no history may have None."""
+    rows = [i for i, p in enumerate(params) if p.needs_history]
+    hist: list[tuple[Sequence[int], Sequence[int]]] = []
+    for i in rows:
+        h = histories[i] if histories is not None else None
+        if h is None:
+            raise SamplerInputError(
+                f"row {i} has penalties or logits processors but no (prompt, output) history"
+            )
+        hist.append(h)
+    out = logits.clone()
+    for row, (prompt, output) in zip(rows, hist):
+        for proc in params[row].logits_processors or ():
+            out[row] = _call_processor(proc, prompt, output, out[row])
+    pen = [j for j, i in enumerate(rows) if params[i].has_penalties]
+    if not pen:
         return out
+    v, dev = logits.shape[1], logits.device
+    prompt_mask = torch.zeros(len(pen), v, dtype=torch.bool, device=dev)  # [P, V]
+    counts = torch.zeros(len(pen), v, dtype=torch.int64, device=dev)  # [P, V]
+    for j, i in enumerate(pen):
+        prompt, output = hist[i]
+        if len(prompt):
+            prompt_mask[j, torch.as_tensor(list(prompt), device=dev)] = True
+        if len(output):
+            ids = torch.as_tensor(list(output), device=dev)
+            counts[j].index_add_(0, ids, torch.ones_like(ids))
+    index = torch.tensor([rows[i] for i in pen], device=dev)
+    chosen = [params[rows[i]] for i in pen]
+    out[index] = apply_penalties(
+        out[index],
+        prompt_mask,
+        counts,
+        [p.presence_penalty for p in chosen],
+        [p.frequency_penalty for p in chosen],
+        [p.repetition_penalty for p in chosen],
+    )
+    return out
+
+
+def warp_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Step 4 for sampled rows: divide by the temperature, then the top-k, top-p and min-p
+    masks (to -inf); logits [M, V] -> [M, V]. The rows must not be greedy."""
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
+    out = apply_top_k_top_p(
+        logits / temps[:, None], [p.top_k_or_none for p in params], [p.top_p for p in params]
+    )
+    min_p = [p.min_p for p in params]
+    return apply_min_p(out, min_p) if any(m > 0 for m in min_p) else out
+
+
+_ARITY: dict[int, int] = {}
+
+
+def _call_processor(
+    proc: LogitsProcessor, prompt: Sequence[int], output: Sequence[int], row: torch.Tensor
+) -> torch.Tensor:
+    key = id(proc)
+    arity = _ARITY.get(key)
+    if arity is None:
+        try:
+            arity = len(inspect.signature(proc).parameters)
+        except (TypeError, ValueError):
+            arity = 2
+        _ARITY[key] = arity
+    result = proc(list(prompt), list(output), row) if arity == 3 else proc(list(output), row)
+    if not isinstance(result, torch.Tensor) or result.shape != row.shape:
+        raise SamplerInputError(
+            f"logits processor {proc!r} returned {type(result).__name__} "
+            f"{getattr(result, 'shape', '')}, not a tensor of shape {tuple(row.shape)}"
+        )
+    return result.to(row.dtype)
 
 
 def apply_top_k_top_p(
@@ -160,3 +301,12 @@ def apply_top_k_top_p(
         remove |= (before >= ps[:, None]) & (rank > 0)
     mask = torch.empty_like(remove).scatter_(1, order, remove)  # back to [M, V]
     return logits.masked_fill(mask, float("-inf"))
+
+
+def apply_min_p(logits: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
+    """Mask (to -inf) the tokens whose probability is below ``min_p`` times the row's largest;
+    logits [M, V] -> [M, V]. The most likely token always stays; 0 keeps everything."""
+    probs = torch.softmax(logits, dim=-1)  # [M, V]
+    ps = torch.tensor(list(min_p), dtype=probs.dtype, device=logits.device)[:, None]  # [M, 1]
+    remove = probs < ps * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(remove, float("-inf"))

@@ -76,3 +76,117 @@ def test_invalid_values_raise_with_name_and_value(kwargs: dict[str, Any], name: 
 def test_min_tokens_error_names_max_tokens() -> None:
     with pytest.raises(InvalidSamplingParamsError, match="max_tokens=4"):
         SamplingParams(min_tokens=5, max_tokens=4)
+
+
+def test_vllm_sampling_fields_and_defaults() -> None:
+    p = SamplingParams()
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p) == (
+        0.0,
+        0.0,
+        1.0,
+        0.0,
+    )
+    assert (p.prompt_logprobs, p.logits_processors) == (None, None)
+    assert not p.has_penalties and not p.needs_history
+    assert SamplingParams(repetition_penalty=1.2).needs_history
+    assert SamplingParams(logits_processors=[lambda ids, x: x]).needs_history
+
+
+NUMBER_FIELDS = [
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+]
+INT_FIELDS = ["n", "top_k", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "seed"]
+
+
+@pytest.mark.parametrize("name", NUMBER_FIELDS + INT_FIELDS)
+def test_booleans_are_not_numbers(name: str) -> None:
+    with pytest.raises(InvalidSamplingParamsError) as info:
+        SamplingParams(**{name: True})
+    assert info.value.name == name and info.value.value is True
+
+
+@pytest.mark.parametrize("name", NUMBER_FIELDS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), "0.5", None])
+def test_floats_must_be_finite_numbers(name: str, value: Any) -> None:
+    with pytest.raises(InvalidSamplingParamsError) as info:
+        SamplingParams(**{name: value})
+    assert info.value.name == name
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(presence_penalty=2.5), "presence_penalty"),
+        (dict(frequency_penalty=-2.01), "frequency_penalty"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(repetition_penalty=-1.0), "repetition_penalty"),
+        (dict(min_p=-0.1), "min_p"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(prompt_logprobs=-1), "prompt_logprobs"),
+        (dict(prompt_logprobs=2.0), "prompt_logprobs"),
+        (dict(seed=2**70), "seed"),
+        (dict(seed=-(2**63) - 1), "seed"),
+        (dict(seed=2**64 - 1, n=2), "seed"),  # sequence 1 would use seed + 1 = 2**64
+        (dict(seed=1.0), "seed"),
+        (dict(ignore_eos=1), "ignore_eos"),
+        (dict(detokenize="yes"), "detokenize"),
+        (dict(stop=5), "stop"),
+        (dict(stop_token_ids=5), "stop_token_ids"),
+        (dict(logits_processors=lambda ids, x: x), "logits_processors"),
+        (dict(logits_processors=[1]), "logits_processors"),
+    ],
+)
+def test_more_invalid_values(kwargs: dict[str, Any], name: str) -> None:
+    with pytest.raises(InvalidSamplingParamsError) as info:
+        SamplingParams(**kwargs)
+    assert info.value.name == name
+    assert info.value.value is kwargs[name] or info.value.value == kwargs[name]
+
+
+def test_seed_range_ends_are_accepted() -> None:
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1
+    assert SamplingParams(seed=-(2**63)).seed == -(2**63)
+    assert SamplingParams(seed=2**64 - 3, n=3).seed == 2**64 - 3
+    assert SamplingParams(presence_penalty=-2, frequency_penalty=2, min_p=1).min_p == 1
+
+
+def test_unknown_keyword_names_close_matches() -> None:
+    from fast.engine.sampling_params import UnknownSamplingParamError
+
+    with pytest.raises(UnknownSamplingParamError) as info:
+        SamplingParams(temprature=0.5)  # type: ignore[call-arg]
+    err = info.value
+    assert err.name == "temprature" and err.value == 0.5
+    assert err.suggestions[0] == "temperature" and "temperature" in str(err)
+    assert isinstance(err, TypeError) and isinstance(err, InvalidSamplingParamsError)
+    with pytest.raises(UnknownSamplingParamError) as info:
+        SamplingParams(best_of_everything=2)  # type: ignore[call-arg]
+    assert info.value.suggestions == [] and "did you mean" not in str(info.value)
+
+
+def test_check_vocab_size_names_the_field() -> None:
+    SamplingParams(logprobs=10, prompt_logprobs=10).check_vocab_size(10)
+    with pytest.raises(InvalidSamplingParamsError) as info:
+        SamplingParams(logprobs=100000).check_vocab_size(49152)
+    assert (info.value.name, info.value.value) == ("logprobs", 100000)
+    assert "49152" in str(info.value)
+    with pytest.raises(InvalidSamplingParamsError) as info:
+        SamplingParams(prompt_logprobs=11).check_vocab_size(10)
+    assert (info.value.name, info.value.value) == ("prompt_logprobs", 11)
+
+
+def test_copy_and_replace_keep_working() -> None:
+    import copy
+    import dataclasses
+    import pickle
+
+    p = SamplingParams(temperature=0.5, stop=["x"], seed=3)
+    assert copy.deepcopy(p) == p and pickle.loads(pickle.dumps(p)) == p
+    assert dataclasses.replace(p, seed=4).seed == 4
+    with pytest.raises(InvalidSamplingParamsError):
+        dataclasses.replace(p, seed=True)
