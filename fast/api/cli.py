@@ -1,17 +1,38 @@
 """The ``pagedkv`` command: ``pagedkv generate "prompt"``.
 
-The conformance suite has its own command line, ``python -m conformance``: the product does not
-import its test suite.
+A user error (a missing prompts file, a bad model path, a corrupt GGUF, an out-of-range
+sampling option, ``--device cuda`` without CUDA) is one line on stderr and exit status 2;
+Ctrl-C is one line and exit status 130. The conformance suite has its own command line,
+``python -m conformance``: the product does not import its test suite.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "UsageError", "DEVICES", "DTYPES"]
+
+#: ``--device`` values (``auto``: CUDA when there is one, else the CPU).
+DEVICES = ("auto", "cpu", "cuda")
+#: ``--dtype`` values: ``auto`` and the names :class:`~fast.engine.config.EngineConfig` knows.
+DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float")
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+SEED_HELP = (
+    "seed for sampling. With --seed, a sampled run (--temperature > 0) gives the same text "
+    "every time; without it, sampling differs from run to run. Greedy decoding (the default, "
+    "--temperature 0) needs no seed."
+)
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its inputs, reported as one line (exit status 2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,11 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     >>> args.command, args.prompts, args.max_tokens, args.temperature, args.model
     ('generate', ['Hello'], 4, 0.0, None)
     """
-    parser = argparse.ArgumentParser(prog="pagedkv", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="pagedkv", description="Offline text generation with the pagedkv engine."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate text for one or more prompts")
+    gen = sub.add_parser(
+        "generate",
+        help="generate text for one or more prompts",
+        description="Generate text for one or more prompts (greedy unless --temperature > 0).",
+        epilog="Reproducibility: " + SEED_HELP,
+    )
     gen.add_argument("prompts", nargs="*", help="prompt text (one or more)")
-    gen.add_argument("--prompts-file", help="a file with one prompt per line")
+    gen.add_argument("--prompts-file", help="a UTF-8 file with one prompt per line")
     gen.add_argument(
         "--model",
         default=None,
@@ -35,47 +64,87 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=-1)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=None, help=SEED_HELP)
     gen.add_argument(
         "--no-chat-template",
         action="store_true",
         help="send the prompt as is instead of as a chat user message",
     )
-    gen.add_argument("--device", default="auto")
-    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--device", default="auto", choices=DEVICES)
+    gen.add_argument("--dtype", default="auto", choices=DTYPES)
     gen.add_argument("--max-model-len", type=int, default=2048)
     gen.add_argument("--no-tqdm", action="store_true", help="no progress bar")
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pagedkv")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def _prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompts)
     if args.prompts_file:
-        with open(args.prompts_file, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                lines = [line.rstrip("\n") for line in f if line.strip()]
+        except FileNotFoundError:
+            raise UsageError(f"prompts file {args.prompts_file!r} does not exist") from None
+        except IsADirectoryError:
+            raise UsageError(f"prompts file {args.prompts_file!r} is a directory") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(
+                f"prompts file {args.prompts_file!r} is not UTF-8 text ({e})"
+            ) from None
+        except OSError as e:
+            raise UsageError(f"cannot read prompts file {args.prompts_file!r}: {e}") from None
+        if not lines:
+            raise UsageError(
+                f"prompts file {args.prompts_file!r} has no prompts (no non-blank line)"
+            )
+        prompts += lines
     if not prompts:
-        raise SystemExit("pagedkv generate: give a prompt or --prompts-file")
+        raise UsageError("give a prompt or --prompts-file")
     return prompts
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The named exceptions that mean "bad input", not "bug" (imported when needed: torch)."""
+    from fast.loader import ModelNotFoundError
+    from fast.loader.dequant import UnsupportedQuantizationError
+    from fast.loader.gguf import UnsupportedGGUFError
+    from fast.loader.gguf_file import GGUFFormatError
+    from fast.loader.hf import UnsupportedModelError
+    from fast.model.config import InvalidModelConfigError
+    from fast.model.llama import WeightLoadError
+    from fast.tokenizer.tokenizer import TokenizerError
+    from spec.errors import PagedKVError
+
+    return (
+        PagedKVError,
+        ModelNotFoundError,
+        GGUFFormatError,
+        UnsupportedGGUFError,
+        UnsupportedModelError,
+        UnsupportedQuantizationError,
+        InvalidModelConfigError,
+        WeightLoadError,
+        TokenizerError,
+        PermissionError,
+    )
+
+
 def _generate(args: argparse.Namespace) -> int:
-    from fast.api.llm import LLM
+    prompts = _prompts(args)
+
+    from fast.api.llm import LLM, _check_device
     from fast.engine.sampling_params import SamplingParams
 
-    prompts = _prompts(args)
-    llm = LLM(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        seed=args.seed or 0,
-    )
-    tok = llm.get_tokenizer()
-    if not args.no_chat_template and tok is not None and tok.chat_template is not None:
-        prompts = [
-            tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-            for p in prompts
-        ]
+    # Everything that can be checked without the model is checked before it loads.
     kwargs: dict[str, Any] = {
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
@@ -85,14 +154,23 @@ def _generate(args: argparse.Namespace) -> int:
     if args.seed is not None:
         kwargs["seed"] = args.seed
     params = SamplingParams(**kwargs)
-    items: list[Any] = [{"prompt": p} for p in prompts]
-    if tok is not None and not args.no_chat_template and tok.chat_template is not None:
-        # the template already holds the special tokens: do not add a second BOS
-        items = [
-            {"prompt": p, "prompt_token_ids": tok.encode(p, add_special_tokens=False)}
-            for p in prompts
-        ]
-    outputs = llm.generate(items, params, use_tqdm=not args.no_tqdm and len(items) > 1)
+    _check_device(args.device)
+    # Without --seed the engine's generator is seeded at random: sampling differs run to run.
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**63)
+    llm = LLM(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        seed=seed,
+    )
+    tok = llm.get_tokenizer()
+    use_tqdm = not args.no_tqdm and len(prompts) > 1
+    if not args.no_chat_template and tok is not None and tok.chat_template is not None:
+        conversations = [[{"role": "user", "content": p}] for p in prompts]
+        outputs = llm.chat(conversations, params, use_tqdm=use_tqdm)
+    else:
+        outputs = llm.generate([{"prompt": p} for p in prompts], params, use_tqdm=use_tqdm)
     for i, out in enumerate(outputs):
         if len(outputs) > 1:
             print(f"--- [{i}]")
@@ -100,11 +178,25 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fail(message: str) -> int:
+    print(f"pagedkv: error: {' '.join(message.split())}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``pagedkv`` console script."""
+    """Entry point of the ``pagedkv`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    return _generate(args)
+    try:
+        try:
+            return _generate(args)
+        except UsageError as e:
+            return _fail(str(e))
+        except _user_errors() as e:
+            return _fail(str(e))
+    except KeyboardInterrupt:
+        print("pagedkv: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

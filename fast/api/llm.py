@@ -11,10 +11,21 @@ Usage (not a doctest: it needs the default model, which ``tests/fast/engine`` ex
 
 from __future__ import annotations
 
+import copy
 import itertools
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import jinja2
+import torch
+
+from fast.api.errors import (
+    ChatTemplateError,
+    DeviceUnavailableError,
+    InvalidMessageError,
+)
+from fast.api.vllm_args import engine_kwargs
 from fast.engine.config import EngineConfig
 from fast.engine.engine import LLMEngine, PromptType
 from fast.engine.outputs import RequestOutput
@@ -25,6 +36,11 @@ from spec.errors import InvalidArgumentError
 __all__ = ["LLM"]
 
 Prompts = PromptType | Sequence[PromptType]
+#: One chat message: ``{"role": "user", "content": "Hi"}``.
+Message = Mapping[str, Any]
+
+#: The roles a message may have (OpenAI's and vLLM's).
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class LLM:
@@ -34,13 +50,21 @@ class LLM:
     path, a Hugging Face directory, or a loaded model), ``block_size``, ``max_num_seqs``,
     ``max_num_batched_tokens``, ``max_model_len``, ``num_gpu_blocks``, ``swap_space`` (GiB),
     ``enable_prefix_caching``, ``enable_chunked_prefill``, ``preemption_mode``
-    (``"recompute"`` or ``"swap"``), ``dtype``, ``device``, ``seed``, and the engine-only
-    ``kv_cache_gb``, ``gpu_memory_utilization``, ``enforce_eager``.
+    (``"recompute"`` or ``"swap"``), ``dtype``, ``device``, ``seed`` (None: a fresh random
+    seed), ``gpu_memory_utilization``, ``enforce_eager``, ``num_gpu_blocks_override``,
+    ``max_logprobs``, and the engine-only ``kv_cache_gb``. vLLM's other arguments are ignored
+    with a warning or refused (see :mod:`fast.api.vllm_args`); an unknown one raises
+    :class:`~fast.api.errors.UnknownArgumentError` naming the close matches.
     """
 
     def __init__(self, model: str | LoadedModel | None = None, **kwargs: Any) -> None:
-        self.llm_engine = LLMEngine(model, EngineConfig(**kwargs))
+        config, self.max_logprobs = engine_kwargs(model, kwargs)
+        _check_device(config.get("device", "auto"))
+        self.llm_engine = LLMEngine(model, EngineConfig(**config))
         self._ids = itertools.count()
+        self._streams = 0  # stream() iterators running
+        self._aborted: list[RequestOutput] = []  # final outputs of aborts, for the streams
+        self._aborted_ids: set[str] = set()  # aborted since the step in flight was run
 
     def get_tokenizer(self) -> Any:
         """The model's tokenizer (None for random weights)."""
@@ -83,16 +107,102 @@ class LLM:
     ) -> Iterator[RequestOutput]:
         """Yield a cumulative :class:`RequestOutput` each time a request gets a token.
 
-        Requests added while the iterator runs (or aborted with :meth:`abort`) are honoured at
-        the next step.
+        Requests added while the iterator runs are honoured at the next step. A request
+        aborted with :meth:`abort` while the iterator runs gets one last output, next, with
+        ``finished=True`` and ``finish_reason="abort"`` (as vLLM's streams end).
         """
         self._add(prompts, sampling_params)
-        while self.llm_engine.has_unfinished_requests():
-            yield from self.llm_engine.step()
+        engine = self.llm_engine
+        self._streams += 1
+        try:
+            while self._aborted or engine.has_unfinished_requests():
+                while self._aborted:
+                    yield self._aborted.pop(0)
+                if not engine.has_unfinished_requests():
+                    continue
+                self._aborted_ids.clear()
+                for out in engine.step():
+                    if out.request_id not in self._aborted_ids:  # else stale: aborted since
+                        yield out
+                    while self._aborted:
+                        yield self._aborted.pop(0)
+        finally:
+            self._streams -= 1
+            if not self._streams:
+                self._aborted.clear()
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        *,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate the next message of one conversation, or of each of a list of them.
+
+        ``messages`` is a conversation (a list of ``{"role", "content"}`` dicts) or a list of
+        conversations; each is rendered with the chat template (``chat_template``, else the
+        tokenizer's) and generated from as :meth:`generate` does, one :class:`RequestOutput`
+        per conversation. ``content`` is text, or a list of ``{"type": "text", "text": ...}``
+        parts (joined by newlines). ``continue_final_message`` renders the last message open,
+        so generation continues it (it needs ``add_generation_prompt=False``).
+
+        Every conversation is checked before any is queued: a malformed message raises
+        :class:`~fast.api.errors.InvalidMessageError` with its index.
+        """
+        conversations, batched = _conversations(messages)
+        if continue_final_message and add_generation_prompt:
+            raise ChatTemplateError(
+                "continue_final_message",
+                True,
+                "needs add_generation_prompt=False (the final message is continued, not answered)",
+            )
+        tok = self.get_tokenizer()
+        if tok is None:
+            raise ChatTemplateError(
+                "messages", messages, "chat needs a tokenizer; the model has none"
+            )
+        if chat_template is not None:
+            tok = copy.copy(tok)
+            tok.chat_template = chat_template
+        if tok.chat_template is None:
+            raise ChatTemplateError(
+                "chat_template", None, "the tokenizer has no chat template; pass chat_template="
+            )
+        items: list[PromptType] = []
+        for c, conversation in enumerate(conversations):
+            where = c if batched else None
+            clean = [_message(i, m, where) for i, m in enumerate(conversation)]
+            try:
+                text = tok.apply_chat_template(
+                    clean,
+                    add_generation_prompt=add_generation_prompt,
+                    **(chat_template_kwargs or {}),
+                )
+            except jinja2.TemplateError as e:
+                name = "messages" if where is None else f"messages[{where}]"
+                raise ChatTemplateError(
+                    name, conversation, f"the chat template refused it: {e}"
+                ) from e
+            if continue_final_message:
+                text = _open_final_message(text, clean, where)
+            # the template writes the special tokens (BOS...) itself: do not add them twice
+            items.append(
+                {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+            )
+        return self.generate(items, sampling_params, use_tqdm=use_tqdm)
 
     def abort(self, request_id: str) -> None:
-        """Abort a running request (unknown or finished ids are ignored)."""
-        self.llm_engine.abort_request(request_id)
+        """Abort a running request (unknown or finished ids are ignored); a running
+        :meth:`stream` yields its final output (``finish_reason="abort"``) next."""
+        final = self.llm_engine.abort_request(request_id)
+        if final is not None and self._streams:
+            self._aborted.append(final)
+            self._aborted_ids.add(request_id)
 
     def _add(
         self, prompts: Prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None
@@ -106,6 +216,14 @@ class LLM:
                 )
         else:
             params = [sampling_params or SamplingParams()] * len(items)
+        if self.max_logprobs is not None:
+            for sp in params:
+                for name in ("logprobs", "prompt_logprobs"):
+                    value = getattr(sp, name, None) if sp is not None else None
+                    if value is not None and value > self.max_logprobs:
+                        raise InvalidArgumentError(
+                            name, value, f"above LLM(max_logprobs={self.max_logprobs})"
+                        )
         engine = self.llm_engine
         for p in items:  # validate everything before queuing anything
             _, tokens = engine._tokenize(p)
@@ -142,3 +260,109 @@ class LLM:
                 "mixes token ids with prompts; a prompt of ids is one list of ints",
             )
         return [p for p in items if not isinstance(p, int)]
+
+
+def _check_device(device: object) -> None:
+    """Refuse a device this machine lacks before anything is loaded.
+
+    >>> _check_device("tpu")
+    Traceback (most recent call last):
+    ...
+    fast.api.errors.DeviceUnavailableError: invalid device='tpu': one of 'auto', 'cpu', 'cuda', \
+'cuda:N'
+    """
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise DeviceUnavailableError("device", device, "one of 'auto', 'cpu', 'cuda', 'cuda:N'")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(
+                "device", device, "CUDA is not available on this machine; use 'cpu' or 'auto'"
+            )
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise DeviceUnavailableError(
+                "device", device, f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+
+
+def _conversations(
+    messages: Sequence[Message] | Sequence[Sequence[Message]],
+) -> tuple[list[Sequence[Any]], bool]:
+    """(the conversations, whether ``messages`` was a list of them).
+
+    >>> _conversations([{"role": "user", "content": "hi"}])
+    ([[{'role': 'user', 'content': 'hi'}]], False)
+    >>> _conversations([[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]])[1]
+    True
+    """
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise InvalidArgumentError(
+            "messages",
+            messages,
+            "must be a list of {'role', 'content'} dicts, or a list of such lists",
+        )
+    if not messages:
+        raise InvalidArgumentError("messages", messages, "no messages")
+    first = messages[0]
+    if isinstance(first, Sequence) and not isinstance(first, (str, bytes)):
+        conversations: list[Sequence[Any]] = []
+        for c, conversation in enumerate(messages):
+            if (
+                isinstance(conversation, (str, bytes, Mapping))
+                or not isinstance(conversation, Sequence)
+                or not conversation
+            ):
+                raise InvalidArgumentError(
+                    f"messages[{c}]", conversation, "a conversation is a non-empty list of messages"
+                )
+            conversations.append(conversation)
+        return conversations, True
+    return [messages], False
+
+
+def _message(index: int, message: object, conversation: int | None) -> dict[str, Any]:
+    """A checked copy of one message, its content as text."""
+
+    def bad(reason: str) -> InvalidMessageError:
+        return InvalidMessageError(index, message, reason, conversation)
+
+    if not isinstance(message, Mapping):
+        raise bad(f"must be a dict with 'role' and 'content', not {type(message).__name__}")
+    if "role" not in message:
+        raise bad("has no 'role'")
+    role = message["role"]
+    if not isinstance(role, str):
+        raise bad(f"'role' must be a str, not {type(role).__name__}")
+    if role not in ROLES:
+        raise bad(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+    if "content" not in message:
+        raise bad("has no 'content'")
+    content = message["content"]
+    if isinstance(content, str):
+        return {**message}
+    if isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
+        texts = []
+        for j, part in enumerate(content):
+            if (
+                not isinstance(part, Mapping)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise bad(f"content[{j}] is not a {{'type': 'text', 'text': str}} part")
+            texts.append(part["text"])
+        return {**message, "content": "\n".join(texts)}
+    raise bad(f"'content' must be a str or a list of text parts, not {type(content).__name__}")
+
+
+def _open_final_message(text: str, messages: list[dict[str, Any]], conversation: int | None) -> str:
+    """``text`` cut right after the final message's content (what the template closes it with
+    is dropped), so that generation continues that message."""
+    final = messages[-1]["content"].rstrip()
+    at = text.rfind(final) if final else -1
+    if at < 0:
+        raise ChatTemplateError(
+            "messages" if conversation is None else f"messages[{conversation}]",
+            messages[-1],
+            "continue_final_message: the final message's content is not in the rendered text",
+        )
+    return text[: at + len(final)]
