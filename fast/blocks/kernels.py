@@ -25,7 +25,7 @@ from fast.blocks.prefix_ids import (
     intern_one,
     lookup_chain,
 )
-from fast.blocks.state import ENTRY_HASH, ENTRY_PID, BlockArrays
+from fast.blocks.state import ENTRY_HASH, ENTRY_PID, BlockState
 
 __all__ = [
     "OK", "UNKNOWN", "SWAPPED", "DUPLICATE", "BAD_TOKEN", "NO_BLOCKS", "GROW", "EXISTS",
@@ -39,22 +39,21 @@ OK = 0
 UNKNOWN = 1  # a sequence id is not live (``seq_id``)
 SWAPPED = 2  # a sequence is swapped out (``seq_id``)
 DUPLICATE = 3  # a batch names a sequence twice
-BAD_TOKEN = 4  # a token id is negative (``index``)
+BAD_TOKEN = 4  # a token id is negative (``bad_token``: its position)
 NO_BLOCKS = 5  # not enough free GPU blocks (``needed``, ``free``)
 GROW = 6  # a row of ``tables``/``tokens`` is too short: grow it and call again
 EXISTS = 7  # allocate onto a live sequence id
 
 I64 = NDArray[np.int64]
 I32 = NDArray[np.int32]
-# The kernels receive a BlockState; for the type checker it has the fields of BlockArrays.
-State = BlockArrays
+State = BlockState
 
 
 class AllocateResult(NamedTuple):
     """What :func:`allocate_kernel` found (and did, when ``mutate`` and ``status == OK``)."""
 
     status: int  # OK, BAD_TOKEN, EXISTS, NO_BLOCKS
-    index: int  # BAD_TOKEN: position of the first negative token in the prompt; else -1
+    bad_token: int  # BAD_TOKEN: position of the first negative token in the prompt; else -1
     needed: int  # GPU blocks the prompt takes from the free queue (new blocks + revived hits)
     free: int  # free GPU blocks before the call
     cached: int  # tokens served by the prefix cache (a multiple of the block size)
@@ -65,7 +64,7 @@ class AppendResult(NamedTuple):
 
     status: int  # OK, DUPLICATE, UNKNOWN, SWAPPED, BAD_TOKEN, NO_BLOCKS, GROW
     seq_id: int  # UNKNOWN, SWAPPED: the sequence; else -1
-    index: int  # BAD_TOKEN: batch index of the first bad token; else -1
+    bad_token: int  # BAD_TOKEN: batch index of the first bad token; else -1
     needed: int  # GPU blocks the batch takes (new blocks + copy-on-write copies)
     free: int  # free GPU blocks before the call
     slots: I64  # [N] slot of each appended token (empty unless appended)

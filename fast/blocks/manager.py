@@ -73,13 +73,27 @@ def _check_token(token: Any, name: str) -> int:
     return value
 
 
+def _int_list_array(values: object) -> NDArray[np.int64] | None:
+    """``values`` as int64 ``[n]`` when it is a non-empty list of plain ints that fit, else None
+    (numpy converts such a list in C; anything else takes the element-by-element path)."""
+    if type(values) is not list or not values or set(map(type, values)) != {int}:
+        return None
+    try:
+        return np.array(values, dtype=np.int64)
+    except OverflowError:
+        return None
+
+
 def _tokens_array(token_ids: Sequence[int] | NDArray[Any], name: str) -> NDArray[np.int64]:
     """``token_ids`` as int64 ``[n]``, validated as the spec does (first bad token raises)."""
-    if isinstance(token_ids, np.ndarray) and token_ids.dtype == np.int64 and token_ids.ndim == 1:
-        if token_ids.size and token_ids.min() < 0:
-            bad = np.flatnonzero(token_ids < 0)
-            raise InvalidArgumentError(name, int(token_ids[bad[0]]), _BAD_TOKEN)
-        return token_ids
+    tokens = _int_list_array(token_ids)
+    if tokens is None and isinstance(token_ids, np.ndarray) and token_ids.dtype == np.int64:
+        tokens = token_ids if token_ids.ndim == 1 else None
+    if tokens is not None:
+        if tokens.size and tokens.min() < 0:
+            bad = np.flatnonzero(tokens < 0)
+            raise InvalidArgumentError(name, int(tokens[bad[0]]), _BAD_TOKEN)
+        return tokens
     return np.array([_check_token(t, name) for t in token_ids], dtype=np.int64)
 
 
@@ -167,7 +181,7 @@ class BlockManager:
         old = getattr(self._a, name)
         new = (np.empty if name in _UNREAD_PAST_END else np.zeros)((rows, cols), dtype=old.dtype)
         new[:, : old.shape[1]] = old
-        return new  # type: ignore[no-any-return]
+        return new
 
     def _free_row(self, more: int = 1) -> int:
         """The row the next new sequence gets, with room for ``more`` new sequences (rows and
@@ -394,6 +408,9 @@ class BlockManager:
         """``seq_ids`` as int64 ``[N]``; ids no row can have are reported in the spec's order."""
         if isinstance(seq_ids, np.ndarray) and seq_ids.dtype == np.int64:
             return seq_ids
+        ids = _int_list_array(seq_ids)
+        if ids is not None:
+            return ids
         if all(isinstance(s, int) and -(1 << 63) <= s <= _INT64_MAX for s in seq_ids):
             return np.array(seq_ids, dtype=np.int64).reshape(-1)
         if len(set(seq_ids)) != len(seq_ids):
@@ -419,7 +436,7 @@ class BlockManager:
         if status == K.SWAPPED:
             raise SequenceStateError(int(result.seq_id), True, operation)
         if status == K.BAD_TOKEN:
-            token = token_ids[int(result.index)]
+            token = token_ids[int(result.bad_token)]
             _check_token(token, token_name)  # a token that is no int has its own message
             raise InvalidArgumentError("token_ids", token, _BAD_TOKEN)
         if status == K.NO_BLOCKS:
@@ -468,7 +485,7 @@ class BlockManager:
             self._take_row(seq_id, row, extra_key)
             return int(result.cached)
         if status == K.BAD_TOKEN:
-            raise InvalidArgumentError("token_ids", int(tokens[result.index]), _BAD_TOKEN)
+            raise InvalidArgumentError("token_ids", int(tokens[result.bad_token]), _BAD_TOKEN)
         if status == K.EXISTS:
             raise SequenceExistsError(seq_id)
         if status == K.NO_BLOCKS:

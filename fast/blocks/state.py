@@ -64,7 +64,7 @@ Scratch, all zero between calls (append only):
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from numba import njit, types
@@ -117,22 +117,25 @@ class BlockArrays(NamedTuple):
 
 
 @structref.register
-class BlockStateType(types.StructRef):  # type: ignore[misc]
+class BlockStateType(types.StructRef):
     """The numba type of :class:`BlockState` (one per combination of field types)."""
 
     def preprocess_fields(self, fields: Any) -> Any:
-        return tuple((name, types.unliteral(typ)) for name, typ in fields)
+        return tuple((name, types.unliteral(typ)) for name, typ in fields)  # type: ignore[no-untyped-call]
 
 
-class BlockState(structref.StructRefProxy):  # type: ignore[misc]
-    """The arrays of a :class:`BlockArrays`, packed as one kernel argument (see :func:`pack`).
+if TYPE_CHECKING:
+    # For the type checker a BlockState has exactly the fields of BlockArrays (it does: the
+    # structref is built from them, field by field), which is how the kernels read it.
+    BlockState = BlockArrays
+else:
 
-    Python code reads the arrays through the :class:`BlockArrays` it was packed from; kernels
-    read and write the same memory through this object.
-    """
+    class BlockState(structref.StructRefProxy):
+        """The arrays of a :class:`BlockArrays`, packed as one kernel argument (see
+        :func:`pack`). Python reads the arrays through the :class:`BlockArrays` it was packed
+        from; kernels read and write the same memory through this object."""
 
-
-structref.define_proxy(BlockState, BlockStateType, list(BlockArrays._fields))
+    structref.define_proxy(BlockState, BlockStateType, list(BlockArrays._fields))
 
 
 @njit(cache=True)

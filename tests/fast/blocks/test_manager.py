@@ -182,3 +182,26 @@ def test_decode_steps_equal_spec_append_batch(caching: bool) -> None:
     n = spec.num_tokens(1)
     got = fast.allocate(9, spec.token_ids(1))
     assert got == spec.allocate(9, spec.token_ids(1)) == ((n - 1) // 2 * 2 if caching else 0)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [[1, True], [1, 2**63], [1, -3, -4], [1, 2.0], [], [5, np.int64(7)], [0, 2**63 - 1]],
+)
+def test_prompt_lists_are_validated_like_the_spec(prompt: list[object]) -> None:
+    """Plain int lists take numpy's conversion; anything else the element-by-element path."""
+    config = BlockManagerConfig(block_size=2, num_gpu_blocks=8)
+    spec, fast = SpecBlockManager(config), BlockManager(config)
+    for call in ("can_allocate", "allocate"):
+        args = (prompt,) if call == "can_allocate" else (0, prompt)
+        try:
+            want = getattr(spec, call)(*args)
+        except InvalidArgumentError as exc:
+            with pytest.raises(InvalidArgumentError) as err:
+                getattr(fast, call)(*args)
+            assert (err.value.name, err.value.value) == (exc.name, exc.value)
+        else:
+            assert getattr(fast, call)(*args) == want
+    if spec.has_sequence(0):
+        assert fast.block_table(0) == spec.block_table(0)
+    fast.check_integrity()
