@@ -144,3 +144,11 @@ def test_ignored_argument_warning_points_at_the_caller(tiny: Any) -> None:
     with pytest.warns(IgnoredArgumentWarning) as record:
         LLM(tiny, block_size=4, num_gpu_blocks=32, max_model_len=64, trust_remote_code=True)
     assert record[0].filename == __file__
+
+
+def test_docs_list_every_decision() -> None:
+    from pathlib import Path
+
+    page = (Path(__file__).parents[3] / "docs" / "api.md").read_text()
+    for name in [*REFUSED, *IGNORED, *ALIASES, "max_logprobs"]:
+        assert f"`{name}" in page, name
