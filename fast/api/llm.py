@@ -79,7 +79,8 @@ class LLM:
         """Generate for every prompt; returns the finished outputs in input order.
 
         Every prompt is validated (and tokenized) before any is scheduled, so a bad one raises
-        without running the others.
+        without running the others. If the call is interrupted (Ctrl-C) or a step raises, its
+        requests are aborted before the exception propagates: the next call starts clean.
         """
         ids = self._add(prompts, sampling_params)
         final: dict[str, RequestOutput] = {}
@@ -95,6 +96,9 @@ class LLM:
                         final[out.request_id] = out
                         if bar is not None:
                             bar.update(1)
+        except BaseException:  # Ctrl-C, or a step that raised: this call's requests end here
+            self._abort_all(ids)
+            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -233,12 +237,22 @@ class LLM:
                     len(tokens),
                     f"must be in [1, max_model_len={engine.max_model_len}]",
                 )
-        ids = []
-        for p, sp in zip(items, params):
-            rid = str(next(self._ids))
-            engine.add_request(rid, p, sp)
-            ids.append(rid)
+        ids: list[str] = []
+        try:
+            for p, sp in zip(items, params):
+                rid = str(next(self._ids))
+                engine.add_request(rid, p, sp)
+                ids.append(rid)
+        except BaseException:
+            self._abort_all(ids)  # a later prompt was refused: none of this call's may run
+            raise
         return ids
+
+    def _abort_all(self, ids: Sequence[str]) -> None:
+        """Abort this call's requests (finished ones are ignored), so that a call that raised
+        (a refused prompt, a failed step, Ctrl-C) leaves nothing queued for the next call."""
+        for rid in ids:
+            self.llm_engine.abort_request(rid)
 
     @staticmethod
     def _as_list(prompts: Prompts) -> list[PromptType]:
