@@ -72,9 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--device", default="auto", choices=DEVICES)
     gen.add_argument("--dtype", default="auto", choices=DTYPES)
-    gen.add_argument("--max-model-len", type=int, default=2048)
+    gen.add_argument("--max-model-len", type=_positive_int, default=2048)
     gen.add_argument("--no-tqdm", action="store_true", help="no progress bar")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (argparse reports the error as one usage line).
+
+    >>> _positive_int("8")
+    8
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _version() -> str:

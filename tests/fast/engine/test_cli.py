@@ -208,6 +208,17 @@ def test_cuda_without_cuda_is_refused_before_loading(
     assert "CUDA is not available" in line and "not found" not in line
 
 
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_max_model_len_must_be_a_positive_int(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(_gen("/nonexistent/model.gguf", "hi", "--max-model-len", value))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--max-model-len" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(("option", "value"), [("--device", "tpu"), ("--dtype", "int3")])
 def test_unknown_device_or_dtype_lists_the_choices(
     option: str, value: str, capsys: pytest.CaptureFixture[str]
