@@ -119,6 +119,10 @@ def test_stream_yields_growing_outputs_and_abort_frees(llm: LLM) -> None:
     first: RequestOutput = next(stream)
     seen[first.request_id] = first.outputs[0].token_ids
     llm.abort(first.request_id)
+    aborted = next(stream)  # the aborted request's final output comes next
+    assert aborted.request_id == first.request_id and aborted.finished
+    assert aborted.outputs[0].finish_reason == "abort"
+    assert aborted.outputs[0].token_ids == first.outputs[0].token_ids
     last: dict[str, RequestOutput] = {}
     for out in stream:
         assert out.request_id != first.request_id
@@ -148,8 +152,9 @@ def test_logprobs(llm: LLM) -> None:
     total = 0.0
     for token, lp in zip(out.token_ids, out.logprobs):
         assert token in lp and 1 <= len(lp) <= 3
-        assert lp[token] == max(lp.values())  # greedy takes the most likely
-        total += lp[token]
+        assert lp[token].rank == 1  # greedy takes the most likely
+        assert lp[token].logprob == max(v.logprob for v in lp.values())
+        total += lp[token].logprob
     assert out.cumulative_logprob == pytest.approx(total)
 
 
@@ -209,5 +214,6 @@ def test_n_samples_per_prompt(llm: LLM) -> None:
     first = next(stream)
     assert len(first.outputs) == 3 and not first.finished
     llm.abort(first.request_id)
-    assert list(stream) == []
+    (final,) = list(stream)  # only the aborted request's final output
+    assert final.finished and [c.finish_reason for c in final.outputs] == ["abort"] * 3
     assert whole(llm)
