@@ -144,6 +144,7 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Generate the next message of one conversation, or of each of a list of them.
@@ -153,7 +154,8 @@ class LLM:
         tokenizer's) and generated from as :meth:`generate` does, one :class:`RequestOutput`
         per conversation. ``content`` is text, or a list of ``{"type": "text", "text": ...}``
         parts (joined by newlines). ``continue_final_message`` renders the last message open,
-        so generation continues it (it needs ``add_generation_prompt=False``).
+        so generation continues it (it needs ``add_generation_prompt=False``). ``tools`` (JSON
+        schemas of functions) and ``chat_template_kwargs`` are passed to the template.
 
         Every conversation is checked before any is queued: a malformed message raises
         :class:`~fast.api.errors.InvalidMessageError` with its index.
@@ -177,6 +179,9 @@ class LLM:
             raise ChatTemplateError(
                 "chat_template", None, "the tokenizer has no chat template; pass chat_template="
             )
+        extra = dict(chat_template_kwargs or {})
+        if tools is not None:
+            extra["tools"] = [dict(t) for t in tools]
         items: list[PromptType] = []
         for c, conversation in enumerate(conversations):
             where = c if batched else None
@@ -185,7 +190,7 @@ class LLM:
                 text = tok.apply_chat_template(
                     clean,
                     add_generation_prompt=add_generation_prompt,
-                    **(chat_template_kwargs or {}),
+                    **extra,
                 )
             except jinja2.TemplateError as e:
                 name = "messages" if where is None else f"messages[{where}]"

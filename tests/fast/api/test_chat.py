@@ -79,6 +79,15 @@ def test_options_reach_the_template(llm: LLM) -> None:
     assert llm.get_tokenizer().chat_template != template  # the model's template is untouched
 
 
+def test_tools_reach_the_template(llm: LLM) -> None:
+    template = "{% for t in tools %}<{{ t['name'] }}>{% endfor %}{{ messages[0]['content'] }}"
+    tools = [{"name": "add"}, {"name": "mul"}]
+    (out,) = llm.chat(
+        [{"role": "user", "content": "x"}], GREEDY, chat_template=template, tools=tools
+    )
+    assert out.prompt == "<add><mul>x"
+
+
 def test_continue_final_message_leaves_it_open(llm: LLM) -> None:
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hel"}]
     (out,) = llm.chat(

@@ -316,3 +316,44 @@ def test_console_script_prints_no_traceback(tmp_path: Path) -> None:
         )
         assert run.returncode == 2, run.stderr
         assert "Traceback" not in run.stderr and len(run.stderr.splitlines()) == 1
+
+
+def test_sigint_during_generation_exits_130_without_traceback(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """A real Ctrl-C (SIGINT) sent once the progress bar shows that generation is under way."""
+    import os
+    import selectors
+    import signal
+    import time
+
+    prompts = tmp_path / "many.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(400)))
+    args = _gen(model_dir, "--prompts-file", str(prompts), "--max-tokens", "60")
+    args.remove("--no-tqdm")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fast.api.cli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    os.set_blocking(proc.stderr.fileno(), False)
+    seen = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        deadline = time.monotonic() + 240
+        while b"Processed prompts" not in seen and time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            if sel.select(timeout=1.0):
+                seen += proc.stderr.read() or b""
+    if proc.poll() is not None:
+        pytest.fail(f"finished before it could be interrupted: {seen[-500:]!r}")
+    assert b"Processed prompts" in seen, seen[-500:]
+    proc.send_signal(signal.SIGINT)
+    os.set_blocking(proc.stderr.fileno(), True)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130
+    err = (seen + rest).decode(errors="replace")
+    assert "Traceback" not in err
+    assert err.rstrip().endswith("pagedkv: interrupted")
