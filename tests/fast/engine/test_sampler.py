@@ -383,3 +383,37 @@ def test_logprob_ranks_and_sampled_token_outside_top_k() -> None:
         assert lp[token].rank == 4 and lp[token].decoded_token is None
         assert lp[token].logprob == pytest.approx(float(raw[i, token]), abs=1e-5)
         assert out.sampled_logprobs[i] == pytest.approx(float(raw[i, token]), abs=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_penalties_warps_and_logprobs_equal_cpu() -> None:
+    x = logits(6, seed=30)
+    hist = histories(6, seed=31)
+    params = [
+        SamplingParams(temperature=0.0, repetition_penalty=1.7, logprobs=3),
+        SamplingParams(temperature=0.0, presence_penalty=1.0, frequency_penalty=0.5, logprobs=0),
+        SamplingParams(temperature=0.0, logprobs=5),
+        SamplingParams(temperature=0.9, top_k=8, top_p=0.9, min_p=0.1, seed=1),
+        SamplingParams(temperature=0.0, logits_processors=[lambda ids, r: r.flip(0)]),
+        SamplingParams(temperature=1.0, min_p=0.2, repetition_penalty=1.2),
+    ]
+    cpu = process_logits(x, params, hist)
+    gpu = process_logits(x.cuda(), params, hist)
+    torch.testing.assert_close(gpu.cpu(), cpu)
+    rows = [i for i, p in enumerate(params) if not p.is_greedy]
+    warped = [params[i] for i in rows]
+    torch.testing.assert_close(
+        warp_logits(x[rows].cuda(), warped).cpu(), warp_logits(x[rows], warped)
+    )
+    a = Sampler().sample(x, params, histories=hist)
+    b = Sampler().sample(x.cuda(), params, histories=hist)
+    greedy_rows = [i for i, p in enumerate(params) if p.is_greedy]
+    assert [a.tokens[i] for i in greedy_rows] == [b.tokens[i] for i in greedy_rows]
+    for i in greedy_rows:
+        assert b.sampled_logprobs[i] == pytest.approx(a.sampled_logprobs[i], abs=1e-5)
+        la, lb = a.logprobs[i], b.logprobs[i]
+        assert (la is None) == (lb is None)
+        if la is not None and lb is not None:
+            assert list(la) == list(lb) and [v.rank for v in la.values()] == [
+                v.rank for v in lb.values()
+            ]
