@@ -190,3 +190,75 @@ def test_copy_and_replace_keep_working() -> None:
     assert dataclasses.replace(p, seed=4).seed == 4
     with pytest.raises(InvalidSamplingParamsError):
         dataclasses.replace(p, seed=True)
+
+
+def test_any_values_give_a_named_error_or_params_the_sampler_runs() -> None:
+    """Arbitrary values for every field: either InvalidSamplingParamsError naming a field, or
+    parameters that the vocabulary check and the sampler take without any other error."""
+    import math
+
+    import torch
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from fast.engine.sampler import Sampler
+
+    vocab = 12
+    anything = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**70), max_value=2**70),
+        st.integers(min_value=-3, max_value=20),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.floats(min_value=-3, max_value=3),
+        st.text(max_size=3),
+        st.lists(st.integers(min_value=-2, max_value=15), max_size=3),
+    )
+    fields = st.dictionaries(st.sampled_from(_FIELD_NAMES), anything, max_size=5)
+
+    @settings(max_examples=300, deadline=None)
+    @given(fields, st.integers(min_value=0, max_value=2**31))
+    def check(kwargs: dict[str, Any], seed: int) -> None:
+        try:
+            p = SamplingParams(**kwargs)
+            p.check_vocab_size(vocab)
+        except InvalidSamplingParamsError as e:
+            assert e.name in _FIELD_NAMES and e.name in str(e)
+            return
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(2, vocab, generator=g)
+        gens = [
+            torch.Generator().manual_seed(p.seed + i) if p.seed is not None else None
+            for i in range(2)
+        ]
+        hist = [([1, 2], [3, 3]), ([0], [])]
+        out = Sampler().sample(x, [p, p], gens, histories=hist)
+        assert all(0 <= t < vocab for t in out.tokens)
+        assert all(math.isfinite(v) and v <= 0 for v in out.sampled_logprobs)
+        if p.logprobs is not None:
+            assert all(lp is not None and len(lp) >= max(1, p.logprobs) for lp in out.logprobs)
+
+    check()
+
+
+_FIELD_NAMES = [
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "max_tokens",
+    "min_tokens",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "logprobs",
+    "prompt_logprobs",
+    "detokenize",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
+]
