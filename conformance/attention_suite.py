@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from hypothesis import HealthCheck, given, settings
+from hypothesis import seed as hypothesis_seed
 
 from conformance.attention_cases import (
     CPU_LIMITS,
@@ -21,19 +22,24 @@ from conformance.attention_cases import (
     attention_cases,
     build_case,
 )
-from conformance.attention_impl import attention_impl, check_decode, check_prefill
+from conformance.attention_impl import AttentionImpl, attention_impl, check_decode, check_prefill
+from conformance.report import counterexample_of
 
 __all__ = ["AttentionSuiteResult", "run_attention_suite"]
 
 
 @dataclass
 class AttentionSuiteResult:
-    """Cases run per operation, the largest error seen per dtype, and failures (as text)."""
+    """Cases run per operation, the largest error seen per dtype, and failures (as text).
+
+    ``counterexamples[i]`` is the shrunk case of ``failures[i]``, as hypothesis printed it.
+    """
 
     impl: str
     cases: dict[str, int] = field(default_factory=dict)
     max_error: dict[str, float] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    counterexamples: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -43,16 +49,21 @@ class AttentionSuiteResult:
 
 
 def run_attention_suite(
-    name: str, *, device: str = "cpu", max_examples: int = 30, derandomize: bool = True
+    name: str | AttentionImpl,
+    *,
+    device: str = "cpu",
+    max_examples: int = 30,
+    derandomize: bool = True,
+    seed: int | None = None,
 ) -> AttentionSuiteResult:
-    """Decode and prefill of implementation ``name`` against the spec on drawn cases.
+    """Decode and prefill of implementation ``name`` (or an object) against the spec.
 
     >>> r = run_attention_suite("torch", max_examples=3)
     >>> r.ok, r.cases
     (True, {'paged_decode': 3, 'paged_prefill': 3})
     """
-    impl = attention_impl(name)
-    result = AttentionSuiteResult(impl=name)
+    impl = attention_impl(name) if isinstance(name, str) else name
+    result = AttentionSuiteResult(impl=impl.name)
     start = time.perf_counter()
     gpu = device != "cpu"
     plans = (
@@ -64,7 +75,7 @@ def run_attention_suite(
 
         @settings(
             max_examples=max_examples,
-            derandomize=derandomize,
+            derandomize=derandomize and seed is None,
             deadline=None,
             database=None,
             suppress_health_check=list(HealthCheck),
@@ -75,9 +86,11 @@ def run_attention_suite(
             result.cases[op] += 1
             result.max_error[case.dtype] = max(result.max_error.get(case.dtype, 0.0), err)
 
+        test = run if seed is None else hypothesis_seed(seed)(run)
         try:
-            run()
+            test()
         except AssertionError as e:
             result.failures.append(f"{op}: {e}")
+            result.counterexamples.append(counterexample_of(e, ()))
     result.seconds = time.perf_counter() - start
     return result

@@ -55,8 +55,15 @@ def outcome(fn: Callable[..., Any], *args: Any) -> Outcome:
         return Outcome(error=type(exc))
 
 
-def observables(bm: BlockManagerImpl, seq_ids: Sequence[int]) -> dict[str, Any]:
-    """Everything the public queries show about ``bm`` for the sequence ids ``seq_ids``."""
+def observables(
+    bm: BlockManagerImpl, seq_ids: Sequence[int], num_gpu_blocks: int = 0
+) -> dict[str, Any]:
+    """Everything the public queries show about ``bm`` for the sequence ids ``seq_ids``.
+
+    Besides the per-sequence state: the refcount of each of the ``num_gpu_blocks`` device
+    blocks, the free queue in order (head first), the prefix cache's blocks, and its eviction
+    order (the cached blocks that are free, in free-queue order: least recently released first).
+    """
     seqs: dict[int, Any] = {}
     live_resident: list[int] = []
     for s in seq_ids:
@@ -74,9 +81,17 @@ def observables(bm: BlockManagerImpl, seq_ids: Sequence[int]) -> dict[str, Any]:
             "slot_mapping": outcome(bm.slot_mapping, s, 0, n),
             "can_swap_in": outcome(bm.can_swap_in, s, 1),
         }
+    free_order = [int(b) for b in bm.free_block_order()]
+    cached = [int(b) for b in bm.cached_blocks()]
+    cached_set = set(cached)
     return {
         "num_free_gpu_blocks": int(bm.num_free_gpu_blocks),
         "num_free_cpu_blocks": int(bm.num_free_cpu_blocks),
+        "refcount": [int(bm.refcount(b)) for b in range(num_gpu_blocks)],
+        "free_block_order": free_order,
+        "cached_blocks": cached,
+        "cache_eviction_order": [b for b in free_order if b in cached_set],
+        "sequence_ids": [int(s) for s in bm.sequence_ids()],
         "live": sorted(seqs),
         "sequences": seqs,
         "can_append": outcome(bm.can_append, live_resident),
@@ -169,8 +184,16 @@ class Lockstep:
     def call(self, op: str, *args: Any) -> Outcome:
         """Call ``op(*args)`` on both sides and insist on equal outcomes; apply its KV effects."""
         self.steps += 1
-        before = observables(self.model, self.seq_ids) if op not in _QUERIES else None
-        before_impl = observables(self.impl, self.seq_ids) if before is not None else None
+        before = (
+            observables(self.model, self.seq_ids, self.num_gpu_blocks)
+            if op not in _QUERIES
+            else None
+        )
+        before_impl = (
+            observables(self.impl, self.seq_ids, self.num_gpu_blocks)
+            if before is not None
+            else None
+        )
         want = outcome(getattr(self.model, op), *args)
         got = outcome(getattr(self.impl, op), *args)
         call = f"bm.{op}({', '.join(repr(a) for a in args)})"
@@ -181,7 +204,7 @@ class Lockstep:
             raise ConformanceError(f"{call}: spec {want}, implementation {got}")
         if want.error is not None and before is not None and before_impl is not None:
             for side, snap, bm in (("spec", before, self.model), ("impl", before_impl, self.impl)):
-                after = observables(bm, self.seq_ids)
+                after = observables(bm, self.seq_ids, self.num_gpu_blocks)
                 if after != snap:
                     raise ConformanceError(
                         f"{call} raised {want.error.__name__} but changed the {side} state: "
@@ -221,8 +244,8 @@ class Lockstep:
             self.impl.check_integrity()
         except AssertionError as exc:
             raise ConformanceError(f"implementation check_integrity failed: {exc}") from exc
-        want = observables(self.model, self.seq_ids)
-        got = observables(self.impl, self.seq_ids)
+        want = observables(self.model, self.seq_ids, self.num_gpu_blocks)
+        got = observables(self.impl, self.seq_ids, self.num_gpu_blocks)
         if want != got:
             raise ConformanceError(f"observables differ: {_diff(want, got)}")
         for s in self.seq_ids:

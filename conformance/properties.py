@@ -10,8 +10,10 @@ implementation differs from the spec, fails its integrity check or reads back a 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from hypothesis import HealthCheck, given, note
+from hypothesis import seed as hypothesis_seed
 from hypothesis import settings as Settings
 from hypothesis import strategies as st
 
@@ -20,7 +22,7 @@ from conformance.lockstep import ConformanceError, Lockstep
 from conformance.operations import OPERATIONS
 from conformance.presets import Preset
 from conformance.protocols import BlockManagerFactory
-from conformance.strategies import prompts
+from conformance.strategies import filling_prompts, prompts
 from spec.prefix_cache import HashFn, hash_block_tokens
 
 __all__ = [
@@ -37,7 +39,19 @@ __all__ = [
     "ConformanceError",
 ]
 
-Property = Callable[[BlockManagerFactory, "Settings | None"], None]
+
+class Property(Protocol):
+    """A named property: searches programs against ``factory``; raises on a divergence."""
+
+    __name__: str
+
+    def __call__(
+        self,
+        factory: BlockManagerFactory,
+        settings: Settings | None = None,
+        *,
+        seed: int | None = None,
+    ) -> None: ...
 
 
 def default_settings(max_examples: int = 200) -> Settings:
@@ -61,11 +75,18 @@ def _program(
     max_steps: int = 30,
     finish: Callable[[Lockstep, st.DataObject], None] | None = None,
     hash_fn: HashFn | None = None,
+    seed: int | None = None,
 ) -> None:
-    """Search random programs over ``ops`` (name -> weight), checking after every step."""
-    names = [name for name, weight in ops.items() for _ in range(weight)]
+    """Search random programs over ``ops`` (name -> weight), checking after every step.
 
-    @(settings or default_settings())
+    With ``seed``, the search is random but repeatable (``derandomize`` is turned off).
+    """
+    names = [name for name, weight in ops.items() for _ in range(weight)]
+    chosen = settings or default_settings()
+    if seed is not None:
+        chosen = Settings(chosen, derandomize=False)
+
+    @chosen
     @given(st.data())
     def search(data: st.DataObject) -> None:
         ls = new_lockstep(factory, p, hash_fn=hash_fn)
@@ -78,11 +99,16 @@ def _program(
         if finish is not None:
             finish(ls, data)
 
+    if seed is not None:
+        search = hypothesis_seed(seed)(search)
     search()
 
 
 def evicted_block_not_in_hash_index(
-    factory: BlockManagerFactory, settings: Settings | None = None
+    factory: BlockManagerFactory,
+    settings: Settings | None = None,
+    *,
+    seed: int | None = None,
 ) -> None:
     """A cached block that is evicted (reused for other content) must leave the hash index.
 
@@ -90,21 +116,46 @@ def evicted_block_not_in_hash_index(
     reused; a stale index entry makes a later prompt "hit" a block holding other tokens.
     """
     p = Preset("evict", block_size=2, num_gpu_blocks=6, enable_prefix_caching=True, vocab=2)
-    _program(factory, p, {"allocate": 3, "free": 2, "append": 1}, settings)
+    _program(factory, p, {"allocate": 3, "free": 2, "append": 1}, settings, seed=seed)
 
 
-def touch_before_allocate(factory: BlockManagerFactory, settings: Settings | None = None) -> None:
+def touch_before_allocate(
+    factory: BlockManagerFactory,
+    settings: Settings | None = None,
+    *,
+    seed: int | None = None,
+) -> None:
     """An allocation that hits cached free blocks must take them before evicting for new ones.
 
-    With the pool almost all cached-and-free, a prompt hitting some cached blocks and needing
-    new ones must not evict the very blocks it is about to reuse.
+    After a random program, every sequence is freed in a drawn order (so the pool is all
+    cached-and-free, in an order that depends on who was freed first), then prompts that share a
+    cached prefix and fill most of the pool are allocated: each needs nearly every free block,
+    so its hits sit among the blocks it takes new, and taking new blocks first would evict them.
     """
     p = Preset("touch", block_size=2, num_gpu_blocks=5, enable_prefix_caching=True, vocab=2)
-    _program(factory, p, {"allocate": 3, "free": 2, "can_allocate": 1}, settings)
+
+    def finish(ls: Lockstep, data: st.DataObject) -> None:
+        live = ls.live()
+        order = data.draw(st.permutations(live), label="free order") if live else []
+        for seq_id in order:
+            ls.call("free", seq_id)
+            ls.check()
+        for seq_id in range(data.draw(st.integers(1, 3), label="final allocations")):
+            prompt = data.draw(filling_prompts(p), label="token_ids")
+            if ls.call("allocate", seq_id, prompt, None).error is None:
+                ls.check()
+                ls.call("free", seq_id)
+            ls.check()
+
+    ops = {"allocate": 3, "free": 2, "can_allocate": 1}
+    _program(factory, p, ops, settings, seed=seed, finish=finish)
 
 
 def hash_collision_never_reuses_block(
-    factory: BlockManagerFactory, settings: Settings | None = None
+    factory: BlockManagerFactory,
+    settings: Settings | None = None,
+    *,
+    seed: int | None = None,
 ) -> None:
     """Blocks whose content hashes collide must not be shared: a hit compares stored tokens.
 
@@ -112,11 +163,14 @@ def hash_collision_never_reuses_block(
     """
     p = Preset("collide", block_size=2, num_gpu_blocks=8, enable_prefix_caching=True, vocab=3)
     ops = {"allocate": 3, "free": 2, "append": 1, "can_allocate": 1}
-    _program(factory, p, ops, settings, hash_fn=colliding_hash)
+    _program(factory, p, ops, settings, seed=seed, hash_fn=colliding_hash)
 
 
 def fork_free_refcounts_under_beam_search(
-    factory: BlockManagerFactory, settings: Settings | None = None
+    factory: BlockManagerFactory,
+    settings: Settings | None = None,
+    *,
+    seed: int | None = None,
 ) -> None:
     """Beam-search churn: fork many, free some, append to all, fork again; refcounts stay exact.
 
@@ -133,21 +187,28 @@ def fork_free_refcounts_under_beam_search(
         p,
         {"allocate": 1, "fork": 4, "free": 2, "append_batch": 3, "append": 1},
         settings,
+        seed=seed,
         finish=finish,
     )
 
 
 def swap_in_reserves_append_capacity(
-    factory: BlockManagerFactory, settings: Settings | None = None
+    factory: BlockManagerFactory,
+    settings: Settings | None = None,
+    *,
+    seed: int | None = None,
 ) -> None:
     """``can_swap_in(seq, k)`` must count the blocks the ``k`` tokens about to be appended need."""
     p = Preset("swapcap", block_size=2, num_gpu_blocks=6, num_cpu_blocks=8, vocab=3)
     ops = {"allocate": 2, "append": 2, "swap_out": 2, "swap_in": 1, "can_swap_in": 3, "free": 1}
-    _program(factory, p, ops, settings)
+    _program(factory, p, ops, settings, seed=seed)
 
 
 def no_blocks_leaked_on_abort(
-    factory: BlockManagerFactory, settings: Settings | None = None
+    factory: BlockManagerFactory,
+    settings: Settings | None = None,
+    *,
+    seed: int | None = None,
 ) -> None:
     """After any program, freeing every sequence (abort all) gives both pools back in full."""
     p = Preset(
@@ -165,7 +226,7 @@ def no_blocks_leaked_on_abort(
         note("free every live sequence")
         ls.free_all()
 
-    _program(factory, p, ops, settings, finish=finish)
+    _program(factory, p, ops, settings, seed=seed, finish=finish)
 
 
 def colliding_hash(parent_hash: int, token_ids: Sequence[int], extra_key: str | None) -> int:

@@ -136,6 +136,10 @@ class FastSchedulerAdapter:
         self._arrivals += 1
 
     def abort_request(self, seq_id: int) -> None:
+        pending = [f for f in self._forks if f[1] == seq_id]
+        if pending:  # a child the engine would fork at update(): it never starts
+            self._forks.remove(pending[0])
+            return
         self.scheduler.abort_request(seq_id)
 
     def schedule(self) -> SchedulerOutput:

@@ -13,6 +13,7 @@ hypothesis strategy drawing them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "run_lockstep",
     "workloads",
     "check_scheduler",
+    "SCHEDULER_CI_EXAMPLES",
 ]
 
 
@@ -46,6 +48,7 @@ class RequestSpec:
     max_tokens: int
     abort_step: int | None = None
     n: int = 1
+    abort_in_flight: bool = False  # abort between schedule() and update() of abort_step
 
     def child_ids(self) -> list[int]:
         """The ids of the ``n - 1`` forked sequences."""
@@ -84,6 +87,7 @@ class _Driver:
         for r in wl.requests:
             self.by_id.update((c, r) for c in r.child_ids())
         self.unforked: dict[int, list[int]] = {}  # parent id -> children not forked yet
+        self.abort_trace: list[tuple[int, int]] = []  # (seq id, free blocks after) per abort
 
     def step(self) -> SchedulerOutput:
         wl, cfg = self.wl, self.wl.config
@@ -95,7 +99,8 @@ class _Driver:
                 if r.n > 1:
                     self.unforked[r.seq_id] = r.child_ids()
         for r in wl.requests:
-            if r.abort_step == self.step_no:  # the whole request, as the engine aborts
+            if r.abort_step == self.step_no and not r.abort_in_flight:
+                # the whole request, as the engine aborts
                 self.unforked.pop(r.seq_id, None)
                 for sid in [r.seq_id, *r.child_ids()]:
                     if sid in self.length:
@@ -108,6 +113,7 @@ class _Driver:
         for s in out.scheduled:
             if s.sample:
                 self._sample(s.seq_id, self.length[s.seq_id], sampled, finished)
+        forked: set[int] = set()
         for s in out.scheduled:  # children start at their parent's first token
             if not s.sample or s.seq_id not in self.unforked:
                 continue
@@ -120,9 +126,40 @@ class _Driver:
                     continue
                 if self.impl.fork(s.seq_id, child):
                     self._sample(child, prompt_len, sampled, finished)
+                    forked.add(child)
+        in_step = {s.seq_id for s in out.scheduled} | set(out.swapped_out) | forked
+        for r in wl.requests:
+            if r.abort_step == self.step_no and r.abort_in_flight:
+                self._abort_in_flight(r, in_step, sampled, finished)
         self.impl.update(StepOutcome(sampled, frozenset(finished)))
         self.step_no += 1
         return out
+
+    def _abort_in_flight(
+        self, r: RequestSpec, in_step: set[int], sampled: dict[int, int], finished: set[int]
+    ) -> None:
+        """Abort request ``r`` while the step is in flight (property ``freed_while_in_flight``).
+
+        A sequence the step uses must keep its blocks until ``update()``: the engine is still
+        reading and writing them, so the free pool must not grow.
+        """
+        self.unforked.pop(r.seq_id, None)
+        for sid in [r.seq_id, *r.child_ids()]:
+            if sid not in self.length and sid not in sampled:
+                continue  # not live (never added, finished before, or a child never forked)
+            before = self.impl.num_free_gpu_blocks
+            self.impl.abort_request(sid)
+            after = self.impl.num_free_gpu_blocks
+            self.length.pop(sid, None)
+            sampled.pop(sid, None)
+            finished.discard(sid)
+            self.abort_trace.append((sid, after))
+            if sid in in_step and after != before:
+                raise SchedulerConformanceError(
+                    f"freed_while_in_flight: step {self.step_no}: sequence {sid} was aborted "
+                    f"while the step in flight uses its blocks, and {after - before} blocks "
+                    "went back to the free pool before update()"
+                )
 
     def _sample(self, sid: int, length: int, sampled: dict[int, int], finished: set[int]) -> None:
         sampled[sid] = _token(sid, length, self.wl.vocab)
@@ -191,6 +228,11 @@ def run_lockstep(
             raise SchedulerConformanceError(f"not done after {max_steps} steps")
         step = a.step_no
         out_a, out_b = a.step(), b.step()
+        if a.abort_trace != b.abort_trace:
+            raise SchedulerConformanceError(
+                f"step {step}: free blocks after each abort differ:\n reference "
+                f"{a.abort_trace}\n candidate {b.abort_trace}"
+            )
         if out_a != out_b:
             raise SchedulerConformanceError(
                 f"step {step} differs:\n reference {out_a}\n candidate {out_b}"
@@ -201,16 +243,29 @@ def run_lockstep(
 
 
 @st.composite
-def workloads(draw: st.DrawFn, max_requests: int = 8) -> Workload:
-    """Small pools, short prompts, both preemption modes, chunked prefill on and off."""
+def workloads(draw: st.DrawFn, max_requests: int = 8, focus: str | None = None) -> Workload:
+    """Small pools, short prompts, both preemption modes, chunked prefill on and off.
+
+    ``focus="swap"``: swap preemption in the tightest pools, with small blocks, many and long
+    requests (swap-out and swap-in at the edge of capacity). ``focus="abort_in_flight"``: half
+    the requests are aborted, all of them between ``schedule()`` and ``update()``.
+    """
     from spec.block_manager import BlockManagerConfig
 
-    block_size = draw(st.sampled_from([1, 2, 4]))
+    swap_focus = focus == "swap"
+    block_size = draw(st.sampled_from([1, 2] if swap_focus else [1, 2, 4]))
     max_model_len = draw(st.integers(4, 24))
     min_blocks = -(-max_model_len // block_size)
-    num_gpu_blocks = min_blocks + draw(st.integers(0, min_blocks))
-    mode: PreemptionMode = draw(st.sampled_from(["recompute", "swap"]))
+    # half the pools are as tight as a max_model_len sequence allows: preemption, swap and
+    # swap-in at the edge of capacity happen within a few steps
+    tight = swap_focus or draw(st.booleans())
+    num_gpu_blocks = min_blocks + (
+        draw(st.integers(0, 1)) if tight else draw(st.integers(0, min_blocks))
+    )
+    mode: PreemptionMode = "swap" if swap_focus else draw(st.sampled_from(["recompute", "swap"]))
     num_cpu_blocks = draw(st.integers(0, num_gpu_blocks)) if mode == "swap" else 0
+    if mode == "swap" and tight:
+        num_cpu_blocks = num_gpu_blocks  # room to swap out, so swap-in decisions follow
     chunked = draw(st.booleans())
     max_num_seqs = draw(st.integers(1, 6))
     low = max_num_seqs if chunked else max(max_num_seqs, max_model_len)
@@ -224,29 +279,55 @@ def workloads(draw: st.DrawFn, max_requests: int = 8) -> Workload:
         num_cpu_blocks=num_cpu_blocks,
         enable_prefix_caching=prefix,
     )
-    n = draw(st.integers(1, max_requests))
+    n = draw(st.integers(max_requests // 2 if swap_focus else 1, max_requests))
     requests = []
     for i in range(n):
         plen = draw(st.integers(1, max_model_len))
         prompt = tuple(draw(st.lists(st.integers(0, vocab - 1), min_size=plen, max_size=plen)))
         arrival = draw(st.integers(0, 3))
-        abort = draw(st.one_of(st.none(), st.none(), st.integers(arrival, arrival + 12)))
+        if focus == "abort_in_flight":
+            abort = draw(st.one_of(st.none(), st.integers(arrival, arrival + 8)))
+        else:
+            abort = draw(st.one_of(st.none(), st.none(), st.integers(arrival, arrival + 12)))
         n_seqs = draw(st.sampled_from([1, 1, 2, 3]))
-        requests.append(RequestSpec(i, arrival, prompt, draw(st.integers(1, 16)), abort, n_seqs))
+        in_flight = abort is not None and (focus == "abort_in_flight" or draw(st.booleans()))
+        max_tokens = draw(st.integers(8 if swap_focus else 1, 16))
+        requests.append(
+            RequestSpec(i, arrival, prompt, max_tokens, abort, n_seqs, abort_in_flight=in_flight)
+        )
     return Workload(config, bm_config, tuple(requests), vocab)
+
+
+#: The scheduler's named properties: each searches request streams drawn with a focus.
+SCHEDULER_PROPERTIES: dict[str, str | None] = {
+    "same_decisions": None,
+    "swap_in_reserves_append": "swap",
+    "freed_while_in_flight": "abort_in_flight",
+}
+
+#: Request streams per scheduler property in CI (``python -m conformance`` and the tests).
+SCHEDULER_CI_EXAMPLES = 150
 
 
 def check_scheduler(
     candidate: SchedulerFactory,
     reference: SchedulerFactory | None = None,
-    max_examples: int = 100,
+    max_examples: int = SCHEDULER_CI_EXAMPLES,
     shrink: bool = True,
+    seed: int | None = None,
+    on_workload: Callable[[Workload], None] | None = None,
+    focus: str | None = None,
 ) -> None:
     """Hypothesis property: ``candidate`` makes the reference's decisions on random workloads.
 
+    ``focus`` picks the workloads of one of :data:`SCHEDULER_PROPERTIES` (see :func:`workloads`).
+
     ``shrink=False`` reports the first failing workload as found (faster, longer to read).
+    ``seed`` None is deterministic (``derandomize``); a seed draws other, repeatable streams.
+    ``on_workload`` sees every workload before it runs (for counting).
     """
-    from hypothesis import Phase, given, settings
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hypothesis_seed
 
     from conformance.scheduler_protocol import SpecSchedulerAdapter
 
@@ -254,9 +335,21 @@ def check_scheduler(
 
     phases = tuple(Phase) if shrink else (Phase.explicit, Phase.generate)
 
-    @settings(max_examples=max_examples, deadline=None, derandomize=True, phases=phases)
-    @given(workloads())
+    @settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=seed is None,
+        phases=phases,
+        database=None,
+        report_multiple_bugs=False,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(workloads(focus=focus))
     def prop(wl: Workload) -> None:
+        if on_workload is not None:
+            on_workload(wl)
         run_lockstep(ref, candidate, wl)
 
+    if seed is not None:
+        prop = hypothesis_seed(seed)(prop)
     prop()

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from conformance.presets import Preset
 
-__all__ = ["legal", "prompts", "extra_keys", "any_seq_id", "seq_id_from"]
+__all__ = ["legal", "prompts", "filling_prompts", "extra_keys", "any_seq_id", "seq_id_from"]
 
 
 def legal(one_in: int = 10) -> st.SearchStrategy[bool]:
@@ -37,6 +37,20 @@ def prompts(draw: st.DrawFn, p: Preset, *, allow_empty: bool = False) -> list[in
     if not tokens:
         tokens = [draw(st.integers(0, p.vocab - 1))]
     return tokens
+
+
+@st.composite
+def filling_prompts(draw: st.DrawFn, p: Preset) -> list[int]:
+    """A prompt that starts like one of the base streams and fills the last block or two of
+    the device pool (so an allocation of it needs nearly every free block)."""
+    base = draw(st.sampled_from(_bases(p)))
+    size = p.num_gpu_blocks * p.block_size
+    length = draw(st.integers(size - 2 * p.block_size + 1, size), label="length")
+    head = draw(st.integers(p.block_size, min(len(base), length)), label="shared prefix")
+    tail = draw(
+        st.lists(st.integers(0, p.vocab - 1), min_size=length - head, max_size=length - head)
+    )
+    return base[:head] + tail
 
 
 def extra_keys() -> st.SearchStrategy[str | None]:

@@ -6,10 +6,10 @@ import pytest
 
 from conformance.properties import PROPERTIES
 from conformance.registry import block_manager_factory, block_manager_names
-from conformance.runner import PROFILES, run_property
+from conformance.runner import PROFILES, ci_seed, run_property
 
 
 @pytest.mark.parametrize("name", sorted(PROPERTIES))
 @pytest.mark.parametrize("impl", block_manager_names())
 def test_property(impl: str, name: str) -> None:
-    run_property(name, block_manager_factory(impl), PROFILES["ci"])
+    run_property(name, block_manager_factory(impl), PROFILES["ci"], seed=ci_seed())

@@ -1,22 +1,30 @@
-"""Each named property catches the mutant planted for its bug class (and passes on fast)."""
+"""Each named property catches the mutant planted for its bug class, at CI's own budget and seed.
+
+The budget is ``PROFILES["ci"].property_examples`` (what ``pytest --pyargs conformance`` and
+``python -m conformance`` run) and the seed is CI's (``conformance.runner.ci_seed``, derived
+from the commit): a mutant that escapes this test would escape CI. docs/conformance.md records
+how many examples each mutant takes to be caught over many seeds.
+"""
 
 from __future__ import annotations
 
 import pytest
+from block_mutants import MUTANTS, mutant_factory
 from hypothesis import Phase, settings
 
 from conformance.lockstep import ConformanceError
-from conformance.mutants import MUTANTS, mutant_factory
 from conformance.presets import preset
-from conformance.properties import PROPERTIES, default_settings
+from conformance.properties import PROPERTIES
 from conformance.registry import block_manager_factory
-from conformance.runner import PROFILES, run_machine
+from conformance.runner import PROFILES, ci_seed, run_machine
+
+CI = PROFILES["ci"]
 
 
-def _search(max_examples: int) -> settings:
-    # no shrinking: finding the bug is what is tested, the minimal script is not needed here
+def _ci_settings() -> settings:
+    # CI's budget; no shrinking: finding the bug is what is tested here
     return settings(
-        default_settings(max_examples), phases=[Phase.explicit, Phase.reuse, Phase.generate]
+        CI.settings(CI.property_examples), phases=[Phase.explicit, Phase.reuse, Phase.generate]
     )
 
 
@@ -25,16 +33,22 @@ def test_every_property_has_a_mutant() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(MUTANTS))
-def test_property_catches_its_mutant(name: str) -> None:
+def test_property_catches_its_mutant_at_the_ci_budget(name: str) -> None:
     with pytest.raises(ConformanceError):
-        PROPERTIES[name](mutant_factory(name), _search(300))
+        PROPERTIES[name](mutant_factory(name), _ci_settings(), seed=ci_seed())
 
 
-# The general state machine finds these mutants too. Not the other two: hash collisions are
-# only planted by their named property, and a stale index entry only bites when an evicted
-# block's old prompt comes back while the block holds other tokens, which the tiny-pool
-# allocate/free churn of ``evicted_block_not_in_hash_index`` reaches and the machine's mix
-# of operations does not reach within the CI budget.
+@pytest.mark.parametrize("name", sorted(MUTANTS))
+def test_property_catches_its_mutant_derandomized(name: str) -> None:
+    # the budget holds without a seed too (python -m conformance with no --seed)
+    with pytest.raises(ConformanceError):
+        PROPERTIES[name](mutant_factory(name), _ci_settings())
+
+
+# The general state machine finds these mutants too, on the CI budget of one preset. Not the
+# other two: hash collisions are only planted by their named property, and a stale index entry
+# only bites when an evicted block's old prompt comes back while the block holds other tokens,
+# which the tiny-pool churn of ``evicted_block_not_in_hash_index`` reaches quickly.
 MACHINE_CATCHES = {
     "touch_before_allocate": "prefix_swap",
     "fork_free_refcounts_under_beam_search": "prefix_swap",
@@ -47,11 +61,11 @@ MACHINE_CATCHES = {
 def test_mutant_is_caught_by_the_state_machine_too(name: str) -> None:
     with pytest.raises(ConformanceError):
         run_machine(
-            mutant_factory(name), preset(MACHINE_CATCHES[name]), PROFILES["ci"], shrink=False
+            mutant_factory(name), preset(MACHINE_CATCHES[name]), CI, shrink=False, seed=ci_seed()
         )
 
 
 def test_fast_passes_the_mutant_settings() -> None:
     """The same search that finds each mutant finds nothing on the real fast manager."""
     for name in sorted(PROPERTIES):
-        PROPERTIES[name](block_manager_factory("fast"), _search(30))
+        PROPERTIES[name](block_manager_factory("fast"), _ci_settings(), seed=ci_seed())
