@@ -31,6 +31,13 @@ forked from it (:meth:`Scheduler.fork`): it shares the parent's blocks and compu
 its own first token in the same step, and from then on is a running sequence like any other. It
 sorts right after its parent (and the parent's earlier children) in every queue.
 
+Abort while a step is in flight (between :meth:`Scheduler.schedule` and
+:meth:`Scheduler.update`): the request leaves every queue at once, but when the step in flight
+uses its blocks (it is scheduled in the step, swapped out by it, or forked in it) they are *not*
+returned to the pool yet: the engine is still reading and writing them. They are freed at the
+start of :meth:`Scheduler.update`, in abort order, before the finished sequences; until then the
+id stays taken. Any other abort frees at once.
+
 Limits: at most ``max_num_seqs`` sequences hold blocks on the device (the running queue), at
 most ``max_num_batched_tokens`` tokens are computed per step.
 """
@@ -228,6 +235,8 @@ class Scheduler:
         self._swapped: list[_Request] = []
         self._arrivals = 0
         self._expected: set[int] | None = None  # sequences that sample in the step in flight
+        self._in_step: set[int] = set()  # sequences whose blocks the step in flight uses
+        self._deferred: list[int] = []  # aborted during the step: freed at update()
 
     # -- queries --------------------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:
@@ -260,7 +269,7 @@ class Scheduler:
     # -- events ---------------------------------------------------------------------------
     def add_request(self, seq_id: int, prompt_token_ids: Sequence[int]) -> None:
         """Queue a new sequence; it arrives after every sequence added before."""
-        if seq_id in self._requests:
+        if seq_id in self._requests or seq_id in self._deferred:
             raise SequenceExistsError(seq_id)
         n = len(prompt_token_ids)
         if n == 0:
@@ -293,7 +302,7 @@ class Scheduler:
         its blocks in the pool, or not sampling in the step in flight), SchedulerOrderError (no
         step in flight).
         """
-        if child_id in self._requests:
+        if child_id in self._requests or child_id in self._deferred:
             raise SequenceExistsError(child_id)
         parent = self._get(parent_id)
         if parent.status == "swapped":
@@ -320,12 +329,19 @@ class Scheduler:
         self._requests[child_id] = child
         self._insert(self._running, child, "running")
         self._expected.add(child_id)
+        self._in_step.add(child_id)
 
     def abort_request(self, seq_id: int) -> None:
-        """Drop a sequence wherever it is; its blocks go back to the pool."""
+        """Drop a sequence wherever it is; its blocks go back to the pool.
+
+        During a step that uses its blocks, they go back at the next :meth:`update` instead
+        (see the module docstring: the step in flight still reads them).
+        """
         req = self._get(seq_id)
         self._queue(req.status).remove(req)
-        if req.in_pool:
+        if req.in_pool and self._expected is not None and seq_id in self._in_step:
+            self._deferred.append(seq_id)
+        elif req.in_pool:
             self.block_manager.free(seq_id)
         del self._requests[seq_id]
         if self._expected is not None:
@@ -433,6 +449,7 @@ class Scheduler:
                 add(req, min(len(req.token_ids) - cached, budget))
 
         self._expected = {s.seq_id for s in scheduled if s.sample}
+        self._in_step = {s.seq_id for s in scheduled} | set(swapped_out)
         return SchedulerOutput(
             scheduled=tuple(scheduled),
             preempted=tuple(preempted),
@@ -470,6 +487,10 @@ class Scheduler:
                     f"sequence {seq_id} reaches {n} tokens > max_model_len {limit} unfinished",
                 )
         self._expected = None
+        for seq_id in self._deferred:  # aborted during the step: its blocks are released now
+            self.block_manager.free(seq_id)
+        self._deferred = []
+        self._in_step = set()
         finished = sorted(outcome.finished, key=lambda i: self._requests[i].arrival)
         for seq_id, token in outcome.sampled.items():
             req = self._requests[seq_id]
