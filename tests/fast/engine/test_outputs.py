@@ -212,6 +212,34 @@ def test_penalties_match_transformers_generate(model_dir: Path, hf: Any) -> None
     assert plain.outputs[0].token_ids != out.outputs[0].token_ids  # the penalty mattered
 
 
+def test_presence_frequency_and_processors_follow_the_output(model_dir: Path, hf: Any) -> None:
+    """A greedy loop over transformers' logits, applying the float64 formula to the tokens
+    generated so far, picks the engine's tokens; a logits processor sees the same outputs."""
+    llm = make(model_dir)
+    calls: list[list[int]] = []
+
+    def record(output_ids: list[int], row: torch.Tensor) -> torch.Tensor:
+        calls.append(list(output_ids))
+        return row
+
+    p = greedy(12, presence_penalty=0.8, frequency_penalty=0.6, logits_processors=[record])
+    (out,) = llm.generate({"prompt_token_ids": PROMPT}, p, use_tqdm=False)
+    tokens = out.outputs[0].token_ids
+    ids = list(PROMPT)
+    for _ in range(12):
+        with torch.no_grad():
+            row = hf(torch.tensor([ids])).logits[0, -1].double()
+        counts = torch.bincount(
+            torch.tensor(ids[len(PROMPT) :], dtype=torch.int64), minlength=row.shape[0]
+        )
+        row = row - 0.6 * counts - 0.8 * (counts > 0).double()
+        ids.append(int(row.argmax()))
+    assert tokens == ids[len(PROMPT) :]
+    assert calls == [tokens[:i] for i in range(12)]
+    (plain,) = llm.generate({"prompt_token_ids": PROMPT}, greedy(12), use_tqdm=False)
+    assert plain.outputs[0].token_ids != tokens
+
+
 def test_metrics_are_ordered_times(model_dir: Path) -> None:
     import time
 
