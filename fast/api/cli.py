@@ -149,6 +149,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         InvalidModelConfigError,
         WeightLoadError,
         TokenizerError,
+        FileNotFoundError,  # a model directory without weights (ModelNotFoundError is one too)
         PermissionError,
     )
 

@@ -48,7 +48,12 @@ def load_hf_dir(
 ) -> tuple[LlamaForCausalLM, Tokenizer | None, ModelConfig]:
     """(model, tokenizer or None when the directory has no tokenizer.json, config)."""
     root = Path(path)
-    raw = json.loads((root / "config.json").read_text())
+    try:
+        raw = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UnsupportedModelError(f"{root / 'config.json'} is not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise UnsupportedModelError(f"{root / 'config.json'} is not a JSON object")
     model_type = str(raw.get("model_type", "llama"))
     if model_type not in _ARCHITECTURES:
         raise UnsupportedModelError(

@@ -117,7 +117,10 @@ class Tokenizer:
         file = root / "tokenizer.json"
         if not file.is_file():
             raise TokenizerError(f"no tokenizer.json in {root}")
-        backend = Backend.from_file(str(file))
+        try:
+            backend = Backend.from_file(str(file))
+        except Exception as e:  # the Rust library raises a bare Exception on a malformed file
+            raise TokenizerError(f"{file} cannot be read: {e}") from e
         cfg = _read_json(root / "tokenizer_config.json")
         template = cfg.get("chat_template")
         if template is None and (root / "chat_template.jinja").is_file():
@@ -211,7 +214,10 @@ class IncrementalDetokenizer:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path} is not valid JSON ({e})") from e
     return data if isinstance(data, dict) else {}
 
 

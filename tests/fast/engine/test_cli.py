@@ -182,6 +182,36 @@ def test_truncated_default_model(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 @pytest.mark.parametrize(
+    ("broken", "reason"),
+    [
+        ({"config.json": "{not json"}, "config.json is not valid JSON"),
+        ({"config.json": "[1, 2]"}, "config.json is not a JSON object"),
+        ({"tokenizer.json": "{not json"}, "tokenizer.json cannot be read"),
+        ({"tokenizer_config.json": "{not json"}, "tokenizer_config.json is not valid JSON"),
+        ({"model.safetensors": None}, "no *.safetensors weights"),
+    ],
+)
+def test_broken_model_directory(
+    model_dir: Path,
+    tmp_path: Path,
+    broken: dict[str, str | None],
+    reason: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(model_dir, copy)
+    for name, text in broken.items():
+        if text is None:
+            (copy / name).unlink()
+        else:
+            (copy / name).write_text(text)
+    assert main(_gen(copy, "hi")) == 2
+    assert reason in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
     ("option", "value"),
     [
         ("--temperature", "-1"),
