@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from fast.loader.weights import check_complete, empty_model
 from fast.model import LlamaForCausalLM
@@ -36,10 +36,13 @@ def load_hf_weights(model: LlamaForCausalLM, root: Path, dtype: torch.dtype) -> 
     """Copy every tensor of the directory's safetensors files into ``model``."""
     loaded: list[str] = []
     for file in safetensors_files(root):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                model.load_weight(name, f.get_tensor(name).to(dtype))
-                loaded.append(name)
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    model.load_weight(name, f.get_tensor(name).to(dtype))
+                    loaded.append(name)
+        except SafetensorError as e:  # truncated or not a safetensors file
+            raise UnsupportedModelError(f"{file} is not a readable safetensors file ({e})") from e
     check_complete(model, loaded)
 
 

@@ -189,6 +189,7 @@ def test_truncated_default_model(tmp_path: Path, capsys: pytest.CaptureFixture[s
         ({"tokenizer.json": "{not json"}, "tokenizer.json cannot be read"),
         ({"tokenizer_config.json": "{not json"}, "tokenizer_config.json is not valid JSON"),
         ({"model.safetensors": None}, "no *.safetensors weights"),
+        ({"model.safetensors": "garbage"}, "not a readable safetensors file"),
     ],
 )
 def test_broken_model_directory(
