@@ -8,12 +8,15 @@ value
 product run fused in ``F.scaled_dot_product_attention`` (about twice as fast on the CPU as the
 explicit ops, which remain for the soft-cap); keys past a length are redirected to the
 sequence's first token before the gather so that whatever those rows hold (NaN included) never
-reaches the output.
+reaches the output. Prefill takes SDPA's causal flash path (``is_causal``, no mask) when nothing
+is cached, merges two flash calls by log-sum-exp after a cached prefix, and keeps an explicit
+mask, a query chunk at a time, only for sliding windows (docs/kernels.md, "The torch fallback").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -187,6 +190,116 @@ def _sdpa_decode(
     return planned_decode(q, k_cache, v_cache, plan, scale)
 
 
+# Queries per call of the masked and soft-capped paths: bounds their [chunk, keys] masks/scores.
+_QUERY_CHUNK = 512
+
+
+def _cpu_flash_with_lse() -> Any:
+    """SDPA's CPU flash kernel returning (out, logsumexp), or None where this torch lacks it."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _causal_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, scale: float
+) -> torch.Tensor:
+    """Bottom-right causal attention: q [1, Hq, n, D], k, v [1, Hkv, prefix + n, D] -> like q.
+
+    No prefix: SDPA's causal fast path (``is_causal``; the CPU flash kernel skips the blocks
+    above the diagonal and reads KV head ``h // G`` for query head ``h`` itself). With a prefix,
+    on the CPU: every query sees the whole prefix, so the output is the softmax-weighted merge of
+    two flash calls, queries x prefix (no mask) and the causal square of the new keys, through
+    their log-sum-exps. Memory traffic stays linear in the keys; no [n, L] mask is built.
+    """
+    if prefix == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    flash = _cpu_flash_with_lse() if q.device.type == "cpu" else None
+    if flash is None:
+        return _masked_prefill(q, k, v, prefix, scale, None)
+    o_old, lse_old = flash(q, k[:, :, :prefix], v[:, :, :prefix], 0.0, False, scale=scale)
+    o_new, lse_new = flash(q, k[:, :, prefix:], v[:, :, prefix:], 0.0, True, scale=scale)
+    top = torch.maximum(lse_old, lse_new)  # [1, Hq, n], finite: every row sees a key
+    w_old = (lse_old - top).exp_().unsqueeze(-1)  # [1, Hq, n, 1]
+    w_new = (lse_new - top).exp_().unsqueeze(-1)
+    merged: torch.Tensor = (o_old * w_old + o_new * w_new) / (w_old + w_new)
+    return merged
+
+
+def _chunk_visible(
+    q_lo: int, q_hi: int, k_lo: int, k_hi: int, window: int | None, device: torch.device
+) -> torch.Tensor:
+    """[q_hi - q_lo, k_hi - k_lo] bool: the query at p sees key j iff j <= p (and j > p - w)."""
+    pos = torch.arange(q_lo, q_hi, device=device)[:, None]
+    key = torch.arange(k_lo, k_hi, device=device)[None, :]
+    visible = key <= pos
+    if window is not None:
+        visible &= key > pos - window
+    return visible
+
+
+def _key_range(prefix: int, lo: int, hi: int, window: int | None) -> tuple[int, int]:
+    """The keys [k_lo, k_hi) that queries lo..hi-1 (positions prefix + i) can see."""
+    k_lo = 0 if window is None else max(0, prefix + lo - window + 1)
+    return k_lo, prefix + hi
+
+
+def _masked_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix: int,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """SDPA with an explicit mask, queries in chunks, each against only the keys it can see.
+
+    q [1, Hq, n, D], k, v [1, Hkv, prefix + n, D] -> like q. With a window the keys per chunk
+    are at most ``chunk + window``, so the work is linear in n.
+    """
+    n = q.shape[2]
+    out = torch.empty_like(q)
+    for lo in range(0, n, _QUERY_CHUNK):
+        hi = min(n, lo + _QUERY_CHUNK)
+        k_lo, k_hi = _key_range(prefix, lo, hi, window)
+        visible = _chunk_visible(prefix + lo, prefix + hi, k_lo, k_hi, window, q.device)
+        out[:, :, lo:hi] = F.scaled_dot_product_attention(
+            q[:, :, lo:hi],
+            k[:, :, k_lo:k_hi],
+            v[:, :, k_lo:k_hi],
+            attn_mask=visible,
+            scale=scale,
+            enable_gqa=True,
+        )
+    return out
+
+
+def _softcap_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix: int,
+    scale: float,
+    window: int | None,
+    softcap: float,
+) -> torch.Tensor:
+    """Explicit soft-capped softmax (SDPA has no soft-cap), queries in chunks as above.
+
+    q [1, Hq, n, D], k, v [1, Hkv, prefix + n, D] -> like q.
+    """
+    _, hq, n, d = q.shape
+    hkv = k.shape[1]
+    qg = q[0].view(hkv, hq // hkv, n, d)  # [Hkv, G, n, D]
+    out = torch.empty_like(q)
+    for lo in range(0, n, _QUERY_CHUNK):
+        hi = min(n, lo + _QUERY_CHUNK)
+        k_lo, k_hi = _key_range(prefix, lo, hi, window)
+        visible = _chunk_visible(prefix + lo, prefix + hi, k_lo, k_hi, window, q.device)
+        kc = k[0, :, k_lo:k_hi]  # [Hkv, Lc, D]
+        s = torch.einsum("hgnd,hjd->hgnj", qg[:, :, lo:hi], kc) * scale  # [Hkv, G, c, Lc]
+        o = _softmax_attend(s, visible, v[0, :, None, k_lo:k_hi], softcap)  # [Hkv, G, c, D]
+        out[0, :, lo:hi] = o.reshape(hq, hi - lo, d)
+    return out
+
+
 def torch_paged_prefill(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -204,8 +317,6 @@ def torch_paged_prefill(
     seq_lens [B] -> [T, Hq, D]
     """
     t, hq, d = q.shape
-    hkv = k_cache.shape[2]
-    g = hq // hkv
     cdt = _compute_dtype(q.dtype)
     out = torch.zeros(t, hq, d, dtype=q.dtype, device=q.device)
     cu = cu_seqlens_q.tolist()
@@ -216,24 +327,16 @@ def torch_paged_prefill(
         if n == 0:
             continue
         k, v = gather_kv(k_cache, v_cache, block_tables[b], seq_len)  # [L, Hkv, D]
-        k, v = k.to(cdt), v.to(cdt)
-        qb = q[start:end].to(cdt).reshape(n, hkv, g, d)  # [n, Hkv, G, D]
-        pos = torch.arange(seq_len - n, seq_len, device=q.device)[:, None]  # [n, 1]
-        key = torch.arange(seq_len, device=q.device)[None, :]  # [1, L]
-        visible = key <= pos  # [n, L]: every row sees at least its own key
-        if sliding_window is not None:
-            visible &= key > pos - sliding_window
-        if softcap is None:  # fused: rows (g, i) of each KV head, mask repeated over g
-            qs = qb.permute(1, 2, 0, 3).reshape(hkv, g * n, d)  # [Hkv, G*n, D]
-            o = F.scaled_dot_product_attention(
-                qs,
-                k.transpose(0, 1),
-                v.transpose(0, 1),
-                attn_mask=visible.repeat(g, 1),
-                scale=scale,
-            ).view(hkv, g, n, d)  # [Hkv, G, n, D]
+        # heads first, one batch row: [1, H, len, D] views, the layout of SDPA's CPU flash kernel
+        qb = q[start:end].to(cdt).transpose(0, 1)[None]  # [1, Hq, n, D]
+        kb = k.to(cdt).transpose(0, 1)[None]  # [1, Hkv, L, D]
+        vb = v.to(cdt).transpose(0, 1)[None]
+        prefix = seq_len - n
+        if softcap is not None:
+            o = _softcap_prefill(qb, kb, vb, prefix, scale, sliding_window, softcap)
+        elif sliding_window is not None:
+            o = _masked_prefill(qb, kb, vb, prefix, scale, sliding_window)
         else:
-            s = torch.einsum("nhgd,jhd->hgnj", qb, k) * scale  # [Hkv, G, n, L]
-            o = _softmax_attend(s, visible, v.permute(1, 0, 2)[:, None], softcap)
-        out[start:end] = o.permute(2, 0, 1, 3).reshape(n, hq, d).to(q.dtype)
+            o = _causal_prefill(qb, kb, vb, prefix, scale)
+        out[start:end] = o[0].transpose(0, 1).to(q.dtype)  # [1, Hq, n, D] -> [n, Hq, D]
     return out
