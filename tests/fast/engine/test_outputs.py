@@ -112,6 +112,18 @@ def test_sampled_token_outside_the_top_k_has_its_rank(model_dir: Path, hf: Any) 
     assert outside > 0  # at temperature 5 some sampled tokens are not the most likely
 
 
+def test_no_decoded_tokens_without_detokenize(model_dir: Path) -> None:
+    llm = make(model_dir)
+    p = greedy(3, logprobs=2, prompt_logprobs=1, detokenize=False)
+    (out,) = llm.generate("abc", p, use_tqdm=False)
+    c = out.outputs[0]
+    assert c.text == "" and c.logprobs is not None and out.prompt_logprobs is not None
+    entries = [e for e in c.logprobs + out.prompt_logprobs if e is not None]
+    assert len(entries) == 3 + 2 and all(
+        v.decoded_token is None for e in entries for v in e.values()
+    )
+
+
 def test_prompt_logprobs_match_transformers(model_dir: Path, hf: Any) -> None:
     llm = make(model_dir)
     (out,) = llm.generate(
