@@ -28,8 +28,9 @@ alternatives and ranks only for rows that ask for ``logprobs``.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Collection, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -250,20 +251,30 @@ def warp_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch
     return apply_min_p(out, min_p) if any(m > 0 for m in min_p) else out
 
 
-_ARITY: dict[int, int] = {}
+_ARITY: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def _arity(proc: LogitsProcessor) -> int:
+    """3 for ``f(prompt_ids, output_ids, logits)``, else 2 (vLLM's rule: count parameters)."""
+    try:
+        return _ARITY[proc]
+    except (KeyError, TypeError):  # not seen yet, or not weakly referenceable
+        pass
+    try:
+        arity = 3 if len(inspect.signature(proc).parameters) == 3 else 2
+    except (TypeError, ValueError):
+        arity = 2
+    try:
+        _ARITY[proc] = arity
+    except TypeError:
+        pass
+    return arity
 
 
 def _call_processor(
     proc: LogitsProcessor, prompt: Sequence[int], output: Sequence[int], row: torch.Tensor
 ) -> torch.Tensor:
-    key = id(proc)
-    arity = _ARITY.get(key)
-    if arity is None:
-        try:
-            arity = len(inspect.signature(proc).parameters)
-        except (TypeError, ValueError):
-            arity = 2
-        _ARITY[key] = arity
+    arity = _arity(proc)
     result = proc(list(prompt), list(output), row) if arity == 3 else proc(list(output), row)
     if not isinstance(result, torch.Tensor) or result.shape != row.shape:
         raise SamplerInputError(
