@@ -166,6 +166,7 @@ class Lockstep:
         self.num_gpu_blocks = num_gpu_blocks
         self.num_cpu_blocks = num_cpu_blocks
         self.steps = 0
+        self._snapshot: tuple[dict[str, Any], dict[str, Any]] | None = None
 
     # -- the model's view, for strategies
     def live(self) -> list[int]:
@@ -184,16 +185,17 @@ class Lockstep:
     def call(self, op: str, *args: Any) -> Outcome:
         """Call ``op(*args)`` on both sides and insist on equal outcomes; apply its KV effects."""
         self.steps += 1
-        before = (
-            observables(self.model, self.seq_ids, self.num_gpu_blocks)
-            if op not in _QUERIES
-            else None
-        )
-        before_impl = (
-            observables(self.impl, self.seq_ids, self.num_gpu_blocks)
-            if before is not None
-            else None
-        )
+        before: dict[str, Any] | None = None
+        before_impl: dict[str, Any] | None = None
+        if op not in _QUERIES:
+            # the state the last check() saw, when nothing has changed since (saves two
+            # snapshots per step); else take them now
+            if self._snapshot is not None:
+                before, before_impl = self._snapshot
+            else:
+                before = observables(self.model, self.seq_ids, self.num_gpu_blocks)
+                before_impl = observables(self.impl, self.seq_ids, self.num_gpu_blocks)
+            self._snapshot = None
         want = outcome(getattr(self.model, op), *args)
         got = outcome(getattr(self.impl, op), *args)
         call = f"bm.{op}({', '.join(repr(a) for a in args)})"
@@ -210,6 +212,7 @@ class Lockstep:
                         f"{call} raised {want.error.__name__} but changed the {side} state: "
                         f"{_diff(snap, after)}"
                     )
+            self._snapshot = (before, before_impl)  # unchanged, as just checked
         if want.error is None:
             self._apply(op, args, got.value)
         return got
@@ -248,6 +251,7 @@ class Lockstep:
         got = observables(self.impl, self.seq_ids, self.num_gpu_blocks)
         if want != got:
             raise ConformanceError(f"observables differ: {_diff(want, got)}")
+        self._snapshot = (want, got)
         for s in self.seq_ids:
             if not self.impl.has_sequence(s) or self.impl.is_swapped(s):
                 continue

@@ -57,6 +57,10 @@ def blocks(seeds: int, max_examples: int) -> dict[str, list[int | None]]:
 
 
 def scheduler(seeds: int, max_examples: int) -> dict[str, list[int | None]]:
+    """Per mutant and seed: examples of the first property (in order) that catches it.
+
+    ``caught_by`` records which property that was.
+    """
     from scheduler_mutants import SCHEDULER_MUTANTS
 
     from conformance.scheduler_run import (
@@ -70,10 +74,10 @@ def scheduler(seeds: int, max_examples: int) -> dict[str, list[int | None]]:
     for name, factory in SCHEDULER_MUTANTS.items():
         out[name] = []
         for seed in range(seeds):
-            # the properties run in order; examples are counted across them
-            counter = [0]
-            try:
-                for focus in SCHEDULER_PROPERTIES.values():
+            result: int | None = None
+            for prop, focus in SCHEDULER_PROPERTIES.items():
+                counter = [0]
+                try:
                     check_scheduler(
                         _count(factory, counter),
                         max_examples=max_examples,
@@ -81,10 +85,15 @@ def scheduler(seeds: int, max_examples: int) -> dict[str, list[int | None]]:
                         seed=seed,
                         focus=focus,
                     )
-                out[name].append(None)
-            except (SchedulerConformanceError, PagedKVError):
-                out[name].append(counter[0] - 1)  # minus hypothesis' replay of the failure
+                except (SchedulerConformanceError, PagedKVError):
+                    result = counter[0] - 1  # minus hypothesis' replay of the failure
+                    caught_by.setdefault(name, set()).add(prop)
+                    break
+            out[name].append(result)
     return out
+
+
+caught_by: dict[str, set[str]] = {}
 
 
 def main() -> None:
@@ -98,7 +107,10 @@ def main() -> None:
     result = {"blocks": blocks, "scheduler": scheduler}[args.what](args.seeds, args.max)
     for name, counts in result.items():
         shown = [str(c) if c is not None else f">{args.max}" for c in counts]
-        print(f"{name:45s} {' '.join(shown)}")
+        done = sorted(c for c in counts if c is not None)
+        stats = f"median {done[len(done) // 2]} max {done[-1]}" if done else ""
+        by = ",".join(sorted(caught_by.get(name, ())))
+        print(f"{name:40s} {stats:20s} {by:30s} {' '.join(shown)}")
     print(f"{time.perf_counter() - t0:.0f} s")
 
 

@@ -26,7 +26,8 @@ from spec.scheduler import SchedulerConfig
 
 @pytest.mark.parametrize("name", sorted(SCHEDULER_MUTANTS))
 def test_mutant_is_caught_at_the_ci_budget(name: str) -> None:
-    report = check_scheduler(SCHEDULER_MUTANTS[name], seed=ci_seed(), name=name)
+    # a short shrink: the test is about finding the bug; the report still shows the stream
+    report = check_scheduler(SCHEDULER_MUTANTS[name], seed=ci_seed(), name=name, shrink_seconds=2)
     assert report.status == "failed", report.summary()
     assert report.failures[0].counterexample  # the failing request stream, printed
 
@@ -44,6 +45,7 @@ def test_freed_while_in_flight_is_reported_by_name() -> None:
             properties=["freed_while_in_flight"],
             seed=ci_seed(),
             raise_on_failure=True,
+            shrink_seconds=2,
         )
 
 
