@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit
 from numpy.typing import NDArray
 
-__all__ = ["block_hash", "chain_hashes_nb", "hash_into", "scratch_for"]
+__all__ = ["hash_block_tokens", "chain_hashes", "hash_into", "scratch_for"]
 
 _IV = np.array(
     [
@@ -228,23 +228,30 @@ def scratch_for(block_size: int, key_len: int) -> U64:
 
 
 @njit(cache=True)
-def block_hash(
-    parent: int, tokens: NDArray[np.int64], key: NDArray[np.uint8], has_key: bool
+def hash_block_tokens(
+    parent_hash: int,
+    token_ids: NDArray[np.int64],
+    extra_key: NDArray[np.uint8],
+    has_extra_key: bool,
 ) -> int:
-    """``hash_block_tokens(parent, tokens, key or None)`` of the spec, bit for bit."""
-    return hash_into(parent, tokens, key, has_key, scratch_for(tokens.shape[0], key.shape[0]))
+    """The spec's ``hash_block_tokens(parent_hash, token_ids, extra_key)``, bit for bit: the key
+    as its UTF-8 bytes, ``has_extra_key`` False for None."""
+    scratch = scratch_for(token_ids.shape[0], extra_key.shape[0])
+    return hash_into(parent_hash, token_ids, extra_key, has_extra_key, scratch)
 
 
 @njit(cache=True)
-def chain_hashes_nb(
-    tokens: NDArray[np.int64], bs: int, key: NDArray[np.uint8], has_key: bool
+def chain_hashes(
+    token_ids: NDArray[np.int64], block_size: int, extra_key: NDArray[np.uint8], has_extra_key: bool
 ) -> NDArray[np.int64]:
-    """Hashes ``[n // bs]`` of every full block, each folding in its parent's (root: -1)."""
-    nfull = tokens.shape[0] // bs
+    """The spec's ``chain_hashes`` under its default hash: hashes ``[n // block_size]`` of every
+    full block, each folding in its parent's (root: -1)."""
+    nfull = token_ids.shape[0] // block_size
     out = np.empty(nfull, dtype=np.int64)
-    scratch = scratch_for(bs, key.shape[0])
+    scratch = scratch_for(block_size, extra_key.shape[0])
     h = -1
     for i in range(nfull):
-        h = hash_into(h, tokens[i * bs : (i + 1) * bs], key, has_key, scratch)
+        block = token_ids[i * block_size : (i + 1) * block_size]
+        h = hash_into(h, block, extra_key, has_extra_key, scratch)
         out[i] = h
     return out

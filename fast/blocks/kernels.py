@@ -29,7 +29,7 @@ from fast.blocks.state import ENTRY_HASH, ENTRY_PID, BlockState
 
 __all__ = [
     "OK", "UNKNOWN", "SWAPPED", "DUPLICATE", "BAD_TOKEN", "NO_BLOCKS", "GROW", "EXISTS",
-    "AllocateResult", "AppendResult", "GatherResult",
+    "AllocateResult", "AppendResult",
     "allocate_kernel", "append_kernel", "gather_kernel", "fork_kernel", "free_kernel",
     "swap_out_kernel", "swap_in_kernel", "reset_cache_kernel",
 ]  # fmt: skip
@@ -67,18 +67,7 @@ class AppendResult(NamedTuple):
     bad_token: int  # BAD_TOKEN: batch index of the first bad token; else -1
     needed: int  # GPU blocks the batch takes (new blocks + copy-on-write copies)
     free: int  # free GPU blocks before the call
-    slots: I64  # [N] slot of each appended token (empty unless appended)
-    pairs: I64  # [M, 2] copy-on-write (src, dst) pairs, in batch order
-    rows: I32  # [N] row of each sequence (valid from the capacity check on)
-    fills: I32  # [F] batch indices whose token fills a block (prefix caching on)
-
-
-class GatherResult(NamedTuple):
-    """Block tables and lengths of a batch, as a GPU step takes them."""
-
-    unknown: int  # batch index of the first sequence id that is not live, or -1
-    tables: I32  # [B, W] block ids, zero padded; W = the most blocks any of them has
-    lens: I32  # [B] tokens of each sequence
+    num_pairs: int  # copy-on-write pairs written to ``pairs`` (appended)
 
 
 # ---------------------------------------------------------------- prefix cache
@@ -105,12 +94,16 @@ def _register(s: State, b: int, h: int, pid: int) -> None:
 @njit(cache=True)
 def reset_cache_kernel(s: State) -> int:
     """Evict every cached block with refcount 0; return how many cached blocks remain."""
+    gpu_pool = s.gpu_pool
+    index_keys = s.index_keys
+    index_blocks = s.index_blocks
+    cache_entry = s.cache_entry
     left = 0
-    entry = s.cache_entry
+    entry = cache_entry
     for b in range(entry.shape[1]):
         if entry[ENTRY_PID, b] >= 0:
-            if s.gpu_pool[REF, b] == 0:
-                delete(s.index_keys, s.index_blocks, entry[ENTRY_HASH, b])
+            if gpu_pool[REF, b] == 0:
+                delete(index_keys, index_blocks, entry[ENTRY_HASH, b])
                 entry[ENTRY_PID, b] = -1
             else:
                 left += 1
@@ -134,13 +127,26 @@ def allocate_kernel(
     ``seq_id`` to ``row``. With the numba hash the chain is computed here (interning new
     prefixes when ``mutate``; read from the memo without hashing when not), and ``hashes`` and
     ``pids`` are not read. A mutating call needs ``n // bs`` free prefix-id nodes."""
+    tables = s.tables
+    tokens = s.tokens
+    num_tokens = s.num_tokens
+    block_hash = s.block_hash
+    block_pid = s.block_pid
+    extra_id = s.extra_id
+    gpu_pool = s.gpu_pool
+    gpu_ends = s.gpu_ends
+    id_keys = s.id_keys
+    id_rows = s.id_rows
+    index_keys = s.index_keys
+    index_blocks = s.index_blocks
+    cache_entry = s.cache_entry
     n = prompt.shape[0]
     bs = s.block_size
     if mutate:
         for t in range(n):
             if prompt[t] < 0:
                 return AllocateResult(BAD_TOKEN, t, 0, 0, 0)
-        if find(s.id_keys, s.id_rows, seq_id) >= 0:
+        if find(id_keys, id_rows, seq_id) >= 0:
             return AllocateResult(EXISTS, -1, 0, 0, 0)
     nfull = n // bs if s.caching else 0
     nscan = (n - 1) // bs if s.caching else 0  # the last token is always computed
@@ -159,38 +165,38 @@ def allocate_kernel(
     for i in range(nscan):
         if pids[i] == MISSING:
             break
-        b = find(s.index_keys, s.index_blocks, hashes[i])
-        if b < 0 or s.cache_entry[ENTRY_PID, b] != pids[i]:
+        b = find(index_keys, index_blocks, hashes[i])
+        if b < 0 or cache_entry[ENTRY_PID, b] != pids[i]:
             break
         hits[nh] = b
         nh += 1
-        if s.gpu_pool[REF, b] == 0:
+        if gpu_pool[REF, b] == 0:
             revived += 1
     nblocks = (n + bs - 1) // bs
     need = nblocks - nh + revived
-    free = s.gpu_ends[COUNT]
+    free = gpu_ends[COUNT]
     if free - need < s.watermark:
         return AllocateResult(NO_BLOCKS, -1, need, free, 0)
     if not mutate:
         return AllocateResult(OK, -1, need, free, nh * bs)
-    pool = s.gpu_pool
+    pool = gpu_pool
     for j in range(nh):  # touch before allocate
         b = hits[j]
         if pool[REF, b] == 0:
-            unlink(pool, s.gpu_ends, b)
+            unlink(pool, gpu_ends, b)
         pool[REF, b] += 1
-        s.tables[row, j] = b
+        tables[row, j] = b
     for j in range(nh, nblocks):
-        s.tables[row, j] = _take_gpu(s)
+        tables[row, j] = _take_gpu(s)
     for i in range(nfull):
-        s.block_hash[row, i] = hashes[i]
-        s.block_pid[row, i] = pids[i]
+        block_hash[row, i] = hashes[i]
+        block_pid[row, i] = pids[i]
     for i in range(nh, nfull):
-        _register(s, s.tables[row, i], hashes[i], pids[i])
-    s.tokens[row, :n] = prompt
-    s.num_tokens[row] = n
-    s.extra_id[row] = extra
-    insert(s.id_keys, s.id_rows, seq_id, row)
+        _register(s, tables[row, i], hashes[i], pids[i])
+    tokens[row, :n] = prompt
+    num_tokens[row] = n
+    extra_id[row] = extra
+    insert(id_keys, id_rows, seq_id, row)
     return AllocateResult(OK, -1, need, free, nh * bs)
 
 
@@ -202,24 +208,35 @@ def append_kernel(
     tok_in: I64,  # [N] tokens (checked when mutate)
     bad_token: int,  # batch index of the first token the caller found invalid, or -1
     fill_hash: I64,  # [F] Python hash_fn: hashes of the blocks this batch fills, in order
-    mutate: bool,  # False: only check (can_append, or counting the fills to hash)
+    mutate: bool,  # False: only check (can_append)
+    slots: I64,  # out [N] (mutate): slot of each appended token
+    pairs: I64,  # out [N, 2] (mutate): copy-on-write (src, dst) pairs, the first num_pairs rows
 ) -> AppendResult:
     """``append_batch``: validate the batch in the spec's order, count the blocks it needs,
     then (``mutate``) append ``tok_in[k]`` to ``sids[k]`` in batch order. A block filled by
     sequence ``k`` is hashed (numba hash; ``fill_hash`` otherwise), interned and registered
     before sequence ``k + 1`` takes a block. A mutating call with prefix caching needs ``N``
-    free prefix-id nodes."""
+    free prefix-id nodes. The outputs are the caller's arrays: results boxed into new arrays
+    would cost more per call than the arrays' allocation in Python."""
+    tables = s.tables
+    tokens = s.tokens
+    num_tokens = s.num_tokens
+    swapped = s.swapped
+    block_hash = s.block_hash
+    block_pid = s.block_pid
+    extra_id = s.extra_id
+    gpu_pool = s.gpu_pool
+    gpu_ends = s.gpu_ends
+    id_keys = s.id_keys
+    id_rows = s.id_rows
     n = sids.shape[0]
     bs = s.block_size
     rows = np.empty(n, dtype=np.int32)
-    fills = np.empty(n if s.caching else 0, dtype=np.int32)
-    no_slots = np.empty(0, dtype=np.int64)
-    no_pairs = np.empty((0, 2), dtype=np.int64)
     seen = s.row_seen
     dup = False
     unknown = False
     for k in range(n):
-        r = find(s.id_keys, s.id_rows, sids[k])
+        r = find(id_keys, id_rows, sids[k])
         rows[k] = r
         if r < 0:
             unknown = True
@@ -236,94 +253,85 @@ def append_kernel(
             if srt[k] == srt[k - 1]:
                 dup = True
     if dup:
-        return AppendResult(DUPLICATE, -1, -1, 0, 0, no_slots, no_pairs, rows, fills[:0])
+        return AppendResult(DUPLICATE, -1, -1, 0, 0, 0)
     for k in range(n):
         r = rows[k]
         if r < 0:
-            return AppendResult(UNKNOWN, sids[k], -1, 0, 0, no_slots, no_pairs, rows, fills[:0])
-        if s.swapped[r] != 0:
-            return AppendResult(SWAPPED, sids[k], -1, 0, 0, no_slots, no_pairs, rows, fills[:0])
+            return AppendResult(UNKNOWN, sids[k], -1, 0, 0, 0)
+        if swapped[r] != 0:
+            return AppendResult(SWAPPED, sids[k], -1, 0, 0, 0)
     if mutate:
         if bad_token >= 0:
-            return AppendResult(BAD_TOKEN, -1, bad_token, 0, 0, no_slots, no_pairs, rows, fills[:0])
+            return AppendResult(BAD_TOKEN, -1, bad_token, 0, 0, 0)
         for k in range(n):
             if tok_in[k] < 0:
-                return AppendResult(BAD_TOKEN, -1, k, 0, 0, no_slots, no_pairs, rows, fills[:0])
-    pool = s.gpu_pool
+                return AppendResult(BAD_TOKEN, -1, k, 0, 0, 0)
+    pool = gpu_pool
     cow = s.cow_count
     need = 0
-    nfill = 0
     grow = False
     for k in range(n):
         r = rows[k]
-        t = s.num_tokens[r]
-        if t + 1 > s.tokens.shape[1]:
+        t = num_tokens[r]
+        if t + 1 > tokens.shape[1]:
             grow = True
         if t % bs == 0:
             need += 1
-            if t // bs >= s.tables.shape[1]:
+            if t // bs >= tables.shape[1]:
                 grow = True
         else:
-            last = s.tables[r, t // bs]
+            last = tables[r, t // bs]
             if pool[REF, last] - cow[last] > 1:
                 need += 1
                 cow[last] += 1
-        if s.caching and (t + 1) % bs == 0:
-            fills[nfill] = k
-            nfill += 1
     for k in range(n):
-        t = s.num_tokens[rows[k]]
+        t = num_tokens[rows[k]]
         if t % bs != 0:
-            cow[s.tables[rows[k], t // bs]] = 0
-    free = s.gpu_ends[COUNT]
-    fills = fills[:nfill]
+            cow[tables[rows[k], t // bs]] = 0
+    free = gpu_ends[COUNT]
     if need > free:
-        return AppendResult(NO_BLOCKS, -1, -1, need, free, no_slots, no_pairs, rows, fills)
+        return AppendResult(NO_BLOCKS, -1, -1, need, free, 0)
     if not mutate:
-        return AppendResult(OK, -1, -1, need, free, no_slots, no_pairs, rows, fills)
+        return AppendResult(OK, -1, -1, need, free, 0)
     if grow:
-        return AppendResult(GROW, -1, -1, need, free, no_slots, no_pairs, rows, fills)
-    slots = np.empty(n, dtype=np.int64)
-    pairs = np.empty((n, 2), dtype=np.int64)
+        return AppendResult(GROW, -1, -1, need, free, 0)
     m = 0
     f = 0
     for k in range(n):
         r = rows[k]
-        t = s.num_tokens[r]
+        t = num_tokens[r]
         bi = t // bs
         if t % bs == 0:
-            s.tables[r, bi] = _take_gpu(s)
+            tables[r, bi] = _take_gpu(s)
         else:
-            last = s.tables[r, bi]
+            last = tables[r, bi]
             if pool[REF, last] > 1:  # copy-on-write
                 dst = _take_gpu(s)
                 pool[REF, last] -= 1
-                s.tables[r, bi] = dst
+                tables[r, bi] = dst
                 pairs[m, 0] = last
                 pairs[m, 1] = dst
                 m += 1
-        s.tokens[r, t] = tok_in[k]
-        s.num_tokens[r] = t + 1
+        tokens[r, t] = tok_in[k]
+        num_tokens[r] = t + 1
         if s.caching and (t + 1) % bs == 0:
-            block = s.tokens[r, bi * bs : (bi + 1) * bs]
-            x = s.extra_id[r]
-            ppid = s.block_pid[r, bi - 1] if bi > 0 else -1
+            block = tokens[r, bi * bs : (bi + 1) * bs]
+            x = extra_id[r]
+            ppid = block_pid[r, bi - 1] if bi > 0 else -1
             if s.numba_hash:  # the node of a known prefix carries its hash (a memo)
                 x0, x1 = s.key_offsets[max(x, 0)], s.key_offsets[max(x, 0) + 1]
                 key = s.key_bytes[x0:x1] if x >= 0 else s.key_bytes[0:0]
-                parent = s.block_hash[r, bi - 1] if bi > 0 else -1
-                h, pid, _ = hash_intern_one(
-                    ppid, parent, block, x, key, s.hash_scratch, s.pids
-                )  # fmt: skip
+                parent = block_hash[r, bi - 1] if bi > 0 else -1
+                h, pid, _ = hash_intern_one(ppid, parent, block, x, key, s.hash_scratch, s.pids)
             else:
                 h = fill_hash[f]
                 f += 1
                 pid = intern_one(ppid, block, x, h, True, s.pids)
-            s.block_hash[r, bi] = h
-            s.block_pid[r, bi] = pid
-            _register(s, s.tables[r, bi], h, pid)
-        slots[k] = s.tables[r, bi] * bs + t % bs
-    return AppendResult(OK, -1, -1, need, free, slots, pairs[:m], rows, fills)
+            block_hash[r, bi] = h
+            block_pid[r, bi] = pid
+            _register(s, tables[r, bi], h, pid)
+        slots[k] = tables[r, bi] * bs + t % bs
+    return AppendResult(OK, -1, -1, need, free, m)
 
 
 # ---------------------------------------------------------------- fork, free, swap
@@ -331,56 +339,83 @@ def append_kernel(
 def fork_kernel(s: State, parent: int, child: int, child_id: int) -> None:
     """Row ``child`` becomes a copy of row ``parent`` (every shared block gains a reference)
     and sequence ``child_id`` (not live) maps to it."""
+    tables = s.tables
+    tokens = s.tokens
+    num_tokens = s.num_tokens
+    swapped = s.swapped
+    block_hash = s.block_hash
+    block_pid = s.block_pid
+    extra_id = s.extra_id
+    gpu_pool = s.gpu_pool
+    id_keys = s.id_keys
+    id_rows = s.id_rows
     bs = s.block_size
-    n = s.num_tokens[parent]
+    n = num_tokens[parent]
     nb = (n + bs - 1) // bs
     for j in range(nb):
-        b = s.tables[parent, j]
-        s.gpu_pool[REF, b] += 1
-        s.tables[child, j] = b
-    s.tokens[child, :n] = s.tokens[parent, :n]
+        b = tables[parent, j]
+        gpu_pool[REF, b] += 1
+        tables[child, j] = b
+    tokens[child, :n] = tokens[parent, :n]
     nfull = n // bs
-    s.block_hash[child, :nfull] = s.block_hash[parent, :nfull]
-    s.block_pid[child, :nfull] = s.block_pid[parent, :nfull]
-    s.num_tokens[child] = n
-    s.swapped[child] = 0
-    s.extra_id[child] = s.extra_id[parent]
-    insert(s.id_keys, s.id_rows, child_id, child)
+    block_hash[child, :nfull] = block_hash[parent, :nfull]
+    block_pid[child, :nfull] = block_pid[parent, :nfull]
+    num_tokens[child] = n
+    swapped[child] = 0
+    extra_id[child] = extra_id[parent]
+    insert(id_keys, id_rows, child_id, child)
 
 
 @njit(cache=True)
 def free_kernel(s: State, row: int, seq_id: int) -> None:
     """Release the row's blocks in reverse logical order (to the CPU pool if swapped), clear
     the row and forget ``seq_id``."""
-    nb = (s.num_tokens[row] + s.block_size - 1) // s.block_size
-    if s.swapped[row] != 0:
+    tables = s.tables
+    num_tokens = s.num_tokens
+    swapped = s.swapped
+    extra_id = s.extra_id
+    gpu_pool = s.gpu_pool
+    cpu_pool = s.cpu_pool
+    gpu_ends = s.gpu_ends
+    cpu_ends = s.cpu_ends
+    id_keys = s.id_keys
+    id_rows = s.id_rows
+    nb = (num_tokens[row] + s.block_size - 1) // s.block_size
+    if swapped[row] != 0:
         for j in range(nb - 1, -1, -1):
-            release(s.cpu_pool, s.cpu_ends, s.tables[row, j])
+            release(cpu_pool, cpu_ends, tables[row, j])
     else:
         for j in range(nb - 1, -1, -1):
-            release(s.gpu_pool, s.gpu_ends, s.tables[row, j])
+            release(gpu_pool, gpu_ends, tables[row, j])
     for j in range(nb):
-        s.tables[row, j] = 0  # rows stay zero past their last block (see gather_kernel)
-    s.num_tokens[row] = 0
-    s.swapped[row] = 0
-    s.extra_id[row] = -1
-    delete(s.id_keys, s.id_rows, seq_id)
+        tables[row, j] = 0  # rows stay zero past their last block (see gather_kernel)
+    num_tokens[row] = 0
+    swapped[row] = 0
+    extra_id[row] = -1
+    delete(id_keys, id_rows, seq_id)
 
 
 @njit(cache=True)
 def swap_out_kernel(s: State, row: int) -> I64:
     """Fresh CPU blocks in logical order, then GPU references dropped in reverse order; returns
     the ``(gpu, cpu)`` pairs ``[nb, 2]``. The CPU pool must have ``nb`` free blocks."""
-    nb = (s.num_tokens[row] + s.block_size - 1) // s.block_size
+    tables = s.tables
+    num_tokens = s.num_tokens
+    swapped = s.swapped
+    gpu_pool = s.gpu_pool
+    cpu_pool = s.cpu_pool
+    gpu_ends = s.gpu_ends
+    cpu_ends = s.cpu_ends
+    nb = (num_tokens[row] + s.block_size - 1) // s.block_size
     mapping = np.empty((nb, 2), dtype=np.int64)
     for j in range(nb):
-        mapping[j, 0] = s.tables[row, j]
-        mapping[j, 1] = take(s.cpu_pool, s.cpu_ends)
+        mapping[j, 0] = tables[row, j]
+        mapping[j, 1] = take(cpu_pool, cpu_ends)
     for j in range(nb - 1, -1, -1):
-        release(s.gpu_pool, s.gpu_ends, s.tables[row, j])
+        release(gpu_pool, gpu_ends, tables[row, j])
     for j in range(nb):
-        s.tables[row, j] = mapping[j, 1]
-    s.swapped[row] = 1
+        tables[row, j] = mapping[j, 1]
+    swapped[row] = 1
     return mapping
 
 
@@ -389,43 +424,54 @@ def swap_in_kernel(s: State, row: int) -> I64:
     """GPU blocks from the queue head in logical order, CPU blocks released in reverse order,
     full blocks offered to the prefix cache; returns the ``(cpu, gpu)`` pairs ``[nb, 2]``. The
     GPU pool must have ``nb`` free blocks."""
+    tables = s.tables
+    num_tokens = s.num_tokens
+    swapped = s.swapped
+    block_hash = s.block_hash
+    block_pid = s.block_pid
+    cpu_pool = s.cpu_pool
+    cpu_ends = s.cpu_ends
     bs = s.block_size
-    nb = (s.num_tokens[row] + bs - 1) // bs
+    nb = (num_tokens[row] + bs - 1) // bs
     mapping = np.empty((nb, 2), dtype=np.int64)
     for j in range(nb):
-        mapping[j, 0] = s.tables[row, j]
+        mapping[j, 0] = tables[row, j]
         mapping[j, 1] = _take_gpu(s)
     for j in range(nb - 1, -1, -1):
-        release(s.cpu_pool, s.cpu_ends, s.tables[row, j])
+        release(cpu_pool, cpu_ends, tables[row, j])
     for j in range(nb):
-        s.tables[row, j] = mapping[j, 1]
-    s.swapped[row] = 0
+        tables[row, j] = mapping[j, 1]
+    swapped[row] = 0
     if s.caching:
-        for i in range(s.num_tokens[row] // bs):
-            _register(s, s.tables[row, i], s.block_hash[row, i], s.block_pid[row, i])
+        for i in range(num_tokens[row] // bs):
+            _register(s, tables[row, i], block_hash[row, i], block_pid[row, i])
     return mapping
 
 
 # ---------------------------------------------------------------- what the GPU step takes
 @njit(cache=True)
-def gather_kernel(s: State, sids: I64) -> GatherResult:
-    """Block tables ``[B, W]`` (int32, zero padded) and lengths ``[B]`` of the sequences
-    ``sids``; ``W`` is the most blocks any of them has. Rows are zero past their last block, so
-    each row is one slice copy."""
+def gather_kernel(s: State, sids: I64, lens: I32) -> I32 | None:
+    """Block tables ``[B, W]`` (int32, zero padded) of the sequences ``sids``, ``W`` the most
+    blocks any of them has, and their lengths into ``lens`` ``[B]``; None when one of them is
+    not live. Rows are zero past their last block, so each row is one slice copy. (No result
+    record: boxing one costs about as much per call as the whole lookup of a small batch.)"""
+    tables = s.tables
+    num_tokens = s.num_tokens
+    id_keys = s.id_keys
+    id_rows = s.id_rows
     bs = s.block_size
     b = sids.shape[0]
     rows = np.empty(b, dtype=np.int32)
-    lens = np.empty(b, dtype=np.int32)
     w = 0
     for k in range(b):
-        r = find(s.id_keys, s.id_rows, sids[k])
+        r = find(id_keys, id_rows, sids[k])
         if r < 0:
-            return GatherResult(k, np.empty((0, 0), dtype=np.int32), lens)
+            return None
         rows[k] = r
-        n = s.num_tokens[r]
+        n = num_tokens[r]
         lens[k] = n
         w = max(w, (n + bs - 1) // bs)
     out = np.empty((b, w), dtype=np.int32)
     for k in range(b):
-        out[k, :] = s.tables[rows[k], :w]
-    return GatherResult(-1, out, lens)
+        out[k, :] = tables[rows[k], :w]
+    return out

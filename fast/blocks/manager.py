@@ -27,7 +27,8 @@ from numpy.typing import NDArray
 
 from fast.blocks import kernels as K
 from fast.blocks.freelist import COUNT, REF, new_pool, queue_order
-from fast.blocks.hash import chain_hashes_nb, scratch_for
+from fast.blocks.hash import chain_hashes as chain_hashes_numba
+from fast.blocks.hash import scratch_for
 from fast.blocks.integrity import check_integrity
 from fast.blocks.open_addressing import insert
 from fast.blocks.prefix_ids import PrefixIds, intern_chain
@@ -50,6 +51,7 @@ __all__ = ["BlockManager", "BlockManagerConfig"]
 _INT64_MAX = (1 << 63) - 1
 _BAD_TOKEN = "token ids must be ints in [0, 2**63)"
 _EMPTY = np.zeros(0, dtype=np.int64)
+_NO_PAIRS = np.zeros((0, 2), dtype=np.int64)
 # per-row arrays read only below the row's token / full-block count: grown without zeroing
 # (zeroing megabytes of fresh pages was most of a first batch's cost)
 _UNREAD_PAST_END = ("tokens", "block_hash", "block_pid")
@@ -330,7 +332,7 @@ class BlockManager:
     def can_append(self, seq_ids: Sequence[int]) -> bool:
         """Whether ``append_batch`` of one token to each of ``seq_ids`` would succeed now."""
         sids = self._ids_array(seq_ids, "can_append")
-        result = K.append_kernel(self._s, sids, _EMPTY, -1, _EMPTY, False)
+        result = K.append_kernel(self._s, sids, _EMPTY, -1, _EMPTY, False, _EMPTY, _NO_PAIRS)
         if result.status not in (K.OK, K.NO_BLOCKS):
             self._raise_for(result, "can_append", seq_ids)
         return bool(result.status == K.OK)
@@ -392,7 +394,7 @@ class BlockManager:
             key = (
                 a.key_bytes[a.key_offsets[x] : a.key_offsets[x + 1]] if x >= 0 else a.key_bytes[:0]
             )
-            hashes = chain_hashes_nb(tokens, bs, key, x >= 0)
+            hashes = chain_hashes_numba(tokens, bs, key, x >= 0)
         else:
             hashes = np.array(
                 chain_hashes(tokens.tolist(), bs, extra_key, self._hash_fn), dtype=np.int64
@@ -542,35 +544,40 @@ class BlockManager:
         seq_ids: Sequence[int] | NDArray[np.int64],
         token_name: str,
     ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        n = sids.shape[0]
         if self._caching:
-            self._reserve_pids(sids.shape[0])  # every append may fill a block
+            self._reserve_pids(n)  # every append may fill a block
+        slots = np.empty(n, dtype=np.int64)  # [N]
+        pairs = np.empty((n, 2), dtype=np.int64)  # [N, 2], the first num_pairs rows written
+        fill_hash = _EMPTY
         while True:
             if self._caching and not self._a.numba_hash:  # a Python hash: hash the fills first
-                result = K.append_kernel(self._s, sids, toks, bad, _EMPTY, False)
+                result = K.append_kernel(self._s, sids, toks, bad, _EMPTY, False, slots, pairs)
                 if result.status == K.OK:
-                    fill_hash = self._fill_hashes(toks, result)
-                    result = K.append_kernel(self._s, sids, toks, bad, fill_hash, True)
-            else:
-                result = K.append_kernel(self._s, sids, toks, bad, _EMPTY, True)
+                    fill_hash = self._fill_hashes(sids, toks)
+            result = K.append_kernel(self._s, sids, toks, bad, fill_hash, True, slots, pairs)
             if result.status != K.GROW:
                 break
             self._ensure_width(2 * self._a.tables.shape[1])
         if result.status == K.OK:
-            return result.slots, result.pairs
+            return slots, pairs[: result.num_pairs]
         self._raise_for(result, operation, seq_ids, token_name, token_ids)
 
-    def _fill_hashes(self, toks: NDArray[np.int64], result: K.AppendResult) -> NDArray[np.int64]:
-        """Hashes (by the Python ``hash_fn``) of the blocks the validated batch will fill."""
+    def _fill_hashes(self, sids: NDArray[np.int64], toks: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Hashes (by the Python ``hash_fn``) of the blocks a validated batch fills, in batch
+        order: the append kernel's input under a Python hash."""
         a, bs = self._a, self._bs
-        fill_hash = np.empty(result.fills.shape[0], dtype=np.int64)
-        for f, k in enumerate(result.fills.tolist()):
-            row = int(result.rows[k])
+        hashes: list[int] = []
+        for seq_id, token in zip(sids.tolist(), toks.tolist()):
+            row = self._rows[seq_id]
             t = int(a.num_tokens[row])
+            if (t + 1) % bs:
+                continue
             i = t // bs
-            block = tuple(a.tokens[row, i * bs : t].tolist()) + (int(toks[k]),)
+            block = tuple(a.tokens[row, i * bs : t].tolist()) + (token,)
             parent = int(a.block_hash[row, i - 1]) if i > 0 else ROOT_PARENT_HASH
-            fill_hash[f] = self._hash_fn(parent, block, self._extra[row])
-        return fill_hash
+            hashes.append(self._hash_fn(parent, block, self._extra[row]))
+        return np.array(hashes, dtype=np.int64)
 
     def fork(self, parent_id: int, child_id: int) -> None:
         """The child shares every block of the parent (each refcount rises by one)."""
@@ -624,10 +631,11 @@ class BlockManager:
     ) -> tuple[NDArray[np.int32], NDArray[np.int32]]:
         """Block tables ``[B, W]`` (int32, zero padded) and lengths ``[B]`` for a GPU step."""
         sids = self._ids_array(seq_ids, "gather")
-        result = K.gather_kernel(self._s, sids)
-        if result.unknown >= 0:
-            raise UnknownSequenceError(int(sids[result.unknown]))
-        return result.tables, result.lens
+        lens = np.empty(sids.shape[0], dtype=np.int32)  # [B]
+        tables = K.gather_kernel(self._s, sids, lens)
+        if tables is None:
+            raise UnknownSequenceError(next(s for s in sids.tolist() if s not in self._rows))
+        return tables, lens
 
     # ------------------------------------------------------------------ invariants
     def check_integrity(self) -> None:

@@ -65,10 +65,15 @@ def test_kernel_results_are_named_and_errors_carry_their_numbers() -> None:
     fast = BlockManager(config)
     fast.allocate(0, [1, 2, 3, 4])  # two full blocks
     fast.allocate(1, [4])  # the last free block, with room for one more token
-    empty = np.zeros(0, np.int64)
-    result = K.append_kernel(fast._s, np.array([0, 1, 0]), np.zeros(3, np.int64), -1, empty, False)
+    empty, no_pairs = np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
+
+    def check(ids: list[int]) -> K.AppendResult:
+        tokens = np.zeros(len(ids), np.int64)
+        return K.append_kernel(fast._s, np.array(ids), tokens, -1, empty, False, empty, no_pairs)
+
+    result = check([0, 1, 0])
     assert isinstance(result, K.AppendResult) and result.status == K.DUPLICATE
-    result = K.append_kernel(fast._s, np.array([1]), np.zeros(1, np.int64), -1, empty, False)
+    result = check([1])
     assert (result.status, result.needed, result.free) == (K.OK, 0, 0)
     with pytest.raises(OutOfBlocksError) as err:
         fast.append_batch([0, 1], [5, 5])  # sequence 0 needs a block, 1 does not

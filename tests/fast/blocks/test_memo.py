@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fast.blocks.hash import chain_hashes_nb, scratch_for
+from fast.blocks import hash as fast_hash
+from fast.blocks.hash import scratch_for
 from fast.blocks.manager import BlockManager
 from fast.blocks.prefix_ids import PrefixIds, hash_intern_chain, intern_chain
 from spec.block_manager import BlockManager as SpecBlockManager
@@ -43,7 +44,7 @@ def test_memo_hashes_only_new_prefixes_and_equals_the_spec_hash() -> None:
     hk, pk, nk = _chain(ids, b, 0, b"tenant")
     assert hk == chain_hashes(b.tolist(), bs, "tenant", hash_block_tokens)
     assert nk == [5] and set(pk).isdisjoint(pb)
-    assert hk == chain_hashes_nb(b, bs, np.frombuffer(b"tenant", np.uint8), True).tolist()
+    assert hk == fast_hash.chain_hashes(b, bs, np.frombuffer(b"tenant", np.uint8), True).tolist()
 
 
 def test_memo_survives_collection_and_growth() -> None:
