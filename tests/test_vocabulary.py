@@ -91,7 +91,6 @@ TWINS: tuple[Twin, ...] = (
         extras=("has_extra_key",),
         positional_extras=True,
         differs=Differs("numba: extra_key is its utf-8 bytes as a uint8 array, None a False flag"),
-        pending=RESTRUCTURE,
     ),
     Twin(
         "spec.prefix_cache:chain_hashes",
@@ -102,7 +101,6 @@ TWINS: tuple[Twin, ...] = (
             params=("token_ids", "block_size", "extra_key", "has_extra_key"),
             returns=True,
         ),
-        pending=RESTRUCTURE,
     ),
     # -- the scheduler: spec (ids) and fast (the engine's Sequence objects) --------------------
     Twin(
