@@ -14,7 +14,10 @@ manager forks the parent into them (shared prompt blocks, copy-on-write on the f
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
+import time
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -26,10 +29,17 @@ import torch
 import kernels
 from fast.engine.batch import HostBatch, HostStaging, padded_width
 from fast.engine.config import EngineConfig, pool_sizes, resolve_device, resolve_dtype
-from fast.engine.outputs import CompletionOutput, RequestOutput
-from fast.engine.sampler import Sampler
+from fast.engine.journal import JournaledBlockManager
+from fast.engine.outputs import (
+    CompletionOutput,
+    PromptLogprobs,
+    RequestMetrics,
+    RequestOutput,
+    decode_logprobs,
+)
+from fast.engine.sampler import Sampler, SamplerOutput, token_logprobs
 from fast.engine.sampling_params import SamplingParams
-from fast.engine.scheduler import Scheduler
+from fast.engine.scheduler import Scheduler, SchedulerCheckpoint
 from fast.engine.sequence import Sequence, SequenceStatus
 from fast.engine.stop import StopChecker
 from fast.loader import LoadedModel, load_model
@@ -144,6 +154,8 @@ class LLMEngine:
                 enable_prefix_caching=cfg.enable_prefix_caching,
             )
         )
+        # every step is a transaction: its block operations are undone if it fails
+        self.block_manager = JournaledBlockManager(self.block_manager)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.kv_caches = allocate_kv_caches(
             self.model_config, self.num_gpu_blocks, cfg.block_size, self.dtype, self.device
@@ -162,7 +174,12 @@ class LLMEngine:
         self._requests: dict[str, list[Sequence]] = {}  # request id -> its n sequences
         self._generators: dict[int, torch.Generator] = {}
         self._children: dict[int, list[Sequence]] = {}  # parent seq id -> its unforked n - 1
+        self._metrics: dict[str, RequestMetrics] = {}  # request id -> its times
+        self._num_cached: dict[str, int] = {}  # request id -> prefix-cache hits (tokens)
+        self._unscheduled: set[str] = set()  # requests no step has scheduled yet
+        self._prompt_logprobs: dict[str, PromptLogprobs] = {}  # requests that asked for them
         self.stats = EngineStats()
+        self._undo: _StepUndo | None = None  # the step in flight's saved state
         self._max_width = -(-max_len // cfg.block_size)  # blocks of the longest sequence
         self._staging = HostStaging(self.device)
         self._graphs: Any = None
@@ -185,6 +202,7 @@ class LLMEngine:
         self, request_id: str, prompt: PromptType, params: SamplingParams | None = None
     ) -> None:
         """Validate and queue one request; raises before anything is scheduled."""
+        arrival = time.time()
         params = params if params is not None else SamplingParams()
         if request_id in self._requests:
             raise InvalidArgumentError("request_id", request_id, "already in use")
@@ -199,6 +217,13 @@ class LLMEngine:
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise InvalidArgumentError("prompt_token_ids", bad[:5], f"outside [0, {vocab})")
+        params.check_vocab_size(vocab)
+        if params.prompt_logprobs is not None and self.config.enable_prefix_caching:
+            raise InvalidArgumentError(
+                "prompt_logprobs",
+                params.prompt_logprobs,
+                "needs every prompt position computed; prefix caching skips the cached ones",
+            )
         group = []
         for index in range(params.n):  # n > 1: the parent (index 0) is forked at its 1st token
             seq = Sequence(
@@ -222,10 +247,19 @@ class LLMEngine:
         if len(group) > 1:
             self._children[group[0].seq_id] = group[1:]
         self._requests[request_id] = group
+        self._metrics[request_id] = RequestMetrics(arrival)
+        self._unscheduled.add(request_id)
+        if params.prompt_logprobs is not None:
+            self._prompt_logprobs[request_id] = [None]
 
-    def abort_request(self, request_id: str) -> None:
-        """Stop a request now; its blocks go back to the pool. Unknown ids are ignored."""
-        for seq in self._requests.pop(request_id, []):
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; its blocks go back to the pool. Unknown ids are ignored.
+
+        Returns the request's final output (``finish_reason="abort"`` on the sequences that
+        were still running), or None for an unknown id.
+        """
+        group = self._requests.pop(request_id, [])
+        for seq in group:
             self._children.pop(seq.seq_id, None)
             if seq.seq_id in self.scheduler.seqs:
                 self.scheduler.abort_request(seq.seq_id)
@@ -233,6 +267,19 @@ class LLMEngine:
                 seq.status = SequenceStatus.FINISHED_ABORTED
             self._stop.finish(seq)
             self._generators.pop(seq.seq_id, None)
+        if not group:
+            return None
+        self._metrics[request_id].finished(time.time())
+        final = self.request_output(group)
+        self._forget(request_id)
+        return final
+
+    def _forget(self, request_id: str) -> None:
+        """Drop the per-request records of a finished or aborted request."""
+        self._metrics.pop(request_id, None)
+        self._num_cached.pop(request_id, None)
+        self._unscheduled.discard(request_id)
+        self._prompt_logprobs.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
         """Some request is waiting, running or swapped."""
@@ -250,22 +297,53 @@ class LLMEngine:
 
         ``finished_only`` returns only the requests that finished in this step (what batch
         generation needs; it saves building an output per running request per step).
+
+        A step is all or nothing: if anything raises inside it (the model, the sampler, the
+        block manager, a KeyboardInterrupt), the engine is put back exactly as it was before
+        the step (queues, block manager, KV of blocks the step overwrote, sequences, request
+        records, seeded generators) and the exception propagates. Stepping again retries the
+        same step; ``abort_request`` drops a request that cannot run.
         """
+        undo = self._undo = self._save_step()
+        try:
+            outputs = self._step(finished_only)
+        except BaseException as exc:
+            self._undo = None
+            self._restore_step(undo)
+            note = getattr(exc, "add_note", None)  # Python >= 3.11
+            if note is not None:
+                note(f"pagedkv: step {self.stats.steps + 1} was rolled back (engine as before)")
+            raise
+        self._undo = None
+        self.block_manager.commit()
+        return outputs
+
+    def _step(self, finished_only: bool) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        self._saved_schedule(out)
         self.stats.record(out)
+        now = time.time()
+        if self._unscheduled:
+            self._note_first_scheduled(out, now)
         self._apply_cache_ops(out)
         sampled: dict[int, int] = {}
         finished: set[int] = set()
         touched: list[Sequence] = []
         if out.scheduled:
-            seqs, tokens, logprobs, forks = self._run_model(out)
+            seqs, (tokens, logprobs, sampled_lps), forks = self._run_model(out)
+            self._saved_sequences(seqs)
             check = self._stop.check
             children = {child.seq_id for _, child in forks}
-            for seq, token, lp in zip(seqs, tokens, logprobs):
-                if lp is None:
-                    seq.token_ids.append(token)
-                else:
-                    self._record(seq, token, lp)
+            now = time.time()
+            metrics, tokenizer = self._metrics, self.tokenizer
+            for seq, token, lp, token_lp in zip(seqs, tokens, logprobs, sampled_lps):
+                seq.token_ids.append(token)
+                seq.cumulative_logprob += token_lp
+                if lp is not None and seq.logprobs is not None:
+                    if tokenizer is not None and seq.sampling_params.detokenize:
+                        decode_logprobs((lp,), tokenizer)
+                    seq.logprobs.append(lp)
+                metrics[seq.request_id].token(now)
                 stopped = check(seq)
                 if seq.seq_id in children:  # not scheduled: the scheduler learns by fork
                     continue
@@ -293,8 +371,11 @@ class LLMEngine:
                 for seq in group:
                     self._generators.pop(seq.seq_id, None)
                     self._stop.finish(seq)
+                self._metrics[request_id].finished(now)
             if done or not finished_only:
                 outputs.append(self.request_output(group))
+            if done:
+                self._forget(request_id)
         return outputs
 
     def request_output(self, group: list[Sequence]) -> RequestOutput:
@@ -304,7 +385,7 @@ class LLMEngine:
                 index=seq.index,
                 text=seq.output_text,
                 token_ids=seq.output_token_ids,
-                cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                cumulative_logprob=seq.cumulative_logprob,
                 logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
                 finish_reason=seq.finish_reason,
                 stop_reason=seq.stop_reason,
@@ -312,12 +393,18 @@ class LLMEngine:
             for seq in group
         ]
         first = group[0]
+        rid = first.request_id
+        metrics = self._metrics.get(rid)
+        prompt_lps = self._prompt_logprobs.get(rid)
         return RequestOutput(
-            first.request_id,
+            rid,
             first.prompt,
             list(first.prompt_token_ids),
             completions,
             all(seq.is_finished for seq in group),
+            prompt_logprobs=list(prompt_lps) if prompt_lps is not None else None,
+            metrics=dataclasses.replace(metrics) if metrics is not None else None,
+            num_cached_tokens=self._num_cached.get(rid),
         )
 
     # -- internals ------------------------------------------------------------------------
@@ -449,11 +536,10 @@ class LLMEngine:
 
     def _run_model(
         self, out: SchedulerOutput
-    ) -> tuple[
-        list[Sequence], list[int], list[dict[int, float] | None], list[tuple[Sequence, Sequence]]
-    ]:
-        """Run the model on the step's batch; (sampled sequences, their tokens, logprobs, the
-        (parent, child) pairs to fork: the children's first tokens are among those sampled)."""
+    ) -> tuple[list[Sequence], SamplerOutput, list[tuple[Sequence, Sequence]]]:
+        """Run the model on the step's batch; (sampled sequences, the sampler's output for them,
+        the (parent, child) pairs to fork: the children's first tokens are among those sampled).
+        """
         batch = self._build_batch(out)
         hidden = None
         rows: torch.Tensor | None = None
@@ -462,9 +548,11 @@ class LLMEngine:
         if hidden is None:
             input_ids, positions, ctx, rows = self._staging.upload(batch)
             hidden = self.model(input_ids, positions, ctx, self.kv_caches)  # [T, H]
+        if self._prompt_logprobs:
+            self._collect_prompt_logprobs(out, batch, hidden)
         num_rows = int(batch.sample_rows.shape[0])
         if not num_rows:
-            return [], [], [], []
+            return [], SamplerOutput([], [], []), []
         if num_rows != hidden.shape[0]:  # prefill, or a chunk that samples nothing
             if rows is None:
                 rows = self._staging.put(torch.int64, [batch.sample_rows])[0]
@@ -475,11 +563,236 @@ class LLMEngine:
         if self._children:
             seqs, logits, forks = self._with_children(seqs, logits)  # [N', V]
         gens = [self._generators.get(q.seq_id) for q in seqs] if self._generators else None
-        tokens, logprobs = self.sampler.sample(logits, [q.sampling_params for q in seqs], gens)
-        return seqs, tokens, logprobs, forks
+        params = [q.sampling_params for q in seqs]
+        histories = (
+            [
+                (q.prompt_token_ids, q.output_token_ids) if p.needs_history else None
+                for q, p in zip(seqs, params)
+            ]
+            if any(p.needs_history for p in params)
+            else None
+        )
+        if self._undo is not None:
+            self._undo.save_rng(gens, params, self.device)
+        return seqs, self.sampler.sample(logits, params, gens, histories=histories), forks
 
-    def _record(self, seq: Sequence, token: int, lp: dict[int, float] | None) -> None:
-        logprob = None if lp is None else lp.get(token)
-        seq.append_token(token, logprob)
-        if seq.logprobs is not None and lp is not None:
-            seq.logprobs.append(lp)
+    def _note_first_scheduled(self, out: SchedulerOutput, now: float) -> None:
+        """Record when a request is first scheduled, and its prefix-cache hits (the tokens the
+        scheduler found computed: its first chunk starts after them)."""
+        seqs = self.scheduler.seqs
+        for s in out.scheduled:
+            rid = seqs[s.seq_id].request_id
+            if rid in self._unscheduled:
+                self._unscheduled.discard(rid)
+                self._metrics[rid].scheduled(now)
+                self._num_cached[rid] = s.start
+
+    def _collect_prompt_logprobs(
+        self, out: SchedulerOutput, batch: HostBatch, hidden: torch.Tensor
+    ) -> None:
+        """Append the prompt logprobs of the prompt positions this step computed (hidden
+        [T, H]): position ``p`` predicts prompt token ``p + 1``. Positions recomputed after a
+        preemption are skipped (their entries exist)."""
+        rows: list[int] = []
+        targets: list[int] = []
+        wanted: list[int | None] = []
+        owners: list[PromptLogprobs] = []
+        detok: list[bool] = []  # decode the entries' tokens (SamplingParams.detokenize)
+        cu = batch.cu_seqlens_q
+        for b, s in enumerate(out.scheduled):
+            seq = self.scheduler.seqs[s.seq_id]
+            lps = self._prompt_logprobs.get(seq.request_id)
+            if lps is None or seq.index != 0:
+                continue
+            prompt = seq.prompt_token_ids
+            first = len(lps) - 1  # the next position without an entry
+            if not s.start <= first < s.start + s.num_tokens:
+                continue
+            for p in range(first, min(s.start + s.num_tokens, len(prompt) - 1)):
+                rows.append(int(cu[b]) + p - s.start)
+                targets.append(prompt[p + 1])
+                wanted.append(seq.sampling_params.prompt_logprobs)
+                detok.append(seq.sampling_params.detokenize)
+                owners.append(lps)
+        chunk = 256  # rows of [*, V] float32 logits at a time
+        for i in range(0, len(rows), chunk):
+            index = torch.tensor(rows[i : i + chunk], dtype=torch.int64, device=hidden.device)
+            logits = self.model.compute_logits(hidden.index_select(0, index))  # [R, V]
+            ids = torch.tensor(targets[i : i + chunk], dtype=torch.int64, device=hidden.device)
+            _, entries = token_logprobs(logits, ids, wanted[i : i + chunk])
+            if self.tokenizer is not None:
+                texts = [e for e, p in zip(entries, detok[i : i + chunk]) if p]
+                decode_logprobs(texts, self.tokenizer)
+            for owner, entry in zip(owners[i : i + chunk], entries):
+                owner.append(entry)
+
+    # -- the step as a transaction ----------------------------------------------------------
+    def _save_step(self) -> _StepUndo:
+        """What undoing the next step needs, as far as it is known before scheduling."""
+        self.block_manager.begin()
+        tables = {name: copy.copy(getattr(self, name)) for name in _TABLES if hasattr(self, name)}
+        return _StepUndo(
+            self.scheduler.checkpoint(),
+            dataclasses.replace(self.stats),
+            tables,
+            dict(self._stop._detok),
+            [child for group in self._children.values() for child in group],
+        )
+
+    def _saved_schedule(self, out: SchedulerOutput) -> None:
+        """After ``schedule()``: save the records of the scheduled requests, and the KV of every
+        block the step will write that held someone's KV before the step."""
+        undo = self._undo
+        if undo is None:
+            return
+        seqs = self.scheduler.seqs
+        rids = {seqs[s.seq_id].request_id for s in out.scheduled}
+        metrics = getattr(self, "_metrics", {})
+        undo.metrics = {rid: vars(metrics[rid]).copy() for rid in rids if rid in metrics}
+        prompt_lps = getattr(self, "_prompt_logprobs", {})
+        undo.prompt_logprobs = {rid: len(prompt_lps[rid]) for rid in rids if rid in prompt_lps}
+        if out.preempted or out.swapped_out or self.config.enable_prefix_caching:
+            undo.kv = self._save_overwritten_kv(out)
+
+    def _save_overwritten_kv(
+        self, out: SchedulerOutput
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+        """(blocks, their K/V per layer) for the blocks this step writes that, before the
+        step, held KV of another sequence or of the prefix cache: blocks of a sequence the
+        step preempted, or cached blocks it evicted. A rolled-back step gives them back."""
+        bm, before, bs = self.block_manager, self.block_manager.before(), self.config.block_size
+        written: set[int] = {g for _, g in out.blocks_to_swap_in}
+        written.update(dst for _, dst in out.blocks_to_copy)
+        own: set[int] = set()
+        for s in out.scheduled:
+            table = bm.block_table(s.seq_id)
+            written.update(table[p // bs] for p in range(s.start, s.start + s.num_tokens))
+            if before.has_sequence(s.seq_id) and not before.is_swapped(s.seq_id):
+                own.update(before.block_table(s.seq_id))
+        cached = set(before.cached_blocks()) if self.config.enable_prefix_caching else set()
+        keep = sorted(b for b in written - own if before.refcount(b) > 0 or b in cached)
+        if not keep:
+            return None
+        index = torch.tensor(keep, dtype=torch.int64, device=self.device)
+        return index, [
+            (k.index_select(0, index), v.index_select(0, index)) for k, v in self.kv_caches
+        ]
+
+    def _saved_sequences(self, seqs: list[Sequence]) -> None:
+        """Before the sampled tokens are recorded: the output state of every sampled sequence."""
+        undo = self._undo
+        if undo is None:
+            return
+        detok = self._stop._detok
+        undo.sequences = [
+            (
+                seq,
+                len(seq.token_ids),
+                seq.cumulative_logprob,
+                None if seq.logprobs is None else len(seq.logprobs),
+                seq.output_text,
+                seq.stop_reason,
+                _detok_state(detok.get(seq.seq_id)),
+            )
+            for seq in seqs
+        ]
+
+    def _restore_step(self, undo: _StepUndo) -> None:
+        """Put the engine back as it was before the step ``undo`` was saved for."""
+        self.block_manager.rollback()
+        self.scheduler.restore(undo.scheduler)
+        for child in undo.children:  # unforked children: nothing computed, no blocks
+            child.status, child.num_computed, child.in_pool, child.pending = (
+                SequenceStatus.WAITING,
+                0,
+                False,
+                False,
+            )
+        # sampled sequences: their statuses are back (running, or unforked children) above
+        for seq, n, cum, n_lps, text, reason, dstate in undo.sequences:
+            del seq.token_ids[n:]
+            seq.cumulative_logprob, seq.output_text, seq.stop_reason = cum, text, reason
+            if n_lps is not None and seq.logprobs is not None:
+                del seq.logprobs[n_lps:]
+            d = undo.detok.get(seq.seq_id)
+            if dstate is not None and d is not None:
+                del d.ids[dstate[0] :]
+                d.read_offset, d.prefix_offset, d.text = dstate[1:]
+        self._stop._detok = undo.detok
+        for name, table in undo.tables.items():
+            setattr(self, name, table)
+        metrics = getattr(self, "_metrics", {})
+        for rid, fields in undo.metrics.items():
+            if rid in metrics:
+                vars(metrics[rid]).update(fields)
+        prompt_lps = getattr(self, "_prompt_logprobs", {})
+        for rid, n in undo.prompt_logprobs.items():
+            if rid in prompt_lps:
+                del prompt_lps[rid][n:]
+        self.stats = undo.stats
+        for gen, state in undo.generators:
+            gen.set_state(state)
+        if undo.cpu_rng is not None:
+            torch.set_rng_state(undo.cpu_rng)
+        if undo.cuda_rng is not None and undo.cuda_device is not None:
+            torch.cuda.set_rng_state(undo.cuda_rng, undo.cuda_device)
+        if undo.kv is not None:
+            index, saved = undo.kv
+            with torch.inference_mode():
+                for (k, v), (k_old, v_old) in zip(self.kv_caches, saved):
+                    k.index_copy_(0, index, k_old)
+                    v.index_copy_(0, index, v_old)
+
+
+#: The engine's request records a step changes (saved as shallow copies before each step).
+_TABLES = (
+    "_requests",
+    "_generators",
+    "_children",
+    "_metrics",
+    "_num_cached",
+    "_unscheduled",
+    "_prompt_logprobs",
+)
+
+
+def _detok_state(detok: Any) -> tuple[int, int, int, str] | None:
+    if detok is None:
+        return None
+    return len(detok.ids), detok.read_offset, detok.prefix_offset, detok.text
+
+
+@dataclass
+class _StepUndo:
+    """What :meth:`LLMEngine._restore_step` needs, filled in as the step goes."""
+
+    scheduler: SchedulerCheckpoint
+    stats: EngineStats
+    tables: dict[str, Any]  # attribute name -> shallow copy
+    detok: dict[int, Any]  # the stop checker's detokenizers by sequence id
+    children: list[Sequence]  # unforked children before the step
+    metrics: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    prompt_logprobs: dict[str, int] = dataclasses.field(default_factory=dict)
+    kv: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+    sequences: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
+    generators: list[tuple[torch.Generator, torch.Tensor]] = dataclasses.field(default_factory=list)
+    cpu_rng: torch.Tensor | None = None
+    cuda_rng: torch.Tensor | None = None
+
+    cuda_device: torch.device | None = None
+
+    def save_rng(
+        self,
+        gens: Seq[torch.Generator | None] | None,
+        params: Seq[Any],
+        device: torch.device,
+    ) -> None:
+        """Before sampling: the state of every generator the sampler may draw from (a row's
+        own, or the device's default one for unseeded random rows)."""
+        rows = [(g, not p.is_greedy) for g, p in zip(gens or [None] * len(params), params)]
+        self.generators = [(g, g.get_state()) for g, r in rows if g is not None and r]
+        if any(r and g is None for g, r in rows):
+            if device.type == "cuda":
+                self.cuda_rng, self.cuda_device = torch.cuda.get_rng_state(device), device
+            else:
+                self.cpu_rng = torch.get_rng_state()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -33,7 +33,7 @@ from spec.scheduler import (
     StepOutcome,
 )
 
-__all__ = ["Scheduler", "BatchBlockManager"]
+__all__ = ["Scheduler", "SchedulerCheckpoint", "BatchBlockManager"]
 
 
 class BatchBlockManager(BlockManagerLike, Protocol):
@@ -86,6 +86,15 @@ class _Step:
         )
 
 
+class SchedulerCheckpoint(NamedTuple):
+    """The scheduler between two steps (see :meth:`Scheduler.checkpoint`)."""
+
+    seqs: dict[int, Sequence]
+    waiting: list[Sequence]
+    running: list[tuple[Sequence, int, bool]]  # (sequence, num_computed, pending)
+    swapped: list[tuple[Sequence, int]]  # (sequence, num_computed)
+
+
 class Scheduler:
     """FCFS continuous batching over :class:`Sequence` objects (see ``spec.scheduler``)."""
 
@@ -97,10 +106,56 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.swapped: list[Sequence] = []
         self._in_flight: dict[int, Sequence] | None = None  # sequences that sample this step
+        self._in_step: set[int] = set()  # sequences whose blocks the step in flight uses
+        self._deferred: list[int] = []  # aborted during the step: freed at update()
 
     def has_unfinished_requests(self) -> bool:
         """Some sequence is waiting, running or swapped."""
         return bool(self.seqs)
+
+    def checkpoint(self) -> SchedulerCheckpoint:
+        """What :meth:`restore` needs to undo the next step (call it between steps).
+
+        Only running and swapped sequences carry fields a step changes and cannot re-derive: a
+        waiting sequence always has nothing computed and nothing in the pool.
+        """
+        if self._in_flight is not None:
+            raise SchedulerOrderError("checkpoint", "a step is in flight")
+        return SchedulerCheckpoint(
+            dict(self.seqs),
+            list(self.waiting),
+            [(seq, seq.num_computed, seq.pending) for seq in self.running],
+            [(seq, seq.num_computed) for seq in self.swapped],
+        )
+
+    def restore(self, saved: SchedulerCheckpoint) -> None:
+        """Put the queues, the sequences' scheduling fields and the step state back as they
+        were at :meth:`checkpoint` (the engine restores the block manager itself)."""
+        self.seqs = dict(saved.seqs)
+        self.waiting = list(saved.waiting)
+        for seq in self.waiting:
+            seq.status, seq.num_computed, seq.in_pool, seq.pending = _WAITING, 0, False, False
+        self.running = []
+        for seq, num_computed, pending in saved.running:
+            seq.status, seq.num_computed, seq.in_pool, seq.pending = (
+                _RUNNING,
+                num_computed,
+                True,
+                pending,
+            )
+            self.running.append(seq)
+        self.swapped = []
+        for seq, num_computed in saved.swapped:
+            seq.status, seq.num_computed, seq.in_pool, seq.pending = (
+                _SWAPPED,
+                num_computed,
+                True,
+                True,
+            )
+            self.swapped.append(seq)
+        self._in_flight = None
+        self._in_step = set()
+        self._deferred = []
 
     def add_request(self, seq: Sequence) -> None:
         """Queue a new sequence (validated by the engine before it gets here).
@@ -109,7 +164,7 @@ class Scheduler:
         the engine's :class:`Sequence` carries both (``seq.seq_id``, ``seq.token_ids``) and its
         arrival key.
         """
-        if seq.seq_id in self.seqs:
+        if seq.seq_id in self.seqs or seq.seq_id in self._deferred:
             raise SequenceExistsError(seq.seq_id)
         n = len(seq.token_ids)
         if n == 0:
@@ -137,7 +192,7 @@ class Scheduler:
         (parent unknown), SequenceStateError (parent swapped out), InvalidArgumentError (parent not
         running with its blocks in the pool).
         """
-        if child.seq_id in self.seqs:
+        if child.seq_id in self.seqs or child.seq_id in self._deferred:
             raise SequenceExistsError(child.seq_id)
         if self.seqs.get(parent.seq_id) is not parent:
             raise UnknownSequenceError(parent.seq_id)
@@ -154,18 +209,26 @@ class Scheduler:
         child.in_pool = child.pending = True
         self.seqs[child.seq_id] = child
         self._enqueue(self.running, child, _RUNNING)
+        if self._in_flight is not None:
+            self._in_step.add(child.seq_id)
 
     def abort_request(self, seq_id: int) -> None:
-        """Remove a sequence from every queue and free its blocks (marked FINISHED_ABORTED)."""
+        """Remove a sequence from every queue and free its blocks (marked FINISHED_ABORTED).
+
+        During a step that uses its blocks (scheduled in it, swapped out by it, or forked in it)
+        the blocks are freed at the next :meth:`update` instead, as in ``spec.scheduler``.
+        """
         seq = self.seqs.pop(seq_id, None)
         if seq is None:
             raise UnknownSequenceError(seq_id)
         {_WAITING: self.waiting, _RUNNING: self.running, _SWAPPED: self.swapped}[seq.status].remove(
             seq
         )
-        if seq.in_pool:
+        if seq.in_pool and self._in_flight is not None and seq_id in self._in_step:
+            self._deferred.append(seq_id)  # the step in flight still reads its blocks
+        elif seq.in_pool:
             self.block_manager.free(seq_id)
-            seq.in_pool = False
+        seq.in_pool = False
         seq.status = SequenceStatus.FINISHED_ABORTED
         if self._in_flight is not None:
             self._in_flight.pop(seq_id, None)
@@ -181,6 +244,7 @@ class Scheduler:
             if not self.swapped:
                 self._schedule_waiting(step)
         self._in_flight = {s.seq_id: self.seqs[s.seq_id] for s in step.scheduled if s.sample}
+        self._in_step = {s.seq_id for s in step.scheduled} | set(step.swapped_out)
         return step.output()
 
     def update(self, outcome: StepOutcome) -> list[Sequence]:
@@ -208,6 +272,10 @@ class Scheduler:
                     f"{self.config.max_model_len} unfinished",
                 )
         self._in_flight = None
+        for seq_id in self._deferred:  # aborted during the step: its blocks are released now
+            self.block_manager.free(seq_id)
+        self._deferred = []
+        self._in_step = set()
         finished = []
         for seq_id, seq in in_flight.items():
             if seq_id in outcome.finished:
