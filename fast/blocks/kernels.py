@@ -5,7 +5,7 @@ described in :mod:`fast.blocks.state`) first, then the operation's own arguments
 named result. Kernels never raise: a kernel that can fail validates its whole input first, in the
 spec's order, and returns a result whose ``status`` is one of the codes below (with the offending
 numbers in named fields) before changing anything, so that an error leaves the state as it was.
-:func:`fast.blocks.manager.raise_for` turns a failed result into the spec's exception.
+The manager turns a failed result into the spec's exception (same type, same numbers).
 """
 
 from __future__ import annotations
