@@ -29,6 +29,7 @@ import torch
 import kernels
 from fast.engine.batch import HostBatch, HostStaging, padded_width
 from fast.engine.config import EngineConfig, pool_sizes, resolve_device, resolve_dtype
+from fast.engine.inputs import ParsedPrompt, parse_prompt, parse_prompts
 from fast.engine.journal import JournaledBlockManager
 from fast.engine.outputs import (
     CompletionOutput,
@@ -199,24 +200,25 @@ class LLMEngine:
 
     # -- requests -------------------------------------------------------------------------
     def add_request(
-        self, request_id: str, prompt: PromptType, params: SamplingParams | None = None
+        self,
+        request_id: str,
+        prompt: PromptType | ParsedPrompt,
+        params: SamplingParams | None = None,
     ) -> None:
-        """Validate and queue one request; raises before anything is scheduled."""
+        """Validate and queue one request; raises before anything is scheduled.
+
+        ``prompt`` is any form :meth:`parse_prompts` accepts, or one of its results."""
         arrival = time.time()
         params = params if params is not None else SamplingParams()
         if request_id in self._requests:
             raise InvalidArgumentError("request_id", request_id, "already in use")
-        text, ids = self._tokenize(prompt)
-        if not ids:
-            raise InvalidArgumentError("prompt", prompt, "empty prompt")
-        if len(ids) > self.max_model_len:
-            raise InvalidArgumentError(
-                "len(prompt_token_ids)", len(ids), f"longer than max_model_len {self.max_model_len}"
-            )
         vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidArgumentError("prompt_token_ids", bad[:5], f"outside [0, {vocab})")
+        parsed = parse_prompt(prompt, self.tokenizer, vocab, self.max_model_len)
+        text, ids = parsed.prompt, parsed.token_ids
+        if not isinstance(params, SamplingParams):
+            raise InvalidArgumentError(
+                "sampling_params", params, f"a {type(params).__name__}, not a SamplingParams"
+            )
         params.check_vocab_size(vocab)
         if params.prompt_logprobs is not None and self.config.enable_prefix_caching:
             raise InvalidArgumentError(
@@ -408,22 +410,19 @@ class LLMEngine:
         )
 
     # -- internals ------------------------------------------------------------------------
+    def parse_prompts(self, prompts: Any) -> list[ParsedPrompt]:
+        """Check every prompt of a call (one prompt or a list, in any form vLLM accepts) and
+        tokenize it, before any is queued; raises :class:`~fast.engine.inputs.InvalidPromptError`
+        naming the first bad prompt by index. ``add_request`` takes the results as prompts."""
+        return parse_prompts(
+            prompts, self.tokenizer, self.model_config.vocab_size, self.max_model_len
+        )
+
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, Mapping):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
-            if "prompt" in prompt:
-                return self._tokenize(str(prompt["prompt"]))
-            raise InvalidArgumentError(
-                "prompt", dict(prompt), "needs 'prompt' or 'prompt_token_ids'"
-            )
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidArgumentError(
-                    "prompt", prompt, "text needs a tokenizer; this model has none"
-                )
-            return prompt, self.tokenizer.encode(prompt)
-        return None, [int(t) for t in prompt]
+        parsed = parse_prompt(
+            prompt, self.tokenizer, self.model_config.vocab_size, self.max_model_len
+        )
+        return parsed.prompt, parsed.token_ids
 
     def _apply_cache_ops(self, out: SchedulerOutput) -> None:
         # Order: swap out (frees device blocks), swap in, then copy-on-write copies.
@@ -574,7 +573,26 @@ class LLMEngine:
         )
         if self._undo is not None:
             self._undo.save_rng(gens, params, self.device)
-        return seqs, self.sampler.sample(logits, params, gens, histories=histories), forks
+        banned = self._banned(seqs, params, int(logits.shape[-1]))
+        sampled = self.sampler.sample(logits, params, gens, banned=banned, histories=histories)
+        return seqs, sampled, forks
+
+    def _banned(
+        self, seqs: list[Sequence], params: list[SamplingParams], vocab: int
+    ) -> list[frozenset[int]] | None:
+        """vLLM's ``min_tokens``: while a sequence has fewer output tokens than that, EOS
+        (unless ``ignore_eos``) and its ``stop_token_ids`` cannot be sampled."""
+        if not any(p.min_tokens for p in params):
+            return None
+        eos = self._stop.eos_token_ids
+        out: list[frozenset[int]] = []
+        for seq, p in zip(seqs, params):
+            if p.min_tokens and seq.num_output_tokens < p.min_tokens:
+                ban = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else eos)
+                out.append(frozenset(t for t in ban if t < vocab))
+            else:
+                out.append(frozenset())
+        return out
 
     def _note_first_scheduled(self, out: SchedulerOutput, now: float) -> None:
         """Record when a request is first scheduled, and its prefix-cache hits (the tokens the
