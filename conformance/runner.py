@@ -146,6 +146,10 @@ def run_suite(
     ``seed`` None keeps the profile's own randomness (the ci profile is derandomized); with a
     seed, round ``r`` of the machine runs under ``seed + r`` and every property under ``seed``.
     """
+    names = list(PROPERTIES) if properties is True else list(properties or [])
+    unknown = [name for name in names if name not in PROPERTIES]
+    if unknown:
+        raise ValueError(f"no block-manager property {unknown}; known: {list(PROPERTIES)}")
     report = Report("blocks", impl, seed=seed)
     counter = StepCounter()
     start = time.perf_counter()
@@ -179,7 +183,6 @@ def run_suite(
         rnd += 1
         if steps is None or counter.steps >= steps or report.failures:
             break
-    names = list(PROPERTIES) if properties is True else list(properties or [])
     for name in names:
         t0 = time.perf_counter()
         try:
