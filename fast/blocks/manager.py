@@ -18,6 +18,7 @@ kernel's failed result into the spec's exception.
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -157,6 +158,18 @@ class BlockManager:
         self._extra: list[str | None] = [None] * rows
         self._free_rows = list(range(rows - 1, -1, -1))
         self._freed: set[int] = set()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BlockManager:
+        """An independent manager in the same state (``copy.deepcopy``): the arrays and the
+        Python bookkeeping are copied, and the copy packs its own arrays for the kernels (the
+        structref itself cannot be copied)."""
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        for name, value in vars(self).items():
+            if name != "_s":
+                setattr(clone, name, copy.deepcopy(value, memo))
+        clone._s = pack(clone._a)
+        return clone
 
     def _set(self, **arrays: Any) -> None:
         """Replace arrays of the state (growth) and pack it again for the kernels."""

@@ -205,3 +205,25 @@ def test_prompt_lists_are_validated_like_the_spec(prompt: list[object]) -> None:
     if spec.has_sequence(0):
         assert fast.block_table(0) == spec.block_table(0)
     fast.check_integrity()
+
+
+def test_deepcopy_is_an_independent_manager_in_the_same_state() -> None:
+    import copy
+
+    config = BlockManagerConfig(
+        block_size=2, num_gpu_blocks=16, num_cpu_blocks=4, enable_prefix_caching=True
+    )
+    fast = BlockManager(config)
+    fast.allocate(0, [1, 2, 3, 4, 5], "k")
+    fast.fork(0, 1)
+    clone = copy.deepcopy(fast)
+    assert clone._a.pids is clone._pids.arrays and clone._a.tables is not fast._a.tables
+    assert observables(clone, range(3), 16) == observables(fast, range(3), 16)
+    clone.append_batch([0, 1], [6, 7])  # copy-on-write and a filled block, in the clone only
+    clone.swap_out(1)
+    assert fast.num_tokens(0) == 5 and not fast.is_swapped(1)
+    assert fast.refcount(fast.block_table(0)[-1]) == 2
+    fast.check_integrity()
+    clone.check_integrity()
+    fast.append(0, 6)  # the original goes on alone, to the same state as the clone's sequence 0
+    assert fast.block_table(0) == clone.block_table(0)
