@@ -40,7 +40,7 @@ from fast.engine.outputs import (
 )
 from fast.engine.sampler import Sampler, SamplerOutput, token_logprobs
 from fast.engine.sampling_params import SamplingParams
-from fast.engine.scheduler import Scheduler, SchedulerCheckpoint
+from fast.engine.scheduler import Scheduler, SchedulerCheckpoint, checkpoint, restore
 from fast.engine.sequence import Sequence, SequenceStatus
 from fast.engine.stop import StopChecker
 from fast.loader import LoadedModel, load_model
@@ -650,7 +650,7 @@ class LLMEngine:
         self.block_manager.begin()
         tables = {name: copy.copy(getattr(self, name)) for name in _TABLES if hasattr(self, name)}
         return _StepUndo(
-            self.scheduler.checkpoint(),
+            checkpoint(self.scheduler),
             dataclasses.replace(self.stats),
             tables,
             dict(self._stop._detok),
@@ -718,7 +718,7 @@ class LLMEngine:
     def _restore_step(self, undo: _StepUndo) -> None:
         """Put the engine back as it was before the step ``undo`` was saved for."""
         self.block_manager.rollback()
-        self.scheduler.restore(undo.scheduler)
+        restore(self.scheduler, undo.scheduler)
         for child in undo.children:  # unforked children: nothing computed, no blocks
             child.status, child.num_computed, child.in_pool, child.pending = (
                 SequenceStatus.WAITING,

@@ -33,7 +33,7 @@ from spec.scheduler import (
     StepOutcome,
 )
 
-__all__ = ["Scheduler", "SchedulerCheckpoint", "BatchBlockManager"]
+__all__ = ["Scheduler", "SchedulerCheckpoint", "BatchBlockManager", "checkpoint", "restore"]
 
 
 class BatchBlockManager(BlockManagerLike, Protocol):
@@ -87,7 +87,7 @@ class _Step:
 
 
 class SchedulerCheckpoint(NamedTuple):
-    """The scheduler between two steps (see :meth:`Scheduler.checkpoint`)."""
+    """The scheduler between two steps (see :func:`checkpoint`)."""
 
     seqs: dict[int, Sequence]
     waiting: list[Sequence]
@@ -112,50 +112,6 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         """Some sequence is waiting, running or swapped."""
         return bool(self.seqs)
-
-    def checkpoint(self) -> SchedulerCheckpoint:
-        """What :meth:`restore` needs to undo the next step (call it between steps).
-
-        Only running and swapped sequences carry fields a step changes and cannot re-derive: a
-        waiting sequence always has nothing computed and nothing in the pool.
-        """
-        if self._in_flight is not None:
-            raise SchedulerOrderError("checkpoint", "a step is in flight")
-        return SchedulerCheckpoint(
-            dict(self.seqs),
-            list(self.waiting),
-            [(seq, seq.num_computed, seq.pending) for seq in self.running],
-            [(seq, seq.num_computed) for seq in self.swapped],
-        )
-
-    def restore(self, saved: SchedulerCheckpoint) -> None:
-        """Put the queues, the sequences' scheduling fields and the step state back as they
-        were at :meth:`checkpoint` (the engine restores the block manager itself)."""
-        self.seqs = dict(saved.seqs)
-        self.waiting = list(saved.waiting)
-        for seq in self.waiting:
-            seq.status, seq.num_computed, seq.in_pool, seq.pending = _WAITING, 0, False, False
-        self.running = []
-        for seq, num_computed, pending in saved.running:
-            seq.status, seq.num_computed, seq.in_pool, seq.pending = (
-                _RUNNING,
-                num_computed,
-                True,
-                pending,
-            )
-            self.running.append(seq)
-        self.swapped = []
-        for seq, num_computed in saved.swapped:
-            seq.status, seq.num_computed, seq.in_pool, seq.pending = (
-                _SWAPPED,
-                num_computed,
-                True,
-                True,
-            )
-            self.swapped.append(seq)
-        self._in_flight = None
-        self._in_step = set()
-        self._deferred = []
 
     def add_request(self, seq: Sequence) -> None:
         """Queue a new sequence (validated by the engine before it gets here).
@@ -384,3 +340,50 @@ class Scheduler:
         seq.status = status
         keys: Iterable[int] = (s.arrival for s in queue)
         queue.insert(bisect.bisect(list(keys), seq.arrival), seq)
+
+
+# -- undoing a step (the engine's rollback) -----------------------------------------------------
+def checkpoint(scheduler: Scheduler) -> SchedulerCheckpoint:
+    """What :func:`restore` needs to undo ``scheduler``'s next step (call it between steps).
+
+    Only running and swapped sequences carry fields a step changes and cannot re-derive: a
+    waiting sequence always has nothing computed and nothing in the pool.
+    """
+    if scheduler._in_flight is not None:
+        raise SchedulerOrderError("checkpoint", "a step is in flight")
+    return SchedulerCheckpoint(
+        dict(scheduler.seqs),
+        list(scheduler.waiting),
+        [(seq, seq.num_computed, seq.pending) for seq in scheduler.running],
+        [(seq, seq.num_computed) for seq in scheduler.swapped],
+    )
+
+
+def restore(scheduler: Scheduler, saved: SchedulerCheckpoint) -> None:
+    """Put the queues, the sequences' scheduling fields and the step state back as they
+    were at :func:`checkpoint` (the engine restores the block manager itself)."""
+    scheduler.seqs = dict(saved.seqs)
+    scheduler.waiting = list(saved.waiting)
+    for seq in scheduler.waiting:
+        seq.status, seq.num_computed, seq.in_pool, seq.pending = _WAITING, 0, False, False
+    scheduler.running = []
+    for seq, num_computed, pending in saved.running:
+        seq.status, seq.num_computed, seq.in_pool, seq.pending = (
+            _RUNNING,
+            num_computed,
+            True,
+            pending,
+        )
+        scheduler.running.append(seq)
+    scheduler.swapped = []
+    for seq, num_computed in saved.swapped:
+        seq.status, seq.num_computed, seq.in_pool, seq.pending = (
+            _SWAPPED,
+            num_computed,
+            True,
+            True,
+        )
+        scheduler.swapped.append(seq)
+    scheduler._in_flight = None
+    scheduler._in_step = set()
+    scheduler._deferred = []

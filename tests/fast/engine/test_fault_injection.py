@@ -32,10 +32,10 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+import fast.engine.engine as engine_module
 from fast.engine.engine import LLMEngine, _StepUndo
 from fast.engine.journal import JournaledBlockManager
 from fast.engine.sampling_params import SamplingParams
-from fast.engine.scheduler import Scheduler
 from fast.loader import random_model
 from fast.model.config import ModelConfig
 from spec.errors import PagedKVError
@@ -356,7 +356,7 @@ def _property(scenario: tuple[Setup, list[Request], Plan]) -> None:
 
 MUTANTS: dict[str, tuple[Any, str, Any]] = {
     # the scheduler's queues and sequence fields are not put back
-    "scheduler": (Scheduler, "restore", lambda self, saved: None),
+    "scheduler": (engine_module, "restore", lambda scheduler, saved: None),
     # the block manager keeps the failed step's operations
     "block manager": (JournaledBlockManager, "rollback", JournaledBlockManager.commit),
     # sampled tokens, text and stop state are not put back (faults after sampling)
