@@ -747,7 +747,7 @@ class LLMEngine:
         for rid, n in undo.prompt_logprobs.items():
             if rid in prompt_lps:
                 del prompt_lps[rid][n:]
-        self.stats = undo.stats
+        vars(self.stats).update(vars(undo.stats))  # in place: callers may hold it
         for gen, state in undo.generators:
             gen.set_state(state)
         if undo.cpu_rng is not None:
