@@ -64,6 +64,8 @@ class JournaledBlockManager:
         return self._live
 
     def __getattr__(self, name: str) -> Any:
+        if name in ("_live", "_shadow", "_log", "_open"):  # not set yet (copy, unpickling)
+            raise AttributeError(name)
         return getattr(self._live, name)
 
     # -- transactions ---------------------------------------------------------------------
