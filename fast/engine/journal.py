@@ -29,20 +29,9 @@ __all__ = ["JournaledBlockManager", "clone_block_manager"]
 
 
 def clone_block_manager(manager: Any) -> Any:
-    """An independent copy of a block manager (spec or fast) in the same state.
-
-    The fast manager keeps its arrays twice: as a ``BlockArrays`` named tuple (``_a``) and
-    packed in a numba structref (``_s``) that cannot be deep-copied; the copy gets a structref
-    packed from its own arrays.
-    """
-    packed = vars(manager).get("_s")
-    if packed is None:
-        return copy.deepcopy(manager)
-    clone = copy.deepcopy(manager, {id(packed): None})
-    from fast.blocks.state import pack
-
-    clone._s = pack(clone._a)
-    return clone
+    """An independent copy of a block manager (spec or fast) in the same state (the fast
+    manager's ``__deepcopy__`` packs the copy's own numba structref)."""
+    return copy.deepcopy(manager)
 
 
 class JournaledBlockManager:
