@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-SEED_ENV = "PAGEDKV_CONFORMANCE_SEED"  # read by conformance.runner.ci_seed
+SEED_ENV = "PAGEDKV_CONFORMANCE_SEED"  # read by conformance.blocks.runner.ci_seed
 FALLBACK_SEED = 20240601  # outside git: still a fixed, printed seed
 
 

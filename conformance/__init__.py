@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from conformance.api import check_attention, check_block_manager, check_scheduler
-    from conformance.attention_impl import AttentionImpl
-    from conformance.lockstep import ConformanceError
+    from conformance.attention.impl import AttentionImpl
+    from conformance.blocks.lockstep import ConformanceError
     from conformance.protocols import BlockManagerFactory, BlockManagerImpl
     from conformance.report import ConformanceFailure, Failure, Report
-    from conformance.scheduler_protocol import SchedulerFactory, SchedulerImpl
+    from conformance.scheduler.protocol import SchedulerFactory, SchedulerImpl
 
 __all__ = [
     "check_block_manager",
@@ -45,12 +45,12 @@ _WHERE = {
     "check_attention": "conformance.api",
     "BlockManagerImpl": "conformance.protocols",
     "BlockManagerFactory": "conformance.protocols",
-    "SchedulerImpl": "conformance.scheduler_protocol",
-    "SchedulerFactory": "conformance.scheduler_protocol",
-    "AttentionImpl": "conformance.attention_impl",
+    "SchedulerImpl": "conformance.scheduler.protocol",
+    "SchedulerFactory": "conformance.scheduler.protocol",
+    "AttentionImpl": "conformance.attention.impl",
     "Report": "conformance.report",
     "Failure": "conformance.report",
-    "ConformanceError": "conformance.lockstep",
+    "ConformanceError": "conformance.blocks.lockstep",
     "ConformanceFailure": "conformance.report",
 }
 

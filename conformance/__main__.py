@@ -30,9 +30,9 @@ class UsageError(Exception):
 
 def _builtin_names() -> dict[str, list[str]]:
     """Built-in implementation names per suite (attention: ``fast``/``spec`` pick the default)."""
-    from conformance.attention_impl import attention_names
+    from conformance.attention.impl import attention_names
     from conformance.registry import block_manager_names
-    from conformance.scheduler_protocol import scheduler_names
+    from conformance.scheduler.protocol import scheduler_names
 
     return {
         "blocks": block_manager_names(),
@@ -91,8 +91,8 @@ def _run(suite: str, impl: str, target: Any, args: argparse.Namespace) -> Any:
             log=log,
         )
     if suite == "scheduler":
-        from conformance.scheduler_protocol import scheduler_factory, scheduler_names
-        from conformance.scheduler_run import SCHEDULER_CI_EXAMPLES
+        from conformance.scheduler.protocol import scheduler_factory, scheduler_names
+        from conformance.scheduler.run import SCHEDULER_CI_EXAMPLES
 
         if target is None and impl not in scheduler_names():
             return Report(suite, impl, "not run", reason="no scheduler of that name")
@@ -107,14 +107,14 @@ def _run(suite: str, impl: str, target: Any, args: argparse.Namespace) -> Any:
             shrink_seconds=args.shrink_seconds,
             log=log,
         )
-    from conformance.attention_impl import KernelsAttention, attention_names
+    from conformance.attention.impl import KernelsAttention, attention_names
 
     if target is not None:
         obj = _attention_object(target)
     elif impl in ("fast", "spec"):
         obj = KernelsAttention("auto")  # Triton on a GPU, the torch fallback without one
     elif impl in attention_names():
-        from conformance.attention_impl import attention_impl
+        from conformance.attention.impl import attention_impl
 
         obj = attention_impl(impl)
     else:

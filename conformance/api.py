@@ -45,12 +45,13 @@ def check_block_manager(
     the hash-collision property, ``hash_fn=``) and returns a fresh object with the
     :class:`~conformance.protocols.BlockManagerImpl` surface. The state machine runs on every
     preset (``steps``: at least this many steps, in rounds), then the named properties
-    (``properties``: all, none, or a list of names from ``conformance.properties.PROPERTIES``).
+    (``properties``: all, none, or a list of names from
+    ``conformance.blocks.properties.PROPERTIES``).
     ``seed`` None is the profile's own (``ci``: derandomized); a seed draws other programs,
     repeatably. ``log`` receives one line per preset and property as they finish. A failure is
     shrunk for at most ``shrink_seconds`` before it is reported.
     """
-    from conformance.runner import PROFILES, run_suite, shrink_time_limit
+    from conformance.blocks.runner import PROFILES, run_suite, shrink_time_limit
 
     if profile not in PROFILES:
         raise ValueError(f"no profile {profile!r}; known: {sorted(PROFILES)}")
@@ -82,17 +83,17 @@ def check_scheduler(
     """Check a scheduler against ``spec.scheduler.Scheduler``, step by step.
 
     ``factory(scheduler_config, block_manager_config)`` returns a fresh object with the
-    :class:`~conformance.scheduler_protocol.SchedulerImpl` surface (its own block manager
-    inside). Each named property of ``conformance.scheduler_run.SCHEDULER_PROPERTIES`` (or those
+    :class:`~conformance.scheduler.protocol.SchedulerImpl` surface (its own block manager
+    inside). Each named property of ``conformance.scheduler.run.SCHEDULER_PROPERTIES`` (or those
     in ``properties``) plays ``examples`` random request streams (default: CI's budget) against
     it and the spec, and requires equal decisions at every step, no block returned while a step
     in flight uses it, and no block leaked at the end.
     """
-    from conformance.scheduler_run import (
+    from conformance.scheduler.run import (
         SCHEDULER_CI_EXAMPLES,
         SCHEDULER_PROPERTIES,
     )
-    from conformance.scheduler_run import (
+    from conformance.scheduler.run import (
         check_scheduler as run_property,
     )
 
@@ -100,7 +101,7 @@ def check_scheduler(
     unknown = [p for p in chosen if p not in SCHEDULER_PROPERTIES]
     if unknown:
         raise ValueError(f"no scheduler property {unknown}; known: {list(SCHEDULER_PROPERTIES)}")
-    from conformance.runner import shrink_time_limit
+    from conformance.blocks.runner import shrink_time_limit
 
     budget = SCHEDULER_CI_EXAMPLES if examples is None else examples
     report = Report("scheduler", name or _name(factory), seed=seed)
@@ -144,7 +145,7 @@ def attention_backend(impl: Any, device: str) -> tuple[str, str]:
     elsewhere; ``"triton"`` off CUDA needs ``TRITON_INTERPRET=1``. Another implementation is
     reported by its name, on ``device``.
     """
-    from conformance.attention_impl import KernelsAttention
+    from conformance.attention.impl import KernelsAttention
 
     if not isinstance(impl, KernelsAttention):
         return f"{_name(impl)} on {device}", ""
@@ -178,15 +179,15 @@ def check_attention(
 ) -> Report:
     """Check paged decode and prefill against the float64 spec, within ``spec.tolerances``.
 
-    ``impl`` is an object with the :class:`~conformance.attention_impl.AttentionImpl` surface
+    ``impl`` is an object with the :class:`~conformance.attention.impl.AttentionImpl` surface
     (or a registered name such as ``"torch"`` or ``"triton"``). ``device`` defaults to CUDA when
     there is one. The report's ``backend`` says what actually ran; a backend that cannot run
     here makes the report ``"not run"``, never passed.
     """
     import torch
 
-    from conformance.attention_impl import attention_impl
-    from conformance.attention_suite import run_attention_suite
+    from conformance.attention.impl import attention_impl
+    from conformance.attention.suite import run_attention_suite
 
     obj = attention_impl(impl) if isinstance(impl, str) else impl
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")

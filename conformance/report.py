@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from conformance.lockstep import ConformanceError
+from conformance.blocks.lockstep import ConformanceError
 
 __all__ = [
     "Status",

@@ -6,8 +6,8 @@ The README, ARCHITECTURE.md and the Sphinx pages under ``docs/`` are scanned for
   ``tests/fast/{blocks,engine}``, ``./scripts/setup``, ``.ci/run``): each must match at least one
   file or folder of the checkout;
 * dotted names under our import packages (``fast.engine.scheduler.Scheduler``,
-  ``spec.kv_cache.write_kv``, ``kernels.paged_decode``, ``conformance.lockstep``): the longest
-  module prefix must import and the rest must resolve as attributes.
+  ``spec.kv_cache.write_kv``, ``kernels.paged_decode``, ``conformance.blocks.lockstep``): the
+  longest module prefix must import and the rest must resolve as attributes.
 """
 
 from __future__ import annotations

@@ -216,7 +216,7 @@ class LLM:
     def _add(
         self, prompts: Prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None
     ) -> list[str]:
-        items = self._as_list(prompts)
+        items = self.llm_engine.parse_prompts(prompts)  # every prompt checked, none queued
         if isinstance(sampling_params, Sequence):
             params = list(sampling_params)
             if len(params) != len(items):
@@ -234,14 +234,6 @@ class LLM:
                             name, value, f"above LLM(max_logprobs={self.max_logprobs})"
                         )
         engine = self.llm_engine
-        for p in items:  # validate everything before queuing anything
-            _, tokens = engine._tokenize(p)
-            if not tokens or len(tokens) > engine.max_model_len:
-                raise InvalidArgumentError(
-                    "len(prompt_token_ids)",
-                    len(tokens),
-                    f"must be in [1, max_model_len={engine.max_model_len}]",
-                )
         ids: list[str] = []
         try:
             for p, sp in zip(items, params):
@@ -258,27 +250,6 @@ class LLM:
         (a refused prompt, a failed step, Ctrl-C) leaves nothing queued for the next call."""
         for rid in ids:
             self.llm_engine.abort_request(rid)
-
-    @staticmethod
-    def _as_list(prompts: Prompts) -> list[PromptType]:
-        """One prompt (text, ids, or a mapping) or a sequence of them -> a list of prompts.
-
-        >>> LLM._as_list("hi"), LLM._as_list([5, 6]), LLM._as_list(["a", [5, 6]])
-        (['hi'], [[5, 6]], ['a', [5, 6]])
-        """
-        if isinstance(prompts, (str, Mapping)):
-            return [prompts]
-        items = list(prompts)
-        ids = [t for t in items if isinstance(t, int)]
-        if items and len(ids) == len(items):
-            return [ids]  # one prompt of token ids
-        if ids:
-            raise InvalidArgumentError(
-                "prompts",
-                prompts,
-                "mixes token ids with prompts; a prompt of ids is one list of ints",
-            )
-        return [p for p in items if not isinstance(p, int)]
 
 
 def _check_device(device: object) -> None:

@@ -11,6 +11,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from fast.engine.outputs import Logprob
+
 
 class SequenceStatus(enum.Enum):
     """Where a sequence is: in one of the scheduler's queues, or finished (and why)."""
@@ -65,7 +67,7 @@ class Sequence:
     pending: bool = False
     status: SequenceStatus = SequenceStatus.WAITING
     cumulative_logprob: float = 0.0
-    logprobs: list[dict[int, float]] | None = None
+    logprobs: list[dict[int, Logprob]] | None = None  # one dict per output token
     output_text: str = ""
     stop_reason: int | str | None = None
     index: int = 0  # which of the request's n sequences this is

@@ -29,7 +29,7 @@ def _count(factory: Callable[..., Any], counter: list[int]) -> Callable[..., Any
 def _no_shrink(max_examples: int) -> Any:
     from hypothesis import Phase, settings
 
-    from conformance.properties import default_settings
+    from conformance.blocks.properties import default_settings
 
     return settings(
         default_settings(max_examples), phases=[Phase.explicit, Phase.reuse, Phase.generate]
@@ -39,7 +39,7 @@ def _no_shrink(max_examples: int) -> Any:
 def blocks(seeds: int, max_examples: int) -> dict[str, list[int | None]]:
     from block_mutants import MUTANTS, mutant_factory
 
-    from conformance.properties import PROPERTIES
+    from conformance.blocks.properties import PROPERTIES
 
     out: dict[str, list[int | None]] = {}
     for name in MUTANTS:
@@ -63,7 +63,7 @@ def scheduler(seeds: int, max_examples: int) -> dict[str, list[int | None]]:
     """
     from scheduler_mutants import SCHEDULER_MUTANTS
 
-    from conformance.scheduler_run import (
+    from conformance.scheduler.run import (
         SCHEDULER_PROPERTIES,
         SchedulerConformanceError,
         check_scheduler,

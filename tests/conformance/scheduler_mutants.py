@@ -1,7 +1,7 @@
 """Planted bugs in the engine's scheduler, for the scheduler mutant tests.
 
 Each mutant subclasses ``fast.engine.scheduler.Scheduler`` and changes one decision; the
-conformance driver (``conformance.scheduler_run``) must see it differ from the spec scheduler.
+conformance driver (``conformance.scheduler.run``) must see it differ from the spec scheduler.
 ``SCHEDULER_MUTANTS`` maps a name to a factory with the ``SchedulerFactory`` signature. These
 are test material, not part of the ``conformance`` package.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conformance.scheduler_protocol import FastSchedulerAdapter
+from conformance.scheduler.protocol import FastSchedulerAdapter
 from fast.engine.scheduler import Scheduler as FastScheduler
 from fast.engine.sequence import Sequence, SequenceStatus
 from spec.scheduler import SchedulerConfig

@@ -1,7 +1,7 @@
 """Each named property catches the mutant planted for its bug class, at CI's own budget and seed.
 
 The budget is ``PROFILES["ci"].property_examples`` (what ``pytest --pyargs conformance`` and
-``python -m conformance`` run) and the seed is CI's (``conformance.runner.ci_seed``, derived
+``python -m conformance`` run) and the seed is CI's (``conformance.blocks.runner.ci_seed``, derived
 from the commit): a mutant that escapes this test would escape CI. docs/conformance.md records
 how many examples each mutant takes to be caught over many seeds.
 """
@@ -12,10 +12,10 @@ import pytest
 from block_mutants import MUTANTS, mutant_factory
 from hypothesis import Phase, settings
 
-from conformance.lockstep import ConformanceError
-from conformance.presets import preset
-from conformance.properties import PROPERTIES
-from conformance.runner import PROFILES, ci_seed, run_machine
+from conformance.blocks.lockstep import ConformanceError
+from conformance.blocks.presets import preset
+from conformance.blocks.properties import PROPERTIES
+from conformance.blocks.runner import PROFILES, ci_seed, run_machine
 
 CI = PROFILES["ci"]
 
@@ -62,5 +62,5 @@ def test_mutant_is_caught_by_the_state_machine_too(name: str) -> None:
         )
 
 
-# That the same searches find nothing on the real implementations is conformance/test_properties.py
-# (same budget, same seed).
+# That the same searches find nothing on the real implementations is
+# conformance/blocks/test_properties.py (same budget, same seed).

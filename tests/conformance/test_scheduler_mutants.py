@@ -10,10 +10,10 @@ import pytest
 from scheduler_mutants import SCHEDULER_MUTANTS, FastOverSpecBM
 
 from conformance.api import check_scheduler
+from conformance.blocks.runner import ci_seed
 from conformance.report import ConformanceFailure
-from conformance.runner import ci_seed
-from conformance.scheduler_protocol import FastSchedulerAdapter, SpecSchedulerAdapter
-from conformance.scheduler_run import (
+from conformance.scheduler.protocol import FastSchedulerAdapter, SpecSchedulerAdapter
+from conformance.scheduler.run import (
     CHILD_ID_STRIDE,
     RequestSpec,
     SchedulerConformanceError,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
-from conformance.attention_cases import (
+from conformance.attention.cases import (
     CPU_LIMITS,
     GPU_LIMITS,
     GPU_PREFILL_LIMITS,
@@ -17,7 +17,7 @@ from conformance.attention_cases import (
     attention_cases,
     build_case,
 )
-from conformance.attention_impl import attention_impl, check_decode, check_prefill
+from conformance.attention.impl import attention_impl, check_decode, check_prefill
 
 CI = settings(
     deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 import kernels
-from conformance.attention_impl import KernelsAttention, register_attention
-from conformance.attention_suite import run_attention_suite
+from conformance.attention.impl import KernelsAttention, register_attention
+from conformance.attention.suite import run_attention_suite
 
 
 class _TopLeftCausal(KernelsAttention):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import kernels
-from conformance.attention_cases import AttentionCase, build_case
-from conformance.attention_impl import attention_impl, check_decode, check_prefill
+from conformance.attention.cases import AttentionCase, build_case
+from conformance.attention.impl import attention_impl, check_decode, check_prefill
 from kernels.backend import resolve_backend
 from kernels.errors import BackendUnavailableError, HeadDimError, PageSizeError
 from kernels.splits import choose_num_splits

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conformance.lockstep import Lockstep, observables
+from conformance.blocks.lockstep import Lockstep, observables
 from fast.blocks import open_addressing
 from fast.blocks.manager import BlockManager
 from fast.blocks.prefix_ids import MISSING, PrefixIds, intern_one

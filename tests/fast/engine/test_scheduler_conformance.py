@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 
-from conformance.scheduler_protocol import (
+from conformance.scheduler.protocol import (
     FastSchedulerAdapter,
     SpecSchedulerAdapter,
     scheduler_factory,
     scheduler_names,
 )
-from conformance.scheduler_run import (
+from conformance.scheduler.run import (
     CHILD_ID_STRIDE,
     RequestSpec,
     SchedulerConformanceError,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from conformance.properties import PROPERTIES
+from conformance.blocks.properties import PROPERTIES
+from conformance.blocks.runner import PROFILES, ci_seed, run_property
 from conformance.registry import block_manager_factory, block_manager_names
-from conformance.runner import PROFILES, ci_seed, run_property
 
 
 @pytest.mark.parametrize("name", sorted(PROPERTIES))

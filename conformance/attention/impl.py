@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from conformance.attention_cases import BuiltCase
+from conformance.attention.cases import BuiltCase
 from spec.paged_decode import paged_decode as spec_paged_decode
 from spec.paged_prefill import paged_prefill as spec_paged_prefill
 from spec.tolerances import TOLERANCES, relative_error

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from conformance.block_machine import StepCounter
-from conformance.presets import PRESETS, Preset
+from conformance.blocks.machine import StepCounter
+from conformance.blocks.presets import PRESETS, Preset
+from conformance.blocks.runner import PROFILES, run_machine
 from conformance.registry import block_manager_factory, block_manager_names
-from conformance.runner import PROFILES, run_machine
 
 #: examples per preset; ``None`` = the CI profile's budget
 _EXAMPLES = {"spec": 15}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from conformance.presets import Preset
+from conformance.blocks.presets import Preset
 
 __all__ = ["legal", "prompts", "filling_prompts", "extra_keys", "any_seq_id", "seq_id_from"]
 

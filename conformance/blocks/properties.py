@@ -2,8 +2,9 @@
 
 Each property is a function ``property(factory, settings=None)`` that runs a hypothesis search
 for a program (over a subset of the operations, on a preset that makes the bug reachable in a
-few steps) and raises :class:`~conformance.lockstep.ConformanceError` (after shrinking) when the
-implementation differs from the spec, fails its integrity check or reads back a wrong token.
+few steps) and raises :class:`~conformance.blocks.lockstep.ConformanceError` (after shrinking)
+when the implementation differs from the spec, fails its integrity check or reads back a wrong
+token.
 ``tests/conformance/test_mutants.py`` shows that each property catches its planted mutant.
 """
 
@@ -17,12 +18,12 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import settings as Settings
 from hypothesis import strategies as st
 
-from conformance.block_machine import new_lockstep
-from conformance.lockstep import ConformanceError, Lockstep
-from conformance.operations import OPERATIONS
-from conformance.presets import Preset
+from conformance.blocks.lockstep import ConformanceError, Lockstep
+from conformance.blocks.machine import new_lockstep
+from conformance.blocks.operations import OPERATIONS
+from conformance.blocks.presets import Preset
+from conformance.blocks.strategies import filling_prompts, prompts
 from conformance.protocols import BlockManagerFactory
-from conformance.strategies import filling_prompts, prompts
 from spec.prefix_cache import HashFn, hash_block_tokens
 
 __all__ = [

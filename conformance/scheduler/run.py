@@ -19,7 +19,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from conformance.scheduler_protocol import SchedulerFactory, SchedulerImpl
+from conformance.scheduler.protocol import SchedulerFactory, SchedulerImpl
 from spec.scheduler import PreemptionMode, SchedulerConfig, SchedulerOutput, StepOutcome
 
 __all__ = [
@@ -329,7 +329,7 @@ def check_scheduler(
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hypothesis_seed
 
-    from conformance.scheduler_protocol import SpecSchedulerAdapter
+    from conformance.scheduler.protocol import SpecSchedulerAdapter
 
     ref = reference if reference is not None else SpecSchedulerAdapter
 

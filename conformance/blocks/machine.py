@@ -4,10 +4,10 @@
 Its rules are the operations of ARCHITECTURE.md's ``BlockManager`` (one rule each, named after
 the operation); arguments are drawn so that most calls are legal (live ids, prompts sharing
 prefixes) and some are not (unknown ids, double frees, pools too small). Every call goes through
-:class:`~conformance.lockstep.Lockstep`, which compares outcomes and checks that an error left
-both sides unchanged. The invariant runs both sides' ``check_integrity()``, compares every
-observable and reads every live sequence back from the fake KV store. Each step is ``note()``-d,
-so a shrunk failure prints as a script of calls.
+:class:`~conformance.blocks.lockstep.Lockstep`, which compares outcomes and checks that an
+error left both sides unchanged. The invariant runs both sides' ``check_integrity()``, compares
+every observable and reads every live sequence back from the fake KV store. Each step is
+``note()``-d, so a shrunk failure prints as a script of calls.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from hypothesis import note
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from conformance.lockstep import Lockstep
-from conformance.operations import OPERATIONS, Operation
-from conformance.presets import Preset
+from conformance.blocks.lockstep import Lockstep
+from conformance.blocks.operations import OPERATIONS, Operation
+from conformance.blocks.presets import Preset
+from conformance.blocks.strategies import prompts
 from conformance.protocols import BlockManagerFactory
-from conformance.strategies import prompts
 from spec.prefix_cache import HashFn
 
 __all__ = ["StepCounter", "make_block_machine", "new_lockstep"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import seed as hypothesis_seed
 
-from conformance.attention_cases import (
+from conformance.attention.cases import (
     CPU_LIMITS,
     GPU_LIMITS,
     GPU_PREFILL_LIMITS,
@@ -22,7 +22,7 @@ from conformance.attention_cases import (
     attention_cases,
     build_case,
 )
-from conformance.attention_impl import AttentionImpl, attention_impl, check_decode, check_prefill
+from conformance.attention.impl import AttentionImpl, attention_impl, check_decode, check_prefill
 from conformance.report import counterexample_of
 
 __all__ = ["AttentionSuiteResult", "run_attention_suite"]

@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 from hypothesis import strategies as st
 
-from conformance.lockstep import Lockstep
-from conformance.presets import Preset
-from conformance.strategies import any_seq_id, extra_keys, legal, prompts, seq_id_from
+from conformance.blocks.lockstep import Lockstep
+from conformance.blocks.presets import Preset
+from conformance.blocks.strategies import any_seq_id, extra_keys, legal, prompts, seq_id_from
 
 __all__ = ["OPERATIONS", "Operation"]
 

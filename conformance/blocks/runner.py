@@ -18,9 +18,9 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import settings as Settings
 from hypothesis.stateful import get_state_machine_test
 
-from conformance.block_machine import StepCounter, make_block_machine
-from conformance.presets import PRESETS, Preset
-from conformance.properties import PROPERTIES
+from conformance.blocks.machine import StepCounter, make_block_machine
+from conformance.blocks.presets import PRESETS, Preset
+from conformance.blocks.properties import PROPERTIES
 from conformance.protocols import BlockManagerFactory
 from conformance.report import Failure, Report, counterexample_of
 
@@ -127,7 +127,7 @@ def run_machine(
 def run_property(
     name: str, factory: BlockManagerFactory, profile: Profile, *, seed: int | None = None
 ) -> None:
-    """Run the named property ``name`` (see :mod:`conformance.properties`)."""
+    """Run the named property ``name`` (see :mod:`conformance.blocks.properties`)."""
     PROPERTIES[name](factory, profile.settings(profile.property_examples), seed=seed)
 
 

@@ -1,0 +1,1 @@
+"""Scheduler conformance: the protocol and adapters (``protocol``) and lockstep runs (``run``)."""
