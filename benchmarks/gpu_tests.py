@@ -1,0 +1,58 @@
+"""Run the GPU tests (``pytest -m gpu``) and record their summary as a result.
+
+On the GPU machine, from the repository root::
+
+    PAGEDKV_GIT_DESCRIBE=<describe made here> PYTHONPATH=. python3 benchmarks/gpu_tests.py
+
+writes ``$OUT/gpu_tests.json`` (or ``benchmarks/results/gpu_tests.json`` without ``$OUT``):
+passed / failed / skipped / errors, each failure's test id, the commit, GPU and versions. The exit
+status is pytest's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import ROOT, provenance  # noqa: E402
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        xml = Path(tmp) / "gpu.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests", f"--junitxml={xml}"]
+        proc = subprocess.run(cmd, cwd=ROOT, check=False)
+        suite = ET.parse(xml).getroot()
+        suite = suite if suite.tag == "testsuite" else suite[0]
+        failed = [
+            f"{case.get('classname')}::{case.get('name')}"
+            for case in suite.iter("testcase")
+            if case.find("failure") is not None or case.find("error") is not None
+        ]
+        total = int(suite.get("tests", 0))
+        skipped = int(suite.get("skipped", 0))
+        result = {
+            "benchmark": "GPU tests (pytest -m gpu)",
+            **provenance(),
+            "passed": total - skipped - int(suite.get("failures", 0)) - int(suite.get("errors", 0)),
+            "failed": int(suite.get("failures", 0)),
+            "errors": int(suite.get("errors", 0)),
+            "skipped": skipped,
+            "seconds": float(suite.get("time", 0.0)),
+            "failures": failed,
+            "pytest_exit_status": proc.returncode,
+        }
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "benchmarks/results"
+    (out_dir / "gpu_tests.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "failures"}, indent=None))
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
