@@ -1,8 +1,7 @@
 """Where a result came from: the commit (``git describe --always --dirty``), date and versions.
 
-On the GPU machine the checkout travels without ``.git``; the caller then passes the description
-made here in ``$PAGEDKV_GIT_DESCRIBE`` (e.g. ``PAGEDKV_GIT_DESCRIBE=$(git describe --always
---dirty)`` expanded before the command is sent).
+The copy of the checkout on the GPU machine carries a stale ``.git`` (or none), so the caller
+passes the description made here in ``$PAGEDKV_GIT_DESCRIBE``, which wins when set.
 """
 
 from __future__ import annotations
@@ -18,7 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def git_describe() -> str:
-    """``git describe --always --dirty`` of the checkout, else ``$PAGEDKV_GIT_DESCRIBE``."""
+    """``$PAGEDKV_GIT_DESCRIBE`` when set, else ``git describe --always --dirty``."""
+    given = os.environ.get("PAGEDKV_GIT_DESCRIBE", "").strip()
+    if given:
+        return given
     try:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty"],
@@ -31,7 +33,7 @@ def git_describe() -> str:
             return out.stdout.strip()
     except OSError:
         pass
-    return os.environ.get("PAGEDKV_GIT_DESCRIBE", "unknown")
+    return "unknown"
 
 
 def provenance() -> dict[str, Any]:
