@@ -359,7 +359,9 @@ def test_sigint_during_generation_exits_130_without_traceback(
     import time
 
     prompts = tmp_path / "many.txt"
-    prompts.write_text("".join(f"prompt {i}\n" for i in range(400)))
+    # Enough work that the run is still going when the signal lands, even on a fast machine (400
+    # prompts of the tiny model could finish between the progress bar's first line and the kill).
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(20000)))
     args = _gen(model_dir, "--prompts-file", str(prompts), "--max-tokens", "60")
     args.remove("--no-tqdm")
     proc = subprocess.Popen(
