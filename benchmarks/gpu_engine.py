@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -228,15 +227,10 @@ def main() -> None:
     from fast.model.config import ModelConfig
 
     def commit() -> str:
-        try:
-            return (
-                subprocess.run(
-                    ["git", "rev-parse", "HEAD"], capture_output=True, text=True
-                ).stdout.strip()
-                or "unknown"
-            )
-        except OSError:
-            return "unknown"
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from provenance import git_describe
+
+        return git_describe()
 
     import triton
 

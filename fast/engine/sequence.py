@@ -77,11 +77,6 @@ class Sequence:
             self.token_ids = list(self.prompt_token_ids)
 
     @property
-    def num_prompt_tokens(self) -> int:
-        """Length of the original prompt."""
-        return len(self.prompt_token_ids)
-
-    @property
     def output_token_ids(self) -> list[int]:
         """Generated tokens."""
         return self.token_ids[len(self.prompt_token_ids) :]
