@@ -281,9 +281,9 @@ def main(out: Path) -> dict[str, Any]:
             f" us (cpu)  x{row['speedup_cpu']}  (wall x{row['speedup_wall']})",
             flush=True,
         )
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    from provenance import git_describe  # benchmarks/ is the script's directory
+
+    commit = git_describe()
     report = {
         "benchmark": "block_manager",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -176,9 +175,9 @@ def main() -> None:
         runs[f"long{n}"] = long_prompt(llm, hf, n, args.long_new, args.reps)
         print(f"long{n}", runs[f"long{n}"], flush=True)
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-    ).stdout.strip()
+    from provenance import git_describe  # benchmarks/ is the script's directory
+
+    commit = git_describe()
     result = {
         "benchmark": "engine end to end on CPU, SmolLM2-135M-Instruct Q4_1 GGUF in float32",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
