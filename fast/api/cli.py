@@ -1,4 +1,4 @@
-"""The ``pagedkv`` command: ``pagedkv generate "prompt"``.
+"""The ``pagedkv`` command: ``pagedkv generate "prompt"``, ``pagedkv serve``.
 
 A user error (a missing prompts file, a bad model path, a corrupt GGUF, an out-of-range
 sampling option, ``--device cuda`` without CUDA) is one line on stderr and exit status 2;
@@ -74,7 +74,126 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto", choices=DTYPES)
     gen.add_argument("--max-model-len", type=_positive_int, default=2048)
     gen.add_argument("--no-tqdm", action="store_true", help="no progress bar")
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub: Any) -> None:
+    """``pagedkv serve``: the OpenAI-compatible server (fast.api.server); engine options as in
+    ``LLM(...)``.
+
+    >>> args = build_parser().parse_args(["serve", "--port", "0", "--max-num-seqs", "8"])
+    >>> args.command, args.port, args.max_num_seqs, args.model, args.api_key
+    ('serve', 0, 8, None, None)
+    """
+    srv = sub.add_parser(
+        "serve",
+        help="serve the model over HTTP with OpenAI's API",
+        description="An OpenAI-compatible server: /v1/completions, /v1/chat/completions, "
+        "/v1/models, /health, /metrics, /tokenize, /detokenize.",
+    )
+    srv.add_argument(
+        "--model",
+        default=None,
+        help="a .gguf file or Hugging Face directory (default: SmolLM2-135M-Instruct)",
+    )
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    srv.add_argument("--port", type=int, default=8000, help="port (0: a free one)")
+    srv.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (default: $PAGEDKV_API_KEY; none if unset)",
+    )
+    srv.add_argument("--served-model-name", default=None, help="the model's name in the API")
+    srv.add_argument(
+        "--max-waiting-requests",
+        type=_positive_int,
+        default=256,
+        help="waiting requests past which new ones get 503 with Retry-After",
+    )
+    srv.add_argument("--max-request-bytes", type=_positive_int, default=8 * 1024 * 1024)
+    srv.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="seconds running requests may finish on shutdown before they are aborted",
+    )
+    srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    eng = srv.add_argument_group("engine options (as LLM(...)'s)")
+    eng.add_argument("--device", default="auto", choices=DEVICES)
+    eng.add_argument("--dtype", default="auto", choices=DTYPES)
+    eng.add_argument("--max-model-len", type=_positive_int, default=None)
+    eng.add_argument("--block-size", type=_positive_int, default=None)
+    eng.add_argument("--max-num-seqs", type=_positive_int, default=None)
+    eng.add_argument("--max-num-batched-tokens", type=_positive_int, default=None)
+    eng.add_argument("--num-gpu-blocks", type=_positive_int, default=None)
+    eng.add_argument("--kv-cache-gb", type=float, default=None)
+    eng.add_argument("--gpu-memory-utilization", type=float, default=None)
+    eng.add_argument("--swap-space", type=float, default=None, help="GiB")
+    eng.add_argument("--enable-prefix-caching", action="store_true", default=None)
+    eng.add_argument("--enable-chunked-prefill", action="store_true", default=None)
+    eng.add_argument("--preemption-mode", choices=("recompute", "swap"), default=None)
+    eng.add_argument("--enforce-eager", action="store_true", default=None)
+    eng.add_argument("--max-logprobs", type=int, default=None)
+    eng.add_argument("--seed", type=int, default=None, help="the engine's seed (default 0)")
+
+
+#: ``pagedkv serve`` options that are ``LLM(...)`` keyword arguments of the same name.
+SERVE_ENGINE_OPTIONS = (
+    "device",
+    "dtype",
+    "max_model_len",
+    "block_size",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "num_gpu_blocks",
+    "kv_cache_gb",
+    "gpu_memory_utilization",
+    "swap_space",
+    "enable_prefix_caching",
+    "enable_chunked_prefill",
+    "preemption_mode",
+    "enforce_eager",
+    "max_logprobs",
+    "seed",
+)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from fast.api.server import ServerConfig, serve
+    except ImportError as e:
+        raise UsageError(
+            f"pagedkv serve needs the server's packages ({e.name} is missing): "
+            "pip install 'pagedkv[serve]'"
+        ) from None
+    from fast.api.llm import LLM, _check_device
+
+    _check_device(args.device)
+    kwargs = {k: getattr(args, k) for k in SERVE_ENGINE_OPTIONS if getattr(args, k) is not None}
+    api_key = args.api_key if args.api_key is not None else os.environ.get("PAGEDKV_API_KEY")
+    name = args.served_model_name or (
+        args.model.rstrip("/").rsplit("/", 1)[-1] if args.model else "SmolLM2-135M-Instruct"
+    )
+    config = ServerConfig(
+        served_model_name=name,
+        api_key=api_key or None,
+        max_waiting_requests=args.max_waiting_requests,
+        max_request_bytes=args.max_request_bytes,
+        shutdown_timeout_s=args.shutdown_timeout,
+    )
+    llm = LLM(args.model, **kwargs)
+
+    def ready(url: str) -> None:
+        print(f"pagedkv: serving {name!r} on {url} (OpenAI base_url {url}/v1)", flush=True)
+
+    try:
+        serve(llm, config, args.host, args.port, args.log_level, on_ready=ready)
+    except OSError as e:  # the port is taken, the address is not this machine's
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    return 0
 
 
 def _positive_int(text: str) -> int:
@@ -205,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         try:
-            return _generate(args)
+            return _serve(args) if args.command == "serve" else _generate(args)
         except UsageError as e:
             return _fail(str(e))
         except _user_errors() as e:
