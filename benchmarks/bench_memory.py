@@ -499,6 +499,20 @@ def sharing_saving(s: Samples) -> float:
     return float(np.mean(1.0 - s.array("physical")[m] / s.array("logical")[m]))
 
 
+def predicted_parallel_saving(trace: Trace, width: int, block_size: int) -> float:
+    """The saving of parallel sampling if every step of every request weighed the same: in
+    its first step a request holds its prompt alone; in its t-th step after, ``width``
+    sequences of ``p + t`` tokens share only the prompt's full blocks (the partly filled last
+    prompt block is copied on the first append)."""
+    physical = logical = 0
+    for p, o in zip(trace.prompt_lens, trace.output_lens):
+        own = -(-(p + np.arange(1, o)) // block_size)  # [o - 1] blocks of each sequence
+        shared = p // block_size
+        logical += -(-p // block_size) + width * int(own.sum())
+        physical += -(-p // block_size) + (o - 1) * shared + width * int((own - shared).sum())
+    return 1.0 - physical / logical
+
+
 def contiguous_batch(budget_tokens: int, max_model_len: int) -> int:
     """Requests a contiguous allocator reserving ``max_model_len`` slots each can hold."""
     return budget_tokens // max_model_len
@@ -596,6 +610,9 @@ def measure(args: argparse.Namespace, progress: Callable[[str], None]) -> dict[s
                 width=width,
             )
             sharing["parallel"][str(width)] = _sharing_entry(s)
+            sharing["parallel"][str(width)]["predicted"] = predicted_parallel_saving(
+                share, width, 16
+            )
         for width in args.widths:
             progress(f"{name} beam k={width}")
             s = run_beam(

@@ -102,6 +102,8 @@ def test_sharing_saves_nothing_without_siblings() -> None:
     beam_one = bm.run_beam(trace, width=1, block_size=16, num_blocks=2000, max_num_seqs=16)
     assert bm.sharing_saving(beam_one) == 0.0
     assert beam_one.tokens == one.tokens  # one beam is plain decoding, step for step
+    assert bm.predicted_parallel_saving(trace, 1, 16) == 0.0
+    assert 0.0 < bm.predicted_parallel_saving(trace, 2, 16) < 0.5
 
 
 @pytest.mark.parametrize("width", [2, 4])
