@@ -26,6 +26,8 @@ from fast.api.errors import (
     InvalidMessageError,
 )
 from fast.api.vllm_args import engine_kwargs
+from fast.engine.beam_params import BeamSearchOutput, BeamSearchParams
+from fast.engine.beam_search import run_beam_search
 from fast.engine.config import EngineConfig
 from fast.engine.engine import LLMEngine, PromptType
 from fast.engine.outputs import RequestOutput
@@ -204,6 +206,17 @@ class LLM:
                 {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
             )
         return self.generate(items, sampling_params, use_tqdm=use_tqdm)
+
+    def beam_search(self, prompts: Prompts, params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """Beam search every prompt (vLLM's ``LLM.beam_search``): one
+        :class:`~fast.engine.beam_params.BeamSearchOutput` per prompt, in input order, with
+        its ``beam_width`` best sequences first (``tokens`` = prompt + generated ids, ``text``,
+        ``cum_logprob``, ``score``). The beams share their blocks
+        (:mod:`fast.engine.beam_search`). Needs an idle engine
+        (:class:`~fast.engine.beam_params.EngineBusyError` otherwise); a failure or Ctrl-C
+        leaves the engine as it was.
+        """
+        return run_beam_search(self.llm_engine, prompts, params)
 
     def abort(self, request_id: str) -> None:
         """Abort a running request (unknown or finished ids are ignored); a running
