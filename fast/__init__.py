@@ -9,7 +9,16 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "LLMEngine"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "LLMEngine",
+    "BeamSearchParams",
+    "BeamSearchOutput",
+    "BeamSearchSequence",
+]
 
 _WHERE = {
     "LLM": "fast.api.llm",
@@ -17,6 +26,9 @@ _WHERE = {
     "SamplingParams": "fast.engine.sampling_params",
     "RequestOutput": "fast.engine.outputs",
     "CompletionOutput": "fast.engine.outputs",
+    "BeamSearchParams": "fast.engine.beam_params",
+    "BeamSearchOutput": "fast.engine.beam_params",
+    "BeamSearchSequence": "fast.engine.beam_params",
 }
 
 
