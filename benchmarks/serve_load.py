@@ -4,17 +4,19 @@ Run from the repository root::
 
     # this CPU: SmolLM2, 64 requests of the ShareGPT-like trace with lengths / 8
     PYTHONPATH=. python benchmarks/serve_load.py --model smollm2 --requests 64 --scale 8 \\
-        --rates 0.5,1,2,inf --out benchmarks/results/serve_load_cpu.json
+        --rates inf,0.5,1,2 --out benchmarks/results/serve_load_cpu.json
     # the GPU machine: the Llama-3-8B-shaped random bf16 model, the unscaled trace
     PYTHONPATH=. python benchmarks/serve_load.py --model random-llama3-8b --device cuda \\
-        --requests 512 --rates 4,8,16,32,inf --out $OUT/serve_load_h200.json
+        --requests 512 --rates inf,4,8,16,32 --out $OUT/serve_load_h200.json
 
 1. The server is started by this script in a child process (``--url`` uses a running one
    instead): ``smollm2`` (the default GGUF), ``random-llama3-8b`` (``ModelConfig.llama3_8b()``
    with random bf16 weights, as ``benchmarks/gpu_engine.py`` builds it: no download, no
    tokenizer; prompts are token ids), or a model path. The child first runs the same trace
    offline through ``LLM.generate`` on the same engine (after a warm-up) and reports its output
-   throughput: the figure the server is compared with.
+   throughput: the figure the server is compared with; it times it again after the load
+   (``offline_after``), since a shared machine's speed drifts. Put ``inf`` first in
+   ``--rates`` to compare the server with the offline run next to it in time.
 2. Requests: docs/workloads.md's ShareGPT-like trace (seed 0; lengths divided by ``--scale`` and
    clipped to [4, 1024 / scale]; token ids uniform in [100, vocab)), sent as
    ``POST /v1/completions`` with ``prompt`` = the token ids, ``max_tokens`` = the drawn output
@@ -28,7 +30,8 @@ Run from the repository root::
    TPOT both meet ``--slo-ttft-ms`` / ``--slo-tpot-ms``), and the running requests seen by
    ``/metrics`` polled every 0.25 s (mean and max).
 
-Writes the JSON (with ``benchmarks/provenance.py``'s commit, date and versions) to ``--out``.
+Writes the JSON (with ``benchmarks/provenance.py``'s commit, date and versions) to ``--out``;
+``--svg-from FILE`` prints the latency/throughput curve of a results file as SVG (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -128,6 +131,8 @@ def run_server(args: argparse.Namespace) -> None:
         print("SERVER " + json.dumps({**report, "url": url}), flush=True)
 
     serve(llm, config, "127.0.0.1", 0, "warning", on_ready=ready)
+    if not args.skip_offline:  # stopped by the parent (SIGTERM): once more, after the load
+        print("OFFLINE_AFTER " + json.dumps(offline(llm, prompts, n_out)), flush=True)
 
 
 # -- the client -----------------------------------------------------------------------------
@@ -303,7 +308,7 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="the served model name with --url")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--scale", type=int, default=1, help="divide the trace's lengths")
-    parser.add_argument("--rates", default="1,2,4,inf")
+    parser.add_argument("--rates", default="inf,1,2,4")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -312,8 +317,12 @@ def main() -> None:
     parser.add_argument("--slo-tpot-ms", type=float, default=None)
     parser.add_argument("--skip-offline", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--svg-from", default=None, help="print the SVG curve of a results JSON")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.svg_from:
+        print(svg(json.loads(Path(args.svg_from).read_text())))
+        return
     if args.serve:
         run_server(args)
         return
@@ -367,11 +376,93 @@ def main() -> None:
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            after = stop_child(proc)
+            if after is not None and args.out and Path(args.out).exists():
+                saved = json.loads(Path(args.out).read_text())
+                saved["offline_after"] = after
+                Path(args.out).write_text(json.dumps(saved, indent=2) + "\n")
+                print(f"offline LLM.generate after the load: {after['output_tok_s']} out tok/s")
+
+
+def stop_child(proc: subprocess.Popen[str]) -> dict[str, Any] | None:
+    """SIGTERM the server child; it then times ``LLM.generate`` once more (its report)."""
+    proc.terminate()
+    after = None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("OFFLINE_AFTER "):
+                after = json.loads(line[len("OFFLINE_AFTER ") :])
+        proc.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    return after
+
+
+def svg(result: dict[str, Any], width: int = 640, height: int = 360) -> str:
+    """The latency/throughput curve as an SVG (no blank lines: it goes into Markdown as is):
+    x = output tokens/s measured at each rate, y = latency in ms (log scale), one point per rate
+    for TTFT p50, TPOT p50 and TPOT p99."""
+    runs = result["runs"]
+    series = [
+        ("TTFT p50", "#1f77b4", [r["ttft_ms"]["p50"] for r in runs]),
+        ("TPOT p50", "#2ca02c", [r["tpot_ms"]["p50"] for r in runs]),
+        ("TPOT p99", "#d62728", [r["tpot_ms"]["p99"] for r in runs]),
+    ]
+    xs = [r["output_tok_s"] for r in runs]
+    ys = [y for _, _, vals in series for y in vals if y]
+    left, right, top, bottom = 70, 20, 30, 50
+    x_hi = max(xs) * 1.1
+    lo, hi = math.floor(math.log10(min(ys))), math.ceil(math.log10(max(ys)))
+    hi = max(hi, lo + 1)
+
+    def px(x: float) -> float:
+        return left + (width - left - right) * x / x_hi
+
+    def py(y: float) -> float:
+        return top + (height - top - bottom) * (hi - math.log10(y)) / (hi - lo)
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'font-family="sans-serif" font-size="12">',
+        f'<text x="{width / 2}" y="18" text-anchor="middle">{result["model"]} on '
+        f"{result['device']}: latency vs throughput (one point per request rate)</text>",
+        f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" '
+        f'stroke="black"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>',
+        f'<text x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">'
+        f"output tokens/s</text>",
+        f'<text x="16" y="{(top + height - bottom) / 2}" text-anchor="middle" '
+        f'transform="rotate(-90 16 {(top + height - bottom) / 2})">ms (log scale)</text>',
+    ]
+    for e in range(lo, hi + 1):
+        y = py(10**e)
+        out.append(
+            f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" stroke="#ddd"/>'
+        )
+        out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{10**e:g}</text>')
+    for k in range(6):
+        x = x_hi * k / 5
+        out.append(
+            f'<text x="{px(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{x:.0f}</text>'
+        )
+    for i, (label, color, vals) in enumerate(series):
+        pts = [(px(x), py(y)) for x, y in zip(xs, vals) if y]
+        path = " ".join(f"{a:.1f},{b:.1f}" for a, b in pts)
+        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+        for a, b in pts:
+            out.append(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{color}"/>')
+        lx = left + 10 + 110 * i
+        out.append(f'<rect x="{lx}" y="{top + 4}" width="12" height="4" fill="{color}"/>')
+        out.append(f'<text x="{lx + 16}" y="{top + 10}">{label}</text>')
+    for r, x in zip(runs, xs):
+        y = py(r["tpot_ms"]["p99"] or 1)
+        out.append(
+            f'<text x="{px(x):.1f}" y="{y - 8:.1f}" text-anchor="middle" fill="#555">'
+            f"{r['rate_req_s']}/s</text>"
+        )
+    out.append("</svg>")
+    return "\n".join(out)
 
 
 def _has_cuda() -> bool:
@@ -404,6 +495,9 @@ def table(result: dict[str, Any]) -> str:
             f"\nOffline `LLM.generate` on the same trace and engine: {off['output_tok_s']} out "
             f"tok/s; server at infinite rate / offline = {result.get('server_vs_offline_at_inf')}"
         )
+    after = result.get("offline_after")
+    if after:
+        lines.append(f"Offline again after the load: {after['output_tok_s']} out tok/s")
     return "\n".join(lines)
 
 
