@@ -19,7 +19,6 @@ from fast.model.step_plan import DecodeStepPlan
 from kernels.cache_ops import write_rows
 from kernels.torch_attention import planned_decode
 
-
 CPU_MLP_ROWS = 512
 """Rows per chunk of the MLP on the CPU for prompts longer than this (see :meth:`MLP.forward`)."""
 
