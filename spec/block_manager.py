@@ -18,9 +18,14 @@ Policy, in full:
 * **Hits**: ``allocate`` reuses cached blocks for the prompt's leading full blocks while they
   match, at most ``(len(token_ids) - 1) // block_size`` of them; a match compares the stored
   whole-prefix tokens and extra key, so a hash collision is a miss.
-* **Registration**: a GPU block is offered to the index whenever it holds a full block of a
-  sequence: after ``allocate`` (the prompt's full blocks that were not hits), when ``append``
-  fills it, and after ``swap_in``. A hash already in the index is not registered again.
+* **Computed tokens**: each sequence counts the leading tokens whose KV has been written
+  (``num_computed_tokens``): ``allocate`` starts it at the cached-token count, the caller
+  raises it with ``mark_computed`` after the step that wrote the KV, ``fork`` copies it.
+* **Registration**: a GPU block is offered to the index when it is full *and* its KV is
+  computed: ``mark_computed`` offers the full blocks it completes, and ``swap_in`` offers the
+  full blocks below the computed count. Allocation and ``append`` never register, so no
+  request can hit a block whose KV a later step (a later chunk, the next decode) has yet to
+  write. A hash already in the index is not registered again.
 * **Swap**: per sequence, one fresh block per logical block, mapped in logical order; blocks
   shared with a live sibling are copied (sharing is not restored on swap-in). ``append``,
   ``fork``, ``slot_mapping`` and ``swap_out`` need a resident sequence, ``swap_in`` a swapped one.
@@ -178,6 +183,10 @@ class BlockManager:
         """GPU blocks registered in the prefix cache, ascending (empty when it is off)."""
         return [] if self._cache is None else self._cache.cached_blocks()
 
+    def num_computed_tokens(self, seq_id: int) -> int:
+        """Leading tokens of the sequence whose KV is written. Raises UnknownSequenceError."""
+        return self._get(seq_id).num_computed
+
     def sequence_ids(self) -> list[int]:
         """Live sequence ids, ascending."""
         return sorted(self._seqs)
@@ -243,12 +252,42 @@ class BlockManager:
                 self._gpu.incref(block)
         num_new = num_blocks_for(len(tokens), self._bs) - len(hits)
         blocks = hits + [self._take_gpu() for _ in range(num_new)]
-        table = BlockTable(tokens, blocks, extra_key, hashes)
-        for i in range(len(hits), len(hashes)):
-            self._register(table, i)
+        table = BlockTable(tokens, blocks, extra_key, hashes, num_computed=len(hits) * self._bs)
         self._seqs[seq_id] = table
         self._freed.discard(seq_id)
         return len(hits) * self._bs
+
+    def mark_computed(self, seq_id: int, num_tokens: int) -> None:
+        """The KV of the sequence's first ``num_tokens`` tokens is written (the step ran).
+
+        Raises the computed count to ``num_tokens`` and offers to the prefix cache every full
+        block that now lies below it and did not before. Checks, in order:
+        UnknownSequenceError, SequenceStateError (swapped out), InvalidArgumentError unless
+        ``num_computed_tokens(seq_id) <= num_tokens <= num_tokens(seq_id)``.
+        """
+        table = self._resident(seq_id, "mark_computed")
+        old = table.num_computed
+        n = self._check_count(num_tokens, table)
+        table.num_computed = n
+        for i in range(old // self._bs, n // self._bs):
+            self._register(table, i)
+
+    def mark_computed_batch(self, seq_ids: Sequence[int], num_tokens: Sequence[int]) -> None:
+        """``mark_computed(seq_ids[i], num_tokens[i])`` in order, all or nothing.
+
+        Checks: InvalidArgumentError (lengths differ, repeated id), then pair by pair the
+        checks of ``mark_computed``.
+        """
+        if len(seq_ids) != len(num_tokens):
+            raise InvalidArgumentError(
+                "num_tokens", len(num_tokens), f"need one count per sequence ({len(seq_ids)})"
+            )
+        if len(set(seq_ids)) != len(seq_ids):
+            raise InvalidArgumentError("seq_ids", list(seq_ids), "a sequence appears twice")
+        for seq_id, n in zip(seq_ids, num_tokens):
+            self._check_count(n, self._resident(seq_id, "mark_computed"))
+        for seq_id, n in zip(seq_ids, num_tokens):
+            self.mark_computed(seq_id, n)
 
     def append(self, seq_id: int, token_id: int) -> tuple[int, int] | None:
         """Append one token; return ``(src, dst)`` when it forced a copy-on-write.
@@ -354,8 +393,9 @@ class BlockManager:
 
         Needs ``len(block_table)`` GPU blocks and keeps the watermark (succeeds exactly when
         ``can_swap_in(seq_id, 0)``). GPU blocks come from the queue head in logical order; the
-        CPU blocks are released in reverse logical order; full blocks are offered to the prefix
-        cache. Checks: UnknownSequenceError, SequenceStateError, SwapInError(needed, free).
+        CPU blocks are released in reverse logical order; the full blocks below the computed
+        count are offered to the prefix cache. Checks: UnknownSequenceError,
+        SequenceStateError, SwapInError(needed, free).
         """
         table = self._get(seq_id)
         if not table.swapped:
@@ -369,7 +409,7 @@ class BlockManager:
             self._cpu.release(block)
         table.blocks = gpu_blocks
         table.swapped = False
-        for i in range(len(table.block_hashes)):
+        for i in range(table.num_computed // self._bs):
             self._register(table, i)
         return mapping
 
@@ -490,6 +530,19 @@ class BlockManager:
         return tokens
 
     @staticmethod
+    def _check_count(num_tokens: int, table: BlockTable) -> int:
+        """A ``mark_computed`` count: an int (numpy ints too, never a bool) in
+        ``[num_computed, num_tokens]`` of the sequence."""
+        lo, hi = table.num_computed, table.num_tokens
+        try:
+            n = operator.index(num_tokens)
+        except TypeError:
+            n = -1
+        if isinstance(num_tokens, bool) or not lo <= n <= hi:
+            raise InvalidArgumentError("num_tokens", num_tokens, f"need {lo} <= num_tokens <= {hi}")
+        return n
+
+    @staticmethod
     def _check_extra_key(extra_key: str | None) -> None:
         if extra_key is not None and not isinstance(extra_key, str):
             raise InvalidArgumentError("extra_key", extra_key, "must be a str or None")
@@ -555,7 +608,6 @@ class BlockManager:
             parent = table.block_hashes[-1] if i > 0 else ROOT_PARENT_HASH
             block_hash = self._cache.hash_fn(parent, table.block_tokens(i, bs), table.extra_key)
             table.block_hashes.append(block_hash)
-            self._register(table, i)
         return pair
 
     def _take_gpu(self) -> int:

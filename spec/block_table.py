@@ -34,6 +34,7 @@ class BlockTable:
     ``blocks`` are GPU block ids when ``swapped`` is False and CPU block ids when it is True.
     ``block_hashes[i]`` is the prefix-cache hash of full block ``i`` (only kept when prefix
     caching is on; then ``len(block_hashes) == len(token_ids) // block_size``).
+    ``num_computed`` counts the leading tokens whose KV is written (``mark_computed``).
     """
 
     token_ids: list[int]
@@ -41,6 +42,7 @@ class BlockTable:
     extra_key: str | None = None
     block_hashes: list[int] = field(default_factory=list)
     swapped: bool = False
+    num_computed: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -55,6 +57,7 @@ class BlockTable:
             extra_key=self.extra_key,
             block_hashes=list(self.block_hashes),
             swapped=self.swapped,
+            num_computed=self.num_computed,
         )
 
     def block_tokens(self, index: int, block_size: int) -> list[int]:
@@ -69,6 +72,8 @@ class BlockTable:
                 f"{len(self.blocks)} blocks for {len(self.token_ids)} tokens at block size "
                 f"{block_size} (want {want})"
             )
+        if not 0 <= self.num_computed <= len(self.token_ids):
+            raise AssertionError(f"{self.num_computed} computed tokens of {len(self.token_ids)}")
         if len(set(self.blocks)) != len(self.blocks):
             raise AssertionError(f"block table {self.blocks} repeats a block")
         want_hashes = len(self.token_ids) // block_size if hashed else 0

@@ -105,6 +105,8 @@ class BlockManagerLike(Protocol):
 
     def fork(self, parent_id: int, child_id: int) -> None: ...
 
+    def mark_computed_batch(self, seq_ids: Sequence[int], num_tokens: Sequence[int]) -> None: ...
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -236,6 +238,7 @@ class Scheduler:
         self._arrivals = 0
         self._expected: set[int] | None = None  # sequences that sample in the step in flight
         self._in_step: set[int] = set()  # sequences whose blocks the step in flight uses
+        self._step_order: list[int] = []  # the step in flight's sequences, scheduled order
         self._deferred: list[int] = []  # aborted during the step: freed at update()
 
     # -- queries --------------------------------------------------------------------------
@@ -330,6 +333,7 @@ class Scheduler:
         self._insert(self._running, child, "running")
         self._expected.add(child_id)
         self._in_step.add(child_id)
+        self._step_order.append(child_id)
 
     def abort_request(self, seq_id: int) -> None:
         """Drop a sequence wherever it is; its blocks go back to the pool.
@@ -450,6 +454,7 @@ class Scheduler:
 
         self._expected = {s.seq_id for s in scheduled if s.sample}
         self._in_step = {s.seq_id for s in scheduled} | set(swapped_out)
+        self._step_order = [s.seq_id for s in scheduled]
         return SchedulerOutput(
             scheduled=tuple(scheduled),
             preempted=tuple(preempted),
@@ -490,6 +495,18 @@ class Scheduler:
         for seq_id in self._deferred:  # aborted during the step: its blocks are released now
             self.block_manager.free(seq_id)
         self._deferred = []
+        # the step wrote the KV of every token it scheduled: the block manager may now offer
+        # the blocks those tokens complete to the prefix cache (finishing sequences included,
+        # before their blocks are freed), in the order the step scheduled them
+        computed = [
+            i
+            for i in self._step_order
+            if i in self._requests and self._requests[i].status == "running"
+        ]
+        self.block_manager.mark_computed_batch(
+            computed, [self._requests[i].num_computed for i in computed]
+        )
+        self._step_order = []
         self._in_step = set()
         finished = sorted(outcome.finished, key=lambda i: self._requests[i].arrival)
         for seq_id, token in outcome.sampled.items():

@@ -4,7 +4,11 @@
 operation goes to the spec (the model) and to the implementation under test; the two outcomes
 (return value or exception type) must be equal; after an error both sides must be unchanged. A
 fake KV store is written through the implementation's slot mappings, copy-on-write pairs and
-swap maps, so :meth:`Lockstep.check` can prove that every live sequence reads back its own tokens.
+swap maps, the way an engine writes KV: a sequence's tokens are stored only when
+``mark_computed`` says a step computed them (``allocate`` and ``append`` store nothing). So
+:meth:`Lockstep.check` proves that every resident sequence reads back its own tokens over its
+computed prefix, which includes every prefix-cache hit: a block served from the cache before
+the step that writes its KV reads back as unwritten (``-1``).
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ def observables(
             "block_table": _normalize(bm.block_table(s)),
             "is_swapped": swapped,
             "slot_mapping": outcome(bm.slot_mapping, s, 0, n),
+            "num_computed_tokens": int(bm.num_computed_tokens(s)),
             "can_swap_in": outcome(bm.can_swap_in, s, 1),
         }
     free_order = [int(b) for b in bm.free_block_order()]
@@ -196,6 +201,7 @@ class Lockstep:
                 before = observables(self.model, self.seq_ids, self.num_gpu_blocks)
                 before_impl = observables(self.impl, self.seq_ids, self.num_gpu_blocks)
             self._snapshot = None
+        written = self._to_write(op, args)
         want = outcome(getattr(self.model, op), *args)
         got = outcome(getattr(self.impl, op), *args)
         call = f"bm.{op}({', '.join(repr(a) for a in args)})"
@@ -214,30 +220,43 @@ class Lockstep:
                     )
             self._snapshot = (before, before_impl)  # unchanged, as just checked
         if want.error is None:
-            self._apply(op, args, got.value)
+            self._apply(op, got.value, written)
         return got
 
-    def _apply(self, op: str, args: tuple[Any, ...], value: Any) -> None:
-        """Mirror the operation's data movement in the fake KV store (from the impl's answers)."""
+    def _to_write(self, op: str, args: tuple[Any, ...]) -> list[tuple[list[int], list[int]]]:
+        """Before a ``mark_computed`` call: (slots, tokens) of the tokens it declares computed,
+        from the implementation's answers (empty when the call will fail)."""
+        if op == "mark_computed":
+            pairs = [(args[0], args[1])]
+        elif op == "mark_computed_batch":
+            pairs = list(zip(args[0], args[1]))
+        else:
+            return []
         impl = self.impl
-        if op == "allocate":
-            seq_id, tokens = args[0], list(args[1])
-            cached = int(value)
-            self.store.write(impl.slot_mapping(seq_id, cached, len(tokens)), tokens[cached:])
-        elif op == "append":
-            seq_id, token = args
-            if value is not None:
-                self.store.copy_blocks([value])
-            n = impl.num_tokens(seq_id)
-            self.store.write(impl.slot_mapping(seq_id, n - 1, n), [token])
+        out: list[tuple[list[int], list[int]]] = []
+        try:
+            for seq_id, n in pairs:
+                lo = int(impl.num_computed_tokens(seq_id))
+                if not isinstance(n, int) or not lo <= n <= impl.num_tokens(seq_id):
+                    return []
+                out.append((impl.slot_mapping(seq_id, lo, n), impl.token_ids(seq_id)[lo:n]))
+        except Exception:  # noqa: BLE001 - the call itself fails the same way
+            return []
+        return out
+
+    def _apply(self, op: str, value: Any, written: list[tuple[list[int], list[int]]]) -> None:
+        """Mirror the operation's data movement in the fake KV store (from the impl's answers):
+        copy-on-write copies, swaps, and the KV a ``mark_computed`` declares written."""
+        if op == "append" and value is not None:
+            self.store.copy_blocks([value])
         elif op == "append_batch":
-            slots, pairs = value
-            self.store.copy_blocks(pairs)
-            self.store.write(slots, list(args[1]))
+            self.store.copy_blocks(value[1])
         elif op == "swap_out":
             self.store.swap_out(value)
         elif op == "swap_in":
             self.store.swap_in(value)
+        for slots, tokens in written:
+            self.store.write(slots, tokens)
 
     # -- checks
     def check(self) -> None:
@@ -255,12 +274,13 @@ class Lockstep:
         for s in self.seq_ids:
             if not self.impl.has_sequence(s) or self.impl.is_swapped(s):
                 continue
-            n = self.impl.num_tokens(s)
+            n = self.impl.num_computed_tokens(s)
             stored = self.store.gpu[np.asarray(self.impl.slot_mapping(s, 0, n), dtype=np.int64)]
-            if stored.tolist() != list(self.impl.token_ids(s)):
+            tokens = list(self.impl.token_ids(s))[:n]
+            if stored.tolist() != tokens:
                 raise ConformanceError(
-                    f"sequence {s} reads back {stored.tolist()} from its slots, "
-                    f"but its tokens are {list(self.impl.token_ids(s))}"
+                    f"sequence {s} reads back {stored.tolist()} from the slots of its {n} "
+                    f"computed tokens, but those tokens are {tokens} (-1: KV never written)"
                 )
 
     def free_all(self) -> None:
@@ -281,7 +301,16 @@ class Lockstep:
                 )
 
 
-_QUERIES = frozenset({"can_allocate", "can_append", "can_swap_in", "slot_mapping", "num_tokens"})
+_QUERIES = frozenset(
+    {
+        "can_allocate",
+        "can_append",
+        "can_swap_in",
+        "slot_mapping",
+        "num_tokens",
+        "num_computed_tokens",
+    }
+)
 
 
 def _paged_kv_error() -> type[Exception]:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from conformance.blocks.lockstep import Lockstep
-from conformance.blocks.operations import OPERATIONS, Operation
+from conformance.blocks.operations import OPERATIONS, Operation, allocate_and_compute
 from conformance.blocks.presets import Preset
 from conformance.blocks.strategies import prompts
 from conformance.protocols import BlockManagerFactory
@@ -85,7 +85,7 @@ def make_block_machine(
             # with a few live sequences so that runs without ``allocate`` still go somewhere
             for seq_id in range(data.draw(st.integers(1, 3), label="initial sequences")):
                 prompt = data.draw(prompts(p), label="token_ids")
-                self.ls.call("allocate", seq_id, prompt, None)
+                allocate_and_compute(self.ls, data, seq_id, prompt, None)
 
         @invariant()
         def observables_agree(self) -> None:

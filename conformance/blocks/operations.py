@@ -15,7 +15,7 @@ from conformance.blocks.lockstep import Lockstep
 from conformance.blocks.presets import Preset
 from conformance.blocks.strategies import any_seq_id, extra_keys, legal, prompts, seq_id_from
 
-__all__ = ["OPERATIONS", "Operation"]
+__all__ = ["OPERATIONS", "Operation", "allocate_and_compute"]
 
 Operation = Callable[[Lockstep, st.DataObject, Preset], None]
 
@@ -25,15 +25,40 @@ def _not_live(ls: Lockstep, p: Preset) -> list[int]:
     return [s for s in range(p.num_seq_ids) if s not in live]
 
 
+def allocate_and_compute(
+    ls: Lockstep, data: st.DataObject, seq_id: int, prompt: list[int], extra_key: str | None
+) -> None:
+    """``allocate``, then, as an engine's prefill step would, ``mark_computed`` of the whole
+    prompt (mostly), of part of it (a chunk), or of nothing yet (the step has not run)."""
+    out = ls.call("allocate", seq_id, prompt, extra_key)
+    if out.error is not None:
+        return
+    how = data.draw(st.sampled_from(["all", "all", "part", "none"]), label="prefill computes")
+    if how == "all":
+        ls.call("mark_computed", seq_id, len(prompt))
+    elif how == "part":
+        n = data.draw(st.integers(int(out.value), len(prompt)), label="num_tokens")
+        ls.call("mark_computed", seq_id, n)
+
+
+def _compute_all(ls: Lockstep, data: st.DataObject, seq_ids: list[int]) -> None:
+    """After appends (a decode step ran): mostly, the KV of every token is now computed."""
+    computes: bool = data.draw(legal(4), label="decode step computes")
+    if seq_ids and computes:
+        ls.call("mark_computed_batch", seq_ids, [ls.model.num_tokens(s) for s in seq_ids])
+
+
 def allocate(ls: Lockstep, data: st.DataObject, p: Preset) -> None:
     seq_id = data.draw(seq_id_from(_not_live(ls, p), p), label="seq_id")
     prompt = data.draw(prompts(p, allow_empty=True), label="token_ids")
-    ls.call("allocate", seq_id, prompt, data.draw(extra_keys(), label="extra_key"))
+    allocate_and_compute(ls, data, seq_id, prompt, data.draw(extra_keys(), label="extra_key"))
 
 
 def append(ls: Lockstep, data: st.DataObject, p: Preset) -> None:
     seq_id = data.draw(seq_id_from(ls.resident(), p), label="seq_id")
-    ls.call("append", seq_id, data.draw(st.integers(0, p.vocab - 1), label="token_id"))
+    out = ls.call("append", seq_id, data.draw(st.integers(0, p.vocab - 1), label="token_id"))
+    if out.error is None:
+        _compute_all(ls, data, [seq_id])
 
 
 def append_batch(ls: Lockstep, data: st.DataObject, p: Preset) -> None:
@@ -47,7 +72,41 @@ def append_batch(ls: Lockstep, data: st.DataObject, p: Preset) -> None:
     toks = data.draw(
         st.lists(st.integers(0, p.vocab - 1), min_size=n, max_size=n), label="token_ids"
     )
-    ls.call("append_batch", ids, toks)
+    if ls.call("append_batch", ids, toks).error is None:
+        _compute_all(ls, data, list(ids))
+
+
+def mark_computed(ls: Lockstep, data: st.DataObject, p: Preset) -> None:
+    seq_id = data.draw(seq_id_from(ls.resident(), p), label="seq_id")
+    lo = hi = 0
+    if seq_id in ls.resident():
+        lo, hi = ls.model.num_computed_tokens(seq_id), ls.model.num_tokens(seq_id)
+    if data.draw(legal(), label="legal"):
+        n = data.draw(st.integers(lo, hi), label="num_tokens")
+    else:
+        n = data.draw(st.integers(-1, hi + 1), label="num_tokens")
+    ls.call("mark_computed", seq_id, n)
+
+
+def mark_computed_batch(ls: Lockstep, data: st.DataObject, p: Preset) -> None:
+    resident = ls.resident()
+    ok: bool = data.draw(legal(), label="legal")
+    if resident and ok:
+        ids = data.draw(st.lists(st.sampled_from(resident), unique=True), label="seq_ids")
+        counts = [
+            data.draw(
+                st.integers(ls.model.num_computed_tokens(s), ls.model.num_tokens(s)),
+                label="num_tokens",
+            )
+            for s in ids
+        ]
+    else:
+        ids = data.draw(st.lists(any_seq_id(p), max_size=4), label="seq_ids")
+        counts = data.draw(
+            st.lists(st.integers(-1, p.max_prompt_len), min_size=len(ids), max_size=len(ids)),
+            label="num_tokens",
+        )
+    ls.call("mark_computed_batch", ids, counts)
 
 
 def fork(ls: Lockstep, data: st.DataObject, p: Preset) -> None:
@@ -106,6 +165,8 @@ OPERATIONS: dict[str, Operation] = {
         allocate,
         append,
         append_batch,
+        mark_computed,
+        mark_computed_batch,
         fork,
         free,
         swap_out,

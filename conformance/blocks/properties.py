@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from conformance.blocks.lockstep import ConformanceError, Lockstep
 from conformance.blocks.machine import new_lockstep
-from conformance.blocks.operations import OPERATIONS
+from conformance.blocks.operations import OPERATIONS, allocate_and_compute
 from conformance.blocks.presets import Preset
 from conformance.blocks.strategies import filling_prompts, prompts
 from conformance.protocols import BlockManagerFactory
@@ -36,6 +36,7 @@ __all__ = [
     "fork_free_refcounts_under_beam_search",
     "swap_in_reserves_append_capacity",
     "no_blocks_leaked_on_abort",
+    "no_hit_before_kv_written",
     "colliding_hash",
     "ConformanceError",
 ]
@@ -92,7 +93,7 @@ def _program(
     def search(data: st.DataObject) -> None:
         ls = new_lockstep(factory, p, hash_fn=hash_fn)
         for seq_id in range(data.draw(st.integers(0, 2), label="initial sequences")):
-            ls.call("allocate", seq_id, data.draw(prompts(p), label="token_ids"), None)
+            allocate_and_compute(ls, data, seq_id, data.draw(prompts(p), label="token_ids"), None)
         n = data.draw(st.integers(1, max_steps), label="steps")
         for _ in range(n):
             OPERATIONS[data.draw(st.sampled_from(names), label="op")](ls, data, p)
@@ -230,6 +231,24 @@ def no_blocks_leaked_on_abort(
     _program(factory, p, ops, settings, seed=seed, finish=finish)
 
 
+def no_hit_before_kv_written(
+    factory: BlockManagerFactory,
+    settings: Settings | None = None,
+    *,
+    seed: int | None = None,
+) -> None:
+    """No prompt is served a cached block before the step that writes the block's KV ran.
+
+    Prompts sharing prefixes are allocated and computed in chunks (``mark_computed`` of part
+    of the prompt, as chunked prefill does) or not at all yet; a block that enters the prefix
+    cache when it is allocated (or filled by an append) lets a second prompt hit it while its
+    KV is unwritten, and that prompt reads ``-1`` back from the fake KV store.
+    """
+    p = Preset("chunks", block_size=2, num_gpu_blocks=12, enable_prefix_caching=True, vocab=2)
+    ops = {"allocate": 3, "mark_computed": 2, "append": 1, "free": 1, "fork": 1}
+    _program(factory, p, ops, settings, seed=seed)
+
+
 def colliding_hash(parent_hash: int, token_ids: Sequence[int], extra_key: str | None) -> int:
     """The spec's block hash reduced to 3 values: unequal blocks collide all the time."""
     return hash_block_tokens(parent_hash, token_ids, extra_key) % 3
@@ -244,5 +263,6 @@ PROPERTIES: dict[str, Property] = {
         fork_free_refcounts_under_beam_search,
         swap_in_reserves_append_capacity,
         no_blocks_leaked_on_abort,
+        no_hit_before_kv_written,
     )
 }

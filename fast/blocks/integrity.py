@@ -92,6 +92,9 @@ def check_integrity(
             raise AssertionError(f"sequence {seq_id}: its table row is not zero past block {nb}")
         if len(set(blocks)) != nb:
             raise AssertionError(f"block table {blocks} repeats a block")
+        computed = int(a.num_computed[row])
+        if not 0 <= computed <= n:
+            raise AssertionError(f"sequence {seq_id}: {computed} computed tokens of {n}")
         swapped = bool(a.swapped[row])
         refs = cref if swapped else gref
         for i, b in enumerate(blocks):
@@ -126,7 +129,11 @@ def check_integrity(
                             f"sequence {seq_id} uses cached block {b} holding another prefix"
                         )
     free_rows = sorted(set(range(a.tables.shape[0])) - set(rows.values()))
-    if a.tables[free_rows].any() or a.num_tokens[free_rows].any():
+    if (
+        a.tables[free_rows].any()
+        or a.num_tokens[free_rows].any()
+        or a.num_computed[free_rows].any()
+    ):
         raise AssertionError("a free row holds blocks or tokens")
     if (a.extra_id[free_rows] != -1).any() or a.row_seen.any() or a.cow_count.any():
         raise AssertionError("a free row has an extra key, or append's scratch is not zero")

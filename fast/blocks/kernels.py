@@ -29,9 +29,10 @@ from fast.blocks.state import ENTRY_HASH, ENTRY_PID, BlockState
 
 __all__ = [
     "OK", "UNKNOWN", "SWAPPED", "DUPLICATE", "BAD_TOKEN", "NO_BLOCKS", "GROW", "EXISTS",
+    "BAD_COUNT",
     "AllocateResult", "AppendResult",
     "allocate_kernel", "append_kernel", "gather_kernel", "fork_kernel", "free_kernel",
-    "swap_out_kernel", "swap_in_kernel", "reset_cache_kernel",
+    "swap_out_kernel", "swap_in_kernel", "reset_cache_kernel", "mark_computed_kernel",
 ]  # fmt: skip
 
 # status codes (the ``status`` field of every result)
@@ -43,6 +44,7 @@ BAD_TOKEN = 4  # a token id is negative (``bad_token``: its position)
 NO_BLOCKS = 5  # not enough free GPU blocks (``needed``, ``free``)
 GROW = 6  # a row of ``tables``/``tokens`` is too short: grow it and call again
 EXISTS = 7  # allocate onto a live sequence id
+BAD_COUNT = 8  # mark_computed: a count outside [computed, num_tokens] (``bad_token``: position)
 
 I64 = NDArray[np.int64]
 I32 = NDArray[np.int32]
@@ -191,9 +193,8 @@ def allocate_kernel(
     for i in range(nfull):
         block_hash[row, i] = hashes[i]
         block_pid[row, i] = pids[i]
-    for i in range(nh, nfull):
-        _register(s, tables[row, i], hashes[i], pids[i])
     tokens[row, :n] = prompt
+    s.num_computed[row] = nh * bs
     num_tokens[row] = n
     extra_id[row] = extra
     insert(id_keys, id_rows, seq_id, row)
@@ -329,9 +330,48 @@ def append_kernel(
                 pid = intern_one(ppid, block, x, h, True, s.pids)
             block_hash[r, bi] = h
             block_pid[r, bi] = pid
-            _register(s, tables[r, bi], h, pid)
         slots[k] = tables[r, bi] * bs + t % bs
     return AppendResult(OK, -1, -1, need, free, m)
+
+
+# ---------------------------------------------------------------- computed KV
+@njit(cache=True)
+def mark_computed_kernel(s: State, sids: I64, counts: I64) -> AppendResult:
+    """``mark_computed_batch``: validate in the spec's order (a repeated id, then per
+    sequence: unknown, swapped, a count outside ``[computed, num_tokens]``), then raise each
+    row's computed count and register, in batch order, the full blocks it completes."""
+    id_keys = s.id_keys
+    id_rows = s.id_rows
+    num_tokens = s.num_tokens
+    num_computed = s.num_computed
+    swapped = s.swapped
+    tables = s.tables
+    block_hash = s.block_hash
+    block_pid = s.block_pid
+    n = sids.shape[0]
+    bs = s.block_size
+    srt = np.sort(sids)
+    for k in range(1, n):
+        if srt[k] == srt[k - 1]:
+            return AppendResult(DUPLICATE, -1, -1, 0, 0, 0)
+    rows = np.empty(n, dtype=np.int32)
+    for k in range(n):
+        r = find(id_keys, id_rows, sids[k])
+        if r < 0:
+            return AppendResult(UNKNOWN, sids[k], -1, 0, 0, 0)
+        if swapped[r] != 0:
+            return AppendResult(SWAPPED, sids[k], -1, 0, 0, 0)
+        if not num_computed[r] <= counts[k] <= num_tokens[r]:
+            return AppendResult(BAD_COUNT, sids[k], k, 0, 0, 0)
+        rows[k] = r
+    for k in range(n):
+        r = rows[k]
+        old = num_computed[r]
+        num_computed[r] = counts[k]
+        if s.caching:
+            for i in range(old // bs, counts[k] // bs):
+                _register(s, tables[r, i], block_hash[r, i], block_pid[r, i])
+    return AppendResult(OK, -1, -1, 0, 0, 0)
 
 
 # ---------------------------------------------------------------- fork, free, swap
@@ -361,6 +401,7 @@ def fork_kernel(s: State, parent: int, child: int, child_id: int) -> None:
     block_hash[child, :nfull] = block_hash[parent, :nfull]
     block_pid[child, :nfull] = block_pid[parent, :nfull]
     num_tokens[child] = n
+    s.num_computed[child] = s.num_computed[parent]
     swapped[child] = 0
     extra_id[child] = extra_id[parent]
     insert(id_keys, id_rows, child_id, child)
@@ -390,6 +431,7 @@ def free_kernel(s: State, row: int, seq_id: int) -> None:
     for j in range(nb):
         tables[row, j] = 0  # rows stay zero past their last block (see gather_kernel)
     num_tokens[row] = 0
+    s.num_computed[row] = 0
     swapped[row] = 0
     extra_id[row] = -1
     delete(id_keys, id_rows, seq_id)
@@ -422,8 +464,8 @@ def swap_out_kernel(s: State, row: int) -> I64:
 @njit(cache=True)
 def swap_in_kernel(s: State, row: int) -> I64:
     """GPU blocks from the queue head in logical order, CPU blocks released in reverse order,
-    full blocks offered to the prefix cache; returns the ``(cpu, gpu)`` pairs ``[nb, 2]``. The
-    GPU pool must have ``nb`` free blocks."""
+    the full blocks below the computed count offered to the prefix cache; returns the
+    ``(cpu, gpu)`` pairs ``[nb, 2]``. The GPU pool must have ``nb`` free blocks."""
     tables = s.tables
     num_tokens = s.num_tokens
     swapped = s.swapped
@@ -443,7 +485,7 @@ def swap_in_kernel(s: State, row: int) -> I64:
         tables[row, j] = mapping[j, 1]
     swapped[row] = 0
     if s.caching:
-        for i in range(num_tokens[row] // bs):
+        for i in range(s.num_computed[row] // bs):
             _register(s, tables[row, i], block_hash[row, i], block_pid[row, i])
     return mapping
 

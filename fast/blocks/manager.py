@@ -149,6 +149,7 @@ class BlockManager:
             block_hash=np.zeros((rows, width), dtype=np.int64),
             block_pid=np.zeros((rows, width), dtype=np.int64),
             extra_id=np.full(rows, -1, dtype=np.int64),
+            num_computed=np.zeros(rows, dtype=np.int64),
             row_seen=np.zeros(rows, dtype=np.int32),
             cow_count=np.zeros(g, dtype=np.int32),
         )
@@ -223,7 +224,9 @@ class BlockManager:
         while new_r - r + len(self._free_rows) < free_needed:
             new_r *= 2
         new: dict[str, NDArray[Any]] = {}
-        names = ("tables", "tokens", "block_hash", "block_pid", "num_tokens", "swapped")
+        names = (
+            "tables", "tokens", "block_hash", "block_pid", "num_tokens", "num_computed", "swapped",
+        )  # fmt: skip
         for name in names + ("row_seen", "extra_id"):
             old = getattr(a, name)
             arr = np.empty((new_r,) + old.shape[1:], dtype=old.dtype)
@@ -323,6 +326,15 @@ class BlockManager:
     def cached_blocks(self) -> list[int]:
         """GPU blocks registered in the prefix cache, ascending."""
         return list(np.flatnonzero(self._a.cache_entry[ENTRY_PID] >= 0).tolist())
+
+    def num_computed_tokens(self, seq_id: int) -> int:
+        """Leading tokens of the sequence whose KV is written. Raises UnknownSequenceError."""
+        return int(self._a.num_computed[self._get(seq_id)])
+
+    def cached_mask(self) -> NDArray[np.bool_]:
+        """``[G]`` bool: True for the GPU blocks in the prefix cache (a copy)."""
+        mask: NDArray[np.bool_] = self._a.cache_entry[ENTRY_PID] >= 0
+        return mask
 
     def sequence_ids(self) -> list[int]:
         """Live sequence ids, ascending."""
@@ -591,6 +603,62 @@ class BlockManager:
             parent = int(a.block_hash[row, i - 1]) if i > 0 else ROOT_PARENT_HASH
             hashes.append(self._hash_fn(parent, block, self._extra[row]))
         return np.array(hashes, dtype=np.int64)
+
+    def mark_computed(self, seq_id: int, num_tokens: int) -> None:
+        """The KV of the sequence's first ``num_tokens`` tokens is written; its full blocks
+        below that count enter the prefix cache (the spec's checks and order)."""
+        self.mark_computed_batch([seq_id], [num_tokens])
+
+    def mark_computed_batch(
+        self,
+        seq_ids: Sequence[int] | NDArray[np.int64],
+        num_tokens: Sequence[int] | NDArray[np.int64],
+    ) -> None:
+        """``mark_computed(seq_ids[i], num_tokens[i])`` in order, all or nothing (one kernel
+        call: what the scheduler makes after every step)."""
+        if len(seq_ids) != len(num_tokens):
+            raise InvalidArgumentError(
+                "num_tokens", len(num_tokens), f"need one count per sequence ({len(seq_ids)})"
+            )
+        sids = self._ids_array(seq_ids, "mark_computed_batch")
+        if isinstance(num_tokens, np.ndarray) and num_tokens.dtype == np.int64:
+            counts = num_tokens
+        else:  # the spec's checks in Python, so a count that is no int is reported in order
+            ids = sids.tolist()
+            if len(set(ids)) != len(ids):
+                raise InvalidArgumentError("seq_ids", list(seq_ids), "a sequence appears twice")
+            vals: list[int] = []
+            for seq_id, c in zip(ids, num_tokens):
+                row = self._resident(seq_id, "mark_computed")
+                lo, hi = int(self._a.num_computed[row]), int(self._a.num_tokens[row])
+                try:
+                    v = operator.index(c)
+                except TypeError:
+                    v = -1
+                if isinstance(c, bool) or not lo <= v <= hi:
+                    raise InvalidArgumentError("num_tokens", c, f"need {lo} <= num_tokens <= {hi}")
+                vals.append(v)
+            counts = np.array(vals, dtype=np.int64)
+        result = K.mark_computed_kernel(self._s, sids, counts)
+        status = result.status
+        if status == K.OK:
+            return
+        if status == K.DUPLICATE:
+            raise InvalidArgumentError("seq_ids", list(seq_ids), "a sequence appears twice")
+        if status == K.UNKNOWN:
+            raise UnknownSequenceError(int(result.seq_id))
+        if status == K.SWAPPED:
+            raise SequenceStateError(int(result.seq_id), True, "mark_computed")
+        if status == K.BAD_COUNT:
+            row = self._rows[int(result.seq_id)]
+            k = int(result.bad_token)
+            raise InvalidArgumentError(
+                "num_tokens",
+                int(counts[k]),
+                f"need {int(self._a.num_computed[row])} <= num_tokens <= "
+                f"{int(self._a.num_tokens[row])}",
+            )
+        raise AssertionError(f"mark_computed_kernel returned status {status}")
 
     def fork(self, parent_id: int, child_id: int) -> None:
         """The child shares every block of the parent (each refcount rises by one)."""

@@ -28,7 +28,7 @@ swap_in):
 * ``cpu_pool`` int32 ``[3, C]``, ``cpu_ends`` int64 ``[3]``: the same for the CPU pool (written by
   free, swap_out, swap_in only).
 
-Prefix cache (written by allocate, append, swap_in, reset_cache, and by every kernel that takes
+Prefix cache (written by mark_computed, swap_in, reset_cache, and by every kernel that takes
 a GPU block, since taking a cached free block evicts it):
 
 * ``cache_entry`` int64 ``[2, G]``: row ``ENTRY_HASH`` the hash block ``b`` is cached under, row
@@ -55,6 +55,9 @@ Sequences (one row each):
 * ``block_hash``, ``block_pid`` int64 ``[R, W]``: hash and prefix id of each full block (read
   only below ``num_tokens // bs``; allocate, append, fork).
 * ``extra_id`` int64 ``[R]``: the row's extra key id, ``-1`` = none (allocate, fork, free).
+* ``num_computed`` int64 ``[R]``: leading tokens whose KV is written; the full blocks below it
+  are the ones offered to the prefix cache (allocate: the cached tokens; mark_computed raises
+  it; fork copies it; free clears it).
 
 Scratch, all zero between calls (append only):
 
@@ -112,6 +115,7 @@ class BlockArrays(NamedTuple):
     block_hash: I64  # [R, W]
     block_pid: I64  # [R, W]
     extra_id: I64  # [R]
+    num_computed: I64  # [R]
     row_seen: I32  # [R] scratch
     cow_count: I32  # [G] scratch
 
@@ -156,7 +160,7 @@ def pack(a: BlockArrays) -> BlockState:
     ...                 np.full((2, 2), -1, np.int64), np.full(8, -1, np.int64),
     ...                 np.full(8, -1, np.int32), PrefixIds(1, 8).arrays, np.zeros(0, np.uint8),
     ...                 i64[:1], np.zeros(40, np.uint64), i64, i32, table, i64[:1], grid,
-    ...                 np.zeros(1, np.uint8), grid, grid, i64[:1], i32[:1], i32[:2])
+    ...                 np.zeros(1, np.uint8), grid, grid, i64[:1], i64[:1], i32[:1], i32[:2])
     >>> reset_cache_kernel(pack(a))  # nothing cached
     0
     """

@@ -28,8 +28,10 @@ _DTYPES = {
 class EngineConfig:
     """Everything ``LLM(...)`` / ``LLMEngine(...)`` accepts besides the model (vLLM's names).
 
-    ``None`` means "derive it": ``max_model_len`` from the model, ``max_num_batched_tokens``
-    as ``max(max_model_len, 2048)`` (2048 with chunked prefill), ``swap_space`` as 4 GiB on CUDA
+    Prefix caching and chunked prefill are on by default, as in current vLLM. ``None`` means
+    "derive it": ``max_model_len`` from the model, ``max_num_batched_tokens`` as 8192 with
+    chunked prefill (vLLM's offline default on most GPUs) and ``max(max_model_len, 2048)``
+    without, ``swap_space`` as 4 GiB on CUDA
     and 0.25 GiB on CPU when ``preemption_mode == "swap"`` (0 otherwise), the device pool from
     ``num_gpu_blocks``, else ``kv_cache_gb`` (CPU default 1 GiB), else
     ``gpu_memory_utilization`` of the GPU's memory, ``enforce_eager`` as True on CPU.
@@ -43,8 +45,8 @@ class EngineConfig:
     kv_cache_gb: float | None = None
     gpu_memory_utilization: float = 0.9
     swap_space: float | None = None
-    enable_prefix_caching: bool = False
-    enable_chunked_prefill: bool = False
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
     preemption_mode: Literal["recompute", "swap"] = "recompute"
     dtype: str = "auto"
     device: str = "auto"
@@ -65,14 +67,6 @@ class EngineConfig:
                 raise InvalidArgumentError(name, value, "must be >= 0")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
             raise InvalidArgumentError("num_gpu_blocks", self.num_gpu_blocks, "must be >= 1")
-        if self.enable_chunked_prefill and self.enable_prefix_caching:
-            raise InvalidArgumentError(
-                "enable_prefix_caching",
-                True,
-                "cannot be combined with enable_chunked_prefill: the block manager offers a "
-                "prompt's full blocks to the prefix cache when it allocates them, before a later "
-                "chunk has computed them, so another request could read their unwritten KV",
-            )
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise InvalidArgumentError("dtype", self.dtype, f"one of auto, {sorted(_DTYPES)}")
 

@@ -75,6 +75,14 @@ class EngineStats:
     swapped_in: int = 0
     copied_blocks: int = 0  # copy-on-write block copies (forked children's first appends)
     forked: int = 0  # children started from a parent's first token (n > 1)
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (vLLM's name)
+    prefix_cache_hits: int = 0  # of those, tokens served from cached blocks
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """``prefix_cache_hits / prefix_cache_queries`` (0.0 before any query)."""
+        q = self.prefix_cache_queries
+        return self.prefix_cache_hits / q if q else 0.0
 
     def record(self, out: SchedulerOutput) -> None:
         """Add one step's schedule."""
@@ -126,7 +134,7 @@ class LLMEngine:
             )
         self.max_model_len = max_len
         budget = cfg.max_num_batched_tokens or (
-            2048 if cfg.enable_chunked_prefill else max(max_len, 2048)
+            8192 if cfg.enable_chunked_prefill else max(max_len, 2048)
         )
         self.scheduler_config = SchedulerConfig(
             max_num_seqs=cfg.max_num_seqs,
@@ -220,12 +228,13 @@ class LLMEngine:
                 "sampling_params", params, f"a {type(params).__name__}, not a SamplingParams"
             )
         params.check_vocab_size(vocab)
-        if params.prompt_logprobs is not None and self.config.enable_prefix_caching:
-            raise InvalidArgumentError(
-                "prompt_logprobs",
-                params.prompt_logprobs,
-                "needs every prompt position computed; prefix caching skips the cached ones",
-            )
+        # prompt logprobs need every prompt position computed: such a request gets a cache key
+        # of its own, so it never hits blocks of other requests (vLLM skips the lookup too)
+        cache_key = (
+            f"pagedkv:prompt_logprobs:{request_id}"
+            if params.prompt_logprobs is not None and self.config.enable_prefix_caching
+            else None
+        )
         group = []
         for index in range(params.n):  # n > 1: the parent (index 0) is forked at its 1st token
             seq = Sequence(
@@ -236,6 +245,7 @@ class LLMEngine:
                 sampling_params=params,
                 prompt=text,
                 index=index,
+                cache_key=cache_key,
             )
             if params.logprobs is not None:
                 seq.logprobs = []
@@ -324,6 +334,10 @@ class LLMEngine:
         out = self.scheduler.schedule()
         self._saved_schedule(out)
         self.stats.record(out)
+        if self.config.enable_prefix_caching:
+            for prompt_len, cached in self.scheduler.allocations:
+                self.stats.prefix_cache_queries += prompt_len
+                self.stats.prefix_cache_hits += cached
         now = time.time()
         if self._unscheduled:
             self._note_first_scheduled(out, now)
@@ -669,8 +683,25 @@ class LLMEngine:
         undo.metrics = {rid: vars(metrics[rid]).copy() for rid in rids if rid in metrics}
         prompt_lps = getattr(self, "_prompt_logprobs", {})
         undo.prompt_logprobs = {rid: len(prompt_lps[rid]) for rid in rids if rid in prompt_lps}
-        if out.preempted or out.swapped_out or self.config.enable_prefix_caching:
+        if out.preempted or out.swapped_out:
             undo.kv = self._save_overwritten_kv(out)
+        elif self.config.enable_prefix_caching:
+            undo.kv = self._save_evicted_kv()
+
+    def _save_evicted_kv(
+        self,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+        """(blocks, their K/V per layer) for the cached blocks this step's schedule evicted (a
+        step without preemption writes no other block that held someone's KV: a sequence
+        writes past its computed tokens, so never into a cached block it holds)."""
+        bm = self.block_manager
+        evicted = np.flatnonzero(_cached_mask(bm.before()) & ~_cached_mask(bm.live))  # [E]
+        if not evicted.size:
+            return None
+        index = torch.from_numpy(evicted).to(self.device)  # [E]
+        return index, [
+            (k.index_select(0, index), v.index_select(0, index)) for k, v in self.kv_caches
+        ]
 
     def _save_overwritten_kv(
         self, out: SchedulerOutput
@@ -772,6 +803,18 @@ _TABLES = (
     "_unscheduled",
     "_prompt_logprobs",
 )
+
+
+def _cached_mask(manager: Any) -> np.ndarray:
+    """[G] bool: which device blocks are in the prefix cache (the numba manager answers from
+    its arrays; the spec's from its list)."""
+    fast_mask = getattr(manager, "cached_mask", None)
+    if fast_mask is not None:
+        mask: np.ndarray = fast_mask()
+        return mask
+    mask = np.zeros(manager.config.num_gpu_blocks, dtype=np.bool_)
+    mask[manager.cached_blocks()] = True
+    return mask
 
 
 def _detok_state(detok: Any) -> tuple[int, int, int, str] | None:

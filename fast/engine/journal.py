@@ -110,6 +110,18 @@ class JournaledBlockManager:
         self._did("append_batch", (np.array(seq_ids, copy=True), np.array(token_ids, copy=True)))
         return result
 
+    def mark_computed(self, seq_id: int, num_tokens: int) -> None:
+        """``mark_computed`` on the live manager."""
+        self._live.mark_computed(seq_id, num_tokens)
+        self._did("mark_computed", (seq_id, num_tokens))
+
+    def mark_computed_batch(self, seq_ids: Any, num_tokens: Any) -> None:
+        """``mark_computed_batch`` on the live manager."""
+        self._live.mark_computed_batch(seq_ids, num_tokens)
+        self._did(
+            "mark_computed_batch", (np.array(seq_ids, copy=True), np.array(num_tokens, copy=True))
+        )
+
     def fork(self, parent_id: int, child_id: int) -> None:
         """``fork`` on the live manager."""
         self._live.fork(parent_id, child_id)

@@ -43,6 +43,8 @@ class BatchBlockManager(BlockManagerLike, Protocol):
 
     def fork(self, parent_id: int, child_id: int) -> None: ...
 
+    def mark_computed_batch(self, seq_ids: Any, num_tokens: Any) -> None: ...
+
 
 _WAITING, _RUNNING, _SWAPPED = (
     SequenceStatus.WAITING,
@@ -107,7 +109,10 @@ class Scheduler:
         self.swapped: list[Sequence] = []
         self._in_flight: dict[int, Sequence] | None = None  # sequences that sample this step
         self._in_step: set[int] = set()  # sequences whose blocks the step in flight uses
+        self._step_order: list[int] = []  # the step in flight's sequences, scheduled order
         self._deferred: list[int] = []  # aborted during the step: freed at update()
+        #: (prompt tokens, cached tokens) of each prompt the last schedule() allocated
+        self.allocations: list[tuple[int, int]] = []
 
     def has_unfinished_requests(self) -> bool:
         """Some sequence is waiting, running or swapped."""
@@ -167,6 +172,7 @@ class Scheduler:
         self._enqueue(self.running, child, _RUNNING)
         if self._in_flight is not None:
             self._in_step.add(child.seq_id)
+            self._step_order.append(child.seq_id)
 
     def abort_request(self, seq_id: int) -> None:
         """Remove a sequence from every queue and free its blocks (marked FINISHED_ABORTED).
@@ -194,6 +200,7 @@ class Scheduler:
         if self._in_flight is not None:
             raise SchedulerOrderError("schedule", "update() of the previous step is missing")
         step = _Step(self.config.max_num_batched_tokens)
+        self.allocations = []
         self._schedule_running(step)
         if not step.preempted and not step.swapped_out:
             self._schedule_swapped(step)
@@ -201,6 +208,7 @@ class Scheduler:
                 self._schedule_waiting(step)
         self._in_flight = {s.seq_id: self.seqs[s.seq_id] for s in step.scheduled if s.sample}
         self._in_step = {s.seq_id for s in step.scheduled} | set(step.swapped_out)
+        self._step_order = [s.seq_id for s in step.scheduled]
         return step.output()
 
     def update(self, outcome: StepOutcome) -> list[Sequence]:
@@ -231,6 +239,18 @@ class Scheduler:
         for seq_id in self._deferred:  # aborted during the step: its blocks are released now
             self.block_manager.free(seq_id)
         self._deferred = []
+        # the step wrote the KV of the tokens it scheduled: their completed blocks may enter
+        # the prefix cache (finishing sequences too, before they are freed), in step order
+        seqs = self.seqs
+        done = [
+            q for i in self._step_order if (q := seqs.get(i)) is not None and q.status is _RUNNING
+        ]
+        if done:
+            self.block_manager.mark_computed_batch(
+                np.fromiter((q.seq_id for q in done), np.int64, len(done)),
+                np.fromiter((q.num_computed for q in done), np.int64, len(done)),
+            )
+        self._step_order = []
         self._in_step = set()
         finished = []
         for seq_id, seq in in_flight.items():
@@ -295,9 +315,10 @@ class Scheduler:
             seq = self.waiting[0]
             if not cfg.enable_chunked_prefill and len(seq.token_ids) > step.budget:
                 return
-            if not bm.can_allocate(seq.token_ids):
+            if not bm.can_allocate(seq.token_ids, seq.cache_key):
                 return
-            cached = bm.allocate(seq.seq_id, seq.token_ids)
+            cached = bm.allocate(seq.seq_id, seq.token_ids, seq.cache_key)
+            self.allocations.append((len(seq.token_ids), cached))
             del self.waiting[0]
             seq.in_pool = True
             seq.num_computed = cached
@@ -387,3 +408,4 @@ def restore(scheduler: Scheduler, saved: SchedulerCheckpoint) -> None:
     scheduler._in_flight = None
     scheduler._in_step = set()
     scheduler._deferred = []
+    scheduler._step_order = []

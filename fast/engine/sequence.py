@@ -53,6 +53,8 @@ class Sequence:
         in_pool: the block manager holds blocks of this sequence (device or host).
         pending: the last token was sampled and is not yet in the block manager.
         index: the sequence's index among its request's ``n`` samples.
+        cache_key: the prefix cache's extra key; only sequences with equal keys share cached
+            blocks (None for almost every request).
     """
 
     seq_id: int
@@ -71,6 +73,7 @@ class Sequence:
     output_text: str = ""
     stop_reason: int | str | None = None
     index: int = 0  # which of the request's n sequences this is
+    cache_key: str | None = None  # the block manager's extra key (None: shared prefix cache)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

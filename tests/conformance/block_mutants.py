@@ -25,6 +25,7 @@ __all__ = [
     "ForkRefcountMutant",
     "SwapInCapacityMutant",
     "LeakOnAbortMutant",
+    "RegisterAtAllocateMutant",
     "mutant_factory",
 ]
 
@@ -118,6 +119,27 @@ class LeakOnAbortMutant(_Mutant):
         super().free(seq_id)
 
 
+class RegisterAtAllocateMutant(_Mutant):
+    """A block enters the prefix cache when it is allocated or filled, before its KV exists.
+
+    The rule pagedkv had before chunked prefill and prefix caching were combined: a second
+    request could hit a prompt block whose chunk a later step had yet to compute.
+    """
+
+    def allocate(self, seq_id: int, token_ids: Sequence[int], extra_key: str | None = None) -> int:
+        cached = super().allocate(seq_id, token_ids, extra_key)
+        table = self._seqs[seq_id]
+        for i in range(cached // self._bs, len(table.block_hashes)):
+            self._register(table, i)  # bug: registered before any step computed it
+        return cached
+
+    def _append_one(self, table: BlockTable, token: int) -> tuple[int, int] | None:
+        pair = super()._append_one(table, token)
+        if self._cache is not None and table.num_tokens % self._bs == 0:
+            self._register(table, table.num_tokens // self._bs - 1)  # bug: at fill time
+        return pair
+
+
 MUTANTS: dict[str, type[BlockManager]] = {
     "evicted_block_not_in_hash_index": StaleIndexMutant,
     "touch_before_allocate": TouchAfterAllocateMutant,
@@ -125,6 +147,7 @@ MUTANTS: dict[str, type[BlockManager]] = {
     "fork_free_refcounts_under_beam_search": ForkRefcountMutant,
     "swap_in_reserves_append_capacity": SwapInCapacityMutant,
     "no_blocks_leaked_on_abort": LeakOnAbortMutant,
+    "no_hit_before_kv_written": RegisterAtAllocateMutant,
 }
 
 

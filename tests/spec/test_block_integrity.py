@@ -15,8 +15,10 @@ def healthy(prefix: bool = True) -> BlockManager:
     """Sequence 0 = [1, 2, 3, 4, 5] in blocks [0, 1, 2]; 1 forked from it; 2 swapped out."""
     bm = BlockManager(BlockManagerConfig(2, 8, 4, enable_prefix_caching=prefix))
     bm.allocate(0, [1, 2, 3, 4, 5])
+    bm.mark_computed(0, 5)  # blocks 0 and 1 enter the prefix cache
     bm.fork(0, 1)
     bm.allocate(2, [7, 7, 7])
+    bm.mark_computed(2, 3)
     bm.swap_out(2)
     bm.allocate(3, [9])
     bm.free(3)
@@ -142,6 +144,10 @@ def corrupt_cached_earlier_prefix(bm: BlockManager) -> None:
         rehash(bm, s)
 
 
+def corrupt_computed_count(bm: BlockManager) -> None:
+    bm._seqs[0].num_computed = 6
+
+
 CORRUPTIONS: list[tuple[Callable[[BlockManager], None], str]] = [
     (corrupt_refcount, "refcount 1 but 2 tables"),
     (corrupt_free_but_referenced, "block 2 has refcount 2 but is_free=True"),
@@ -164,6 +170,7 @@ CORRUPTIONS: list[tuple[Callable[[BlockManager], None], str]] = [
     (corrupt_cached_outside_pool, "cached block 50 is outside"),
     (corrupt_cached_content_at_index, "stores (1, 2, 3, 5) but holds [3, 4]"),
     (corrupt_cached_earlier_prefix, "whose stored prefix differs"),
+    (corrupt_computed_count, "6 computed tokens of 5"),
 ]
 
 

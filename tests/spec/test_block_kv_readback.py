@@ -27,6 +27,7 @@ class Engine:
     def prefill(self, seq_id: int, tokens: list[int], extra_key: str | None = None) -> int:
         cached = self.bm.allocate(seq_id, tokens, extra_key)
         self.gpu[self.bm.slot_mapping(seq_id, cached, len(tokens))] = tokens[cached:]
+        self.bm.mark_computed(seq_id, len(tokens))  # the step wrote them
         return cached
 
     def decode(self, seq_ids: Sequence[int], tokens: Sequence[int]) -> None:
@@ -35,6 +36,7 @@ class Engine:
             for s, d in pairs.tolist():
                 self._copy(self.gpu, s, self.gpu, d)
         self.gpu[slots] = tokens
+        self.bm.mark_computed_batch(seq_ids, [self.bm.num_tokens(s) for s in seq_ids])
 
     def swap_out(self, seq_id: int) -> None:
         for g, c in self.bm.swap_out(seq_id):

@@ -166,6 +166,8 @@ class BlockMachine(RuleBasedStateMachine):
         hit = self.kv.gpu[self.bm.slot_mapping(seq_id, 0, cached)].tolist()
         assert hit == tokens[:cached], (hit, tokens[:cached])
         self.write(seq_id, cached, tokens[cached:])
+        assert self.bm.num_computed_tokens(seq_id) == cached
+        self.bm.mark_computed(seq_id, len(tokens))  # the prefill step ran
         self.ever.add(seq_id)
 
     @precondition(lambda self: bool(self.resident()))
@@ -188,6 +190,7 @@ class BlockMachine(RuleBasedStateMachine):
         want_len = num_blocks_for(n + 1, self.config.block_size)
         assert len(self.bm.block_table(seq_id)) == want_len
         self.write(seq_id, n, [token])
+        self.bm.mark_computed(seq_id, n + 1)  # the decode step ran
 
     @precondition(lambda self: bool(self.resident()))
     @rule(data=st.data())
@@ -209,6 +212,8 @@ class BlockMachine(RuleBasedStateMachine):
         for src, dst in pairs.tolist():  # the engine copies before the forward pass writes
             self.kv.copy(self.kv.gpu, src, self.kv.gpu, dst)
         self.kv.gpu[slots] = tokens
+        self.bm.mark_computed_batch(seq_ids, [self.bm.num_tokens(s) for s in seq_ids])
+        self.bm.mark_computed_batch(seq_ids, [self.bm.num_tokens(s) for s in seq_ids])
 
     @precondition(lambda self: bool(self.resident()))
     @rule(data=st.data())
@@ -223,6 +228,7 @@ class BlockMachine(RuleBasedStateMachine):
         self.bm.fork(parent, child)
         assert self.bm.block_table(child) == self.bm.block_table(parent)
         assert self.bm.token_ids(child) == self.bm.token_ids(parent)
+        assert self.bm.num_computed_tokens(child) == self.bm.num_computed_tokens(parent)
         assert self.bm.num_free_gpu_blocks == free
         self.ever.add(child)
 

@@ -153,8 +153,9 @@ def test_prefix_id_collection_keeps_hits_identical_to_spec() -> None:
 
 @pytest.mark.parametrize("caching", [False, True])
 def test_decode_steps_equal_spec_append_batch(caching: bool) -> None:
-    """The engine's decode step (append_batch, then gather) over many steps: blocks fill (and
-    get hashed, interned and registered) inside the append kernel."""
+    """The engine's decode step (append_batch, mark_computed_batch, gather) over many steps:
+    blocks fill (hashed and interned inside the append kernel) and are registered once
+    computed."""
     config = BlockManagerConfig(block_size=2, num_gpu_blocks=300, enable_prefix_caching=caching)
     spec, fast = SpecBlockManager(config), BlockManager(config)
     prompts = [[1, 2, 3], [1, 2, 3], [4, 5], [1]]
@@ -168,6 +169,9 @@ def test_decode_steps_equal_spec_append_batch(caching: bool) -> None:
         toks = np.array([step % 3, 7, step, 1, step % 2], dtype=np.int64)
         want_slots, want_pairs = spec.append_batch(ids.tolist(), toks.tolist())
         slots, pairs = fast.append_batch(ids, toks)
+        counts = [spec.num_tokens(s) for s in ids.tolist()]  # the step computed every token
+        spec.mark_computed_batch(ids.tolist(), counts)
+        fast.mark_computed_batch(ids, np.array(counts, dtype=np.int64))
         tables, lens = fast.gather(ids)
         assert slots.tolist() == want_slots.tolist()
         assert pairs.tolist() == want_pairs.tolist()

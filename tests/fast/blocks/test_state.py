@@ -66,6 +66,7 @@ def test_can_allocate_reads_the_memo_and_hashes_nothing(extra_key: str | None) -
     spec, fast = SpecBlockManager(config), BlockManager(config)
     for bm in (spec, fast):
         bm.allocate(0, [1, 2, 3, 4, 5], extra_key)
+        bm.mark_computed(0, 5)
         bm.free(0)  # blocks 0-1 cached and free, at the tail of the queue
         bm.allocate(1, [9, 9, 9, 9, 9, 9, 9])  # 4 blocks: left free are 2 and the cached 1, 0
     nodes = len(fast._pids)

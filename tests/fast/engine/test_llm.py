@@ -183,8 +183,6 @@ def test_engine_configuration_errors(model_dir: Path) -> None:
     with pytest.raises(InvalidArgumentError):  # 4 blocks of 4 < max_model_len 64
         LLM(str(model_dir), num_gpu_blocks=4, block_size=4, max_model_len=64)
     with pytest.raises(InvalidArgumentError):
-        LLM(str(model_dir), enable_chunked_prefill=True, enable_prefix_caching=True)
-    with pytest.raises(InvalidArgumentError):
         LLM(str(model_dir), max_model_len=1024)  # above max_position_embeddings 256
     with pytest.raises(InvalidArgumentError):
         LLM(str(model_dir), preemption_mode="drop")

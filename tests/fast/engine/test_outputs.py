@@ -196,11 +196,24 @@ def test_values_beyond_the_vocabulary_are_refused_before_queueing(model_dir: Pat
     assert whole(llm)
 
 
-def test_prompt_logprobs_are_refused_with_prefix_caching(model_dir: Path) -> None:
+def test_prompt_logprobs_with_prefix_caching_compute_every_position(model_dir: Path) -> None:
+    # a request asking for prompt logprobs never reuses cached blocks: every position is scored
+    prompt = {"prompt_token_ids": [VOCAB.index(ch) for ch in "a prompt long enough to cache"]}
+    off = make(model_dir, enable_prefix_caching=False)
+    (want,) = off.generate(prompt, greedy(2, prompt_logprobs=1), use_tqdm=False)
     llm = make(model_dir, enable_prefix_caching=True)
-    with pytest.raises(InvalidArgumentError) as info:
-        llm.generate("hello", greedy(2, prompt_logprobs=1), use_tqdm=False)
-    assert (info.value.name, info.value.value) == ("prompt_logprobs", 1)
+    (warm,) = llm.generate(prompt, greedy(2), use_tqdm=False)  # caches the prompt's blocks
+    (again,) = llm.generate(prompt, greedy(2), use_tqdm=False)
+    assert again.num_cached_tokens and again.num_cached_tokens > 0
+    (got,) = llm.generate(prompt, greedy(2, prompt_logprobs=1), use_tqdm=False)
+    assert got.num_cached_tokens == 0
+    assert got.prompt_logprobs is not None and want.prompt_logprobs is not None
+    assert len(got.prompt_logprobs) == len(prompt["prompt_token_ids"])
+    for a, b in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:]):
+        assert a is not None and b is not None
+        for tok in b:
+            assert math.isclose(a[tok].logprob, b[tok].logprob, abs_tol=1e-5)
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids == warm.outputs[0].token_ids
     assert whole(llm)
 
 
@@ -281,7 +294,7 @@ def test_metrics_are_ordered_times(model_dir: Path) -> None:
 def test_num_cached_tokens(model_dir: Path) -> None:
     prompt = {"prompt_token_ids": [VOCAB.index(ch) for ch in "shared prefix here, then"]}
     n = len(prompt["prompt_token_ids"])
-    off = make(model_dir)
+    off = make(model_dir, enable_prefix_caching=False)
     assert [
         o.num_cached_tokens for o in off.generate([prompt, prompt], greedy(2), use_tqdm=False)
     ] == [0, 0]
