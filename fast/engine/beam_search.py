@@ -293,7 +293,7 @@ class _Run:
 
     def _forward(self, batch: HostBatch, ids: Sequence[int], lens: Sequence[int]) -> torch.Tensor:
         """Run the model on ``batch``; log-probs [N, V] of its sampled rows. Then the KV of
-        every beam's tokens is computed: tell the block manager (``mark_computed``)."""
+        every beam's tokens is computed: tell the block manager (``mark_computed_batch``)."""
         self._save_kv(np.unique(batch.slots // self.bs).tolist())
         input_ids, positions, ctx, rows = self.staging.upload(batch)
         hidden = self.model(input_ids, positions, ctx, self.engine.kv_caches)  # [T, H]
@@ -303,30 +303,10 @@ class _Run:
         t = self.params.temperature
         if t > 0 and t != 1:
             logits = logits / t
-        mark = self._mark_computed()
-        if mark is not None:
-            for sid, n in zip(ids, lens):
-                mark(int(sid), int(n))
+        self.bm.mark_computed_batch(
+            np.asarray(ids, dtype=np.int64), np.asarray(lens, dtype=np.int64)
+        )  # the step wrote the KV of every beam's tokens: full blocks may enter the cache
         return torch.log_softmax(logits, dim=-1)  # [N, V]
-
-    def _mark_computed(self) -> Any:
-        """The block manager's ``mark_computed`` (None where it has none): its full blocks
-        enter the prefix cache once their KV is computed. Through the journal when it wraps
-        the call; a journal that does not yet gets the call written down here, so that a
-        commit replays it and a rollback undoes it."""
-        bm = self.bm
-        if getattr(bm, "mark_computed", None) is None:
-            return None
-        if not isinstance(bm, JournaledBlockManager) or "mark_computed" in vars(
-            JournaledBlockManager
-        ):
-            return bm.mark_computed
-
-        def journaled(seq_id: int, num_tokens: int) -> None:
-            bm.live.mark_computed(seq_id, num_tokens)
-            bm._did("mark_computed", (seq_id, num_tokens))
-
-        return journaled
 
     # -- the search -----------------------------------------------------------------------
     def _select(self, s: _Search, lp: torch.Tensor) -> list[tuple[int, int, float, float, int]]:
