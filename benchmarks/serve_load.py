@@ -403,7 +403,7 @@ def svg(result: dict[str, Any], width: int = 640, height: int = 360) -> str:
     """The latency/throughput curve as an SVG (no blank lines: it goes into Markdown as is):
     x = output tokens/s measured at each rate, y = latency in ms (log scale), one point per rate
     for TTFT p50, TPOT p50 and TPOT p99."""
-    runs = result["runs"]
+    runs = sorted(result["runs"], key=lambda r: r["output_tok_s"])
     series = [
         ("TTFT p50", "#1f77b4", [r["ttft_ms"]["p50"] for r in runs]),
         ("TPOT p50", "#2ca02c", [r["tpot_ms"]["p50"] for r in runs]),

@@ -7,6 +7,8 @@ disconnects, back-pressure and shutdown free every block; the CLI serves and sto
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -14,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -437,60 +440,106 @@ def test_api_key_and_body_limit(small_server: BackgroundServer) -> None:
 
 
 def test_back_pressure_503_then_recovers(small_server: BackgroundServer) -> None:
-    url = small_server.url
+    """The engine thread is held before its step (a gate around ``step``), so the first
+    request stays waiting; a second one finds the bound (1) reached."""
+    url = small_server.url + "/v1/completions"
     ok = {"Authorization": "Bearer sekret"}
-    long = {"prompt": "a", "max_tokens": 120, "ignore_eos": True, "stream": True}
-    with httpx.Client(timeout=TIMEOUT, headers=ok) as h:
-        with h.stream("POST", url + "/v1/completions", json=long) as running:
-            next(running.iter_lines())  # the one running sequence has started
-            with h.stream("POST", url + "/v1/completions", json=long) as waiting:
-                deadline = time.monotonic() + 10
-                while _engine(small_server).snapshot.waiting < 1:  # it is queued
-                    assert time.monotonic() < deadline
-                    time.sleep(0.01)
-                r = h.post(url + "/v1/completions", json={"prompt": "b", "max_tokens": 2})
-                assert r.status_code == 503
-                assert r.headers["retry-after"] == "1"
-                assert r.json()["error"]["code"] == "overloaded"
-                assert "limit 1" in r.json()["error"]["message"]
-                assert waiting.status_code == 200  # closing it (leaving the block) aborts it
-        wait_all_free(small_server)
-        r = h.post(url + "/v1/completions", json={"prompt": "b", "max_tokens": 2})
-        assert r.status_code == 200
+    front = _engine(small_server)
+    engine = front.engine
+    gate = threading.Event()
+    real_step = engine.step
+
+    def gated_step(*args: Any, **kwargs: Any) -> Any:
+        gate.wait(TIMEOUT)
+        return real_step(*args, **kwargs)
+
+    engine.step = gated_step
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(
+                httpx.post, url, json={"prompt": "a", "max_tokens": 3}, headers=ok, timeout=TIMEOUT
+            )
+            deadline = time.monotonic() + 20
+            while front.num_waiting < 1:  # queued, not scheduled: the step is held
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            r = httpx.post(url, json={"prompt": "b", "max_tokens": 2}, headers=ok, timeout=TIMEOUT)
+            assert r.status_code == 503
+            assert r.headers["retry-after"] == "1"
+            assert r.json()["error"]["code"] == "overloaded"
+            assert "limit 1" in r.json()["error"]["message"]
+            gate.set()
+            assert first.result(TIMEOUT).status_code == 200
+    finally:
+        gate.set()
+        del engine.step  # the class's method again
+    wait_all_free(small_server)
+    r = httpx.post(url, json={"prompt": "b", "max_tokens": 2}, headers=ok, timeout=TIMEOUT)
+    assert r.status_code == 200
 
 
 # -- disconnects and shutdown ---------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def slow_steps(srv: BackgroundServer, seconds: float = 0.02) -> Iterator[None]:
+    """Every engine step takes ``seconds`` longer: a 100-token request outlives the test's
+    reads however loaded the machine is."""
+    engine = _engine(srv).engine
+    real_step = engine.step
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)
+        return real_step(*args, **kwargs)
+
+    engine.step = slow
+    try:
+        yield
+    finally:
+        del engine.step
+
+
+def _aborts(srv: BackgroundServer) -> float:
+    text = httpx.get(srv.url + "/metrics").text
+    found = re.findall(
+        r'^vllm:request_success_total\{[^}]*finished_reason="abort"[^}]*\} (\S+)$', text, re.M
+    )
+    return sum(float(v) for v in found)
+
+
 def test_disconnect_mid_stream_aborts(server: BackgroundServer) -> None:
     body = {"prompt": "abc", "max_tokens": 100, "ignore_eos": True, "stream": True}
-    with httpx.Client(timeout=TIMEOUT) as h:
+    before = _aborts(server)
+    with slow_steps(server), httpx.Client(timeout=TIMEOUT) as h:
         with h.stream("POST", server.url + "/v1/completions", json=body) as r:
             lines = r.iter_lines()
             got = [next(lines) for _ in range(6)]
             assert any(line.startswith("data: ") for line in got)
-            assert _engine(server).snapshot.running == 1
-    wait_all_free(server)
+        wait_all_free(server)
+    assert _aborts(server) == before + 1
 
 
 def test_disconnect_before_the_first_token_aborts(server: BackgroundServer) -> None:
-    """A raw client sends a non-streamed request and hangs up at once."""
+    """A raw client sends a request (plain, then streamed) and hangs up at once."""
     front = _engine(server)
-    for stream in (False, True):
-        body = json.dumps(
-            {"prompt": "abc", "max_tokens": 120, "ignore_eos": True, "stream": stream}
-        ).encode()
-        head = (
-            f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-            s.sendall(head + body)
-            deadline = time.monotonic() + 10
-            while not front._tracked:  # the engine has the request
-                assert time.monotonic() < deadline
-                time.sleep(0.005)
-        wait_all_free(server)  # aborted long before its 120 tokens
+    before = _aborts(server)
+    with slow_steps(server):
+        for stream in (False, True):
+            body = json.dumps(
+                {"prompt": "abc", "max_tokens": 120, "ignore_eos": True, "stream": stream}
+            ).encode()
+            head = (
+                f"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+                s.sendall(head + body)
+                deadline = time.monotonic() + 10
+                while not front._tracked:  # the engine has the request
+                    assert time.monotonic() < deadline
+                    time.sleep(0.005)
+            wait_all_free(server)  # aborted long before its 120 tokens
+    assert _aborts(server) == before + 2
 
 
 def test_shutdown_aborts_running_requests_and_frees_everything(char_model: Path) -> None:
@@ -542,12 +591,9 @@ def test_cli_serve_starts_answers_and_stops_on_sigint(char_model: Path) -> None:
             proc.wait()
 
 
-def test_cli_serve_usage_errors() -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "fast.api.cli", "serve", "--model", "/nonexistent/model.gguf"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == 2
-    assert r.stderr.startswith("pagedkv: error:") and "Traceback" not in r.stderr
+def test_cli_serve_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    from fast.api.cli import main
+
+    assert main(["serve", "--model", "/nonexistent/model.gguf", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pagedkv: error:") and "model.gguf" in err
