@@ -113,8 +113,21 @@ def check_tiny_fp32(enforce_eager: bool) -> dict[str, Any]:
     }
 
 
+#: engine variants: (prefix caching, chunked prefill)
+CONFIGS = {
+    "default": (True, True),
+    "no_prefix_caching": (False, True),
+    "neither": (False, False),
+}
+
+
 def throughput(
-    model: Any, enforce_eager: bool, n: int, max_num_seqs: int, budget: int
+    model: Any,
+    enforce_eager: bool,
+    n: int,
+    max_num_seqs: int,
+    budget: int,
+    config: str = "default",
 ) -> dict[str, Any]:
     """Run the trace through a fresh engine over ``model``; wall time and tokens per second."""
     from fast.engine.config import EngineConfig
@@ -132,6 +145,8 @@ def throughput(
             max_model_len=2048,
             gpu_memory_utilization=0.9,
             enforce_eager=enforce_eager,
+            enable_prefix_caching=CONFIGS[config][0],
+            enable_chunked_prefill=CONFIGS[config][1],
         ),
     )
     setup_s = time.perf_counter() - t0
@@ -165,6 +180,11 @@ def throughput(
     step_times = [t for t, _, _ in log]
     return {
         "enforce_eager": enforce_eager,
+        "config": config,
+        "enable_prefix_caching": CONFIGS[config][0],
+        "enable_chunked_prefill": CONFIGS[config][1],
+        "prefix_cache_hits": engine.stats.prefix_cache_hits,
+        "prefix_cache_queries": engine.stats.prefix_cache_queries,
         "requests": n,
         "max_num_seqs": max_num_seqs,
         "max_num_batched_tokens": budget,
@@ -222,7 +242,17 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--budget", type=int, default=8192)
     parser.add_argument("--skip-eager", action="store_true")
+    parser.add_argument(
+        "--configs",
+        default="default",
+        help=f"comma-separated engine variants, each run with graphs: {', '.join(CONFIGS)}",
+    )
     args = parser.parse_args()
+    configs = [c for c in args.configs.split(",") if c]
+    if not configs or set(configs) - set(CONFIGS):
+        parser.error(
+            f"--configs: unknown {sorted(set(configs) - set(CONFIGS))}; known {list(CONFIGS)}"
+        )
     from fast.loader import random_model
     from fast.model.config import ModelConfig
 
@@ -267,11 +297,12 @@ def main() -> None:
     model = random_model(ModelConfig.llama3_8b(), seed=0, dtype=torch.bfloat16, device="cuda")
     torch.cuda.synchronize()
     result["model_init_s"] = round(time.perf_counter() - t0, 2)
-    for eager in (False,) if args.skip_eager else (False, True):
+    plan = [(False, c) for c in configs] + ([] if args.skip_eager else [(True, configs[0])])
+    for eager, config in plan:
         try:
-            run = throughput(model, eager, args.requests, args.max_num_seqs, args.budget)
+            run = throughput(model, eager, args.requests, args.max_num_seqs, args.budget, config)
         except Exception as exc:
-            run = {"enforce_eager": eager, "error": repr(exc)}
+            run = {"enforce_eager": eager, "config": config, "error": repr(exc)}
         result["runs"].append(run)
         print(run, flush=True)
         save()
@@ -282,7 +313,7 @@ def main() -> None:
     )
     for r in result["runs"]:
         if "error" not in r:
-            mode = "eager" if r["enforce_eager"] else "CUDA graphs"
+            mode = ("eager" if r["enforce_eager"] else "CUDA graphs") + f" {r['config']}"
             print(
                 f"| {mode} | {r['out_tok_per_s']} | {r['wall_s']} | {r['setup_s']} | "
                 f"{r['median_step_ms']}/{r['mean_step_ms']} | {r['breakdown']['prefill_s']} | "
