@@ -297,6 +297,8 @@ def test_metrics_count_requests(server: BackgroundServer, client: Any, reference
     assert d("vllm:generation_tokens_total") == 5
     assert d("vllm:prompt_tokens_total") == len(reference.get_tokenizer().encode("abcd"))
     assert d("vllm:request_success_total") == 1
+    if reference.llm_engine.config.enable_prefix_caching:  # the engine's stats, scraped
+        assert d("vllm:prefix_cache_queries_total") == len(reference.get_tokenizer().encode("abcd"))
     assert d("vllm:time_to_first_token_seconds_count") == 1
     assert d("vllm:inter_token_latency_seconds_count") == 4
     assert d("vllm:e2e_request_latency_seconds_count") == 1
