@@ -130,10 +130,12 @@ def _add_serve_parser(sub: Any) -> None:
     eng.add_argument("--kv-cache-gb", type=float, default=None)
     eng.add_argument("--gpu-memory-utilization", type=float, default=None)
     eng.add_argument("--swap-space", type=float, default=None, help="GiB")
-    eng.add_argument("--enable-prefix-caching", action="store_true", default=None)
-    eng.add_argument("--enable-chunked-prefill", action="store_true", default=None)
+    eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
+    eng.add_argument(
+        "--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None
+    )
     eng.add_argument("--preemption-mode", choices=("recompute", "swap"), default=None)
-    eng.add_argument("--enforce-eager", action="store_true", default=None)
+    eng.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None)
     eng.add_argument("--max-logprobs", type=int, default=None)
     eng.add_argument("--seed", type=int, default=None, help="the engine's seed (default 0)")
 

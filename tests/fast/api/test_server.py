@@ -112,6 +112,22 @@ def test_token_id_prompts_and_echo(client: Any, reference: LLM) -> None:
     assert r.choices[0].text == prompt_text + expected.outputs[0].text
 
 
+def test_echo_with_logprobs_scores_the_prompt(client: Any, reference: LLM) -> None:
+    """echo + logprobs returns the prompt tokens' log-probabilities (None for the first) before
+    the generated ones, equal to LLM.generate's prompt_logprobs and logprobs."""
+    r = client.completions.create(
+        model=NAME, prompt="abc", max_tokens=3, temperature=0, echo=True, logprobs=1
+    )
+    ref = _generate(reference, "abc", max_tokens=3, temperature=0, logprobs=1, prompt_logprobs=1)[0]
+    lp = r.choices[0].logprobs
+    ids = ref.prompt_token_ids + ref.outputs[0].token_ids
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None
+    want = [e[t].logprob for t, e in zip(ref.prompt_token_ids[1:], ref.prompt_logprobs[1:])]
+    want += [e[t].logprob for t, e in zip(ref.outputs[0].token_ids, ref.outputs[0].logprobs)]
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-5)
+    assert r.choices[0].text == "abc" + ref.outputs[0].text
+
+
 def test_chat_equals_llm_chat(client: Any, reference: LLM) -> None:
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     r = client.chat.completions.create(
