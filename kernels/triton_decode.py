@@ -7,9 +7,13 @@ products run on the tensor cores: ``[G_PAD, D] x [D, BLOCK_N]`` for the logits a
 ``[G_PAD, BLOCK_N] x [BLOCK_N, D]`` for the values. It walks split ``s`` of the visible keys in
 tiles of ``BLOCK_N`` tokens; token ``n`` is read from page ``block_table[b, n // PAGE]`` row
 ``n % PAGE``, with the element offset formed in int64 (block ids times the block stride pass
-2^31 on large pools). With ``S == 1`` the program writes the normalised output directly;
-otherwise it writes a partial ``(o, lse)`` and ``_merge_kernel`` combines the ``S`` states:
-``o = sum_j w_j o_j / sum_j w_j`` with ``w_j = 2^(lse_j - max lse)`` (base-2 log-sum-exp).
+2^31 on large pools). Any page size from 1 works: a tile of ``BLOCK_N`` keys may span
+``BLOCK_N / PAGE`` pages, one row each at page 1. A head dim ``D`` that is not a power of two is
+tiled as ``BLOCK_D = next_pow2(D)`` columns with every load and store masked by ``col < D``
+(``other=0``): padded lanes add 0 to the logits and are never written. With ``S == 1`` the
+program writes the normalised output directly; otherwise it writes a partial ``(o, lse)`` and
+``_merge_kernel`` combines the ``S`` states: ``o = sum_j w_j o_j / sum_j w_j`` with
+``w_j = 2^(lse_j - max lse)`` (base-2 log-sum-exp).
 
 Launch cost matters at small batch (a decode step is tens of microseconds), so the kernels take
 few run-time arguments: q, out and the inner cache dimensions are contiguous and their strides
@@ -29,7 +33,13 @@ import triton.language as tl
 from kernels.backend import interpreting
 from kernels.checks import AttentionDims
 from kernels.splits import choose_num_splits
-from kernels.triton_common import check_inner_contiguous, check_triton_dims, dot_config, next_pow2
+from kernels.triton_common import (
+    check_inner_contiguous,
+    check_triton_dims,
+    dot_config,
+    next_pow2,
+    padded_head_dim,
+)
 
 __all__ = ["triton_paged_decode", "decode_config", "num_sms"]
 
@@ -55,6 +65,7 @@ def _decode_kernel(
     G: tl.constexpr,
     G_PAD: tl.constexpr,
     D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
@@ -76,16 +87,20 @@ def _decode_kernel(
     end = tl.minimum(seq_len, start + tiles_per_split * BLOCK_N)
 
     rows = tl.arange(0, G_PAD)  # [G_PAD] query heads of this KV head
-    cols = tl.arange(0, D)  # [D]
+    cols = tl.arange(0, BLOCK_D)  # [BLOCK_D] head-dim lanes, >= D
     row_ok = rows < G
+    if BLOCK_D == D:
+        q_mask = row_ok[:, None]  # [G_PAD, 1]
+    else:
+        q_mask = row_ok[:, None] & (cols[None, :] < D)  # [G_PAD, BLOCK_D]
     head = (kvh * G + rows).to(tl.int64)  # [G_PAD] query head ids
     q_off = (b.to(tl.int64) * (HKV * G) + head) * D  # q, out: [B, Hq, D] contiguous
-    q = tl.load(q_ptr + q_off[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(q_ptr + q_off[:, None] + cols[None, :], mask=q_mask, other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
     head_off = kvh.to(tl.int64) * D
     for tile in range(start, end, BLOCK_N):
@@ -93,8 +108,12 @@ def _decode_kernel(
         ok = n < end
         page = tl.load(bt_row + n // PAGE, mask=ok, other=0).to(tl.int64)
         kv_off = page * stride_kb + (n % PAGE).to(tl.int64) * (HKV * D) + head_off  # int64
-        k = tl.load(k_ptr + kv_off[:, None] + cols[None, :], mask=ok[:, None], other=0.0)
-        v = tl.load(v_ptr + kv_off[:, None] + cols[None, :], mask=ok[:, None], other=0.0)
+        if BLOCK_D == D:
+            kv_mask = ok[:, None]  # [BLOCK_N, 1]
+        else:
+            kv_mask = ok[:, None] & (cols[None, :] < D)  # [BLOCK_N, BLOCK_D]
+        k = tl.load(k_ptr + kv_off[:, None] + cols[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_off[:, None] + cols[None, :], mask=kv_mask, other=0.0)
         if DOT_F32:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [G_PAD, BLOCK_N] fp32
@@ -120,42 +139,57 @@ def _decode_kernel(
         tl.store(
             o_ptr + q_off[:, None] + cols[None, :],
             o.to(o_ptr.dtype.element_ty),
-            mask=row_ok[:, None],
+            mask=q_mask,
         )
     else:
         state = (b.to(tl.int64) * (HKV * G) + head) * SPLITS + split  # part [B, Hq, S, D]
-        tl.store(o_ptr + state[:, None] * D + cols[None, :], o, mask=row_ok[:, None])
+        tl.store(o_ptr + state[:, None] * D + cols[None, :], o, mask=q_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + state, lse, mask=row_ok)  # lse [B, Hq, S]
 
 
 @triton.jit
 def _merge_kernel(
-    part_ptr, lse_ptr, o_ptr, D: tl.constexpr, SPLITS: tl.constexpr, S_PAD: tl.constexpr
+    part_ptr,
+    lse_ptr,
+    o_ptr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLITS: tl.constexpr,
+    S_PAD: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)  # b * Hq + h
     sp = tl.arange(0, S_PAD)
-    cols = tl.arange(0, D)
+    cols = tl.arange(0, BLOCK_D)  # [BLOCK_D], lanes >= D masked
+    col_ok = cols < D
     ok = sp < SPLITS
     lse = tl.load(lse_ptr + bh * SPLITS + sp, mask=ok, other=float("-inf"))
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m)  # [S_PAD]; empty splits weigh 0
     parts = tl.load(
-        part_ptr + (bh * SPLITS + sp)[:, None] * D + cols[None, :], mask=ok[:, None], other=0.0
-    )
+        part_ptr + (bh * SPLITS + sp)[:, None] * D + cols[None, :],
+        mask=ok[:, None] & col_ok[None, :],
+        other=0.0,
+    )  # [S_PAD, BLOCK_D]
     total = tl.sum(w, 0)
     o = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)  # [D]
-    tl.store(o_ptr + bh * D + cols, o.to(o_ptr.dtype.element_ty))
+    tl.store(o_ptr + bh * D + cols, o.to(o_ptr.dtype.element_ty), mask=col_ok)
 
 
 def decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) for a head dim and dtype (tuned on an H200)."""
+    """(BLOCK_N, num_warps, num_stages) for a head dim and dtype.
+
+    Tuned on an H200 for 64, 128 and 256; any other dim takes the config of its padded tile width
+    (the next power of two: 80 and 96 that of 128, 160 to 240 that of 256), since the registers
+    and shared memory a program holds scale with the padded width.
+    """
     if interpreting():
         return 16, 1, 1
+    width = padded_head_dim(head_dim)
     if dtype == torch.float32:
-        return (32, 4, 2) if head_dim <= 128 else (16, 4, 2)
-    return (64, 4, 3) if head_dim <= 128 else (32, 4, 2)
+        return (32, 4, 2) if width <= 128 else (16, 4, 2)
+    return (64, 4, 3) if width <= 128 else (32, 4, 2)
 
 
 @functools.cache
@@ -220,6 +254,7 @@ def triton_paged_decode(
         G=g,
         G_PAD=max(16, next_pow2(g)),
         D=d,
+        BLOCK_D=padded_head_dim(d),
         PAGE=dims.block_size,
         BLOCK_N=block_n,
         SPLITS=splits,
@@ -236,9 +271,10 @@ def triton_paged_decode(
             lse,
             result,
             D=d,
+            BLOCK_D=padded_head_dim(d),
             SPLITS=splits,
             S_PAD=max(2, next_pow2(splits)),
-            num_warps=4 if d >= 128 else 2,
+            num_warps=4 if padded_head_dim(d) >= 128 else 2,
         )
     if out is not None and result is not out:
         out.copy_(result)

@@ -12,7 +12,11 @@ rows (row ``r``: token ``r // G``, head ``r % G``), so each K/V tile is loaded o
 sharing it. Query ``i`` of sequence ``b`` sits at position ``seq_len - q_len + i`` (bottom-right
 causal). The visible key range of the tile is cut into a masked head (sliding window), an
 unmasked middle whose tiles every row sees whole, and a masked tail (the causal diagonal); only
-the two ends pay for masks.
+the two ends pay for masks. Key ``n`` is read from page ``block_table[n // PAGE]`` row
+``n % PAGE``, so any page size from 1 works (a tile spans ``BLOCK_N / PAGE`` pages). A head dim
+``D`` that is not a power of two is tiled as ``BLOCK_D = next_pow2(D)`` columns; loads and stores
+are masked by ``col < D`` (``other=0``, even in the otherwise unmasked middle), so padded lanes
+add 0 to the logits and are never written.
 """
 
 from __future__ import annotations
@@ -23,7 +27,13 @@ import triton.language as tl
 
 from kernels.backend import interpreting
 from kernels.checks import AttentionDims
-from kernels.triton_common import check_inner_contiguous, check_triton_dims, dot_config, next_pow2
+from kernels.triton_common import (
+    check_inner_contiguous,
+    check_triton_dims,
+    dot_config,
+    next_pow2,
+    padded_head_dim,
+)
 
 __all__ = ["triton_paged_prefill", "prefill_config", "search_steps"]
 
@@ -50,6 +60,7 @@ def _attend(
     window,
     HKV: tl.constexpr,
     D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
@@ -58,7 +69,8 @@ def _attend(
     PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    cols = tl.arange(0, D)
+    cols = tl.arange(0, BLOCK_D)  # [BLOCK_D] head-dim lanes, >= D
+    col_ok = cols < D
     for tile in range(start, end, BLOCK_N):
         n = tile + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
         if MASKED:
@@ -67,12 +79,20 @@ def _attend(
         else:
             page = tl.load(bt_row + n // PAGE).to(tl.int64)
         kv_off = page * stride_kb + (n % PAGE).to(tl.int64) * (HKV * D) + head_off  # int64
+        kv_ptrs = kv_off[:, None] + cols[None, :]  # [BLOCK_N, BLOCK_D]
         if MASKED:
-            k = tl.load(k_ptr + kv_off[:, None] + cols[None, :], mask=ok[:, None], other=0.0)
-            v = tl.load(v_ptr + kv_off[:, None] + cols[None, :], mask=ok[:, None], other=0.0)
+            if BLOCK_D == D:
+                kv_mask = ok[:, None]
+            else:
+                kv_mask = ok[:, None] & col_ok[None, :]
+            k = tl.load(k_ptr + kv_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + kv_ptrs, mask=kv_mask, other=0.0)
+        elif BLOCK_D == D:
+            k = tl.load(k_ptr + kv_ptrs)
+            v = tl.load(v_ptr + kv_ptrs)
         else:
-            k = tl.load(k_ptr + kv_off[:, None] + cols[None, :])
-            v = tl.load(v_ptr + kv_off[:, None] + cols[None, :])
+            k = tl.load(k_ptr + kv_ptrs, mask=col_ok[None, :], other=0.0)
+            v = tl.load(v_ptr + kv_ptrs, mask=col_ok[None, :], other=0.0)
         if DOT_F32:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
@@ -123,6 +143,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     TOK_M: tl.constexpr,
     D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SEARCH: tl.constexpr,
@@ -153,9 +174,13 @@ def _prefill_kernel(
         head = kvh * G + r % G  # [BLOCK_M] query head
         row_ok = (r < TOK_M * G) & (tok < n_q)
         pos = ctx + tok  # absolute positions
-        cols = tl.arange(0, D)
+        cols = tl.arange(0, BLOCK_D)  # [BLOCK_D] head-dim lanes, >= D
+        if BLOCK_D == D:
+            qo_mask = row_ok[:, None]  # [BLOCK_M, 1]
+        else:
+            qo_mask = row_ok[:, None] & (cols[None, :] < D)  # [BLOCK_M, BLOCK_D]
         qo_off = ((q_start + tok).to(tl.int64) * (HKV * G) + head) * D  # q, out [T, Hq, D]
-        q = tl.load(q_ptr + qo_off[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0)
+        q = tl.load(q_ptr + qo_off[:, None] + cols[None, :], mask=qo_mask, other=0.0)
         if DOT_F32:
             q = q.to(tl.float32)
 
@@ -173,7 +198,7 @@ def _prefill_kernel(
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         bt_row = bt_ptr + seq.to(tl.int64) * stride_btb  # type: ignore[attr-defined]
         head_off = kvh.to(tl.int64) * D
         acc, l_i, m_i = _attend(
@@ -194,6 +219,7 @@ def _prefill_kernel(
             window,
             HKV,
             D,
+            BLOCK_D,
             PAGE,
             BLOCK_N,
             True,
@@ -220,6 +246,7 @@ def _prefill_kernel(
             window,
             HKV,
             D,
+            BLOCK_D,
             PAGE,
             BLOCK_N,
             False,
@@ -246,6 +273,7 @@ def _prefill_kernel(
             window,
             HKV,
             D,
+            BLOCK_D,
             PAGE,
             BLOCK_N,
             True,
@@ -258,17 +286,22 @@ def _prefill_kernel(
         tl.store(
             o_ptr + qo_off[:, None] + cols[None, :],
             o.to(o_ptr.dtype.element_ty),
-            mask=row_ok[:, None],
+            mask=qo_mask,
         )
 
 
 def prefill_config(head_dim: int, dtype: torch.dtype, group: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M rows, BLOCK_N keys, num_warps, num_stages) for a head dim, dtype and GQA ratio."""
+    """(BLOCK_M rows, BLOCK_N keys, num_warps, num_stages) for a head dim, dtype and GQA ratio.
+
+    Tuned on an H200 for 64, 128 and 256; other dims take the config of their padded tile width
+    (next power of two), which sets the registers and shared memory per program.
+    """
     if interpreting():
         return max(16, next_pow2(group)), 16, 1, 1
+    width = padded_head_dim(head_dim)
     if dtype == torch.float32:
-        rows, block_n, warps, stages = (64, 32, 4, 2) if head_dim <= 128 else (32, 32, 4, 1)
-    elif head_dim <= 128:  # H200 sweep: 341 TFLOP/s causal 4k (128x64: 282, 256x64: 318)
+        rows, block_n, warps, stages = (64, 32, 4, 2) if width <= 128 else (32, 32, 4, 1)
+    elif width <= 128:  # H200 sweep: 341 TFLOP/s causal 4k (128x64: 282, 256x64: 318)
         rows, block_n, warps, stages = 128, 128, 8, 3
     else:
         rows, block_n, warps, stages = 64, 32, 4, 2
@@ -334,6 +367,7 @@ def triton_paged_prefill(
         BLOCK_M=rows,
         TOK_M=tok_m,
         D=d,
+        BLOCK_D=padded_head_dim(d),
         PAGE=dims.block_size,
         BLOCK_N=block_n,
         SEARCH=search_steps(dims.batch),

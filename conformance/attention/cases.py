@@ -28,6 +28,10 @@ __all__ = [
     "GPU_LIMITS",
     "GPU_PREFILL_LIMITS",
     "CaseLimits",
+    "ALL_HEAD_DIMS",
+    "INTERPRETER_GENERAL_LIMITS",
+    "GPU_GENERAL_LIMITS",
+    "GPU_GENERAL_PREFILL_LIMITS",
 ]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -214,3 +218,37 @@ def attention_cases(
         high_block_ids=limits.high_ids and draw(st.booleans()),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
+
+
+#: Every head dim the Triton kernels take: the multiples of 16 from 32 to 256.
+ALL_HEAD_DIMS = tuple(range(32, 257, 16))
+#: Head dims that are not powers of two and page sizes below 8, under the Triton interpreter (CI):
+#: a few short sequences, since the interpreter runs each program in numpy.
+INTERPRETER_GENERAL_LIMITS = CaseLimits(
+    max_batch=2,
+    max_len=24,
+    head_dims=(32, 48, 80, 96, 112, 160, 192),
+    block_sizes=(1, 2, 4),
+    dtypes=("float32", "float16", "bfloat16"),
+    kv_heads=(1, 2),
+)
+#: Every head dim and page sizes 1 to 256 on a GPU, pools past 2^31 elements included.
+GPU_GENERAL_LIMITS = CaseLimits(
+    max_batch=8,
+    max_len=2000,
+    head_dims=ALL_HEAD_DIMS,
+    block_sizes=(1, 2, 4, 8, 16, 64, 256),
+    dtypes=("float32", "float16", "bfloat16"),
+    kv_heads=(1, 2, 8),
+    high_ids=True,
+)
+#: Prefill counterpart of :data:`GPU_GENERAL_LIMITS` (shorter: the float64 spec runs on the CPU).
+GPU_GENERAL_PREFILL_LIMITS = CaseLimits(
+    max_batch=4,
+    max_len=500,
+    head_dims=ALL_HEAD_DIMS,
+    block_sizes=(1, 2, 4, 8, 16, 64, 256),
+    dtypes=("float32", "float16", "bfloat16"),
+    kv_heads=(1, 2, 8),
+    high_ids=True,
+)
