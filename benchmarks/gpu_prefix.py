@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -269,6 +270,7 @@ def main() -> None:
         save()
 
     def release() -> None:
+        gc.collect()  # the engine's graphs and caches hold references in cycles
         if device == "cuda":
             torch.cuda.empty_cache()
 

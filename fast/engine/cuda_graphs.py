@@ -51,8 +51,9 @@ def warm_up(
 
     Triton compiles a kernel once per set of compile-time arguments; the decode kernel's split
     count depends on the batch size and the (power-of-two padded) block-table width, so each
-    (size, width) pair runs one padding-only decode forward; one prefill forward compiles the
-    prefill and KV-write kernels (their remaining arguments do not specialize).
+    (size, width) pair runs one padding-only decode forward; two prefill forwards (a whole
+    prompt, and a chunk after a cached prefix) compile the prefill and KV-write kernels (their
+    remaining arguments do not specialize).
     """
     dev, caches, top = device, kv_caches, max_width
     widths = sorted(
@@ -65,19 +66,20 @@ def warm_up(
                 model(ids, ids, _dummy_ctx(b, w, dev), caches)
         n = 4
         ids = torch.zeros(n, dtype=torch.int64, device=dev)  # [n]
-        model(
-            ids,
-            torch.arange(n, device=dev),
-            AttentionContext(
-                slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
-                block_tables=torch.zeros(1, widths[0], dtype=torch.int32, device=dev),
-                seq_lens=torch.full((1,), n, dtype=torch.int32, device=dev),
-                cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=dev),
-                max_seqlen_q=n,
-                is_decode=False,
-            ),
-            caches,
-        )
+        for prefix in (0, 16):  # a whole prompt, and a chunk after a cached prefix
+            model(
+                ids,
+                torch.arange(prefix, prefix + n, device=dev),
+                AttentionContext(
+                    slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
+                    block_tables=torch.zeros(1, widths[0], dtype=torch.int32, device=dev),
+                    seq_lens=torch.full((1,), prefix + n, dtype=torch.int32, device=dev),
+                    cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=dev),
+                    max_seqlen_q=n,
+                    is_decode=False,
+                ),
+                caches,
+            )
     if dev.type == "cuda":
         torch.cuda.synchronize()
 
