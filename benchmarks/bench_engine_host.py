@@ -56,7 +56,7 @@ class StubModel(torch.nn.Module):
         return self.logits[: hidden.shape[0]]  # [N, V]
 
 
-def make_engine(seqs: int) -> Any:
+def make_engine(seqs: int, caching: bool = True) -> Any:
     """An engine with the Llama-3-8B shape (no weights: the stub replaces the model)."""
     from fast.engine.config import EngineConfig
     from fast.engine.engine import LLMEngine
@@ -78,16 +78,19 @@ def make_engine(seqs: int) -> Any:
             device="cpu",
             dtype="float32",
             enforce_eager=True,
+            enable_prefix_caching=caching,
         ),
     )
 
 
-def run(seqs: int, steps: int, finished_only: bool, profile: bool) -> dict[str, Any]:
+def run(
+    seqs: int, steps: int, finished_only: bool, profile: bool, caching: bool = True
+) -> dict[str, Any]:
     """Prefill ``seqs`` requests, then time ``steps`` decode steps of all of them."""
     from benchmarks.gpu_engine import sharegpt_trace
     from fast.engine.sampling_params import SamplingParams
 
-    engine = make_engine(seqs)
+    engine = make_engine(seqs, caching)
     prompts, _ = sharegpt_trace(seqs)
     for i, p in enumerate(prompts):
         engine.add_request(
@@ -114,6 +117,7 @@ def run(seqs: int, steps: int, finished_only: bool, profile: bool) -> dict[str, 
     ms = 1000 * np.asarray(times)
     return {
         "finished_only": finished_only,
+        "prefix_caching": caching,
         "seqs": seqs,
         "steps": steps,
         "median_ms": round(float(np.median(ms)), 3),
@@ -128,15 +132,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--label", default="current")
+    parser.add_argument(
+        "--prefix-caching",
+        choices=("on", "off", "both"),
+        default="on",
+        help="the engine's prefix caching (both: off and on alternately, generate path only)",
+    )
     parser.add_argument("--out", default="benchmarks/results/engine_host.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = [run(args.seqs, args.steps, fo, args.profile) for fo in (True, False)]
+    if args.prefix_caching == "both":
+        plan = [(True, c) for _ in range(2) for c in (False, True)]
+    else:
+        plan = [(fo, args.prefix_caching == "on") for fo in (True, False)]
+    rows = [run(args.seqs, args.steps, fo, args.profile, c) for fo, c in plan]
     for r in rows:
         path = "generate (finished_only)" if r["finished_only"] else "streaming step()"
         print(
-            f"{args.label}: {path}: {r['seqs']} seqs, median {r['median_ms']} ms/step, "
-            f"mean {r['mean_ms']}, p90 {r['p90_ms']}"
+            f"{args.label}: {path}, prefix caching {r['prefix_caching']}: {r['seqs']} seqs, "
+            f"median {r['median_ms']} ms/step, mean {r['mean_ms']}, p90 {r['p90_ms']}"
         )
     try:
         with open(args.out) as f:

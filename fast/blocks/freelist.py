@@ -6,8 +6,9 @@ does all three in O(1) and keeps exactly the spec's order. A pool is two arrays:
 
 * ``pool`` int32 ``[3, n]``: row ``REF`` the refcount of each block, rows ``NEXT`` and ``PREV``
   its neighbours in the queue (``-1`` = none; both ``-1`` while the block is in use);
-* ``ends`` int64 ``[3]``: ``ends[HEAD]``, ``ends[TAIL]`` (``-1`` when empty) and
-  ``ends[COUNT]``, the number of queued blocks.
+* ``ends`` int64 ``[4]``: ``ends[HEAD]``, ``ends[TAIL]`` (``-1`` when empty),
+  ``ends[COUNT]``, the number of queued blocks, and ``ends[EVICTED]``, a counter the block
+  manager keeps of the blocks it took from the queue whose prefix-cache entry that dropped.
 
 >>> pool, ends = new_pool(3)
 >>> b = take(pool, ends)
@@ -23,13 +24,13 @@ from numba import njit
 from numpy.typing import NDArray
 
 __all__ = [
-    "REF", "NEXT", "PREV", "HEAD", "TAIL", "COUNT",
+    "REF", "NEXT", "PREV", "HEAD", "TAIL", "COUNT", "EVICTED",
     "new_pool", "unlink", "push_tail", "release", "take", "queue_order",
 ]  # fmt: skip
 
 REF, NEXT, PREV = 0, 1, 2
 """Rows of a ``pool`` array."""
-HEAD, TAIL, COUNT = 0, 1, 2
+HEAD, TAIL, COUNT, EVICTED = 0, 1, 2, 3
 """Slots of an ``ends`` array."""
 
 I64 = NDArray[np.int64]
@@ -43,7 +44,7 @@ def new_pool(n: int) -> tuple[I32, I64]:
     if n:
         pool[NEXT, n - 1] = -1
     pool[PREV] = np.arange(-1, n - 1, dtype=np.int32)
-    ends = np.array([0 if n else -1, n - 1, n], dtype=np.int64)
+    ends = np.array([0 if n else -1, n - 1, n, 0], dtype=np.int64)
     return pool, ends
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit
 from numpy.typing import NDArray
 
-from fast.blocks.freelist import COUNT, REF, release, take, unlink
+from fast.blocks.freelist import COUNT, EVICTED, REF, release, take, unlink
 from fast.blocks.open_addressing import delete, find, insert
 from fast.blocks.prefix_ids import (
     MISSING,
@@ -80,6 +80,7 @@ def _take_gpu(s: State) -> int:
     if s.cache_entry[ENTRY_PID, b] >= 0:
         delete(s.index_keys, s.index_blocks, s.cache_entry[ENTRY_HASH, b])
         s.cache_entry[ENTRY_PID, b] = -1
+        s.gpu_ends[EVICTED] += 1
     return b
 
 

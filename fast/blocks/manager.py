@@ -27,7 +27,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fast.blocks import kernels as K
-from fast.blocks.freelist import COUNT, REF, new_pool, queue_order
+from fast.blocks.freelist import COUNT, EVICTED, REF, new_pool, queue_order
 from fast.blocks.hash import chain_hashes as chain_hashes_numba
 from fast.blocks.hash import scratch_for
 from fast.blocks.integrity import check_integrity
@@ -330,6 +330,12 @@ class BlockManager:
     def num_computed_tokens(self, seq_id: int) -> int:
         """Leading tokens of the sequence whose KV is written. Raises UnknownSequenceError."""
         return int(self._a.num_computed[self._get(seq_id)])
+
+    @property
+    def num_evictions(self) -> int:
+        """Blocks taken from the free queue so far whose prefix-cache entry that dropped (a
+        counter: two equal readings mean no cached KV was given away in between)."""
+        return int(self._a.gpu_ends[EVICTED])
 
     def cached_mask(self) -> NDArray[np.bool_]:
         """``[G]`` bool: True for the GPU blocks in the prefix cache (a copy)."""

@@ -24,8 +24,9 @@ swap_in):
 
 * ``gpu_pool`` int32 ``[3, G]``: row ``REF`` the refcount of each GPU block, rows ``NEXT`` and
   ``PREV`` its neighbours in the free queue (``-1`` = none).
-* ``gpu_ends`` int64 ``[3]``: ``HEAD``, ``TAIL`` and ``COUNT`` of the GPU free queue.
-* ``cpu_pool`` int32 ``[3, C]``, ``cpu_ends`` int64 ``[3]``: the same for the CPU pool (written by
+* ``gpu_ends`` int64 ``[4]``: ``HEAD``, ``TAIL`` and ``COUNT`` of the GPU free queue, and
+  ``EVICTED``: how many blocks taken from it dropped their prefix-cache entry.
+* ``cpu_pool`` int32 ``[3, C]``, ``cpu_ends`` int64 ``[4]``: the same for the CPU pool (written by
   free, swap_out, swap_in only).
 
 Prefix cache (written by mark_computed, swap_in, reset_cache, and by every kernel that takes
@@ -96,9 +97,9 @@ class BlockArrays(NamedTuple):
     caching: bool
     numba_hash: bool
     gpu_pool: I32  # [3, G] REF, NEXT, PREV
-    gpu_ends: I64  # [3] HEAD, TAIL, COUNT
+    gpu_ends: I64  # [4] HEAD, TAIL, COUNT, EVICTED
     cpu_pool: I32  # [3, C]
-    cpu_ends: I64  # [3]
+    cpu_ends: I64  # [4]
     cache_entry: I64  # [2, G] ENTRY_HASH, ENTRY_PID
     index_keys: I64  # [K]
     index_blocks: I32  # [K]

@@ -694,8 +694,11 @@ class LLMEngine:
         """(blocks, their K/V per layer) for the cached blocks this step's schedule evicted (a
         step without preemption writes no other block that held someone's KV: a sequence
         writes past its computed tokens, so never into a cached block it holds)."""
-        bm = self.block_manager
-        evicted = np.flatnonzero(_cached_mask(bm.before()) & ~_cached_mask(bm.live))  # [E]
+        bm, before = self.block_manager, self.block_manager.before()
+        count = getattr(before, "num_evictions", None)
+        if count is not None and count == bm.live.num_evictions:
+            return None  # the numba manager counts evictions: none in this step
+        evicted = np.flatnonzero(_cached_mask(before) & ~_cached_mask(bm.live))  # [E]
         if not evicted.size:
             return None
         index = torch.from_numpy(evicted).to(self.device)  # [E]
