@@ -2,7 +2,7 @@
 
 On the GPU machine, from the repository root::
 
-    PAGEDKV_GIT_DESCRIBE=<describe made here> PYTHONPATH=. python3 benchmarks/gpu_tests.py
+    PAGEDKV_GIT_DESCRIBE=<describe> PYTHONPATH=. python3 benchmarks/gpu_tests.py [PYTEST ARGS]
 
 writes ``$OUT/gpu_tests.json`` (or ``benchmarks/results/gpu_tests.json`` without ``$OUT``):
 passed / failed / skipped / errors, each failure's test id, the commit, GPU and versions. The exit
@@ -26,7 +26,9 @@ from provenance import ROOT, provenance  # noqa: E402
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "gpu.xml"
+        extra = sys.argv[1:]  # passed on to pytest (e.g. --ignore=DIR for what cannot import)
         cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests", f"--junitxml={xml}"]
+        cmd += extra
         proc = subprocess.run(cmd, cwd=ROOT, check=False)
         suite = ET.parse(xml).getroot()
         suite = suite if suite.tag == "testsuite" else suite[0]
@@ -47,6 +49,7 @@ def main() -> int:
             "seconds": float(suite.get("time", 0.0)),
             "failures": failed,
             "pytest_exit_status": proc.returncode,
+            "pytest_extra_args": extra,
         }
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "benchmarks/results"
     (out_dir / "gpu_tests.json").write_text(json.dumps(result, indent=2) + "\n")
