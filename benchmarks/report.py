@@ -111,8 +111,22 @@ def engine_tables() -> list[str]:
             "| system | output tok/s | vs transformers static | vs transformers CB |",
             "|---|---:|---:|---:|",
         ]
+        labels = {
+            "default": "prefix caching + chunked prefill (the defaults)",
+            "no_prefix_caching": "chunked prefill, no prefix caching",
+            "neither": "neither",
+        }
+        seen: set[str] = set()
         for r in g["runs"]:
+            if "error" in r:
+                continue
             mode = "eager" if r["enforce_eager"] else "decode CUDA graphs"
+            config = r.get("config", "default")
+            mode += f", {labels.get(config, config)}"
+            if config not in seen and r["breakdown"]["slowest"][0]["ms"] > 1000:
+                first = r["breakdown"]["slowest"][0]["ms"] / 1000
+                mode += f" (first run of its kind in the process: a {first:.1f} s first step)"
+            seen.add(config)
             tps = r["out_tok_per_s"]
             out.append(f"| pagedkv, {mode} | {tps:,.0f} | {tps / static:.1f}× | {tps / cb:.1f}× |")
         out += [

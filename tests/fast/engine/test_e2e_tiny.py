@@ -138,3 +138,74 @@ def test_prefix_caching_reuses_blocks_and_keeps_outputs(checkpoints: dict[str, C
     # 29-token prompt, 24 cached: 5 computed for the prompt, then 11 decode steps.
     assert cached_run == 5 + MAX_TOKENS - 1
     assert llm.llm_engine.num_free_gpu_blocks == 64
+
+
+def _hf_greedy(ck: Checkpoint, prompts: list[list[int]]) -> list[list[int]]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(ck.path).eval()
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            gen = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=MAX_TOKENS,
+                min_new_tokens=MAX_TOKENS,
+                eos_token_id=None,
+                pad_token_id=None,
+            )
+            out.append(gen[0, len(p) :].tolist())
+    return out
+
+
+def test_prefix_caching_keeps_outputs_in_every_sharing_case(
+    checkpoints: dict[str, Checkpoint],
+) -> None:
+    """Greedy tokens with caching on = caching off = transformers, for prompts sharing a 32-token
+    prefix: shared within one step, reused in a later call, evicted and recomputed, and shared
+    while the first request's chunked prefill is still writing the prefix's blocks."""
+    ck = checkpoints["gqa"]
+    g = torch.Generator().manual_seed(7)
+    prefix = torch.randint(0, 96, (32,), generator=g).tolist()
+    tails = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (3, 6, 9, 4)]
+    prompts = [prefix + t for t in tails]
+    ref = _hf_greedy(ck, prompts)
+
+    def run(llm: LLM, ps: list[list[int]]) -> tuple[list[list[int]], list[int | None]]:
+        outs = llm.generate([{"prompt_token_ids": p} for p in ps], GREEDY, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs], [o.num_cached_tokens for o in outs]
+
+    off = LLM(str(ck.path), num_gpu_blocks=64, block_size=4, enable_prefix_caching=False)
+    assert run(off, prompts)[0] == ref
+
+    # the same step: nothing is cached before the step that writes it, so no hits, same tokens
+    on = LLM(str(ck.path), num_gpu_blocks=64, block_size=4)
+    toks, cached = run(on, prompts[:2])
+    assert toks == ref[:2] and cached == [0, 0]
+    # a later call reuses the 8 full prefix blocks
+    toks, cached = run(on, prompts[2:])
+    assert toks == ref[2:] and cached == [32, 32]
+    assert on.llm_engine.stats.prefix_cache_hits == 64
+
+    # evicted: a pool of 16 blocks, other prompts fill it between the two uses of the prefix
+    small = LLM(str(ck.path), num_gpu_blocks=16, block_size=4, max_model_len=64)
+    assert run(small, [prompts[0]])[0] == [ref[0]]
+    filler = [torch.randint(0, 96, (40,), generator=g).tolist() for _ in range(2)]
+    run(small, filler)
+    toks, cached = run(small, [prompts[1]])
+    assert toks == [ref[1]] and cached == [0]  # recomputed from scratch, same tokens
+
+    # still being written: 8-token chunks; the second request is admitted while the first is
+    # mid-prefill, and may reuse only the blocks a finished step has written
+    chunked = LLM(
+        str(ck.path), num_gpu_blocks=64, block_size=4, max_num_batched_tokens=8, max_num_seqs=4
+    )
+    toks, cached = run(chunked, prompts)
+    assert toks == ref
+    assert all(c is not None and c % 4 == 0 and c <= 32 for c in cached)
+    assert any(c for c in cached[1:])  # later prompts did find computed prefix blocks
+    for llm in (off, on, small, chunked):
+        engine = llm.llm_engine
+        assert engine.num_free_gpu_blocks == engine.num_gpu_blocks
+        engine.block_manager.check_integrity()
