@@ -48,7 +48,7 @@ from fast.model.llama import allocate_kv_caches
 from spec.errors import InvalidArgumentError
 from spec.scheduler import SchedulerConfig, SchedulerOutput, StepOutcome
 
-__all__ = ["LLMEngine", "EngineStats", "PromptType"]
+__all__ = ["LLMEngine", "EngineStats", "BlockUsage", "PromptType"]
 
 #: A prompt: text, token ids, or ``{"prompt_token_ids": [...]}`` / ``{"prompt": "..."}``.
 PromptType = str | Seq[int] | Mapping[str, Any]
@@ -61,6 +61,19 @@ def _block_manager(config: Any) -> Any:
     except ImportError:  # pragma: no cover - fast.blocks.manager is part of the package
         from spec.block_manager import BlockManager  # type: ignore[assignment]
     return BlockManager(config)
+
+
+@dataclass(frozen=True)
+class BlockUsage:
+    """What :meth:`LLMEngine.block_usage` reports (device blocks)."""
+
+    in_use: int  # physical blocks held by some sequence (cached blocks nobody holds are free)
+    unshared: int  # sum over resident sequences of ceil(tokens / block_size)
+
+    @property
+    def saved(self) -> float:
+        """``1 - in_use / unshared``: the fraction of blocks sharing saves (0.0 when idle)."""
+        return 1.0 - self.in_use / self.unshared if self.unshared else 0.0
 
 
 @dataclass
@@ -301,6 +314,18 @@ class LLMEngine:
     def num_free_gpu_blocks(self) -> int:
         """Free device blocks (cached prefix blocks with no user count as free)."""
         return int(self.block_manager.num_free_gpu_blocks)
+
+    def block_usage(self) -> BlockUsage:
+        """Device blocks in use now, against the blocks the same resident sequences would hold
+        without any sharing (fork of ``n > 1`` samples, prefix-cache hits): O(sequences)."""
+        bs = self.config.block_size
+        bm = self.block_manager
+        unshared = sum(
+            -(-bm.num_tokens(seq.seq_id) // bs)
+            for seq in self.scheduler.running
+            if seq.in_pool and bm.has_sequence(seq.seq_id)
+        )
+        return BlockUsage(self.num_gpu_blocks - self.num_free_gpu_blocks, unshared)
 
     # -- the step -------------------------------------------------------------------------
     @torch.inference_mode()

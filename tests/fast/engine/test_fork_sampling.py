@@ -16,7 +16,7 @@ from hf_reference import Checkpoint, save_with_reference
 transformers = pytest.importorskip("transformers")
 
 from fast.api.llm import LLM  # noqa: E402
-from fast.engine.engine import LLMEngine  # noqa: E402
+from fast.engine.engine import BlockUsage, LLMEngine  # noqa: E402
 from fast.engine.sampling_params import SamplingParams  # noqa: E402
 from fast.engine.sequence import Sequence  # noqa: E402
 from spec.errors import (  # noqa: E402
@@ -250,3 +250,21 @@ def test_fork_on_cuda_equals_separate_requests(eager: bool, temperature: float) 
     assert eng.stats.copied_blocks == 3 * len(prompts)  # no prompt fills its last block
     assert eng.stats.computed_tokens < alone.llm_engine.stats.computed_tokens
     assert_whole(eng)
+
+
+def test_block_usage_counts_what_the_fork_shares(ck: Checkpoint) -> None:
+    prompt = ck.prompts[1]  # 17 tokens: 5 blocks of 4
+    eng = engine(ck, enable_prefix_caching=False)
+    assert eng.block_usage() == BlockUsage(0, 0) and eng.block_usage().saved == 0.0
+    eng.add_request("r", {"prompt_token_ids": prompt}, greedy(4))
+    usages = []
+    while eng.has_unfinished_requests():
+        eng.step()
+        usages.append(eng.block_usage())
+    assert all(u.in_use <= u.unshared for u in usages)
+    # the last step before the four finish: 4 shared prompt blocks + 4 x 3 own tail blocks,
+    # against 4 x ceil(25 / 4) = 28 unshared (the 26th token is sampled, never appended)
+    peak = max(usages, key=lambda u: u.in_use)
+    assert (peak.in_use, peak.unshared) == (16, 28)
+    assert peak.saved == pytest.approx(12 / 28)
+    assert eng.block_usage() == BlockUsage(0, 0)

@@ -16,7 +16,6 @@ from test_llm_model import VOCAB, make_char_model
 from fast.api.llm import LLM
 from fast.engine.outputs import Logprob, RequestOutput
 from fast.engine.sampling_params import InvalidSamplingParamsError, SamplingParams
-from spec.errors import InvalidArgumentError
 
 
 @pytest.fixture(scope="module")
