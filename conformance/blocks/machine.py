@@ -85,7 +85,7 @@ def make_block_machine(
             # with a few live sequences so that runs without ``allocate`` still go somewhere
             for seq_id in range(data.draw(st.integers(1, 3), label="initial sequences")):
                 prompt = data.draw(prompts(p), label="token_ids")
-                allocate_and_compute(self.ls, data, seq_id, prompt, None)
+                allocate_and_compute(self.ls, data, p, seq_id, prompt, None)
 
         @invariant()
         def observables_agree(self) -> None:

@@ -26,12 +26,22 @@ def _not_live(ls: Lockstep, p: Preset) -> list[int]:
 
 
 def allocate_and_compute(
-    ls: Lockstep, data: st.DataObject, seq_id: int, prompt: list[int], extra_key: str | None
+    ls: Lockstep,
+    data: st.DataObject,
+    p: Preset,
+    seq_id: int,
+    prompt: list[int],
+    extra_key: str | None,
 ) -> None:
     """``allocate``, then, as an engine's prefill step would, ``mark_computed`` of the whole
-    prompt (mostly), of part of it (a chunk), or of nothing yet (the step has not run)."""
+    prompt (mostly), of part of it (a chunk), or of nothing yet (the step has not run). Without
+    prefix caching the count decides nothing but what the KV store reads back: the whole prompt,
+    with no draw (so the searches of the other properties keep their shape)."""
     out = ls.call("allocate", seq_id, prompt, extra_key)
     if out.error is not None:
+        return
+    if not p.enable_prefix_caching:
+        ls.call("mark_computed", seq_id, len(prompt))
         return
     how = data.draw(st.sampled_from(["all", "all", "part", "none"]), label="prefill computes")
     if how == "all":
@@ -41,9 +51,12 @@ def allocate_and_compute(
         ls.call("mark_computed", seq_id, n)
 
 
-def _compute_all(ls: Lockstep, data: st.DataObject, seq_ids: list[int]) -> None:
-    """After appends (a decode step ran): mostly, the KV of every token is now computed."""
-    computes: bool = data.draw(legal(4), label="decode step computes")
+def _compute_all(ls: Lockstep, data: st.DataObject, p: Preset, seq_ids: list[int]) -> None:
+    """After appends (a decode step ran): mostly, the KV of every token is now computed
+    (always, without a draw, when prefix caching is off)."""
+    computes: bool = not p.enable_prefix_caching or data.draw(
+        legal(4), label="decode step computes"
+    )
     if seq_ids and computes:
         ls.call("mark_computed_batch", seq_ids, [ls.model.num_tokens(s) for s in seq_ids])
 
@@ -51,14 +64,14 @@ def _compute_all(ls: Lockstep, data: st.DataObject, seq_ids: list[int]) -> None:
 def allocate(ls: Lockstep, data: st.DataObject, p: Preset) -> None:
     seq_id = data.draw(seq_id_from(_not_live(ls, p), p), label="seq_id")
     prompt = data.draw(prompts(p, allow_empty=True), label="token_ids")
-    allocate_and_compute(ls, data, seq_id, prompt, data.draw(extra_keys(), label="extra_key"))
+    allocate_and_compute(ls, data, p, seq_id, prompt, data.draw(extra_keys(), label="extra_key"))
 
 
 def append(ls: Lockstep, data: st.DataObject, p: Preset) -> None:
     seq_id = data.draw(seq_id_from(ls.resident(), p), label="seq_id")
     out = ls.call("append", seq_id, data.draw(st.integers(0, p.vocab - 1), label="token_id"))
     if out.error is None:
-        _compute_all(ls, data, [seq_id])
+        _compute_all(ls, data, p, [seq_id])
 
 
 def append_batch(ls: Lockstep, data: st.DataObject, p: Preset) -> None:
@@ -73,7 +86,7 @@ def append_batch(ls: Lockstep, data: st.DataObject, p: Preset) -> None:
         st.lists(st.integers(0, p.vocab - 1), min_size=n, max_size=n), label="token_ids"
     )
     if ls.call("append_batch", ids, toks).error is None:
-        _compute_all(ls, data, list(ids))
+        _compute_all(ls, data, p, list(ids))
 
 
 def mark_computed(ls: Lockstep, data: st.DataObject, p: Preset) -> None:

@@ -93,7 +93,9 @@ def _program(
     def search(data: st.DataObject) -> None:
         ls = new_lockstep(factory, p, hash_fn=hash_fn)
         for seq_id in range(data.draw(st.integers(0, 2), label="initial sequences")):
-            allocate_and_compute(ls, data, seq_id, data.draw(prompts(p), label="token_ids"), None)
+            allocate_and_compute(
+                ls, data, p, seq_id, data.draw(prompts(p), label="token_ids"), None
+            )
         n = data.draw(st.integers(1, max_steps), label="steps")
         for _ in range(n):
             OPERATIONS[data.draw(st.sampled_from(names), label="op")](ls, data, p)
