@@ -1,4 +1,5 @@
-"""Beam search on the default model (SmolLM2-135M-Instruct, float32, CPU) equals transformers.
+"""Beam search on the default model (SmolLM2-135M-Instruct, float32, CPU) equals transformers,
+at widths 1, 2, 4 and 8.
 
 transformers loads the same GGUF file; ``generate(num_beams=k, num_return_sequences=k,
 do_sample=False, early_stopping="never")`` must give the same beams (tokens, EOS included, and
@@ -41,7 +42,7 @@ def llm() -> LLM:
     return LLM(None, num_gpu_blocks=64, block_size=16, max_model_len=256)
 
 
-@pytest.mark.parametrize("width", [1, 4])
+@pytest.mark.parametrize("width", [1, 2, 4, 8])
 def test_beam_search_equals_transformers(hf: Any, llm: LLM, width: int) -> None:
     tok = llm.get_tokenizer()
     eos = sorted(llm.llm_engine._stop.eos_token_ids)
