@@ -11,15 +11,20 @@ from typing import Any
 import pytest
 
 from conformance.adapters.semantic import check_semantic
-
-pytest.importorskip("torch")
-pytest.importorskip("transformers.generation.continuous_batching.cache_allocators")
-
-from conformance.adapters.transformers_cb import (  # noqa: E402
+from conformance.adapters.transformers_cb import (
     TransformersCBAdapter,
     make_factory,
     versions,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _library() -> None:
+    # Imported when the tests run, not when they are collected: the library imports triton,
+    # and triton's own @jit helpers must be created after tests/kernels/conftest.py has chosen
+    # the interpreter (a collection-time import here broke every interpreter test once).
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers.generation.continuous_batching.cache_allocators")
 
 
 def test_transformers_cb_passes_the_semantic_suite() -> None:
