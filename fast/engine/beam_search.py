@@ -44,7 +44,7 @@ from fast.engine.beam_params import (
     normalized_length,
 )
 from fast.engine.inputs import InvalidPromptError, ParsedPrompt
-from fast.engine.journal import JournaledBlockManager
+from fast.engine.journal import JournaledBlockManager, restore_kv_blocks, save_kv_blocks
 from fast.engine.outputs import Logprob
 from spec.errors import InvalidArgumentError
 
@@ -452,10 +452,9 @@ class _Run:
         new = [b for b in blocks if b in self.cached_before and b not in self.saved]
         if not new:
             return
-        index = torch.tensor(new, dtype=torch.int64, device=self.engine.device)
-        kv = [
-            (k.index_select(0, index), v.index_select(0, index)) for k, v in self.engine.kv_caches
-        ]
+        saved = save_kv_blocks(self.engine.kv_caches, new, self.engine.device)
+        assert saved is not None  # new is not empty
+        kv = saved[1]
         for j, b in enumerate(new):
             self.saved[b] = [(k[j : j + 1], v[j : j + 1]) for k, v in kv]
 
@@ -470,10 +469,14 @@ class _Run:
         if self.saved:
             blocks = sorted(self.saved)
             index = torch.tensor(blocks, dtype=torch.int64, device=self.engine.device)
-            with torch.inference_mode():
-                for layer, (k, v) in enumerate(self.engine.kv_caches):
-                    k.index_copy_(0, index, torch.cat([self.saved[b][layer][0] for b in blocks]))
-                    v.index_copy_(0, index, torch.cat([self.saved[b][layer][1] for b in blocks]))
+            layers = [
+                (
+                    torch.cat([self.saved[b][layer][0] for b in blocks]),
+                    torch.cat([self.saved[b][layer][1] for b in blocks]),
+                )
+                for layer in range(len(self.engine.kv_caches))
+            ]
+            restore_kv_blocks(self.engine.kv_caches, (index, layers))
 
 
 _STATS = tuple(

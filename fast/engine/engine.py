@@ -30,7 +30,12 @@ import kernels
 from fast.engine.batch import HostBatch, HostStaging, padded_width
 from fast.engine.config import EngineConfig, pool_sizes, resolve_device, resolve_dtype
 from fast.engine.inputs import ParsedPrompt, parse_prompt, parse_prompts
-from fast.engine.journal import JournaledBlockManager
+from fast.engine.journal import (
+    JournaledBlockManager,
+    SavedKV,
+    restore_kv_blocks,
+    save_kv_blocks,
+)
 from fast.engine.outputs import (
     CompletionOutput,
     PromptLogprobs,
@@ -715,7 +720,7 @@ class LLMEngine:
 
     def _save_evicted_kv(
         self,
-    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+    ) -> SavedKV | None:
         """(blocks, their K/V per layer) for the cached blocks this step's schedule evicted (a
         step without preemption writes no other block that held someone's KV: a sequence
         writes past its computed tokens, so never into a cached block it holds)."""
@@ -724,16 +729,9 @@ class LLMEngine:
         if count is not None and count == bm.live.num_evictions:
             return None  # the numba manager counts evictions: none in this step
         evicted = np.flatnonzero(_cached_mask(before) & ~_cached_mask(bm.live))  # [E]
-        if not evicted.size:
-            return None
-        index = torch.from_numpy(evicted).to(self.device)  # [E]
-        return index, [
-            (k.index_select(0, index), v.index_select(0, index)) for k, v in self.kv_caches
-        ]
+        return save_kv_blocks(self.kv_caches, evicted, self.device)
 
-    def _save_overwritten_kv(
-        self, out: SchedulerOutput
-    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+    def _save_overwritten_kv(self, out: SchedulerOutput) -> SavedKV | None:
         """(blocks, their K/V per layer) for the blocks this step writes that, before the
         step, held KV of another sequence or of the prefix cache: blocks of a sequence the
         step preempted, or cached blocks it evicted. A rolled-back step gives them back."""
@@ -748,12 +746,7 @@ class LLMEngine:
                 own.update(before.block_table(s.seq_id))
         cached = set(before.cached_blocks()) if self.config.enable_prefix_caching else set()
         keep = sorted(b for b in written - own if before.refcount(b) > 0 or b in cached)
-        if not keep:
-            return None
-        index = torch.tensor(keep, dtype=torch.int64, device=self.device)
-        return index, [
-            (k.index_select(0, index), v.index_select(0, index)) for k, v in self.kv_caches
-        ]
+        return save_kv_blocks(self.kv_caches, keep, self.device)
 
     def _saved_sequences(self, seqs: list[Sequence]) -> None:
         """Before the sampled tokens are recorded: the output state of every sampled sequence."""
@@ -814,11 +807,7 @@ class LLMEngine:
         if undo.cuda_rng is not None and undo.cuda_device is not None:
             torch.cuda.set_rng_state(undo.cuda_rng, undo.cuda_device)
         if undo.kv is not None:
-            index, saved = undo.kv
-            with torch.inference_mode():
-                for (k, v), (k_old, v_old) in zip(self.kv_caches, saved):
-                    k.index_copy_(0, index, k_old)
-                    v.index_copy_(0, index, v_old)
+            restore_kv_blocks(self.kv_caches, undo.kv)
 
 
 #: The engine's request records a step changes (saved as shallow copies before each step).
@@ -862,7 +851,7 @@ class _StepUndo:
     children: list[Sequence]  # unforked children before the step
     metrics: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     prompt_logprobs: dict[str, int] = dataclasses.field(default_factory=dict)
-    kv: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+    kv: SavedKV | None = None
     sequences: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
     generators: list[tuple[torch.Generator, torch.Tensor]] = dataclasses.field(default_factory=list)
     cpu_rng: torch.Tensor | None = None

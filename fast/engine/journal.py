@@ -21,11 +21,47 @@ A call that raised changed nothing (the block managers validate before they muta
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
-__all__ = ["JournaledBlockManager", "clone_block_manager"]
+__all__ = [
+    "JournaledBlockManager",
+    "SavedKV",
+    "clone_block_manager",
+    "restore_kv_blocks",
+    "save_kv_blocks",
+]
+
+
+#: The KV of some device blocks, kept so that an undo can write it back: (block ids [E] on the
+#: caches' device, per layer (K, V) each [E, block_size, Hkv, D]).
+SavedKV = tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def save_kv_blocks(
+    kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    blocks: Sequence[int] | np.ndarray,
+    device: torch.device,
+) -> SavedKV | None:
+    """Copies of the K/V of ``blocks`` in every layer (None for no blocks)."""
+    if len(blocks) == 0:
+        return None
+    index = torch.as_tensor(np.asarray(blocks, dtype=np.int64)).to(device)  # [E]
+    return index, [(k.index_select(0, index), v.index_select(0, index)) for k, v in kv_caches]
+
+
+def restore_kv_blocks(
+    kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]], saved: SavedKV
+) -> None:
+    """Write the K/V that :func:`save_kv_blocks` kept back into its blocks."""
+    index, layers = saved
+    with torch.inference_mode():
+        for (k, v), (k_old, v_old) in zip(kv_caches, layers):
+            k.index_copy_(0, index, k_old)
+            v.index_copy_(0, index, v_old)
 
 
 def clone_block_manager(manager: Any) -> Any:
