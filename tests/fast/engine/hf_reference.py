@@ -17,11 +17,8 @@ class Checkpoint:
     reference: list[list[int]]  # transformers' greedy continuation of each prompt
 
 
-def save_with_reference(
-    model: Any, path: Path, prompts: list[list[int]], max_tokens: int
-) -> Checkpoint:
-    """Save ``model`` to ``path`` and record exactly ``max_tokens`` greedy tokens per prompt."""
-    model.save_pretrained(path)
+def greedy_reference(model: Any, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Exactly ``max_tokens`` greedy tokens per prompt from transformers' ``generate``."""
     reference = []
     with torch.no_grad():
         for p in prompts:
@@ -36,4 +33,12 @@ def save_with_reference(
                 pad_token_id=None,
             )
             reference.append(out[0, len(p) :].tolist())
-    return Checkpoint(path, prompts, reference)
+    return reference
+
+
+def save_with_reference(
+    model: Any, path: Path, prompts: list[list[int]], max_tokens: int
+) -> Checkpoint:
+    """Save ``model`` to ``path`` and record exactly ``max_tokens`` greedy tokens per prompt."""
+    model.save_pretrained(path)
+    return Checkpoint(path, prompts, greedy_reference(model, prompts, max_tokens))

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from hf_reference import Checkpoint, save_with_reference
+from hf_reference import Checkpoint, greedy_reference, save_with_reference
 
 transformers = pytest.importorskip("transformers")
 
@@ -140,25 +140,6 @@ def test_prefix_caching_reuses_blocks_and_keeps_outputs(checkpoints: dict[str, C
     assert llm.llm_engine.num_free_gpu_blocks == 64
 
 
-def _hf_greedy(ck: Checkpoint, prompts: list[list[int]]) -> list[list[int]]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(ck.path).eval()
-    out = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            gen = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=MAX_TOKENS,
-                min_new_tokens=MAX_TOKENS,
-                eos_token_id=None,
-                pad_token_id=None,
-            )
-            out.append(gen[0, len(p) :].tolist())
-    return out
-
-
 def test_prefix_caching_keeps_outputs_in_every_sharing_case(
     checkpoints: dict[str, Checkpoint],
 ) -> None:
@@ -170,7 +151,8 @@ def test_prefix_caching_keeps_outputs_in_every_sharing_case(
     prefix = torch.randint(0, 96, (32,), generator=g).tolist()
     tails = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (3, 6, 9, 4)]
     prompts = [prefix + t for t in tails]
-    ref = _hf_greedy(ck, prompts)
+    model = transformers.AutoModelForCausalLM.from_pretrained(ck.path).eval()
+    ref = greedy_reference(model, prompts, MAX_TOKENS)
 
     def run(llm: LLM, ps: list[list[int]]) -> tuple[list[list[int]], list[int | None]]:
         outs = llm.generate([{"prompt_token_ids": p} for p in ps], GREEDY, use_tqdm=False)
