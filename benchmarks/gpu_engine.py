@@ -130,6 +130,7 @@ def throughput(
     config: str = "default",
 ) -> dict[str, Any]:
     """Run the trace through a fresh engine over ``model``; wall time and tokens per second."""
+    from fast.engine.compile_watch import CompileWatch
     from fast.engine.config import EngineConfig
     from fast.engine.engine import LLMEngine
     from fast.engine.sampling_params import SamplingParams
@@ -150,36 +151,37 @@ def throughput(
         ),
     )
     setup_s = time.perf_counter() - t0
-    # warm-up: compile the prefill/decode kernels for a few shapes (not timed); its prompts
-    # share nothing with the trace, so the timed run has no prefix-cache hits (the 0 % case)
-    rng = np.random.default_rng(99)
-    for i in range(4):
-        engine.add_request(
-            f"w{i}",
-            rng.integers(100, 128000, size=64).tolist(),
-            SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
-        )
-    while engine.has_unfinished_requests():
-        engine.step()
-    torch.cuda.synchronize()
-    steps0 = engine.stats.steps
-    t0 = time.perf_counter()
-    for i, (p, k) in enumerate(zip(prompts, n_out)):
-        engine.add_request(
-            str(i), p, SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True)
-        )
-    produced = 0
-    log: list[tuple[float, int, bool]] = []  # (seconds, sampled seqs, decode) per step
-    while engine.has_unfinished_requests():
-        c0, g0 = engine.stats.computed_tokens, engine.stats.generated_tokens
-        s0 = time.perf_counter()
-        outs = engine.step(finished_only=True)
-        dt = time.perf_counter() - s0
-        dc, dg = engine.stats.computed_tokens - c0, engine.stats.generated_tokens - g0
-        log.append((dt, dg, dc == dg))  # decode: one computed token per sampled sequence
-        produced += sum(len(o.outputs[0].token_ids) for o in outs)
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
+    with CompileWatch() as watch:  # everything after construction: nothing may compile
+        # four requests before the clock starts (not timed; they must compile nothing); prompts
+        # share nothing with the trace, so the timed run has no prefix-cache hits (the 0 % case)
+        rng = np.random.default_rng(99)
+        for i in range(4):
+            engine.add_request(
+                f"w{i}",
+                rng.integers(100, 128000, size=64).tolist(),
+                SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+            )
+        while engine.has_unfinished_requests():
+            engine.step()
+        torch.cuda.synchronize()
+        steps0 = engine.stats.steps
+        t0 = time.perf_counter()
+        for i, (p, k) in enumerate(zip(prompts, n_out)):
+            engine.add_request(
+                str(i), p, SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True)
+            )
+        produced = 0
+        log: list[tuple[float, int, bool]] = []  # (seconds, sampled seqs, decode) per step
+        while engine.has_unfinished_requests():
+            c0, g0 = engine.stats.computed_tokens, engine.stats.generated_tokens
+            s0 = time.perf_counter()
+            outs = engine.step(finished_only=True)
+            dt = time.perf_counter() - s0
+            dc, dg = engine.stats.computed_tokens - c0, engine.stats.generated_tokens - g0
+            log.append((dt, dg, dc == dg))  # decode: one computed token per sampled sequence
+            produced += sum(len(o.outputs[0].token_ids) for o in outs)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
     expected = sum(n_out)
     step_times = [t for t, _, _ in log]
     return {
@@ -205,6 +207,7 @@ def throughput(
         "vs_hf_static": round(produced / wall / HF_STATIC, 2),
         "vs_hf_continuous": round(produced / wall / HF_CONTINUOUS, 2),
         "leak_free": engine.num_free_gpu_blocks == engine.num_gpu_blocks,
+        "compilations_after_warm_up": watch.kernels,
         "mean_step_ms": round(1000 * float(np.mean(step_times)), 3),
         "breakdown": breakdown(log),
     }
@@ -324,6 +327,12 @@ def main() -> None:
                 f"{r['vs_hf_static']}x | {r['vs_hf_continuous']}x |"
             )
     sys.stdout.flush()
+    compiled = [k for r in result["runs"] for k in r.get("compilations_after_warm_up", [])]
+    failed = [r for r in result["runs"] if "error" in r]
+    if compiled or failed:
+        sys.exit(
+            f"FAILED: {len(compiled)} compilation(s) after warm-up, {len(failed)} run error(s)"
+        )
 
 
 if __name__ == "__main__":

@@ -68,3 +68,47 @@ def test_greedy_on_gpu_equals_transformers(tmp_path: Path, enforce_eager: bool) 
     )
     assert [o.outputs[0].token_ids for o in outs] == ref
     assert llm.llm_engine.num_free_gpu_blocks == 64
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_no_triton_compilation_after_warm_up(dtype: str) -> None:
+    """Warm-up compiles every kernel variant: a mixed run afterwards compiles nothing.
+
+    The run meets what a trace meets: prompts of many lengths (1 to 300 tokens, so odd and
+    multiple-of-16 token counts), prefix-cache hits on shared prompts, chunked prefill of a prompt
+    longer than the token budget, decode batches of every size up to max_num_seqs, n = 2.
+    """
+    from fast.engine.compile_watch import CompileWatch
+    from fast.loader import random_model
+    from fast.model.config import ModelConfig
+
+    cfg = ModelConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=1024,
+    )
+    model = random_model(cfg, seed=0, dtype=getattr(torch, dtype), device="cuda")
+    llm = LLM(
+        model,
+        device="cuda",
+        num_gpu_blocks=256,
+        block_size=16,
+        max_model_len=512,
+        max_num_seqs=16,
+        max_num_batched_tokens=128,
+    )
+    g = torch.Generator().manual_seed(3)
+    shared = torch.randint(0, 512, (48,), generator=g).tolist()
+    lengths = [1, 2, 7, 15, 16, 17, 31, 32, 33, 64, 100, 129, 300]
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in lengths]
+    prompts += [shared + torch.randint(0, 512, (n,), generator=g).tolist() for n in (1, 16, 40)]
+    with CompileWatch() as watch:
+        llm.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))
+        llm.generate(prompts[:3], SamplingParams(max_tokens=5, n=2, temperature=1.0, seed=1))
+    assert watch.count == 0, watch.kernels
