@@ -85,23 +85,27 @@ class HostStaging:
         if not self._pack:
             return [torch.from_numpy(np.ascontiguousarray(a, dtype=_NP[dtype])) for a in arrays]
         sizes = [int(a.shape[0]) for a in arrays]
-        total = sum(sizes)
+        # Each array starts on a 16-byte boundary: Triton specializes a kernel on whether each
+        # pointer argument is 16-byte aligned, so unaligned slices (an offset that varies with
+        # the batch's shape) compiled a new kernel variant in the middle of a run (a 1.8 s
+        # first prefill step on an H200); warm-up's own tensors are aligned, so these must be.
+        per = 16 // torch.empty((), dtype=dtype).element_size()
+        starts = np.cumsum([0] + [-(-n // per) * per for n in sizes])  # [len + 1]
+        total = int(starts[-1])
         self.wait(dtype)
         host = self._host.get(dtype)
         if host is None or host.shape[0] < total:
             host = torch.empty(max(total, 1024) * 2, dtype=dtype, pin_memory=self._cuda)
             self._host[dtype] = host
         view = host.numpy()
-        at = 0
-        for a, n in zip(arrays, sizes):
+        for a, at, n in zip(arrays, starts, sizes):
             view[at : at + n] = a
-            at += n
-        dev = host[:total].to(self.device, non_blocking=True)  # [sum]
+        dev = host[:total].to(self.device, non_blocking=True)  # [sum, padded]
         if self._cuda:
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record()
             self._events[dtype] = event
-        return list(torch.split(dev, sizes))
+        return [dev[at : at + n] for at, n in zip(starts.tolist(), sizes)]
 
     def wait(self, dtype: torch.dtype) -> None:
         """Block until the last copy out of ``dtype``'s pinned buffer has finished."""

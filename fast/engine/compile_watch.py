@@ -72,7 +72,12 @@ class CompileWatch:
             self._knobs = None
 
     def _hook(self, **kwargs: Any) -> bool | None:
-        self.kernels.append(str(kwargs.get("repr", kwargs.get("key", "?"))))
+        # the kernel and its launch options, then the specialization (which arguments Triton
+        # saw as 16-byte aligned / divisible by 16): what tells two variants of a kernel apart
+        info = kwargs.get("compile")
+        configs = info.get("configs") if isinstance(info, dict) else None
+        shown = str(kwargs.get("repr", kwargs.get("key", "?")))
+        self.kernels.append(shown if configs is None else f"{shown} {configs}")
         if self._previous is not None:
             result: bool | None = self._previous(**kwargs)
             return result

@@ -84,6 +84,9 @@ def test_packed_upload_returns_the_arrays() -> None:
         assert ctx.seq_lens.tolist() == batch.seq_lens.tolist()
         assert ctx.cu_seqlens_q.tolist() == batch.cu_seqlens_q.tolist()
         assert rows.tolist() == batch.sample_rows.tolist() and ctx.is_decode
+        # every array 16-byte aligned, whatever the shapes (Triton specializes on alignment)
+        tensors = [ids, pos, rows, ctx.slot_mapping, ctx.block_tables, ctx.seq_lens]
+        assert all(t.data_ptr() % 16 == 0 for t in [*tensors, ctx.cu_seqlens_q])
 
 
 def test_graph_inputs_pad_rows_past_the_batch() -> None:
