@@ -11,13 +11,15 @@ from typing import Any
 import torch
 
 from kernels.backend import resolve_backend
-from kernels.checks import check_cache_pair
+from kernels.checks import FLOAT_DTYPES, check_cache_pair
 from kernels.errors import (
     DTypeMismatchError,
     IndexOutOfRangeError,
     ShapeMismatchError,
     UnsupportedDTypeError,
 )
+from kernels.fp8 import check_fp8_triton, check_kv_cache_dtype, check_scales, is_fp8, scale_tensor
+from kernels.fp8 import quantize as fp8_quantize
 
 __all__ = [
     "write_kv",
@@ -59,7 +61,7 @@ def check_write_kv(
     for name, x in (("k", k), ("v", v)):
         if x.dim() != 3 or tuple(x.shape[1:]) != (hkv, d):
             raise ShapeMismatchError(name, tuple(x.shape), f"[T, {hkv}, {d}]")
-        if x.dtype != k_cache.dtype:
+        if x.dtype != k_cache.dtype and not (is_fp8(k_cache.dtype) and x.dtype in FLOAT_DTYPES):
             raise DTypeMismatchError(name, str(x.dtype), str(k_cache.dtype))
     if v.shape != k.shape:
         raise ShapeMismatchError("v", tuple(v.shape), f"{tuple(k.shape)} as k")
@@ -80,22 +82,45 @@ def write_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     *,
+    kv_cache_dtype: str = "auto",
+    k_scale: float | torch.Tensor = 1.0,
+    v_scale: float | torch.Tensor = 1.0,
     backend: str = "auto",
 ) -> None:
     """Store the K/V of ``T`` new tokens at their slots; slot -1 is skipped.
 
-    k, v [T, Hkv, D]; k_cache, v_cache [num_blocks, bs, Hkv, D]; slot_mapping [T] (int64)
+    k, v [T, Hkv, D]; k_cache, v_cache [num_blocks, bs, Hkv, D]; slot_mapping [T] (int64).
+    An fp8 cache (``torch.float8_e4m3fn`` / ``float8_e5m2``) stores ``k / k_scale`` saturated to
+    the format's range and rounded to nearest even (``spec.kv_quant.quantize``); ``k_scale``,
+    ``v_scale`` are numbers or ``[Hkv]`` float32 tensors on the cache's device.
+    ``kv_cache_dtype`` (vLLM's names) must name the cache's dtype or be ``"auto"``.
     """
     check_write_kv(k, v, k_cache, v_cache, slot_mapping)
+    check_kv_cache_dtype(kv_cache_dtype, k_cache)
+    check_scales(k_cache, k_scale, v_scale)
+    fp8 = is_fp8(k_cache.dtype)
+    use_triton = resolve_backend(backend, k_cache.device) == "triton"
+    if fp8:
+        if use_triton:
+            check_fp8_triton(k_cache.device)
+        hkv, dev = k_cache.shape[2], k_cache.device
+        ks = scale_tensor(k_scale, hkv, dev, "k_scale")  # [Hkv] float32
+        vs = scale_tensor(v_scale, hkv, dev, "v_scale")
     if k.shape[0] == 0:
         return
-    if resolve_backend(backend, k_cache.device) == "triton":
+    if use_triton:
         from kernels.triton_write_kv import triton_write_kv
 
-        triton_write_kv(k, v, k_cache, v_cache, slot_mapping)
+        if fp8:
+            triton_write_kv(k, v, k_cache, v_cache, slot_mapping, ks, vs)
+        else:
+            triton_write_kv(k, v, k_cache, v_cache, slot_mapping)
         return
     keep = slot_mapping >= 0
-    write_rows(k[keep], v[keep], k_cache, v_cache, slot_mapping[keep].long())
+    k, v = k[keep], v[keep]
+    if fp8:
+        k, v = fp8_quantize(k, ks, k_cache.dtype), fp8_quantize(v, vs, k_cache.dtype)
+    write_rows(k, v, k_cache, v_cache, slot_mapping[keep].long())
 
 
 def write_rows(
@@ -110,8 +135,15 @@ def write_rows(
     For callers that validated the step once with :func:`check_write_kv`.
     """
     nb, bs, hkv, d = k_cache.shape
+    k_cache, v_cache, k, v = _bytes(k_cache), _bytes(v_cache), _bytes(k), _bytes(v)
     k_cache.view(nb * bs, hkv, d).index_copy_(0, rows, k)
     v_cache.view(nb * bs, hkv, d).index_copy_(0, rows, v)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors as their bytes (uint8 view, same shape): torch's CPU ``index_copy_`` has no
+    fp8 kernel, and a block moved as bytes is unchanged by construction."""
+    return t.view(torch.uint8) if is_fp8(t.dtype) else t
 
 
 def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, pairs: Any) -> None:
@@ -125,7 +157,7 @@ def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, pairs: Any) -> Non
         return
     _check_ids("pairs", p, k_cache.shape[0])
     src, dst = p[:, 0], p[:, 1]
-    for cache in (k_cache, v_cache):
+    for cache in (_bytes(k_cache), _bytes(v_cache)):
         cache.index_copy_(0, dst, cache.index_select(0, src))
 
 
@@ -145,6 +177,7 @@ def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, mapping: Any) 
         return
     _check_ids("mapping[:, 0]", m[:, 0], src_cache.shape[0])
     _check_ids("mapping[:, 1]", m[:, 1], dst_cache.shape[0])
+    src_cache, dst_cache = _bytes(src_cache), _bytes(dst_cache)
     src_idx = m[:, 0].to(src_cache.device, non_blocking=True)
     dst_idx = m[:, 1].to(dst_cache.device, non_blocking=True)
     moved = src_cache.index_select(0, src_idx).to(dst_cache.device, non_blocking=True)

@@ -20,6 +20,7 @@ from kernels.errors import (
     ShapeMismatchError,
     UnsupportedDTypeError,
 )
+from kernels.fp8 import FP8_DTYPES
 
 __all__ = [
     "AttentionDims",
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: What a cache may hold: the float dtypes, and fp8 (kernels.fp8) read with q of a float dtype.
+CACHE_DTYPES = FLOAT_DTYPES + tuple(FP8_DTYPES)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -76,6 +79,8 @@ def check_cache_pair(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V caches: ``[num_blocks, block_size, num_kv_heads, head_dim]``, same shape/dtype.
 
+    The dtype is a float dtype or an fp8 one (``torch.float8_e4m3fn``, ``torch.float8_e5m2``).
+
     Returns the pair unchanged (as ``spec.kv_cache.check_cache_pair`` returns its validated
     arrays)."""
     if k_cache.dim() != 4:
@@ -87,8 +92,8 @@ def check_cache_pair(
     if v_cache.dtype != k_cache.dtype:
         raise DTypeMismatchError("v_cache", _dt(v_cache), _dt(k_cache))
     _same_device("v_cache", v_cache, k_cache)
-    if k_cache.dtype not in FLOAT_DTYPES:
-        raise UnsupportedDTypeError("k_cache", _dt(k_cache), tuple(map(str, FLOAT_DTYPES)))
+    if k_cache.dtype not in CACHE_DTYPES:
+        raise UnsupportedDTypeError("k_cache", _dt(k_cache), tuple(map(str, CACHE_DTYPES)))
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
         raise ShapeMismatchError(
             "k_cache/v_cache strides", tuple(k_cache.stride()), "equal, last dimension contiguous"
@@ -117,7 +122,7 @@ def check_attention_inputs(
     check_cache_pair(k_cache, v_cache)
     if q.dim() != 3:
         raise ShapeMismatchError("q", tuple(q.shape), "[tokens, num_q_heads, head_dim]")
-    if q.dtype != k_cache.dtype:
+    if q.dtype != k_cache.dtype and not (k_cache.dtype in FP8_DTYPES and q.dtype in FLOAT_DTYPES):
         raise DTypeMismatchError("q", _dt(q), _dt(k_cache))
     _same_device("k_cache", k_cache, q)
     num_blocks, block_size, hkv, d = k_cache.shape

@@ -20,6 +20,7 @@ __all__ = [
     "DeviceMismatchError",
     "IndexOutOfRangeError",
     "BackendUnavailableError",
+    "Fp8UnsupportedError",
 ]
 
 
@@ -101,3 +102,11 @@ class BackendUnavailableError(KernelInputError):
     def __init__(self, backend: str, reason: str) -> None:
         self.backend, self.reason = backend, reason
         super().__init__(f"backend {backend!r} is unavailable: {reason}")
+
+
+class Fp8UnsupportedError(KernelInputError):
+    """An fp8 KV cache on hardware or a backend that cannot run it; names what is missing."""
+
+    def __init__(self, what: str, needed: str, found: str) -> None:
+        self.what, self.needed, self.found = what, needed, found
+        super().__init__(f"{what} needs {needed}; found {found}")

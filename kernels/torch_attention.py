@@ -28,6 +28,7 @@ __all__ = [
     "DecodePlan",
     "plan_decode",
     "planned_decode",
+    "dequantized_view",
 ]
 
 
@@ -49,6 +50,33 @@ def gather_kv(
     k = k_cache[ids].reshape(nblk * bs, *k_cache.shape[2:])[:seq_len]  # [seq_len, Hkv, D]
     v = v_cache[ids].reshape(nblk * bs, *v_cache.shape[2:])[:seq_len]
     return k, v
+
+
+def dequantized_view(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The blocks an fp8 step reads, dequantized, and the block tables into them.
+
+    caches [nb, bs, Hkv, D] fp8, block_tables [B, W], seq_lens [B], scales [Hkv] float32 ->
+    (k, v [B * n, bs, Hkv, D] in the compute dtype, tables [B, n] int32) where ``n`` blocks cover
+    the longest sequence: entry ``i`` of row ``b`` is block ``b * n + i``. Entries past a length
+    may hold anything; they are clamped to a valid id and never read unmasked.
+    """
+    cdt = _compute_dtype(q.dtype)
+    batch, bs = block_tables.shape[0], k_cache.shape[1]
+    max_len = int(seq_lens.max()) if batch else 0
+    n = max(1, -(-max_len // bs))
+    ids = block_tables[:, :n].long().clamp(0, k_cache.shape[0] - 1).reshape(-1)  # [B * n]
+    k = k_cache.index_select(0, ids).to(cdt) * k_scale.to(cdt)[:, None]  # [B*n, bs, Hkv, D]
+    v = v_cache.index_select(0, ids).to(cdt) * v_scale.to(cdt)[:, None]
+    tables = torch.arange(batch * n, dtype=torch.int32, device=q.device).view(batch, n)
+    return k, v, tables
 
 
 def _softmax_attend(

@@ -56,6 +56,8 @@ def _decode_kernel(
     lens_ptr,
     o_ptr,
     lse_ptr,
+    ks_ptr,
+    vs_ptr,
     stride_kb,
     stride_btb,
     scale_log2,
@@ -73,6 +75,7 @@ def _decode_kernel(
     HAS_SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -98,6 +101,8 @@ def _decode_kernel(
     q = tl.load(q_ptr + q_off[:, None] + cols[None, :], mask=q_mask, other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
+    if FP8:  # one KV head per program: fold its scales into the logit scale and the output
+        scale_log2 = scale_log2 * tl.load(ks_ptr + kvh)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
@@ -114,6 +119,9 @@ def _decode_kernel(
             kv_mask = ok[:, None] & (cols[None, :] < D)  # [BLOCK_N, BLOCK_D]
         k = tl.load(k_ptr + kv_off[:, None] + cols[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + kv_off[:, None] + cols[None, :], mask=kv_mask, other=0.0)
+        if FP8:  # fp8 codes -> q's dtype: exact (fp8 values are bf16/fp16/fp32 values)
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         if DOT_F32:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [G_PAD, BLOCK_N] fp32
@@ -135,6 +143,8 @@ def _decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PRECISION)
         m_i = m_new
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty split: l = 0, acc = 0 -> 0
+    if FP8:
+        o = o * tl.load(vs_ptr + kvh)
     if SPLITS == 1:
         tl.store(
             o_ptr + q_off[:, None] + cols[None, :],
@@ -212,9 +222,11 @@ def triton_paged_decode(
     num_splits: int | None,
     out: torch.Tensor | None,
     config: tuple[int, int, int] | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Launch the decode kernel (and the merge when split). Shapes as ``kernels.paged_decode``;
-    ``config`` overrides (BLOCK_N, num_warps, num_stages) for tuning."""
+    ``config`` overrides (BLOCK_N, num_warps, num_stages) for tuning; ``kv_scales`` are the
+    ``[Hkv]`` float32 (k_scale, v_scale) of an fp8 cache (None otherwise)."""
     check_triton_dims(dims, q.dtype)
     check_inner_contiguous(k_cache)
     batch, hq, d = q.shape
@@ -245,6 +257,8 @@ def triton_paged_decode(
         seq_lens,
         part,
         lse,
+        kv_scales[0] if kv_scales is not None else lse,
+        kv_scales[1] if kv_scales is not None else lse,
         k_cache.stride(0),
         block_tables.stride(0),
         scale * LOG2E,
@@ -262,6 +276,7 @@ def triton_paged_decode(
         HAS_SOFTCAP=softcap is not None,
         PRECISION=precision,
         DOT_F32=dot_f32,
+        FP8=kv_scales is not None,
         num_warps=warps,
         num_stages=stages,
     )

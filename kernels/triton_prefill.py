@@ -68,6 +68,7 @@ def _attend(
     HAS_SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     cols = tl.arange(0, BLOCK_D)  # [BLOCK_D] head-dim lanes, >= D
     col_ok = cols < D
@@ -93,6 +94,9 @@ def _attend(
         else:
             k = tl.load(k_ptr + kv_ptrs, mask=col_ok[None, :], other=0.0)
             v = tl.load(v_ptr + kv_ptrs, mask=col_ok[None, :], other=0.0)
+        if FP8:  # fp8 codes -> q's dtype, exactly; the scales are applied outside the loop
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         if DOT_F32:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
@@ -132,6 +136,8 @@ def _prefill_kernel(
     bt_ptr,
     lens_ptr,
     cu_ptr,
+    ks_ptr,
+    vs_ptr,
     stride_kb,
     stride_btb,
     batch,
@@ -151,6 +157,7 @@ def _prefill_kernel(
     HAS_SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     pid = tl.num_programs(0) - 1 - tl.program_id(0)
     kvh = tl.program_id(1)
@@ -183,6 +190,8 @@ def _prefill_kernel(
         q = tl.load(q_ptr + qo_off[:, None] + cols[None, :], mask=qo_mask, other=0.0)
         if DOT_F32:
             q = q.to(tl.float32)
+        if FP8:  # one KV head per program: its k scale joins the logit scale
+            scale_log2 = scale_log2 * tl.load(ks_ptr + kvh)
 
         min_pos = ctx + t * TOK_M
         max_pos = ctx + tl.minimum(n_q, (t + 1) * TOK_M) - 1
@@ -227,6 +236,7 @@ def _prefill_kernel(
             HAS_SOFTCAP,
             PRECISION,
             DOT_F32,
+            FP8,
         )
         acc, l_i, m_i = _attend(
             acc,
@@ -254,6 +264,7 @@ def _prefill_kernel(
             HAS_SOFTCAP,
             PRECISION,
             DOT_F32,
+            FP8,
         )
         acc, l_i, m_i = _attend(
             acc,
@@ -281,8 +292,11 @@ def _prefill_kernel(
             HAS_SOFTCAP,
             PRECISION,
             DOT_F32,
+            FP8,
         )
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        if FP8:
+            o = o * tl.load(vs_ptr + kvh)
         tl.store(
             o_ptr + qo_off[:, None] + cols[None, :],
             o.to(o_ptr.dtype.element_ty),
@@ -332,8 +346,10 @@ def triton_paged_prefill(
     softcap: float | None,
     out: torch.Tensor | None,
     config: tuple[int, int, int, int] | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Launch the prefill kernel. Shapes as ``kernels.paged_prefill``."""
+    """Launch the prefill kernel. Shapes as ``kernels.paged_prefill``; ``kv_scales``: the
+    ``[Hkv]`` float32 (k_scale, v_scale) of an fp8 cache (None otherwise)."""
     check_triton_dims(dims, q.dtype)
     t, hq, d = q.shape
     if out is None:
@@ -356,6 +372,8 @@ def triton_paged_prefill(
         block_tables,
         seq_lens,
         cu_seqlens_q,
+        kv_scales[0] if kv_scales is not None else seq_lens,
+        kv_scales[1] if kv_scales is not None else seq_lens,
         k_cache.stride(0),
         block_tables.stride(0),
         dims.batch,
@@ -375,6 +393,7 @@ def triton_paged_prefill(
         HAS_SOFTCAP=softcap is not None,
         PRECISION=precision,
         DOT_F32=dot_f32,
+        FP8=kv_scales is not None,
         num_warps=warps,
         num_stages=stages,
     )

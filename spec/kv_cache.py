@@ -18,6 +18,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from spec.attention import F64, I64, AttentionShapeError, as_int_array
+from spec.kv_quant import quantize
 
 Cache = NDArray[np.floating]
 
@@ -89,12 +90,30 @@ def gather_kv(
 
 
 def write_kv(
-    k: ArrayLike, v: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike, slot_mapping: ArrayLike
+    k: ArrayLike,
+    v: ArrayLike,
+    k_cache: ArrayLike,
+    v_cache: ArrayLike,
+    slot_mapping: ArrayLike,
+    *,
+    kv_cache_dtype: str = "auto",
+    k_scale: ArrayLike = 1.0,
+    v_scale: ArrayLike = 1.0,
 ) -> None:
     """Store ``k``, ``v`` [T, Hkv, D] at ``slot_mapping`` [T] in place; slot ``-1`` is skipped.
 
     The new tokens come first, then the caches they go into (vLLM's ``reshape_and_cache``
-    order, as ``kernels.write_kv``).
+    order, as ``kernels.write_kv``). What is stored is the code ``spec.kv_quant.quantize(k,
+    k_scale, kv_cache_dtype)`` (likewise for v): with the defaults, ``k`` itself; with an fp8
+    ``kv_cache_dtype``, ``k / k_scale`` saturated and rounded onto the fp8 grid (scales: one
+    number, or ``[Hkv]`` per KV head). Readers multiply by the scale again (``paged_decode``'s
+    ``k_scale``).
+
+    >>> kc = np.zeros((1, 2, 1, 2)); vc = np.zeros((1, 2, 1, 2))
+    >>> k = np.array([[[3.3, 1000.0]]])
+    >>> write_kv(k, k, kc, vc, [1], kv_cache_dtype="fp8", k_scale=0.5, v_scale=2.0)
+    >>> kc[0, 1, 0].tolist(), vc[0, 1, 0].tolist()   # 6.6 -> 6.5; 2000 and 500 saturate
+    ([6.5, 448.0], [1.625, 448.0])
 
     All checks run before anything is written: slots must lie in ``[-1, num_blocks * bs)`` and
     the non-negative ones must be distinct.
@@ -121,9 +140,11 @@ def write_kv(
     values, counts = np.unique(slots[live], return_counts=True)
     if np.any(counts > 1):
         raise AttentionShapeError("slot written twice", slot=int(values[counts > 1][0]))
+    k_codes = quantize(ka[live], k_scale, kv_cache_dtype)  # [live, Hkv, D]
+    v_codes = quantize(va[live], v_scale, kv_cache_dtype)
     bs = kc.shape[1]
-    kc[slots[live] // bs, slots[live] % bs] = ka[live]
-    vc[slots[live] // bs, slots[live] % bs] = va[live]
+    kc[slots[live] // bs, slots[live] % bs] = k_codes
+    vc[slots[live] // bs, slots[live] % bs] = v_codes
 
 
 def check_block_pairs(name: str, pairs: ArrayLike, num_src: int, num_dst: int) -> I64:

@@ -33,6 +33,7 @@ from spec.attention import (
     kv_head_map,
 )
 from spec.kv_cache import Cache, check_cache_pair, gather_kv
+from spec.kv_quant import head_scales
 
 
 def check_attention_inputs(
@@ -77,10 +78,14 @@ def paged_decode_with_lse(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    k_scale: ArrayLike = 1.0,
+    v_scale: ArrayLike = 1.0,
 ) -> tuple[F64, F64]:
     """(o [B, Hq, D], lse [B, Hq]) of ``q`` [B, Hq, D] against each sequence's cached keys."""
     params = AttentionParams(scale, sliding_window, softcap)
     qa, kc, vc, tables, lens = check_attention_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    ks = head_scales(k_scale, kc.shape[2], "k_scale")[:, None]  # [Hkv, 1]
+    vs = head_scales(v_scale, kc.shape[2], "v_scale")[:, None]
     if qa.shape[0] != lens.shape[0]:
         raise AttentionShapeError(
             "decode needs one query per sequence", queries=qa.shape[0], sequences=lens.shape[0]
@@ -88,7 +93,8 @@ def paged_decode_with_lse(
     out = np.zeros(qa.shape, dtype=np.float64)  # [B, Hq, D]
     lse = np.zeros(qa.shape[:2], dtype=np.float64)  # [B, Hq]
     for b, seq_len in enumerate(lens.tolist()):
-        k, v = gather_kv(kc, vc, tables[b], seq_len)  # [L, Hkv, D]
+        k, v = gather_kv(kc, vc, tables[b], seq_len)  # [L, Hkv, D] codes
+        k, v = k * ks, v * vs  # dequantized: the cache holds x / scale
         o_b, lse_b = attention(qa[b : b + 1], k, v, params, q_positions=[seq_len - 1])
         out[b], lse[b] = o_b[0], lse_b[0]
     return out, lse
@@ -104,12 +110,16 @@ def paged_decode(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    k_scale: ArrayLike = 1.0,
+    v_scale: ArrayLike = 1.0,
 ) -> F64:
     """[B, Hq, D]: one decode step of attention for a batch of sequences.
 
     ``q`` [B, Hq, D]; ``k_cache``, ``v_cache`` [num_blocks, bs, Hkv, D]; ``block_tables`` [B, W]
     (entries past ``ceil(seq_len / bs)`` are not read); ``seq_lens`` [B] counts the keys of each
-    sequence, the current token included.
+    sequence, the current token included. ``k_scale``, ``v_scale`` (one number or ``[Hkv]``)
+    dequantize: the cache holds ``x / scale`` (``spec.kv_quant``), so keys and values read are
+    ``code * scale``.
     """
     return paged_decode_with_lse(
         q,
@@ -120,4 +130,6 @@ def paged_decode(
         scale=scale,
         sliding_window=sliding_window,
         softcap=softcap,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )[0]

@@ -19,6 +19,7 @@ from numpy.typing import ArrayLike
 
 from spec.attention import F64, I64, AttentionParams, AttentionShapeError, as_int_array, attention
 from spec.kv_cache import gather_kv
+from spec.kv_quant import head_scales
 from spec.paged_decode import check_attention_inputs
 
 
@@ -69,10 +70,14 @@ def paged_prefill_with_lse(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    k_scale: ArrayLike = 1.0,
+    v_scale: ArrayLike = 1.0,
 ) -> tuple[F64, F64]:
     """(o [T, Hq, D], lse [T, Hq]) of the packed chunk queries ``q`` [T, Hq, D]."""
     params = AttentionParams(scale, sliding_window, softcap)
     qa, kc, vc, tables, lens = check_attention_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    ks = head_scales(k_scale, kc.shape[2], "k_scale")[:, None]  # [Hkv, 1]
+    vs = head_scales(v_scale, kc.shape[2], "v_scale")[:, None]
     cu = check_cu_seqlens(cu_seqlens_q, lens.shape[0], qa.shape[0])
     out = np.zeros(qa.shape, dtype=np.float64)  # [T, Hq, D]
     lse = np.zeros(qa.shape[:2], dtype=np.float64)  # [T, Hq]
@@ -82,7 +87,8 @@ def paged_prefill_with_lse(
             raise AttentionShapeError(
                 "q_len > seq_len", sequence=b, q_len=end - start, seq_len=seq_len
             )
-        k, v = gather_kv(kc, vc, tables[b], seq_len)  # [L, Hkv, D]
+        k, v = gather_kv(kc, vc, tables[b], seq_len)  # [L, Hkv, D] codes
+        k, v = k * ks, v * vs  # dequantized: the cache holds x / scale
         positions = query_positions(seq_len, end - start)  # [q_len]
         o_b, lse_b = attention(qa[start:end], k, v, params, q_positions=positions)
         out[start:end], lse[start:end] = o_b, lse_b
@@ -100,13 +106,18 @@ def paged_prefill(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    k_scale: ArrayLike = 1.0,
+    v_scale: ArrayLike = 1.0,
 ) -> F64:
     """[T, Hq, D]: attention of a packed batch of prefill chunks over their paged K/V.
 
     ``q`` [T, Hq, D]; ``block_tables`` [B, W]; ``cu_seqlens_q`` [B+1] non-decreasing from 0 to T;
     ``seq_lens`` [B] counts cached plus new keys (``q_len_b <= seq_lens[b]``). ``scale``,
-    ``sliding_window`` and ``softcap`` are keyword-only, as in ``kernels.paged_prefill``.
+    ``sliding_window`` and ``softcap`` are keyword-only, as in ``kernels.paged_prefill``;
+    ``k_scale``, ``v_scale`` dequantize the cache's codes as in ``paged_decode``.
     """
     window, cap = sliding_window, softcap
     args = (q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens)
-    return paged_prefill_with_lse(*args, scale=scale, sliding_window=window, softcap=cap)[0]
+    return paged_prefill_with_lse(
+        *args, scale=scale, sliding_window=window, softcap=cap, k_scale=k_scale, v_scale=v_scale
+    )[0]
