@@ -1,28 +1,29 @@
-"""Vectorized numpy dequantization of the GGUF tensor types the loader accepts.
+"""Dequantization of GGUF tensors by the ``gguf`` package (llama.cpp's Python reference).
 
-A ggml quantized row is a run of 32-element blocks. Each block stores float16 scale(s) then
-packed integers:
+Every ggml type that ``gguf.quants.dequantize`` implements is accepted: the plain ``F32``,
+``F16`` and ``BF16``, the 32-element block types (``Q4_0``, ``Q4_1``, ``Q5_0``, ``Q5_1``,
+``Q8_0``, ``IQ4_NL``, ``MXFP4``), the 256-element K-quants (``Q2_K`` to ``Q6_K``) and the
+i-quants and ternary types. :func:`supported_types` lists them as the installed package has
+them; a tensor of any other type (``Q8_1``, ``Q8_K``, the integer types) raises
+:class:`UnsupportedQuantizationError` naming it and the supported ones.
 
-- ``Q8_0`` (34 bytes): scale ``d``, 32 int8 ``q``; ``x = d * q``.
-- ``Q4_0`` (18 bytes): scale ``d``, 16 bytes of nibbles; the low nibbles are elements 0-15,
-  the high nibbles elements 16-31; ``x = d * (q - 8)``.
-- ``Q4_1`` (20 bytes): scale ``d``, minimum ``m``, 16 bytes of nibbles as in Q4_0;
-  ``x = d * q + m``.
-
-``F32``, ``F16`` and ``BF16`` are stored plainly (BF16 as the top 16 bits of a float32).
+The package's dequantizers are run on slices of :data:`CHUNK_ELEMENTS` elements written
+straight into the destination, which keeps the temporaries small and cache-resident; loaded
+that way the package is as fast as the hand-written numpy it replaced (figures in
+``docs/model-files.md``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30  # ggml type ids
-QK = 32  # elements per quantized block
-_BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
-TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", BF16: "BF16"}
+F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, BF16 = 0, 1, 2, 3, 8, 12, 14, 30  # ggml type ids
+CHUNK_ELEMENTS = 1 << 18  # elements dequantized per call of the package
 
 
 class UnsupportedQuantizationError(ValueError):
@@ -30,14 +31,71 @@ class UnsupportedQuantizationError(ValueError):
 
     def __init__(self, name: str, type_id: int) -> None:
         super().__init__(
-            f"tensor {name!r} has ggml type {type_id}; supported: {sorted(TYPE_NAMES.values())}"
+            f"tensor {name!r} has ggml type {type_name(type_id)} ({type_id}), which cannot be "
+            f"dequantized; supported: {', '.join(supported_types().values())}"
         )
         self.name, self.type_id = name, type_id
 
 
-def _f16(blocks: NDArray[np.uint8], start: int) -> NDArray[np.float32]:
-    # blocks [N, B] uint8 -> [N, 1] float32: the float16 stored at byte `start` of each block
-    return np.ascontiguousarray(blocks[:, start : start + 2]).view(np.float16).astype(np.float32)
+def _gguf() -> Any:
+    try:
+        import gguf
+    except ImportError as e:  # a dependency of pagedkv; an environment may still lack it
+        raise ImportError(
+            f"reading GGUF files needs the gguf package: pip install gguf ({e})"
+        ) from e
+    return gguf
+
+
+def type_name(type_id: int) -> str:
+    """ggml's name of a type id, or ``"unknown"``.
+
+    >>> type_name(12), type_name(999)
+    ('Q4_K', 'unknown')
+    """
+    try:
+        return str(_gguf().GGMLQuantizationType(type_id).name)
+    except ValueError:
+        return "unknown"
+
+
+def block_size(type_id: int) -> tuple[int, int]:
+    """(elements per block, bytes per block) of a ggml type; KeyError for an unknown id.
+
+    >>> block_size(Q4_K), block_size(F32)
+    ((256, 144), (1, 4))
+    """
+    gguf = _gguf()
+    try:
+        qtype = gguf.GGMLQuantizationType(type_id)
+    except ValueError:
+        raise KeyError(type_id) from None
+    elements, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    return int(elements), int(nbytes)
+
+
+@functools.cache
+def supported_types() -> dict[int, str]:
+    """Type id -> name of every ggml type the installed ``gguf`` package dequantizes.
+
+    Found by asking the package to dequantize one zero block of each type it knows:
+
+    >>> names = supported_types().values()
+    >>> {"F32", "F16", "BF16", "Q4_0", "Q8_0", "Q2_K", "Q4_K", "Q6_K"} <= set(names)
+    True
+    >>> "Q8_K" in names, "Q8_1" in names
+    (False, False)
+    """
+    gguf = _gguf()
+    out = {}
+    for qtype in gguf.GGMLQuantizationType:
+        nbytes = gguf.GGML_QUANT_SIZES[qtype][1]
+        try:
+            gguf.quants.dequantize(np.zeros(nbytes, dtype=np.uint8), qtype)
+        except NotImplementedError:
+            continue
+        out[int(qtype)] = str(qtype.name)
+    return out
 
 
 def dequantize(
@@ -58,50 +116,45 @@ def dequantize(
     >>> d, m = np.float16(0.5).tobytes(), np.float16(-1.0).tobytes()
     >>> q = np.arange(16, dtype=np.uint8)
     >>> block = np.frombuffer(d + m + (q | (15 - q) << 4).tobytes(), dtype=np.uint8)
-    >>> len(block), _BLOCK_BYTES[Q4_1]
-    (20, 20)
+    >>> len(block), block_size(Q4_1)
+    (20, (32, 20))
     >>> x = dequantize(block, Q4_1, (32,))
     >>> x[:4].tolist(), x[14:18].tolist(), x[-2:].tolist()
     ([-1.0, -0.5, 0.0, 0.5], [6.0, 6.5, 6.5, 6.0], [-0.5, -1.0])
     """
-    count = int(np.prod(shape))
+    if type_id not in supported_types():
+        raise UnsupportedQuantizationError(name, type_id)
+    shape = tuple(int(s) for s in shape)
     if out is None:
-        out = np.empty(tuple(shape), dtype=np.float32)
-    elif out.shape != tuple(shape) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        out = np.empty(shape, dtype=np.float32)
+    elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(
-            f"tensor {name!r}: out must be C-contiguous float32 {tuple(shape)}, "
+            f"tensor {name!r}: out must be C-contiguous float32 {shape}, "
             f"got {out.dtype} {out.shape}"
         )
-    if type_id == F32:
-        out[...] = np.ascontiguousarray(data).view(np.float32).reshape(shape)
-        return out
-    if type_id == F16:
-        out[...] = np.asarray(data).view(np.float16).reshape(shape)
-        return out
-    if type_id == BF16:
-        bits = out.reshape(-1).view(np.uint32)
-        bits[...] = np.ascontiguousarray(data).view(np.uint16).reshape(-1)
-        bits <<= np.uint32(16)
-        return out
-    if type_id not in _BLOCK_BYTES:
-        raise UnsupportedQuantizationError(name, type_id)
-    if count % QK != 0:
-        raise ValueError(f"tensor {name!r}: {count} elements is not a multiple of {QK}")
-    blocks = np.ascontiguousarray(data).view(np.uint8).reshape(count // QK, _BLOCK_BYTES[type_id])
-    flat = out.reshape(count // QK, QK)  # [N, 32] view
-    if type_id == Q8_0:
-        flat[...] = blocks[:, 2:].view(np.int8)
-        flat *= _f16(blocks, 0)
-        return out
-    packed = blocks[:, 2:] if type_id == Q4_0 else blocks[:, 4:]  # [N, 16]
-    flat[:, : QK // 2] = packed & np.uint8(0x0F)
-    flat[:, QK // 2 :] = packed >> np.uint8(4)
-    if type_id == Q4_0:
-        flat -= np.float32(8)
-        flat *= _f16(blocks, 0)
-    else:  # Q4_1
-        flat *= _f16(blocks, 0)
-        flat += _f16(blocks, 2)
+    elements, nbytes = block_size(type_id)
+    row = shape[-1] if shape else 1
+    if row % elements:
+        raise ValueError(
+            f"tensor {name!r}: rows of {row} elements are not a multiple of the "
+            f"{elements}-element blocks of {type_name(type_id)}"
+        )
+    count = int(np.prod(shape))
+    raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+    if raw.size != count // elements * nbytes:
+        raise ValueError(
+            f"tensor {name!r}: {raw.size} bytes of {type_name(type_id)} data, "
+            f"expected {count // elements * nbytes} for shape {shape}"
+        )
+    gguf = _gguf()
+    qtype = gguf.GGMLQuantizationType(type_id)
+    flat = out.reshape(-1)
+    per = max(1, CHUNK_ELEMENTS // elements)  # blocks per call
+    for first in range(0, count // elements, per):
+        last = min(count // elements, first + per)
+        flat[first * elements : last * elements] = gguf.quants.dequantize(
+            raw[first * nbytes : last * nbytes], qtype
+        )
     return out
 
 

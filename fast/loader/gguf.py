@@ -8,7 +8,12 @@ from pathlib import Path
 
 import torch
 
-from fast.loader.dequant import dequantize, unpermute_qk
+from fast.loader.dequant import (
+    UnsupportedQuantizationError,
+    dequantize,
+    supported_types,
+    unpermute_qk,
+)
 from fast.loader.gguf_file import read_gguf
 from fast.loader.weights import check_complete, empty_model
 from fast.model import LlamaForCausalLM, WeightLoadError
@@ -65,8 +70,15 @@ def hf_name(gguf_name: str) -> str | None:
 def load_gguf(
     path: str | Path, *, dtype: torch.dtype, device: torch.device | str
 ) -> tuple[LlamaForCausalLM, Tokenizer, ModelConfig]:
-    """(model, tokenizer, config) from one GGUF file; quantized tensors are dequantized."""
+    """(model, tokenizer, config) from one GGUF file; quantized tensors are dequantized.
+
+    Every tensor's type is checked before anything is allocated: one the ``gguf`` package
+    cannot dequantize raises :class:`~fast.loader.dequant.UnsupportedQuantizationError`.
+    """
     metadata, tensor_list = read_gguf(path)
+    for t in tensor_list:
+        if t.type_id not in supported_types():
+            raise UnsupportedQuantizationError(t.name, t.type_id)
     arch = str(metadata.get("general.architecture"))
     if arch not in _ARCHITECTURES:
         raise UnsupportedGGUFError(

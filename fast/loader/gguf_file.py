@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fast.loader.dequant import block_size
+
 _SCALARS = {
     0: "<B",
     1: "<b",
@@ -50,29 +52,6 @@ _NUMPY = {
     12: np.float64,
 }
 _STRING, _ARRAY = 8, 9
-# ggml type id -> (elements per block, bytes per block), from ggml's type traits
-_TYPE_SIZES = {
-    0: (1, 4),
-    1: (1, 2),
-    2: (32, 18),
-    3: (32, 20),
-    6: (32, 22),
-    7: (32, 24),
-    8: (32, 34),
-    9: (32, 40),
-    10: (256, 84),
-    11: (256, 110),
-    12: (256, 144),
-    13: (256, 176),
-    14: (256, 210),
-    15: (256, 292),
-    24: (1, 1),
-    25: (1, 2),
-    26: (1, 4),
-    27: (1, 8),
-    28: (1, 8),
-    30: (1, 2),
-}
 
 
 class GGUFFormatError(ValueError):
@@ -160,9 +139,12 @@ def _read_gguf(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
     start = (cur.pos + align - 1) // align * align
     tensors = []
     for name, shape, type_id, offset in infos:
-        if type_id not in _TYPE_SIZES:
-            raise GGUFFormatError(f"{path}: tensor {name!r} has unknown ggml type {type_id}")
-        block, nbytes = _TYPE_SIZES[type_id]
+        try:
+            block, nbytes = block_size(type_id)
+        except KeyError:
+            raise GGUFFormatError(
+                f"{path}: tensor {name!r} has unknown ggml type {type_id}"
+            ) from None
         size = int(np.prod(shape)) // block * nbytes
         begin = start + offset
         if begin + size > mm.shape[0]:

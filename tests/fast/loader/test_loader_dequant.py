@@ -1,4 +1,5 @@
-"""fast.loader.dequant against the gguf package's reference (de)quantizers."""
+"""fast.loader.dequant: the gguf package's dequantizers behind the loader's plumbing (chunks,
+``out``, shapes), checked against values quantized by the package and a block built by hand."""
 
 from __future__ import annotations
 
@@ -9,13 +10,10 @@ from fast.loader import dequant
 
 gguf = pytest.importorskip("gguf")  # a test extra; the GPU machine lacks it
 
+# the types the package can also quantize, so a round trip is checked too
 QUANTIZED = {
-    "Q8_0": dequant.Q8_0,
-    "Q4_0": dequant.Q4_0,
-    "Q4_1": dequant.Q4_1,
-    "BF16": dequant.BF16,
-    "F16": dequant.F16,
-    "F32": dequant.F32,
+    name: int(gguf.GGMLQuantizationType[name])
+    for name in ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "BF16", "F16", "F32"]
 }
 
 
@@ -65,9 +63,25 @@ def test_q4_1_block_layout_by_hand() -> None:
 
 
 def test_unsupported_type_is_named() -> None:
-    q6k = int(gguf.GGMLQuantizationType.Q6_K)
-    with pytest.raises(dequant.UnsupportedQuantizationError, match=r"'blk.0.x'.*type 14"):
-        dequant.dequantize(np.zeros(210, np.uint8), q6k, (256,), name="blk.0.x")
+    q8k = int(gguf.GGMLQuantizationType.Q8_K)  # llama.cpp's dot-product type: never in files
+    with pytest.raises(dequant.UnsupportedQuantizationError, match=r"'blk.0.x'.*Q8_K \(15\)") as e:
+        dequant.dequantize(np.zeros(292, np.uint8), q8k, (256,), name="blk.0.x")
+    assert "Q4_K, " in str(e.value) and "Q6_K" in str(e.value) and "Q8_1" not in str(e.value)
+
+
+def test_chunks_cover_a_tensor_larger_than_one_chunk() -> None:
+    """A tensor of 2.5 chunks: every element is written, in order, by the chunked calls."""
+    shape = (5, dequant.CHUNK_ELEMENTS // 2)
+    values = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    raw = _raw(values, "Q8_0")
+    got = dequant.dequantize(raw, dequant.Q8_0, shape)
+    np.testing.assert_array_equal(got, gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0))
+    assert np.abs(got - values).max() < 0.05 * np.abs(values).max()
+
+
+def test_wrong_byte_count_raises() -> None:
+    with pytest.raises(ValueError, match="33 bytes of Q8_0 data, expected 34"):
+        dequant.dequantize(np.zeros(33, np.uint8), dequant.Q8_0, (32,))
 
 
 def test_out_of_wrong_shape_raises() -> None:
