@@ -33,6 +33,7 @@ class AttentionSuiteResult:
     """Cases run per operation, the largest error seen per dtype, and failures (as text).
 
     ``counterexamples[i]`` is the shrunk case of ``failures[i]``, as hypothesis printed it.
+    ``skipped`` is what the implementation declared it cannot express, with the reason.
     """
 
     impl: str
@@ -40,6 +41,7 @@ class AttentionSuiteResult:
     max_error: dict[str, float] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     counterexamples: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -58,6 +60,10 @@ def run_attention_suite(
 ) -> AttentionSuiteResult:
     """Decode and prefill of implementation ``name`` (or an object) against the spec.
 
+    An implementation that cannot express every case narrows what is drawn with an optional
+    ``case_limits(limits, device=..., prefill=...)`` method and names what it left out in an
+    optional ``not_expressible`` mapping (what -> why), copied to the result's ``skipped``.
+
     >>> r = run_attention_suite("torch", max_examples=3)
     >>> r.ok, r.cases
     (True, {'paged_decode': 3, 'paged_prefill': 3})
@@ -70,8 +76,11 @@ def run_attention_suite(
         ("paged_decode", GPU_LIMITS if gpu else CPU_LIMITS, False, check_decode),
         ("paged_prefill", GPU_PREFILL_LIMITS if gpu else CPU_LIMITS, True, check_prefill),
     )
+    narrow = getattr(impl, "case_limits", None)
     for op, limits, prefill, check in plans:
         result.cases[op] = 0
+        if narrow is not None:
+            limits = narrow(limits, device=device, prefill=prefill)
 
         @settings(
             max_examples=max_examples,
@@ -92,5 +101,6 @@ def run_attention_suite(
         except AssertionError as e:
             result.failures.append(f"{op}: {e}")
             result.counterexamples.append(counterexample_of(e, ()))
+    result.skipped = dict(getattr(impl, "not_expressible", {}))
     result.seconds = time.perf_counter() - start
     return result
