@@ -11,9 +11,8 @@ from safetensors import SafetensorError, safe_open
 from fast.loader.weights import check_complete, empty_model
 from fast.model import LlamaForCausalLM
 from fast.model.config import ModelConfig
+from fast.model.registry import config_from_hf
 from fast.tokenizer.tokenizer import Tokenizer
-
-_ARCHITECTURES = {"llama", "mistral", "qwen2"}
 
 
 class UnsupportedModelError(ValueError):
@@ -57,12 +56,7 @@ def load_hf_dir(
         raise UnsupportedModelError(f"{root / 'config.json'} is not valid JSON ({e})") from e
     if not isinstance(raw, dict):
         raise UnsupportedModelError(f"{root / 'config.json'} is not a JSON object")
-    model_type = str(raw.get("model_type", "llama"))
-    if model_type not in _ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} in {root} is not one of {sorted(_ARCHITECTURES)}"
-        )
-    config = ModelConfig.from_hf_config(raw)
+    config = config_from_hf(raw)  # UnsupportedArchitectureError names the supported ones
     model = empty_model(config, dtype, device)
     load_hf_weights(model, root, dtype)
     tokenizer = Tokenizer.from_hf_dir(root) if (root / "tokenizer.json").is_file() else None

@@ -18,7 +18,7 @@ def random_weights(
     device: torch.device | str,
     std: float = 0.02,
 ) -> LlamaForCausalLM:
-    """A model with weights ~ N(0, std) and norm weights 1, drawn on ``device``.
+    """A model with weights ~ N(0, std) and norms that scale by 1, drawn on ``device``.
 
     The draw happens on the target device with its own generator, so an 8B-parameter bf16 model
     initializes in about a second on a GPU. The same seed on the same device gives the same
@@ -28,7 +28,7 @@ def random_weights(
     generator = torch.Generator(device=device).manual_seed(seed)
     for name, param in model.named_parameters():
         if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
-            param.fill_(1.0)
+            param.fill_(1.0 - config.norm_weight_offset)  # Gemma scales by 1 + weight
         elif name.endswith(".bias"):
             param.zero_()
         else:

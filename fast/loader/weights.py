@@ -8,6 +8,7 @@ import torch
 
 from fast.model import LlamaForCausalLM, WeightLoadError
 from fast.model.config import ModelConfig
+from fast.model.registry import build_model
 
 
 def empty_model(
@@ -16,10 +17,11 @@ def empty_model(
     """A model whose parameters are allocated (not initialized) in ``dtype`` on ``device``.
 
     Built on the meta device first, so no time is spent on default initialization and no
-    host copy is made of a model meant for the GPU.
+    host copy is made of a model meant for the GPU. The class is ``config.architecture``'s
+    (``fast.model.registry``).
     """
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = build_model(config)
     for module in model.modules():
         for name, meta in list(module._parameters.items()):
             if meta is not None:

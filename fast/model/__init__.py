@@ -1,4 +1,4 @@
-"""The Llama-family model that runs on the paged KV cache."""
+"""The Llama-family models that run on the paged KV cache (``fast.model.registry`` lists them)."""
 
 from fast.model.llama import LlamaForCausalLM, WeightLoadError, allocate_kv_caches
 

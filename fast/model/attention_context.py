@@ -38,6 +38,16 @@ class AttentionContext:
         """T, the number of new tokens in the batch."""
         return int(self.slot_mapping.shape[0])
 
+    def token_seq_lens(self) -> torch.Tensor:
+        """[T] int32: each new token's sequence length after this step (cached + new tokens).
+
+        Built on the context's device without a host synchronization (CUDA graphs replay it).
+        """
+        if self.is_decode:
+            return self.seq_lens  # one token per sequence
+        counts = self.cu_seqlens_q[1:] - self.cu_seqlens_q[:-1]  # [B]
+        return torch.repeat_interleave(self.seq_lens, counts, output_size=self.num_tokens)
+
     @classmethod
     def build(
         cls,

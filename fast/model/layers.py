@@ -1,5 +1,9 @@
 """The building blocks of a Llama decoder layer: RMSNorm, paged attention, SwiGLU MLP.
 
+The other architectures reuse them through ``ModelConfig`` switches: the norm's weight offset
+(Gemma), per-head Q/K norms (Qwen3, Gemma 3), the MLP's activation (GeGLU), and per-layer
+attention parameters (window, soft-cap, scale) handed on to the kernels.
+
 Attention never computes scores itself: it writes the new K/V into the paged cache with
 ``kernels.write_kv`` and reads them back through ``kernels.paged_prefill`` or
 ``kernels.paged_decode``, so the engine exercises exactly the kernels the spec checks.
@@ -49,34 +53,54 @@ class Embedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """``x / sqrt(mean(x^2) + eps) * weight`` (torch's fused RMSNorm, float32 statistics)."""
+    """``x / sqrt(mean(x^2) + eps) * (weight + offset)`` (torch's fused RMSNorm).
 
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    With ``offset`` 0 (Llama) the weight multiplies in the activation dtype; with an offset
+    (Gemma's ``1 + weight``) the whole norm runs in float32 and is rounded once at the end, as
+    Gemma's reference does.
+    """
+
+    def __init__(self, hidden_size: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x [T, H] -> [T, H]
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # x [..., H] -> [..., H]
+        if self.offset == 0.0:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)  # [..., H] float32
+        return (normed * (self.weight.float() + self.offset)).to(x.dtype)
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention over the paged KV cache (fused Q/K/V projection)."""
+    """Grouped-query self-attention over the paged KV cache (fused Q/K/V projection).
 
-    def __init__(self, config: ModelConfig) -> None:
+    Layer ``layer`` takes its window from ``config.layer_window(layer)``; scale and soft-cap are
+    the config's. With ``config.qk_norm`` each query and key head is RMS-normed before rope.
+    """
+
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.q_size = config.q_size
         self.kv_size = config.kv_size
-        self.scale = config.head_dim**-0.5
-        self.sliding_window = config.sliding_window
+        self.scale = config.attention_scale
+        self.sliding_window = config.layer_window(layer)
+        self.softcap = config.attn_logit_softcap
         self.qkv_proj = Linear(
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
         )
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if config.qk_norm:
+            eps, offset = config.rms_norm_eps, config.norm_weight_offset
+            self.q_norm = RMSNorm(config.head_dim, eps, offset)
+            self.k_norm = RMSNorm(config.head_dim, eps, offset)
 
     def forward(
         self,
@@ -94,16 +118,22 @@ class Attention(nn.Module):
         qk = qkv[:, : self.q_size + self.kv_size].unflatten(
             -1, (self.num_heads + self.num_kv_heads, self.head_dim)
         )  # [T, Hq + Hkv, D]
+        if self.q_norm is not None and self.k_norm is not None:
+            h = self.num_heads
+            qk = torch.cat((self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])), dim=1)
         qk = apply_rope(qk, *rope)  # [T, Hq + Hkv, D]
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # [T, Hq|Hkv, D]
         v = qkv[:, self.q_size + self.kv_size :].unflatten(
             -1, (self.num_kv_heads, self.head_dim)
         )  # [T, Hkv, D]
-        if plan is not None:
+        # The planned path is the fused-SDPA decode, which has no soft-cap: soft-capped layers
+        # (Gemma 2) take the checked kernels, which apply it.
+        if plan is not None and self.softcap is None:
             if plan.keep is not None:
                 k, v = k[plan.keep], v[plan.keep]
             write_rows(k, v, k_cache, v_cache, plan.rows)
-            o = planned_decode(q, k_cache, v_cache, plan.attend, self.scale)  # [T, Hq, D]
+            attend = plan.attend[self.sliding_window]
+            o = planned_decode(q, k_cache, v_cache, attend, self.scale)  # [T, Hq, D]
         else:
             o = self._checked_attention(q, k, v, ctx, k_cache, v_cache)
         out: torch.Tensor = self.o_proj(o.reshape(t, self.q_size))  # [T, H]
@@ -129,6 +159,7 @@ class Attention(nn.Module):
                 ctx.seq_lens,
                 scale=self.scale,
                 sliding_window=self.sliding_window,
+                softcap=self.softcap,
             )
         else:
             o = kernels.paged_prefill(
@@ -140,17 +171,23 @@ class Attention(nn.Module):
                 ctx.seq_lens,
                 scale=self.scale,
                 sliding_window=self.sliding_window,
+                softcap=self.softcap,
                 max_seqlen_q=ctx.max_seqlen_q,
             )
         return o
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` with a fused gate/up projection."""
+    """Gated feed-forward ``down(act(gate(x)) * up(x))`` with a fused gate/up projection.
+
+    ``act`` is ``silu`` (SwiGLU) or, for ``config.hidden_act == "gelu_tanh"``, the
+    tanh-approximated GELU (GeGLU, Gemma).
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
+        self.gelu = config.hidden_act == "gelu_tanh"
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
@@ -171,18 +208,20 @@ class MLP(nn.Module):
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         # x [T, H] -> [T, H]
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # [T, F] each
-        out: torch.Tensor = self.down_proj(F.silu(gate) * up)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)  # [T, F]
+        out: torch.Tensor = self.down_proj(act * up)
         return out
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        eps, offset = config.rms_norm_eps, config.norm_weight_offset
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, offset)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, offset)
         self.mlp = MLP(config)
 
     def forward(

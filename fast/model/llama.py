@@ -1,4 +1,10 @@
-"""The Llama-family causal LM over a flat token batch and a paged KV cache."""
+"""The Llama-family causal LM over a flat token batch and a paged KV cache.
+
+The base of every architecture (``fast.model.registry``): a subclass swaps the decoder layer
+(``decoder_layer``, Gemma), the rope tables (:meth:`LlamaForCausalLM.rope_frequencies` /
+:meth:`LlamaForCausalLM.rope`, Phi-3's LongRoPE) or the checkpoint's tensor names (Phi-3's
+fused projections); the rest follows ``ModelConfig`` switches.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import torch
 from torch import nn
 
 from fast.model.attention_context import AttentionContext
-from fast.model.config import ModelConfig
+from fast.model.config import InvalidModelConfigError, LongRopeScaling, ModelConfig
 from fast.model.layers import DecoderLayer, Embedding, Linear, RMSNorm
 from fast.model.rope import inverse_frequencies, rope_cos_sin
 from fast.model.step_plan import plan_decode_step
@@ -39,40 +45,72 @@ class WeightLoadError(ValueError):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and the final norm (Hugging Face's ``model.*`` names)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: type[DecoderLayer] = DecoderLayer) -> None:
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(layer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_weight_offset)
 
 
 class LlamaForCausalLM(nn.Module):
-    """Llama 2/3, Mistral, Qwen2, SmolLM2: ``forward`` returns hidden states, not logits.
+    """Llama 2/3, Mistral, Qwen2/3, SmolLM2: ``forward`` returns hidden states, not logits.
 
     Logits are computed only for the rows the sampler needs (``compute_logits``), usually the
     last token of each sequence.
     """
 
+    decoder_layer: type[DecoderLayer] = DecoderLayer
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, self.decoder_layer)
         self.lm_head: Linear | None = None
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        # Kept off the module's buffers so that model.to(dtype) cannot round it to bf16.
-        self._inv_freq = inverse_frequencies(
-            config.head_dim, config.rope_theta, config.rope_scaling, config.rope_freq_factors
-        )  # [D/2] float32, CPU
-        self._inv_freq_on: dict[torch.device, torch.Tensor] = {}
+        # Kept off the module's buffers so that model.to(dtype) cannot round them to bf16.
+        self._inv_freqs = self.rope_frequencies()  # each [R/2] float32, CPU
+        self._inv_freqs_on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._layer_rope = tuple(self.rope_table(i) for i in range(config.num_hidden_layers))
 
-    def rope_inv_freq(self, device: torch.device) -> torch.Tensor:
-        """The float32 rotary inverse frequencies [D/2] on ``device`` (cached per device)."""
-        cached = self._inv_freq_on.get(device)
+    def rope_frequencies(self) -> tuple[torch.Tensor, ...]:
+        """The inverse frequencies [R/2] (float32, CPU) of each rope table.
+
+        Table 0 is the model's; with ``rope_local_theta`` (Gemma 3) table 1 serves the windowed
+        layers, unscaled.
+        """
+        c = self.config
+        if isinstance(c.rope_scaling, LongRopeScaling):
+            raise InvalidModelConfigError(
+                "longrope scaling needs the Phi-3 model", architecture=c.architecture
+            )
+        tables = [
+            inverse_frequencies(
+                c.rotary_dimension, c.rope_theta, c.rope_scaling, c.rope_freq_factors
+            )
+        ]
+        if c.rope_local_theta is not None:
+            tables.append(inverse_frequencies(c.rotary_dimension, c.rope_local_theta))
+        return tuple(tables)
+
+    def rope_table(self, layer: int) -> int:
+        """Which of :meth:`rope` 's tables layer ``layer`` rotates by."""
+        local = self.config.rope_local_theta is not None
+        return 1 if local and self.config.layer_window(layer) is not None else 0
+
+    def rope_inv_freqs(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The float32 rotary inverse frequencies [R/2] of every table on ``device`` (cached)."""
+        cached = self._inv_freqs_on.get(device)
         if cached is None:
-            cached = self._inv_freq.to(device)
-            self._inv_freq_on[device] = cached
+            cached = tuple(f.to(device) for f in self._inv_freqs)
+            self._inv_freqs_on[device] = cached
         return cached
+
+    def rope(
+        self, positions: torch.Tensor, ctx: AttentionContext, dtype: torch.dtype
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """positions [T] -> (cos, sin) [T, 1, R] of every rope table, once per forward."""
+        return [rope_cos_sin(positions, f, dtype) for f in self.rope_inv_freqs(positions.device)]
 
     def forward(
         self,
@@ -88,19 +126,26 @@ class LlamaForCausalLM(nn.Module):
                 f"{self.config.num_hidden_layers} layers"
             )
         x = self.model.embed_tokens(input_ids)  # [T, H]
-        rope = rope_cos_sin(positions, self.rope_inv_freq(input_ids.device), x.dtype)
+        if self.config.embedding_multiplier != 1.0:  # rounded to the activation dtype first
+            x = x * float(torch.tensor(self.config.embedding_multiplier, dtype=x.dtype))
+        ropes = self.rope(positions, ctx, x.dtype)  # per table: (cos, sin) [T, 1, R]
         plan = plan_decode_step(self.config, ctx, x.dtype, kv_caches)  # once per step
-        for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches):
-            x = layer(x, ctx, k_cache, v_cache, rope, plan)
+        for layer, table, (k_cache, v_cache) in zip(self.model.layers, self._layer_rope, kv_caches):
+            x = layer(x, ctx, k_cache, v_cache, ropes[table], plan)
         out: torch.Tensor = self.model.norm(x)
         return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] -> logits [N, V] float32."""
+        """hidden [N, H] -> logits [N, V] float32 (soft-capped, in the model dtype, if the
+        config says so)."""
         weight = (
             self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         )  # [V, H]
-        return torch.nn.functional.linear(hidden, weight).float()
+        logits = torch.nn.functional.linear(hidden, weight)  # [N, V]
+        cap = self.config.final_logit_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
 
     # -- weights, by Hugging Face name
     def expected_weight_names(self) -> set[str]:

@@ -1,8 +1,10 @@
-"""Rotary position embeddings (RoPE), with Llama-3 frequency scaling.
+"""Rotary position embeddings (RoPE), with Llama-3 and linear frequency scaling.
 
 Each query/key head vector of width ``D`` is split into halves ``(x1, x2)``; the pair
 ``(x1[i], x2[i])`` is rotated by the angle ``position * inv_freq[i]`` with
 ``inv_freq[i] = theta ** (-2 i / D)``. This is the "rotate half" layout of Hugging Face's Llama.
+With partial rotary embeddings (Phi-4-mini) only the first ``R`` of the ``D`` lanes are rotated
+(``D`` replaced by ``R`` above) and the rest pass through.
 """
 
 from __future__ import annotations
@@ -11,20 +13,21 @@ import math
 
 import torch
 
-from fast.model.config import RopeScaling
+from fast.model.config import LinearRopeScaling, RopeScaling
 
 
 def inverse_frequencies(
     head_dim: int,
     theta: float,
-    scaling: RopeScaling | None = None,
+    scaling: RopeScaling | LinearRopeScaling | None = None,
     factors: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
-    """The ``[head_dim // 2]`` float32 inverse frequencies, Llama-3 scaled if ``scaling``.
+    """The ``[head_dim // 2]`` float32 inverse frequencies, scaled if ``scaling``.
 
     Llama-3 scaling divides the slow (long-wavelength) frequencies by ``factor``, keeps the fast
-    ones, and interpolates linearly in ``1 / wavelength`` between the two cut-offs. Explicit
-    per-frequency ``factors`` (llama.cpp's ``rope_freqs``) divide the result.
+    ones, and interpolates linearly in ``1 / wavelength`` between the two cut-offs; linear
+    scaling divides them all by ``factor``. Explicit per-frequency ``factors`` (llama.cpp's
+    ``rope_freqs``, LongRoPE's short or long factors) divide the result.
     """
     if factors is not None:
         base = inverse_frequencies(head_dim, theta, scaling)
@@ -33,6 +36,8 @@ def inverse_frequencies(
     inv_freq = 1.0 / (theta**exponents)  # [D/2]
     if scaling is None:
         return inv_freq
+    if isinstance(scaling, LinearRopeScaling):
+        return inv_freq / scaling.factor
     old_len = scaling.original_max_position_embeddings
     low_wavelen = old_len / scaling.low_freq_factor
     high_wavelen = old_len / scaling.high_freq_factor
@@ -53,21 +58,33 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_cos_sin(
-    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    dtype: torch.dtype,
+    attention_factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [T] int, inv_freq [D/2] float32 -> (cos, sin), each [T, 1, D] in ``dtype``.
+    """positions [T] int, inv_freq [R/2] float32 -> (cos, sin), each [T, 1, R] in ``dtype``.
 
-    The angles are computed in float32 and rounded to the activation dtype, as transformers
-    does; computed once per forward pass and shared by every layer.
+    The angles are computed in float32 (cos and sin multiplied by ``attention_factor``, LongRoPE's
+    magnitude correction) and rounded to the activation dtype, as transformers does; computed
+    once per forward pass and shared by every layer.
     """
-    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, R/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, R]
+    cos, sin = emb.cos(), emb.sin()
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate every head of x [T, H, D] by its token's angles (cos, sin [T, 1, D]) -> [T, H, D].
+    """Rotate every head of x [T, H, D] by its token's angles (cos, sin [T, 1, R]) -> [T, H, D].
 
     Queries and keys are rotated in one call by passing them side by side as one head axis.
+    With ``R < D`` (partial rotary) lanes ``R..D-1`` pass through unrotated.
     """
-    return x * cos + _rotate_half(x) * sin
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot = x[..., :r]  # [T, H, R]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, x[..., r:]), dim=-1)

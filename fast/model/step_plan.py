@@ -5,6 +5,10 @@ every call, and on the CPU the value checks read tensor contents. A 30-layer mod
 those checks, and rebuild the same gather indices and masks, 30 times per step. Every layer of
 a step sees the same metadata and caches of one shape, so :func:`plan_decode_step` runs the same
 checks once, builds the indices once, and the layers call the unchecked torch paths.
+
+Layers may differ in their sliding window (Qwen2, Gemma): one gather plan is built per distinct
+window, shared by the layers that have it. A soft-capped model (Gemma 2) gets no plan: the
+planned decode is fused SDPA, which has no soft-cap, so its layers run the checked kernels.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from kernels.torch_attention import DecodePlan, plan_decode
 class DecodeStepPlan:
     """What the layers of one validated CPU decode step share."""
 
-    attend: DecodePlan  # gather indices and masks for the attention
+    attend: dict[int | None, DecodePlan]  # sliding window -> gather indices and masks
     keep: torch.Tensor | None  # [T] bool, new tokens with a slot (None: all of them)
     rows: torch.Tensor  # [R] int64, flat cache rows of the kept tokens
 
@@ -48,11 +52,14 @@ def plan_decode_step(
 ) -> DecodeStepPlan | None:
     """Validate a decode step once; None where the per-layer public kernels must run instead.
 
-    None for prefill steps, non-CPU caches, caches that differ between layers, and activations
-    whose dtype differs from the cache (the public kernels then raise their named errors).
+    None for prefill steps, non-CPU caches, caches that differ between layers, soft-capped models,
+    and activations whose dtype differs from the cache (the public kernels then raise their
+    named errors).
     Invalid metadata raises the same named errors as ``kernels.write_kv`` / ``paged_decode``.
     """
     if not ctx.is_decode or not kv_caches or ctx.num_tokens == 0:
+        return None
+    if config.attn_logit_softcap is not None:
         return None
     k0, v0 = kv_caches[0]
     if k0.device.type != "cpu" or k0.dtype != dtype or not _uniform(kv_caches):
@@ -62,15 +69,14 @@ def plan_decode_step(
     probe_kv = torch.empty(t, hkv, d, dtype=dtype)  # stands for every layer's k, v [T, Hkv, D]
     check_write_kv(probe_kv, probe_kv, k0, v0, ctx.slot_mapping)
     dims = check_decode(torch.empty(t, hq, d, dtype=dtype), k0, v0, ctx.block_tables, ctx.seq_lens)
-    check_params(config.head_dim**-0.5, config.sliding_window, None)
+    windows = sorted(set(config.layer_windows), key=lambda w: -1 if w is None else w)
+    for window in windows:
+        check_params(config.attention_scale, window, None)
     slots = ctx.slot_mapping
     kept = slots >= 0  # [T]
     keep, rows = (None, slots.long()) if bool(kept.all()) else (kept, slots[kept].long())
-    attend = plan_decode(
-        ctx.block_tables,
-        ctx.seq_lens.long(),
-        dims.num_blocks,
-        dims.block_size,
-        config.sliding_window,
-    )
+    lens = ctx.seq_lens.long()
+    attend = {
+        w: plan_decode(ctx.block_tables, lens, dims.num_blocks, dims.block_size, w) for w in windows
+    }
     return DecodeStepPlan(attend, keep, rows)

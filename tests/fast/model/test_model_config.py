@@ -107,10 +107,47 @@ def test_unsupported_hf_features_raise() -> None:
         ModelConfig.from_hf_config({**base, "rope_scaling": {"rope_type": "yarn", "factor": 2}})
     with pytest.raises(InvalidModelConfigError, match="mlp_bias=True"):
         ModelConfig.from_hf_config({**base, "mlp_bias": True})
-    with pytest.raises(InvalidModelConfigError, match="max_window_layers=28"):
+    with pytest.raises(InvalidModelConfigError, match="layer_types=3, num_hidden_layers=1"):
         ModelConfig.from_hf_config(
-            {**base, "model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 28}
+            {
+                **base,
+                "model_type": "qwen2",
+                "use_sliding_window": True,
+                "sliding_window": 4,
+                "layer_types": ["full_attention"] * 3,
+            }
         )
+    with pytest.raises(InvalidModelConfigError, match="hidden_act='gelu'"):
+        ModelConfig(**ModelConfig.from_hf_config(base).__dict__ | {"hidden_act": "gelu"})
+    with pytest.raises(InvalidModelConfigError, match="sliding_layers=2, num_hidden_layers=1"):
+        ModelConfig(**ModelConfig.from_hf_config(base).__dict__ | {"sliding_layers": (True,) * 2})
+    with pytest.raises(InvalidModelConfigError, match="attn_logit_softcap=0.0"):
+        ModelConfig(**ModelConfig.from_hf_config(base).__dict__ | {"attn_logit_softcap": 0.0})
+
+
+def test_qwen2_per_layer_windows_follow_transformers() -> None:
+    """transformers 5.24: windows only with use_sliding_window, on layers >= max_window_layers
+    (or those layer_types marks), and none at all when the flag is off."""
+    base = dict(
+        vocab_size=10,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        model_type="qwen2",
+        sliding_window=6,
+    )
+    on = {**base, "use_sliding_window": True, "max_window_layers": 3}
+    assert ModelConfig.from_hf_config(on).layer_windows == (None, None, None, 6)
+    typed = {**on, "layer_types": ["sliding_attention", "full_attention"] * 2}
+    assert ModelConfig.from_hf_config(typed).layer_windows == (6, None, 6, None)
+    off = {**typed, "use_sliding_window": False}
+    assert ModelConfig.from_hf_config(off).layer_windows == (None,) * 4
+    hf = transformers.Qwen2Config(**{k: v for k, v in on.items() if k != "model_type"})
+    assert ModelConfig.from_hf_config(hf.to_dict()).layer_windows == tuple(
+        6 if t == "sliding_attention" else None for t in hf.layer_types
+    )
 
 
 def test_from_gguf_metadata() -> None:
