@@ -123,11 +123,23 @@ def check_fp8_triton(device: torch.device) -> None:
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x [T, Hkv, D] -> codes [T, Hkv, D] of ``dtype``: ``x / scale`` in float32, saturated to
-    ``±M`` (infinities too), then rounded to nearest even by torch's conversion."""
-    top = FP8_MAX[dtype]
-    y = x.to(torch.float32) / scale[:, None]  # [T, Hkv, D]
-    return y.clamp_(-top, top).to(dtype)
+    """x [T, Hkv, D] -> codes [T, Hkv, D] of ``dtype``, bit for bit ``spec.kv_quant.quantize``.
+
+    As the spec: ``y = x / scale`` in float64 (for float32/bf16/fp16 inputs and float32 scales
+    no quotient lands on an fp8 rounding midpoint unless it is exactly one), saturated to ``±M``
+    (infinities too; NaN stays NaN), rounded to the grid in float64 arithmetic (the spacing is a
+    power of two, ``torch.round`` is half to even), then converted: the value is on the grid, so
+    the conversion is exact. Converting the float64 ``y`` directly would round twice (via
+    float32).
+    """
+    fmt = FP8_FORMATS[FP8_DTYPES[dtype]]
+    y = x.to(torch.float64) / scale.to(torch.float64)[:, None]  # [T, Hkv, D]
+    a = y.abs().clamp_(max=fmt.max_value)
+    _, e = torch.frexp(a)  # a = f * 2^e, f in [0.5, 1): floor(log2 a) = e - 1
+    e = (e - 1).clamp_(min=fmt.min_exponent) - fmt.mantissa_bits  # log2 of the spacing
+    spacing = torch.ldexp(torch.ones_like(a), e)
+    r = torch.round(a / spacing) * spacing
+    return torch.copysign(r, y).to(dtype)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -4,13 +4,17 @@
 Program ``t`` reads ``slot_mapping[t]``; slot -1 (padding) writes nothing. Otherwise the token's
 ``[Hkv, D]`` rows go to block ``slot // PAGE``, row ``slot % PAGE``; the offset is int64.
 
-Into an fp8 cache the program stores ``Q(x / s_h)`` (``spec.kv_quant``): ``y = x / s_h`` in
-float32, saturated to ``±M`` (infinities too; NaN stays NaN), and rounded to the format's grid
-with integer and float arithmetic that is exact: the grid spacing at ``|y|`` is the power of two
-``2^(max(e, e_min) - m)`` (``e`` read from the float32 exponent bits), ``|y| / spacing`` is
-exact, and adding and subtracting ``2^23`` rounds it to an integer, half to even. The result is
-a value of the fp8 format, so the final conversion is exact on every device; Triton's own
-float32 -> fp8 rounding is not relied on (its CPU interpreter rounds 7.99 to 4 in e4m3).
+Into an fp8 cache the program stores ``Q(x / s_h)`` exactly as ``spec.kv_quant`` defines it
+(the exact quotient saturated to ``±M`` and rounded to the grid, half to even), bit for bit:
+``y = x / s_h`` in float32, saturated (infinities too; NaN stays NaN), and rounded with exact
+arithmetic: the grid spacing at ``|y|`` is the power of two ``2^(max(e, e_min) - m)`` (``e`` read
+from the float32 exponent bits), ``|y| / spacing`` is exact, and adding and subtracting ``2^23``
+rounds it to an integer, half to even. Where the float32 quotient lands exactly on a midpoint of
+the grid that the exact quotient only approaches (``8.75 / fp32(0.7)`` is ``12.5`` in float32,
+``12.50000021`` exactly), the sign of the exact residual ``x - y s_h`` (float64) breaks the tie.
+The result is a value of the fp8 format, so the final conversion is exact on every device;
+Triton's own float32 -> fp8 rounding is not relied on (its CPU interpreter rounds 7.99 to 4 in
+e4m3).
 """
 
 from __future__ import annotations
@@ -28,13 +32,22 @@ __all__ = ["triton_write_kv"]
 
 
 @triton.jit
-def _round_fp8(y, MANT: tl.constexpr, EMIN: tl.constexpr, FMAX: tl.constexpr):
-    """y float32 -> the nearest fp8 grid value (ties to even), saturated to [-FMAX, FMAX]."""
+def _quantize(x, s, MANT: tl.constexpr, EMIN: tl.constexpr, FMAX: tl.constexpr):
+    """x [N] (any float) / s [N] float32 rounded to the fp8 grid, as float32 (module docstring)."""
+    y = x.to(tl.float32) / s  # correctly rounded float32 quotient
+    # exact residual: y * s has at most 48 significant bits, so this float64 difference is exact
+    rem = x.to(tl.float64) - y.to(tl.float64) * s.to(tl.float64)
     a = tl.minimum(tl.abs(y), FMAX, propagate_nan=tl.PropagateNan.ALL)
     e = (a.to(tl.int32, bitcast=True) >> 23) - 127  # floor(log2 a); -127 for 0 and fp32 subnormals
     e = tl.maximum(e, EMIN)
     spacing = ((e - MANT + 127) << 23).to(tl.float32, bitcast=True)  # 2^(e - MANT)
-    r = ((a / spacing + 8388608.0) - 8388608.0) * spacing  # rint(a / spacing) * spacing
+    t = a / spacing  # exact, < 2^(MANT + 1) + 1
+    r = (t + 8388608.0) - 8388608.0  # rint(t), half to even
+    # y itself may sit on a midpoint the exact quotient x / s only approaches: break the tie
+    # toward the exact quotient (|x / s| > |y| iff the residual has y's sign)
+    tie = (tl.abs(t - r) == 0.5) & (rem != 0.0)
+    up = (rem > 0.0) == (y > 0.0)
+    r = tl.where(tie, tl.where(up, t + 0.5, t - 0.5), r) * spacing
     sign = (y.to(tl.int32, bitcast=True) >> 31) << 31  # the sign bit of y
     return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
@@ -77,8 +90,8 @@ def _write_kv_kernel(
         if FP8:
             ks = tl.load(ks_ptr + h, mask=ok, other=1.0)  # [HD_PAD] the lane's head scale
             vs = tl.load(vs_ptr + h, mask=ok, other=1.0)
-            k = _round_fp8(k.to(tl.float32) / ks, MANT, EMIN, FMAX)
-            v = _round_fp8(v.to(tl.float32) / vs, MANT, EMIN, FMAX)
+            k = _quantize(k, ks, MANT, EMIN, FMAX)
+            v = _quantize(v, vs, MANT, EMIN, FMAX)
         k = k.to(kc_ptr.dtype.element_ty)
         v = v.to(vc_ptr.dtype.element_ty)
         dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_ct + h * stride_ch + d

@@ -7,10 +7,18 @@ reads a wrong block or an unmasked row fails (NaN never passes the tolerance). W
 ``high_block_ids`` the used blocks sit above the id at which ``id * block_stride`` passes 2^31
 elements, which catches 32-bit offset arithmetic (several GB of pool: GPU only). The spec sees a
 compact float64 copy holding only the used blocks.
+
+An fp8 case (``kv_cache_dtype`` ``"fp8_e4m3"`` or ``"fp8_e5m2"``, :func:`fp8_attention_cases`)
+draws float32 K/V of magnitude ``2^kv_exponent``, calibrates scales on them (per tensor, or per
+KV head), multiplies them by ``scale_factor`` (below 1: the largest values saturate), and stores
+the spec's codes (``spec.kv_quant.quantize``, exact in fp8) in a ``torch.float8_*`` pool, poisoned
+with fp8 NaN as above. The spec reads the codes with the scales; the unquantized K/V are kept
+for the error bound (``spec.kv_quant_bound``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -32,9 +40,13 @@ __all__ = [
     "INTERPRETER_GENERAL_LIMITS",
     "GPU_GENERAL_LIMITS",
     "GPU_GENERAL_PREFILL_LIMITS",
+    "fp8_attention_cases",
+    "FP8_TORCH_DTYPES",
 ]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: kv_cache_dtype -> the torch dtype of the pool.
+FP8_TORCH_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,15 @@ class AttentionCase:
     softcap: float | None = None
     high_block_ids: bool = False
     seed: int = 0
+    kv_cache_dtype: str = "auto"  # or "fp8_e4m3" / "fp8_e5m2": an fp8 pool (module docstring)
+    per_head_scales: bool = False
+    scale_factor: float = 1.0  # times the calibrated scales; < 1 saturates the largest values
+    kv_exponent: int = 0  # fp8: K/V drawn as randn * 2^kv_exponent
+
+    @property
+    def fp8(self) -> bool:
+        """Whether the pool is fp8."""
+        return self.kv_cache_dtype != "auto"
 
     @property
     def num_q_heads(self) -> int:
@@ -79,6 +100,12 @@ class BuiltCase:
     spec_k: NDArray[np.float64] = field(repr=False)  # [used, bs, Hkv, D]
     spec_v: NDArray[np.float64] = field(repr=False)
     spec_tables: NDArray[np.int64] = field(repr=False)  # [B, W] into the compact pool
+    k_scale: NDArray[np.float64] | None = field(default=None, repr=False)  # fp8: [Hkv]
+    v_scale: NDArray[np.float64] | None = field(default=None, repr=False)
+    raw_k: NDArray[np.float64] | None = field(
+        default=None, repr=False
+    )  # fp8: unquantized, as spec_k
+    raw_v: NDArray[np.float64] | None = field(default=None, repr=False)
 
 
 def build_case(case: AttentionCase, device: str | torch.device = "cpu") -> BuiltCase:
@@ -92,6 +119,9 @@ def build_case(case: AttentionCase, device: str | torch.device = "cpu") -> Built
     width = max(nblk, default=0) + 1  # one padding column past the longest table
     compact_k = torch.randn(used, bs, hkv, d, generator=gen).to(dt)
     compact_v = torch.randn(used, bs, hkv, d, generator=gen).to(dt)
+    if case.fp8:
+        scales, raw, compact_k, compact_v = _quantized(case, compact_k, compact_v)
+        dt = FP8_TORCH_DTYPES[case.kv_cache_dtype]
     order = rng.permutation(used)  # logical block i of the batch -> compact block order[i]
     spec_tables = np.zeros((len(case.seq_lens), width), dtype=np.int64)
     i = 0
@@ -104,7 +134,7 @@ def build_case(case: AttentionCase, device: str | torch.device = "cpu") -> Built
             last = int(spec_tables[b, n - 1])
             compact_k[last, tail:] = float("nan")
             compact_v[last, tail:] = float("nan")
-    spec_k = np.nan_to_num(compact_k.double().numpy(), nan=0.0)
+    spec_k = np.nan_to_num(compact_k.double().numpy(), nan=0.0)  # fp8: the codes
     spec_v = np.nan_to_num(compact_v.double().numpy(), nan=0.0)
     stride = bs * hkv * d
     base = -(-(2**31) // stride) if case.high_block_ids else int(rng.integers(0, 4))
@@ -131,7 +161,10 @@ def build_case(case: AttentionCase, device: str | torch.device = "cpu") -> Built
         cu = torch.tensor(
             np.concatenate([[0], np.cumsum(case.q_lens)]), dtype=torch.int32, device=device
         )
-    q = torch.randn(tokens, case.num_q_heads, d, generator=gen).to(dt)
+    q = torch.randn(tokens, case.num_q_heads, d, generator=gen).to(_DTYPES[case.dtype])
+    extra = {}
+    if case.fp8:
+        extra = {"k_scale": scales[0], "v_scale": scales[1], "raw_k": raw[0], "raw_v": raw[1]}
     return BuiltCase(
         case=case,
         q=q.to(device),
@@ -144,7 +177,36 @@ def build_case(case: AttentionCase, device: str | torch.device = "cpu") -> Built
         spec_k=spec_k,
         spec_v=spec_v,
         spec_tables=np.clip(spec_tables, 0, None),
+        **extra,
     )
+
+
+def _quantized(
+    case: AttentionCase, k: torch.Tensor, v: torch.Tensor
+) -> tuple[
+    tuple[NDArray[np.float64], NDArray[np.float64]],
+    tuple[NDArray[np.float64], NDArray[np.float64]],
+    torch.Tensor,
+    torch.Tensor,
+]:
+    """((k_scale, v_scale) [Hkv], (raw k, raw v) float64, fp8 codes of k, v) of a compact pool.
+
+    k, v [used, bs, Hkv, D] from randn; scaled by ``2^kv_exponent`` (float32) before quantizing.
+    """
+    from spec.kv_quant import calibrated_scales, quantize
+
+    name = case.kv_cache_dtype
+    fp8 = FP8_TORCH_DTYPES[name]
+    mag = 2.0**case.kv_exponent
+    raw = [(x.float() * mag).double().numpy() for x in (k, v)]  # [used, bs, Hkv, D]
+    scales, codes = [], []
+    for x in raw:
+        rows = x.reshape(-1, *x.shape[2:])  # [used * bs, Hkv, D]
+        s = calibrated_scales(rows, name, case.per_head_scales) * case.scale_factor
+        s = s.astype(np.float32).astype(np.float64)  # the kernels take float32 scales
+        scales.append(s)
+        codes.append(torch.from_numpy(quantize(x, s, name)).to(fp8))  # exact: on the grid
+    return (scales[0], scales[1]), (raw[0], raw[1]), codes[0], codes[1]
 
 
 @dataclass(frozen=True)
@@ -252,3 +314,22 @@ GPU_GENERAL_PREFILL_LIMITS = CaseLimits(
     kv_heads=(1, 2, 8),
     high_ids=True,
 )
+
+
+@st.composite
+def fp8_attention_cases(
+    draw: st.DrawFn,
+    limits: CaseLimits = CPU_LIMITS,
+    prefill: bool = False,
+    kv_cache_dtypes: tuple[str, ...] = ("fp8_e4m3", "fp8_e5m2"),
+) -> AttentionCase:
+    """:func:`attention_cases` over an fp8 pool: format, scale granularity, magnitude, and
+    scales at or below calibration."""
+    case = draw(attention_cases(limits, prefill=prefill))
+    return dataclasses.replace(
+        case,
+        kv_cache_dtype=draw(st.sampled_from(kv_cache_dtypes)),
+        per_head_scales=draw(st.booleans()),
+        scale_factor=draw(st.sampled_from([1.0, 1.0, 0.25])),
+        kv_exponent=draw(st.integers(-6, 6)),
+    )

@@ -5,6 +5,11 @@ and ``"triton"`` call :mod:`kernels` with that backend. A third party registers 
 :func:`register_attention`. :func:`check_decode` and :func:`check_prefill` run an implementation
 on a built case with a NaN-poisoned ``out`` and compare with the float64 spec by relative
 Frobenius error, against ``spec.tolerances.TOLERANCES`` for the case's dtype.
+
+On an fp8 case they also pass the scales, and check the output against exact float64 attention
+over the *unquantized* K/V: per element within ``spec.kv_quant_bound.attention_error_bound``
+plus the dtype's allowance ``TOLERANCES[dtype] * ||ref||_F`` (what the comparison with the spec
+over the dequantized cache already grants the kernel's own rounding).
 """
 
 from __future__ import annotations
@@ -12,11 +17,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from conformance.attention.cases import BuiltCase
+from spec.attention import AttentionParams, attention
+from spec.kv_cache import gather_kv
+from spec.kv_quant_bound import attention_error_bound
 from spec.paged_decode import paged_decode as spec_paged_decode
 from spec.paged_prefill import paged_prefill as spec_paged_prefill
+from spec.paged_prefill import query_positions
 from spec.tolerances import TOLERANCES, relative_error
 
 __all__ = [
@@ -27,6 +38,7 @@ __all__ = [
     "attention_names",
     "check_decode",
     "check_prefill",
+    "fp8_bound_check",
 ]
 
 
@@ -48,6 +60,8 @@ class AttentionImpl(Protocol):
         sliding_window: int | None,
         softcap: float | None,
         out: torch.Tensor,
+        k_scale: float | torch.Tensor = 1.0,
+        v_scale: float | torch.Tensor = 1.0,
     ) -> torch.Tensor: ...
 
     def paged_prefill(
@@ -63,6 +77,8 @@ class AttentionImpl(Protocol):
         sliding_window: int | None,
         softcap: float | None,
         out: torch.Tensor,
+        k_scale: float | torch.Tensor = 1.0,
+        v_scale: float | torch.Tensor = 1.0,
     ) -> torch.Tensor: ...
 
 
@@ -85,6 +101,8 @@ class KernelsAttention:
         sliding_window: int | None,
         softcap: float | None,
         out: torch.Tensor,
+        k_scale: float | torch.Tensor = 1.0,
+        v_scale: float | torch.Tensor = 1.0,
     ) -> torch.Tensor:
         """``kernels.paged_decode`` on this backend."""
         import kernels
@@ -98,6 +116,8 @@ class KernelsAttention:
             scale=scale,
             sliding_window=sliding_window,
             softcap=softcap,
+            k_scale=k_scale,
+            v_scale=v_scale,
             out=out,
             backend=self.backend,
         )
@@ -115,6 +135,8 @@ class KernelsAttention:
         sliding_window: int | None,
         softcap: float | None,
         out: torch.Tensor,
+        k_scale: float | torch.Tensor = 1.0,
+        v_scale: float | torch.Tensor = 1.0,
     ) -> torch.Tensor:
         """``kernels.paged_prefill`` on this backend."""
         import kernels
@@ -129,6 +151,8 @@ class KernelsAttention:
             scale=scale,
             sliding_window=sliding_window,
             softcap=softcap,
+            k_scale=k_scale,
+            v_scale=v_scale,
             out=out,
             backend=self.backend,
         )
@@ -165,8 +189,71 @@ def _compare(out: torch.Tensor, ref: object, built: BuiltCase, what: str) -> flo
     return err
 
 
+def _kernel_scales(built: BuiltCase) -> dict[str, torch.Tensor]:
+    """The fp8 case's scales as [Hkv] float32 tensors on its device (no keywords otherwise)."""
+    if built.k_scale is None or built.v_scale is None:
+        return {}
+    dev = built.q.device
+    return {
+        "k_scale": torch.tensor(built.k_scale, dtype=torch.float32, device=dev),
+        "v_scale": torch.tensor(built.v_scale, dtype=torch.float32, device=dev),
+    }
+
+
+def _spec_scales(built: BuiltCase) -> dict[str, NDArray[np.float64]]:
+    if built.k_scale is None or built.v_scale is None:
+        return {}
+    return {"k_scale": built.k_scale, "v_scale": built.v_scale}
+
+
+def fp8_bound_check(
+    out: torch.Tensor, ref: NDArray[np.float64], built: BuiltCase, cu_seqlens_q: list[int]
+) -> float:
+    """Assert ``|out - exact| <= bound + TOLERANCES[dtype] * ||ref||_F`` per element, where
+    ``exact`` is float64 attention over the unquantized K/V; return the largest
+    ``|out - exact| / (bound + allowance)``. ``cu_seqlens_q`` [B+1] (decode: 0, 1, ..., B)."""
+    c = built.case
+    assert built.raw_k is not None and built.raw_v is not None
+    assert built.k_scale is not None and built.v_scale is not None
+    params = AttentionParams(c.scale, c.sliding_window, c.softcap)
+    got = out.double().cpu().numpy()
+    allowance = TOLERANCES[c.dtype] * float(np.linalg.norm(ref.ravel()))
+    worst = 0.0
+    for b, seq_len in enumerate(c.seq_lens):
+        lo, hi = cu_seqlens_q[b], cu_seqlens_q[b + 1]
+        if hi == lo:
+            continue
+        k, v = gather_kv(built.raw_k, built.raw_v, built.spec_tables[b], seq_len)  # [L, Hkv, D]
+        q = built.spec_q[lo:hi]
+        pos = query_positions(seq_len, hi - lo)
+        exact = attention(q, k, v, params, q_positions=pos)[0]
+        bound = attention_error_bound(
+            q,
+            k,
+            v,
+            params,
+            k_scale=built.k_scale,
+            v_scale=built.v_scale,
+            kv_cache_dtype=c.kv_cache_dtype,
+            q_positions=pos,
+        )
+        err = np.abs(got[lo:hi] - exact)
+        limit = bound + allowance
+        if not np.all(err <= limit):
+            i = np.unravel_index(int(np.argmax(err - limit)), err.shape)
+            raise AssertionError(
+                f"fp8 bound: |out - exact| = {err[i]:.3g} > bound {bound[i]:.3g} + "
+                f"allowance {allowance:.3g} at sequence {b}, row {i} on {c}"
+            )
+        if limit.size:
+            worst = max(worst, float((err / np.where(limit > 0, limit, 1.0)).max()))
+    return worst
+
+
 def check_decode(impl: AttentionImpl, built: BuiltCase) -> float:
-    """Run decode into a NaN-filled ``out``; assert it is within tolerance; return the error."""
+    """Run decode into a NaN-filled ``out``; assert it is within tolerance; return the error.
+
+    An fp8 case is also held to the error bound against the unquantized K/V."""
     c = built.case
     out = torch.full_like(built.q, float("nan"))
     got = impl.paged_decode(
@@ -179,6 +266,7 @@ def check_decode(impl: AttentionImpl, built: BuiltCase) -> float:
         sliding_window=c.sliding_window,
         softcap=c.softcap,
         out=out,
+        **_kernel_scales(built),
     )
     if got.data_ptr() != out.data_ptr():
         raise AssertionError(f"{impl.name}: paged_decode did not return out")
@@ -191,12 +279,18 @@ def check_decode(impl: AttentionImpl, built: BuiltCase) -> float:
         scale=c.scale,
         sliding_window=c.sliding_window,
         softcap=c.softcap,
+        **_spec_scales(built),
     )
-    return _compare(out, ref, built, f"{impl.name} paged_decode")
+    err = _compare(out, ref, built, f"{impl.name} paged_decode")
+    if c.fp8:
+        fp8_bound_check(out, ref, built, list(range(len(c.seq_lens) + 1)))
+    return err
 
 
 def check_prefill(impl: AttentionImpl, built: BuiltCase) -> float:
-    """Run prefill into a NaN-filled ``out``; assert it is within tolerance; return the error."""
+    """Run prefill into a NaN-filled ``out``; assert it is within tolerance; return the error.
+
+    An fp8 case is also held to the error bound against the unquantized K/V."""
     c = built.case
     out = torch.full_like(built.q, float("nan"))
     got = impl.paged_prefill(
@@ -210,6 +304,7 @@ def check_prefill(impl: AttentionImpl, built: BuiltCase) -> float:
         sliding_window=c.sliding_window,
         softcap=c.softcap,
         out=out,
+        **_kernel_scales(built),
     )
     if got.data_ptr() != out.data_ptr():
         raise AssertionError(f"{impl.name}: paged_prefill did not return out")
@@ -223,5 +318,9 @@ def check_prefill(impl: AttentionImpl, built: BuiltCase) -> float:
         scale=c.scale,
         sliding_window=c.sliding_window,
         softcap=c.softcap,
+        **_spec_scales(built),
     )
-    return _compare(out, ref, built, f"{impl.name} paged_prefill")
+    err = _compare(out, ref, built, f"{impl.name} paged_prefill")
+    if c.fp8:
+        fp8_bound_check(out, ref, built, built.cu_seqlens_q.cpu().tolist())
+    return err

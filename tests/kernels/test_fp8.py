@@ -1,0 +1,251 @@
+"""fp8 KV caches in the kernels: the write is bit-exact to the spec, decode and prefill meet the
+spec over the dequantized cache and the error bound over the unquantized K/V (torch fallback and
+Triton in the interpreter here; the GPU tests run the same on CUDA), copy/swap move bytes, and
+bad combinations are refused with named errors."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+import kernels
+from conformance.attention.cases import (
+    CPU_LIMITS,
+    GPU_LIMITS,
+    GPU_PREFILL_LIMITS,
+    AttentionCase,
+    CaseLimits,
+    build_case,
+    fp8_attention_cases,
+)
+from conformance.attention.impl import (
+    attention_impl,
+    check_decode,
+    check_prefill,
+    fp8_bound_check,
+)
+from kernels.errors import DTypeMismatchError, Fp8UnsupportedError, KernelInputError
+from kernels.fp8 import cache_dtype, check_fp8_triton
+from spec import kv_cache as spec_kv
+from spec.errors import InvalidArgumentError
+from spec.kv_quant import FP8_FORMATS, grid_values
+
+CI = settings(
+    deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None
+)
+FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+_SMALL = CaseLimits(
+    max_batch=2,
+    max_len=40,
+    head_dims=(64,),
+    block_sizes=(8, 16, 32),
+    dtypes=CPU_LIMITS.dtypes,
+    kv_heads=(1, 2),
+)
+
+
+@pytest.mark.parametrize("name", sorted(FP8))
+def test_torch_fp8_values_are_the_spec_grid(name: str) -> None:
+    values = torch.arange(256, dtype=torch.uint8).view(FP8[name]).double().numpy()  # every byte
+    finite = np.unique(np.abs(values[np.isfinite(values)]))
+    assert np.array_equal(finite, grid_values(FP8_FORMATS[name]))
+
+
+def _write_case(device: str, backend: str, name: str, in_dtype: torch.dtype, per_head: bool):
+    g = torch.Generator().manual_seed(7)
+    t, hkv, d, nb, bs = 50, 3, 48, 9, 8
+    k = torch.randn(t, hkv, d, generator=g) * torch.exp(torch.randn(t, hkv, d, generator=g) * 4)
+    v = torch.randn(t, hkv, d, generator=g) * 3
+    k[0, 0, :5] = torch.tensor([float("inf"), -float("inf"), -0.0, 0.0, 1e30])
+    k, v = k.to(in_dtype), v.to(in_dtype)
+    ks = torch.tensor([0.3, 2.0, 1e-3]) if per_head else torch.tensor(0.7)
+    vs = 0.01
+    kc = torch.zeros(nb, bs, hkv, d, dtype=FP8[name])
+    vc = torch.zeros_like(kc)
+    slots = torch.randperm(nb * bs, generator=g)[:t]
+    slots[::6] = -1
+    kd, vd = kc.to(device), vc.to(device)
+    kernels.write_kv(
+        k.to(device),
+        v.to(device),
+        kd,
+        vd,
+        slots.to(device),
+        kv_cache_dtype=name,
+        k_scale=ks.to(device),
+        v_scale=vs,
+        backend=backend,
+    )
+    sk, sv = np.zeros(kc.shape), np.zeros(kc.shape)
+    spec_kv.write_kv(
+        k.double().numpy(),
+        v.double().numpy(),
+        sk,
+        sv,
+        slots.numpy(),
+        kv_cache_dtype=name,
+        k_scale=ks.double().numpy(),
+        v_scale=float(np.float32(vs)),  # the kernels hold scales in float32
+    )
+    got_k, got_v = kd.cpu().double().numpy(), vd.cpu().double().numpy()
+    assert np.all(np.isfinite(got_k)) and np.all(np.isfinite(got_v))  # saturated, never inf
+    assert np.array_equal(got_k, sk) and np.array_equal(np.signbit(got_k), np.signbit(sk))
+    assert np.array_equal(got_v, sv)
+
+
+@pytest.mark.parametrize("name", sorted(FP8))
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_quantizes_bit_exactly_as_the_spec(
+    name: str, backend: str, in_dtype: torch.dtype
+) -> None:
+    _write_case("cpu", backend, name, in_dtype, per_head=in_dtype == torch.float32)
+
+
+@settings(CI, max_examples=25)
+@given(case=fp8_attention_cases(CPU_LIMITS))
+def test_torch_fp8_decode_meets_spec_and_bound(case: AttentionCase) -> None:
+    check_decode(attention_impl("torch"), build_case(case))
+
+
+@settings(CI, max_examples=25)
+@given(case=fp8_attention_cases(CPU_LIMITS, prefill=True))
+def test_torch_fp8_prefill_meets_spec_and_bound(case: AttentionCase) -> None:
+    check_prefill(attention_impl("torch"), build_case(case))
+
+
+@settings(CI, max_examples=8)
+@given(case=fp8_attention_cases(_SMALL))
+def test_triton_fp8_decode_meets_spec_and_bound(case: AttentionCase) -> None:
+    check_decode(attention_impl("triton"), build_case(case))
+
+
+@settings(CI, max_examples=8)
+@given(case=fp8_attention_cases(_SMALL, prefill=True))
+def test_triton_fp8_prefill_meets_spec_and_bound(case: AttentionCase) -> None:
+    check_prefill(attention_impl("triton"), build_case(case))
+
+
+def test_the_bound_check_catches_a_wrong_scale() -> None:
+    case = AttentionCase(
+        num_kv_heads=2,
+        group=2,
+        head_dim=64,
+        block_size=8,
+        seq_lens=(20, 9),
+        q_lens=None,
+        dtype="float32",
+        kv_cache_dtype="fp8_e4m3",
+        kv_exponent=3,
+    )
+    built = build_case(case)
+    torch_impl = attention_impl("torch")
+
+    class OffScale:  # reads V with a scale 5% off
+        name = "off-scale"
+
+        def paged_decode(self, *args: Any, v_scale: torch.Tensor, **kw: Any) -> torch.Tensor:
+            return torch_impl.paged_decode(*args, v_scale=v_scale * 1.05, **kw)
+
+        paged_prefill = paged_decode
+
+    with pytest.raises(AssertionError, match="relative error"):
+        check_decode(OffScale(), built)  # type: ignore[arg-type]
+    # the bound check on its own: exact attention passes, a push past the bound fails
+    out = torch.full_like(built.q, float("nan"))
+    ref = (
+        torch_impl.paged_decode(
+            built.q,
+            built.k_cache,
+            built.v_cache,
+            built.block_tables,
+            built.seq_lens,
+            scale=case.scale,
+            sliding_window=None,
+            softcap=None,
+            out=out,
+            k_scale=torch.tensor(built.k_scale, dtype=torch.float32),
+            v_scale=torch.tensor(built.v_scale, dtype=torch.float32),
+        )
+        .double()
+        .numpy()
+    )
+    assert fp8_bound_check(out, ref, built, [0, 1, 2]) <= 1.0
+    assert built.raw_v is not None
+    pushed = out + 3.0 * float(np.abs(built.raw_v).max())  # past any bound + allowance
+    with pytest.raises(AssertionError, match="fp8 bound"):
+        fp8_bound_check(pushed, ref, built, [0, 1, 2])
+
+
+def test_copy_and_swap_move_fp8_bytes_unchanged() -> None:
+    g = torch.Generator().manual_seed(1)
+    raw = torch.randint(0, 256, (6, 4, 2, 16), generator=g, dtype=torch.uint8)
+    k, v = raw.view(torch.float8_e4m3fn), raw.flip(0).contiguous().view(torch.float8_e4m3fn)
+    before_k, before_v = k.view(torch.uint8).clone(), v.view(torch.uint8).clone()
+    kernels.copy_blocks(k, v, [[1, 4], [2, 5]])
+    assert torch.equal(k.view(torch.uint8)[4], before_k[1])  # NaN bytes included
+    assert torch.equal(v.view(torch.uint8)[5], before_v[2])
+    host = torch.zeros(3, 4, 2, 16, dtype=torch.float8_e4m3fn)
+    kernels.swap_blocks(k, host, [[0, 2], [3, 0]])
+    assert torch.equal(host.view(torch.uint8)[2], before_k[0])
+    assert torch.equal(host.view(torch.uint8)[0], before_k[3])
+
+
+def test_bad_fp8_combinations_are_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    kc = torch.zeros(4, 8, 2, 64, dtype=torch.float8_e4m3fn)
+    k = torch.zeros(3, 2, 64)
+    slots = torch.arange(3)
+    with pytest.raises(DTypeMismatchError, match="fp8_e5m2"):
+        kernels.write_kv(k, k, kc, kc.clone(), slots, kv_cache_dtype="fp8_e5m2")
+    with pytest.raises(InvalidArgumentError, match="fp8_e4m3"):
+        kernels.write_kv(k, k, kc, kc.clone(), slots, kv_cache_dtype="int8")
+    with pytest.raises(KernelInputError, match="k_scale applies to fp8 caches only"):
+        kernels.write_kv(
+            k, k, torch.zeros(4, 8, 2, 64), torch.zeros(4, 8, 2, 64), slots, k_scale=2.0
+        )
+    with pytest.raises(KernelInputError, match="finite and > 0"):
+        kernels.write_kv(k, k, kc, kc.clone(), slots, k_scale=0.0)
+    with pytest.raises(KernelInputError, match=r"\[\] or \[2\]"):
+        kernels.write_kv(k, k, kc, kc.clone(), slots, v_scale=torch.ones(3))
+    q, bt, lens = torch.zeros(1, 4, 64), torch.zeros(1, 1, dtype=torch.int32), torch.ones(1).int()
+    bf = torch.zeros(4, 8, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(KernelInputError, match="v_scale applies to fp8 caches only"):
+        kernels.paged_decode(q.bfloat16(), bf, bf, bt, lens, scale=1.0, v_scale=torch.ones(2))
+    assert cache_dtype("fp8", torch.bfloat16) is torch.float8_e4m3fn
+    # a GPU below compute capability 8.9: Triton's fp8 path is refused, naming both
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(Fp8UnsupportedError, match=r"8\.9.*A100 with compute capability 8\.0"):
+        check_fp8_triton(torch.device("cuda", 0))
+    check_fp8_triton(torch.device("cpu"))  # the interpreter and the torch fallback decode fp8
+
+
+# -- on the GPU -----------------------------------------------------------------------------------
+
+GPU_CI = settings(CI, max_examples=int(os.environ.get("PAGEDKV_GPU_EXAMPLES", "40")))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(FP8))
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gpu_write_kv_quantizes_bit_exactly_as_the_spec(name: str, backend: str) -> None:
+    _write_case("cuda", backend, name, torch.bfloat16, per_head=True)
+
+
+@pytest.mark.gpu
+@GPU_CI
+@given(case=fp8_attention_cases(GPU_LIMITS))
+def test_gpu_triton_fp8_decode_meets_spec_and_bound(case: AttentionCase) -> None:
+    check_decode(attention_impl("triton"), build_case(case, "cuda"))
+
+
+@pytest.mark.gpu
+@GPU_CI
+@given(case=fp8_attention_cases(GPU_PREFILL_LIMITS, prefill=True))
+def test_gpu_triton_fp8_prefill_meets_spec_and_bound(case: AttentionCase) -> None:
+    check_prefill(attention_impl("triton"), build_case(case, "cuda"))
