@@ -1,7 +1,9 @@
 """``python -m conformance --impl NAME|module:factory [--suite S] [--steps N] [--seed S]``.
 
 Checks an implementation against the spec and prints one report per suite. ``--impl`` is a
-built-in name (``fast``, ``spec``; ``torch``, ``triton`` for attention; anything registered) or
+built-in name (``fast``, ``spec``; ``torch``, ``triton`` for attention; anything registered;
+other libraries' caches: ``transformers-cb`` and ``torch-paged`` for blocks in the semantic mode,
+``torch-flex`` for attention, see ``conformance.adapters``) or
 ``package.module:attribute``, any importable factory (its suite defaults to ``blocks``; pick
 another with ``--suite``). ``fast`` means the numba block manager, the engine's scheduler, and
 for attention the Triton kernels on a GPU or their torch fallback without one.
@@ -30,14 +32,15 @@ class UsageError(Exception):
 
 def _builtin_names() -> dict[str, list[str]]:
     """Built-in implementation names per suite (attention: ``fast``/``spec`` pick the default)."""
+    from conformance.adapters import ATTENTION_ADAPTERS, semantic_adapter_names
     from conformance.attention.impl import attention_names
     from conformance.registry import block_manager_names
     from conformance.scheduler.protocol import scheduler_names
 
     return {
-        "blocks": block_manager_names(),
+        "blocks": sorted({*block_manager_names(), *semantic_adapter_names()}),
         "scheduler": scheduler_names(),
-        "attention": sorted({*attention_names(), "fast", "spec"}),
+        "attention": sorted({*attention_names(), *ATTENTION_ADAPTERS, "fast", "spec"}),
     }
 
 
@@ -75,8 +78,14 @@ def _run(suite: str, impl: str, target: Any, args: argparse.Namespace) -> Any:
     seed, steps = args.seed, args.steps
     log: Callable[[str], None] = print if args.verbose else (lambda line: None)
     if suite == "blocks":
+        from conformance.adapters import check_semantic_adapter, semantic_adapter_names
         from conformance.registry import block_manager_factory, block_manager_names
 
+        if target is None and impl in semantic_adapter_names():
+            programs = steps or (3000 if args.profile == "deep" else 300)
+            return check_semantic_adapter(
+                impl, programs=programs, shrink_seconds=args.shrink_seconds, log=log
+            )
         if target is None and impl not in block_manager_names():
             return Report(suite, impl, "not run", reason="no block manager of that name")
         factory = target if target is not None else block_manager_factory(impl)
@@ -107,10 +116,13 @@ def _run(suite: str, impl: str, target: Any, args: argparse.Namespace) -> Any:
             shrink_seconds=args.shrink_seconds,
             log=log,
         )
+    from conformance.adapters import ATTENTION_ADAPTERS, attention_adapter
     from conformance.attention.impl import KernelsAttention, attention_names
 
     if target is not None:
         obj = _attention_object(target)
+    elif impl in ATTENTION_ADAPTERS:
+        obj = attention_adapter(impl)
     elif impl in ("fast", "spec"):
         obj = KernelsAttention("auto")  # Triton on a GPU, the torch fallback without one
     elif impl in attention_names():
@@ -141,8 +153,8 @@ def _parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         default=None,
-        help="blocks: at least N state-machine steps; scheduler: N request streams per "
-        "property; attention: N cases per operation",
+        help="blocks: at least N state-machine steps (semantic mode: N programs); scheduler: N "
+        "request streams per property; attention: N cases per operation",
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: profile)")
     parser.add_argument(

@@ -143,11 +143,14 @@ def attention_backend(impl: Any, device: str) -> tuple[str, str]:
 
     For the built-in ``kernels`` adapters: ``"auto"`` is Triton on CUDA and the torch fallback
     elsewhere; ``"triton"`` off CUDA needs ``TRITON_INTERPRET=1``. Another implementation is
-    reported by its name, on ``device``.
+    reported by its ``backend_on(device)`` when it has one, else by its name, on ``device``.
     """
     from conformance.attention.impl import KernelsAttention
 
     if not isinstance(impl, KernelsAttention):
+        describe = getattr(impl, "backend_on", None)
+        if callable(describe):
+            return str(describe(device)), ""
         return f"{_name(impl)} on {device}", ""
     from kernels.backend import interpreting
 
@@ -206,6 +209,7 @@ def check_attention(
         Failure(text.split(":", 1)[0], text.split(":", 1)[1].strip(), case)
         for text, case in zip(result.failures, result.counterexamples)
     ]
+    report.skipped = [f"{what} ({why})" for what, why in result.skipped.items()]
     report.seconds = result.seconds
     report.status = "failed" if report.failures else "passed"
     return _finish(report, raise_on_failure)

@@ -53,6 +53,8 @@ class Report:
     ``reason``) when the suite could not run for this implementation, which is never a pass.
     ``backend`` says what was actually exercised where that can differ from what was asked (the
     attention suite without a GPU checks the torch fallback, not the Triton kernels).
+    ``skipped`` lists what was not checked because the implementation cannot express it, with
+    the reason (another library's adapter declares its capabilities).
     """
 
     suite: str
@@ -66,6 +68,7 @@ class Report:
     seed: int | None = None
     backend: str = ""
     reason: str = ""
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -83,6 +86,7 @@ class Report:
         if self.backend:
             lines.append(f"  backend checked: {self.backend}")
         lines.append(f"  checks: {', '.join(self.checked)}")
+        lines.extend(f"  skipped: {what}" for what in self.skipped)
         lines.extend(f"  FAILED {failure}" for failure in self.failures)
         return "\n".join(lines)
 

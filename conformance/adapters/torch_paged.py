@@ -254,6 +254,13 @@ class TorchFlexAttention:
             )
         return narrowed
 
+    def backend_on(self, device: str) -> str:
+        """What runs on ``device``: eager or compiled FlexAttention, and torch's version."""
+        how = "torch.compile'd" if self._compile_on(device) else "eager"
+        return (
+            f"{how} FlexAttention over PagedAttention pages on {device} (torch {torch.__version__})"
+        )
+
     def _compile_on(self, device: str | torch.device) -> bool:
         if self.compiled is not None:
             return self.compiled
