@@ -46,15 +46,25 @@ def warm_up(
     device: torch.device,
     max_width: int,
     sizes: list[int],
+    max_num_seqs: int = 1,
 ) -> None:
     """Compile every kernel variant a run can meet before the first request.
 
     Triton compiles a kernel once per set of compile-time arguments; the decode kernel's split
     count depends on the batch size and the (power-of-two padded) block-table width, so each
     (size, width) pair runs one padding-only decode forward; two prefill forwards (a whole
-    prompt, and a chunk after a cached prefix) compile the prefill and KV-write kernels (their
-    remaining arguments do not specialize).
+    prompt, and a chunk after a cached prefix) compile the prefill and KV-write kernels. The
+    prefill kernel's binary search over the batch has a compile-time step count that grows with
+    the number of sequences (``kernels.triton_prefill.search_steps``), so the prefill runs once
+    more for the smallest batch of each step count up to ``max_num_seqs`` (on an H200 a step
+    with 256 sequences otherwise compiled for 1.8 s mid-run). Every other argument is either
+    not specialized or, like the staged inputs' 16-byte alignment, the same in every step.
     """
+    from kernels.triton_prefill import search_steps
+
+    first_of: dict[int, int] = {}  # search steps -> the smallest batch that needs them
+    for b in range(1, max_num_seqs + 1):
+        first_of.setdefault(search_steps(b), b)
     dev, caches, top = device, kv_caches, max_width
     widths = sorted(
         {padded_width(w, top) for w in [1 << k for k in range(4, 16) if 1 << k < top] + [top]}
@@ -64,17 +74,19 @@ def warm_up(
             for w in widths:
                 ids = torch.zeros(b, dtype=torch.int64, device=dev)  # [b]
                 model(ids, ids, _dummy_ctx(b, w, dev), caches)
-        n = 4
-        ids = torch.zeros(n, dtype=torch.int64, device=dev)  # [n]
-        for prefix in (0, 16):  # a whole prompt, and a chunk after a cached prefix
+        n = 4  # tokens per sequence
+        runs = [(1, 0), (1, 16)]  # a whole prompt, and a chunk after a cached prefix
+        runs += [(b, 0) for b in sorted(first_of.values()) if b > 1]
+        for b, prefix in runs:
+            ids = torch.zeros(b * n, dtype=torch.int64, device=dev)  # [b * n]
             model(
                 ids,
-                torch.arange(prefix, prefix + n, device=dev),
+                torch.arange(prefix, prefix + n, device=dev).repeat(b),  # [b * n]
                 AttentionContext(
-                    slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
-                    block_tables=torch.zeros(1, widths[0], dtype=torch.int32, device=dev),
-                    seq_lens=torch.full((1,), prefix + n, dtype=torch.int32, device=dev),
-                    cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=dev),
+                    slot_mapping=torch.full((b * n,), -1, dtype=torch.int64, device=dev),
+                    block_tables=torch.zeros(b, widths[0], dtype=torch.int32, device=dev),
+                    seq_lens=torch.full((b,), prefix + n, dtype=torch.int32, device=dev),
+                    cu_seqlens_q=torch.arange(0, b * n + 1, n, dtype=torch.int32, device=dev),
                     max_seqlen_q=n,
                     is_decode=False,
                 ),

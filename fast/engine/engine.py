@@ -218,7 +218,7 @@ class LLMEngine:
                 {b for b in cfg.cuda_graph_batch_sizes if b <= limit}
                 | {min(limit, max(cfg.cuda_graph_batch_sizes))}
             )
-            warm_up(self.model, self.kv_caches, self.device, self._max_width, sizes)
+            warm_up(self.model, self.kv_caches, self.device, self._max_width, sizes, limit)
             if not cfg.enforce_eager:
                 self._graphs = DecodeGraphs(
                     self.model, self.kv_caches, self.device, self._max_width, sizes

@@ -115,6 +115,27 @@ def test_warm_up_writes_nothing_to_the_cache() -> None:
         assert torch.equal(k, k0) and torch.equal(v, v0)
 
 
+def test_warm_up_meets_every_prefill_search_depth() -> None:
+    """Warm-up prefills a batch for each compile-time search depth up to max_num_seqs."""
+    from kernels.triton_prefill import search_steps
+
+    engine = _engine()
+    prefill_batches: list[int] = []
+
+    def spy(ids: torch.Tensor, pos: torch.Tensor, ctx: Any, caches: Any) -> torch.Tensor:
+        if not ctx.is_decode:
+            prefill_batches.append(int(ctx.block_tables.shape[0]))
+            assert ctx.cu_seqlens_q[-1] == ids.shape[0] == pos.shape[0]
+        out: torch.Tensor = engine.model(ids, pos, ctx, caches)
+        return out
+
+    warm_up(spy, engine.kv_caches, engine.device, 16, [1], max_num_seqs=600)  # type: ignore[arg-type]
+    want = {search_steps(b) for b in range(1, 601)}
+    assert len(want) == 3  # 8 (below 256), 9 and 10
+    assert {search_steps(b) for b in prefill_batches} == want
+    assert max(prefill_batches) == 512
+
+
 @pytest.mark.parametrize("chunked", [False, True])
 def test_step_batch_matches_the_block_manager(chunked: bool) -> None:
     """Every token of every step's batch sits at the block manager's slot for its position."""
