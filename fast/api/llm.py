@@ -15,6 +15,7 @@ import copy
 import itertools
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -28,11 +29,12 @@ from fast.api.errors import (
 from fast.api.vllm_args import engine_kwargs
 from fast.engine.beam_params import BeamSearchOutput, BeamSearchParams
 from fast.engine.beam_search import run_beam_search
-from fast.engine.config import EngineConfig
+from fast.engine.config import EngineConfig, resolve_device, resolve_dtype
 from fast.engine.engine import LLMEngine, PromptType
 from fast.engine.outputs import RequestOutput
 from fast.engine.sampling_params import SamplingParams
-from fast.loader import LoadedModel
+from fast.loader import LoadedModel, load_model
+from fast.loader.generation_config import resolve_generation_config
 from spec.errors import InvalidArgumentError
 
 __all__ = ["LLM"]
@@ -57,12 +59,33 @@ class LLM:
     ``max_logprobs``, and the engine-only ``kv_cache_gb``. vLLM's other arguments are ignored
     with a warning or refused (see :mod:`fast.api.vllm_args`); an unknown one raises
     :class:`~fast.api.errors.UnknownArgumentError` naming the close matches.
+
+    ``generation_config`` (``"auto"``, ``"vllm"`` or a directory) and
+    ``override_generation_config`` (a dict) choose the default :class:`SamplingParams` of a
+    request sent without any, as vLLM's arguments of those names do
+    (:mod:`fast.loader.generation_config`); :meth:`get_default_sampling_params` returns them.
+    ``model`` may also be the id of a model in the local Hugging Face cache (``"org/name"``).
     """
 
-    def __init__(self, model: str | LoadedModel | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: str | LoadedModel | None = None,
+        *,
+        generation_config: str | Path = "auto",
+        override_generation_config: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         config, self.max_logprobs = engine_kwargs(model, kwargs)
         _check_device(config.get("device", "auto"))
-        self.llm_engine = LLMEngine(model, EngineConfig(**config))
+        engine_config = EngineConfig(**config)
+        if not isinstance(model, LoadedModel):
+            device = resolve_device(engine_config.device)
+            dtype = resolve_dtype(engine_config.dtype, device)
+            model = load_model(model, dtype=dtype, device=device)
+        model, self._sampling_defaults = resolve_generation_config(
+            model, generation_config, override_generation_config
+        )
+        self.llm_engine = LLMEngine(model, engine_config)
         self._ids = itertools.count()
         self._streams = 0  # stream() iterators running
         self._aborted: list[RequestOutput] = []  # final outputs of aborts, for the streams
@@ -71,6 +94,11 @@ class LLM:
     def get_tokenizer(self) -> Any:
         """The model's tokenizer (None for random weights)."""
         return self.llm_engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The parameters of a request sent without any: the library's defaults, with the
+        sampling fields of the model's generation config (see ``generation_config``)."""
+        return SamplingParams(**self._sampling_defaults)
 
     def generate(
         self,
@@ -237,7 +265,7 @@ class LLM:
                     "len(sampling_params)", len(params), f"must match the {len(items)} prompts"
                 )
         else:
-            params = [sampling_params or SamplingParams()] * len(items)
+            params = [sampling_params or self.get_default_sampling_params()] * len(items)
         if self.max_logprobs is not None:
             for sp in params:
                 for name in ("logprobs", "prompt_logprobs"):

@@ -106,7 +106,8 @@ IGNORED: dict[str, tuple[tuple[Any, ...], str]] = {
 #: vLLM's name -> the EngineConfig field it sets.
 ALIASES = {"num_gpu_blocks_override": "num_gpu_blocks"}
 
-_HONOURED_HERE = ("tokenizer", "max_logprobs")  # handled by engine_kwargs / LLM itself
+# handled by engine_kwargs / LLM itself
+_HONOURED_HERE = ("tokenizer", "max_logprobs", "generation_config", "override_generation_config")
 
 
 def known_arguments() -> list[str]:

