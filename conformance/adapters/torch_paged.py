@@ -23,6 +23,7 @@ importing this module imports neither torch's experimental code nor triton.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
@@ -54,6 +55,19 @@ def _paged_attention_class() -> Any:
     from torch.nn.attention.experimental._paged_attention import PagedAttention
 
     return PagedAttention
+
+
+def _bounded(method: Any, *args: Any, kv_len: torch.Tensor) -> Any:
+    """``method(*args, kv_len)`` where this torch's ``PagedAttention`` takes the KV lengths.
+
+    Releases differ: 2.13 passes ``kv_len`` to ``convert_logical_block_mask`` /
+    ``get_mask_mod`` / ``get_score_mod``; some earlier ones bound by the ``seq_lens`` that
+    ``reserve`` records, and the first ones did not bound at all. The logical masks built here
+    bound by length themselves, so every variant sees the same visible keys.
+    """
+    if "kv_len" in inspect.signature(method).parameters:
+        return method(*args, kv_len=kv_len)
+    return method(*args)
 
 
 class TorchPagedAdapter:
@@ -139,7 +153,7 @@ class TorchPagedAdapter:
         def logical_index(score: Any, b: Any, h: Any, q: Any, kv: Any) -> Any:
             return kv.to(score.dtype)
 
-        convert = self.pa.get_score_mod(logical_index, kv_len)
+        convert = _bounded(self.pa.get_score_mod, logical_index, kv_len=kv_len)
         phys = torch.arange(slots)
         zero = torch.zeros((), dtype=torch.int64)
         seen = convert(
@@ -341,8 +355,9 @@ class TorchFlexAttention:
         logical = create_block_mask(
             visible, batch, None, q_max, kv_logical, device=device, BLOCK_SIZE=(128, page)
         )
-        mask = pa.convert_logical_block_mask(logical, torch.arange(batch, device=device), kv_len)
-        score_mod = pa.get_score_mod(soft_cap, kv_len)
+        slots = torch.arange(batch, device=device)
+        mask = _bounded(pa.convert_logical_block_mask, logical, slots, kv_len=kv_len)
+        score_mod = _bounded(pa.get_score_mod, soft_cap, kv_len=kv_len)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # eager flex warns that it is not fused
             res = self._flex(device)(
