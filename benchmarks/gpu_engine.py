@@ -128,8 +128,12 @@ def throughput(
     max_num_seqs: int,
     budget: int,
     config: str = "default",
+    **engine_overrides: Any,
 ) -> dict[str, Any]:
-    """Run the trace through a fresh engine over ``model``; wall time and tokens per second."""
+    """Run the trace through a fresh engine over ``model``; wall time and tokens per second.
+
+    ``engine_overrides`` are further EngineConfig fields (benchmarks/gpu_fp8.py: the KV cache's
+    dtype and a KV budget)."""
     from fast.engine.compile_watch import CompileWatch
     from fast.engine.config import EngineConfig
     from fast.engine.engine import LLMEngine
@@ -148,6 +152,7 @@ def throughput(
             enforce_eager=enforce_eager,
             enable_prefix_caching=CONFIGS[config][0],
             enable_chunked_prefill=CONFIGS[config][1],
+            **engine_overrides,
         ),
     )
     setup_s = time.perf_counter() - t0

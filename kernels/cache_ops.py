@@ -28,6 +28,7 @@ __all__ = [
     "copy_blocks",
     "swap_blocks",
     "as_pairs",
+    "as_bytes",
 ]
 
 
@@ -135,12 +136,12 @@ def write_rows(
     For callers that validated the step once with :func:`check_write_kv`.
     """
     nb, bs, hkv, d = k_cache.shape
-    k_cache, v_cache, k, v = _bytes(k_cache), _bytes(v_cache), _bytes(k), _bytes(v)
+    k_cache, v_cache, k, v = as_bytes(k_cache), as_bytes(v_cache), as_bytes(k), as_bytes(v)
     k_cache.view(nb * bs, hkv, d).index_copy_(0, rows, k)
     v_cache.view(nb * bs, hkv, d).index_copy_(0, rows, v)
 
 
-def _bytes(t: torch.Tensor) -> torch.Tensor:
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
     """fp8 tensors as their bytes (uint8 view, same shape): torch's CPU ``index_copy_`` has no
     fp8 kernel, and a block moved as bytes is unchanged by construction."""
     return t.view(torch.uint8) if is_fp8(t.dtype) else t
@@ -157,7 +158,7 @@ def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, pairs: Any) -> Non
         return
     _check_ids("pairs", p, k_cache.shape[0])
     src, dst = p[:, 0], p[:, 1]
-    for cache in (_bytes(k_cache), _bytes(v_cache)):
+    for cache in (as_bytes(k_cache), as_bytes(v_cache)):
         cache.index_copy_(0, dst, cache.index_select(0, src))
 
 
@@ -177,7 +178,7 @@ def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, mapping: Any) 
         return
     _check_ids("mapping[:, 0]", m[:, 0], src_cache.shape[0])
     _check_ids("mapping[:, 1]", m[:, 1], dst_cache.shape[0])
-    src_cache, dst_cache = _bytes(src_cache), _bytes(dst_cache)
+    src_cache, dst_cache = as_bytes(src_cache), as_bytes(dst_cache)
     src_idx = m[:, 0].to(src_cache.device, non_blocking=True)
     dst_idx = m[:, 1].to(dst_cache.device, non_blocking=True)
     moved = src_cache.index_select(0, src_idx).to(dst_cache.device, non_blocking=True)

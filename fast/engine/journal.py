@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kernels.cache_ops import as_bytes
+
 __all__ = [
     "JournaledBlockManager",
     "SavedKV",
@@ -56,12 +58,13 @@ def save_kv_blocks(
 def restore_kv_blocks(
     kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]], saved: SavedKV
 ) -> None:
-    """Write the K/V that :func:`save_kv_blocks` kept back into its blocks."""
+    """Write the K/V that :func:`save_kv_blocks` kept back into its blocks (an fp8 cache as
+    its bytes: torch's CPU ``index_copy_`` has no fp8 kernel)."""
     index, layers = saved
     with torch.inference_mode():
         for (k, v), (k_old, v_old) in zip(kv_caches, layers):
-            k.index_copy_(0, index, k_old)
-            v.index_copy_(0, index, v_old)
+            as_bytes(k).index_copy_(0, index, as_bytes(k_old))
+            as_bytes(v).index_copy_(0, index, as_bytes(v_old))
 
 
 def clone_block_manager(manager: Any) -> Any:

@@ -1,0 +1,284 @@
+"""fp8 KV cache on the GPU: decode attention speed, blocks per GiB, and end-to-end throughput.
+
+Run on the GPU machine from the repository root::
+
+    PYTHONPATH=. python benchmarks/gpu_fp8.py --out $OUT [--sections decode,tune,capacity,engine]
+
+Writes ``DIR/fp8_h200.json`` (``--out DIR``), saved after every section.
+
+* ``decode``: ``kernels.paged_decode`` (Triton) with Llama-3-8B heads (Hq 32, Hkv 8, D 128),
+  queries bf16, page 16, random block permutation: the bf16 cache against the fp8 e4m3 cache
+  (per-head scales, calibrated on the data) at batch x context from 1 x 4096 to 8 x 65536;
+  times are CUDA-graph replays (``gpu_attention.bench_graph_ms``) and plain launches
+  (``bench_ms``), inputs rotated as in benchmarks/gpu_attention.py; ``speedup`` = bf16 time /
+  fp8 time (the issue's target: at least 1.7x at long context); errors against float32 SDPA on
+  the unquantized K/V.
+* ``tune``: the fp8 decode kernel's (BLOCK_N, num_warps, num_stages) at the long shapes.
+* ``capacity``: KV blocks (16 tokens) per GiB for Llama-3-8B in bf16 and fp8 (from the engine's
+  own sizing, ``fast.engine.config.kv_bytes_per_block``).
+* ``engine``: benchmarks/gpu_engine.py's ShareGPT-like trace (128 requests, Llama-3-8B-shaped
+  random bf16) at a KV budget of ``--kv-gb`` GiB (default 4, where the bf16 cache preempts),
+  bf16 cache against fp8 (calibrated per tensor on the warm-up requests): output tokens/s,
+  preemptions, blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+SECTIONS = ("decode", "tune", "capacity", "engine")
+DECODE_SHAPES = (
+    (1, 4096),
+    (16, 2048),
+    (64, 4096),
+    (128, 1024),
+    (32, 16384),
+    (8, 32768),
+    (4, 65536),
+)
+LONG_SHAPES = ((32, 16384), (8, 32768), (4, 65536))
+TUNE_CONFIGS = ((64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 8, 4), (128, 4, 4), (256, 8, 3))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``--out DIR`` (default ``$OUT`` or .), ``--sections``, ``--kv-gb``, ``--requests``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="output directory")
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated, of {SECTIONS}"
+    )
+    parser.add_argument("--kv-gb", type=float, default=4.0, help="KV budget of the engine run")
+    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--max-num-seqs", type=int, default=128)
+    args = parser.parse_args(argv)
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown or not sections:
+        parser.error(f"--sections: unknown {unknown}; known {list(SECTIONS)}")
+    args.sections = sections
+    return args
+
+
+def blocks_per_gib(block_size: int = 16) -> dict[str, Any]:
+    """KV blocks per GiB of Llama-3-8B in bf16 and in fp8, as the engine sizes its pool."""
+    import torch
+
+    from fast.engine.config import kv_bytes_per_block
+    from fast.model.config import ModelConfig
+
+    model = ModelConfig.llama3_8b()
+    out: dict[str, Any] = {"model": "Llama-3-8B (32 layers, Hkv 8, D 128)", "block_size": 16}
+    for name, dtype in (("bfloat16", torch.bfloat16), ("fp8_e4m3", torch.float8_e4m3fn)):
+        per_block = kv_bytes_per_block(model, block_size, dtype)
+        out[name] = {"bytes_per_block": per_block, "blocks_per_gib": (1 << 30) // per_block}
+    out["ratio"] = out["fp8_e4m3"]["blocks_per_gib"] / out["bfloat16"]["blocks_per_gib"]
+    return out
+
+
+def _fp8_pool(kp: Any, vp: Any, per_head_amax: bool = True) -> tuple[Any, Any, Any, Any]:
+    """bf16 pools [P, page, Hkv, D] -> fp8 e4m3 pools and their [Hkv] float32 scales."""
+    import torch
+
+    import kernels
+    from kernels.fp8 import FP8_MAX
+
+    top = FP8_MAX[torch.float8_e4m3fn]
+    out = []
+    for pool in (kp, vp):
+        amax = pool.float().abs().amax(dim=(0, 1, 3))  # [Hkv]
+        scale = (amax / top).clamp_min(1e-12).float()
+        q8 = torch.empty(pool.shape, dtype=torch.float8_e4m3fn, device=pool.device)
+        flat = pool.view(-1, *pool.shape[2:])  # [P * page, Hkv, D]
+        slots = torch.arange(flat.shape[0], device=pool.device)
+        kernels.write_kv(flat, flat, q8, torch.empty_like(q8), slots, k_scale=scale, v_scale=scale)
+        out += [q8, scale]
+    return out[0], out[2], out[1], out[3]
+
+
+def decode_table(res: dict[str, Any]) -> None:
+    """bf16 vs fp8 decode attention, CUDA-graph timed, over :data:`DECODE_SHAPES`."""
+    import torch
+    import torch.nn.functional as F
+    from gpu_attention import (
+        DT,
+        HKV,
+        HQ,
+        D,
+        bench_graph_ms,
+        bench_ms,
+        paged_pool,
+        rel_err,
+        rotating,
+    )
+
+    import kernels
+
+    rows = []
+    for batch, length in DECODE_SHAPES:
+        bf16_bytes = 2 * batch * length * HKV * D * 2
+        n_rot = max(1, min(8, math.ceil(256e6 / bf16_bytes)))
+        row: dict[str, Any] = {"B": batch, "L": length, "bf16_kv_MB": round(bf16_bytes / 1e6, 1)}
+        sets = []
+        for _ in range(n_rot):
+            q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
+            k = torch.randn(batch, HKV, length, D, device="cuda", dtype=DT)
+            v = torch.randn_like(k)
+            kp, vp, bt = paged_pool(k, v, 16)
+            del k, v
+            k8, v8, ks, vs = _fp8_pool(kp, vp)
+            sets.append((q, kp, vp, bt, k8, v8, ks, vs))
+        lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+        scale = D**-0.5
+        q, kp, vp, bt, k8, v8, ks, vs = sets[0]
+        kk = kp[bt.long()].reshape(batch, length, HKV, D).transpose(1, 2).float()
+        vv = vp[bt.long()].reshape(batch, length, HKV, D).transpose(1, 2).float()
+        ref = F.scaled_dot_product_attention(q.float()[:, :, None], kk, vv, enable_gqa=True)
+        ref = ref[:, :, 0]
+        del kk, vv
+
+        def bf16(s: tuple[Any, ...]) -> Any:
+            return lambda: kernels.paged_decode(s[0], s[1], s[2], s[3], lens, scale=scale)
+
+        def fp8(s: tuple[Any, ...]) -> Any:
+            return lambda: kernels.paged_decode(
+                s[0], s[4], s[5], s[3], lens, scale=scale, k_scale=s[6], v_scale=s[7]
+            )
+
+        row["bf16_err"] = f"{rel_err(bf16(sets[0])(), ref):.2e}"
+        row["fp8_err"] = f"{rel_err(fp8(sets[0])(), ref):.2e}"
+        for name, make, nbytes in (("bf16", bf16, bf16_bytes), ("fp8", fp8, bf16_bytes // 2)):
+            try:
+                ms = bench_graph_ms(rotating([make(s) for s in sets]))
+                row[f"{name}_graph_us"] = round(ms * 1e3, 1)
+                row[f"{name}_graph_TBps"] = round(nbytes / ms / 1e9, 2)
+                ms = bench_ms(rotating([make(s) for s in sets]))
+                row[f"{name}_us"] = round(ms * 1e3, 1)
+            except Exception as e:  # record and go on
+                row[name] = repr(e)[:200]
+        if "bf16_graph_us" in row and "fp8_graph_us" in row:
+            row["speedup"] = round(row["bf16_graph_us"] / row["fp8_graph_us"], 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del sets, q, kp, vp, bt, k8, v8, ks, vs, ref
+        torch.cuda.empty_cache()
+    res["decode"] = rows
+
+
+def tune(res: dict[str, Any]) -> None:
+    """The fp8 decode kernel's (BLOCK_N, warps, stages) at :data:`LONG_SHAPES`."""
+    import torch
+    from gpu_attention import DT, HKV, HQ, D, bench_graph_ms, paged_pool
+
+    from kernels.checks import check_decode
+    from kernels.triton_decode import decode_config, triton_paged_decode
+
+    rows = []
+    for batch, length in LONG_SHAPES:
+        q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
+        k = torch.randn(batch, HKV, length, D, device="cuda", dtype=DT)
+        kp, vp, bt = paged_pool(k, torch.randn_like(k), 16)
+        del k
+        k8, v8, ks, vs = _fp8_pool(kp, vp)
+        del kp, vp
+        lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+        dims = check_decode(q, k8, v8, bt, lens)
+        row: dict[str, Any] = {"B": batch, "L": length, "default": list(decode_config(D, DT))}
+        for cfg in TUNE_CONFIGS:
+
+            def run(c: tuple[int, int, int] = cfg) -> Any:
+                return triton_paged_decode(
+                    q, k8, v8, bt, lens, dims, scale=D**-0.5, sliding_window=None,
+                    softcap=None, num_splits=None, out=None, config=c, kv_scales=(ks, vs),
+                )  # fmt: skip
+
+            try:
+                row["x".join(map(str, cfg))] = round(bench_graph_ms(run) * 1e3, 1)
+            except Exception as e:
+                row["x".join(map(str, cfg))] = repr(e)[:120]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
+    res["tune"] = rows
+
+
+def engine_runs(res: dict[str, Any], args: argparse.Namespace) -> None:
+    """The ShareGPT-like trace at a KV budget of ``args.kv_gb`` GiB, bf16 vs fp8 cache."""
+    import torch
+    from gpu_engine import throughput
+
+    from fast.loader import random_model
+    from fast.model.config import ModelConfig
+
+    model = random_model(ModelConfig.llama3_8b(), seed=0, dtype=torch.bfloat16, device="cuda")
+    runs = []
+    for kv in ("auto", "fp8"):
+        try:
+            run = throughput(
+                model,
+                False,
+                args.requests,
+                args.max_num_seqs,
+                8192,
+                "default",
+                kv_cache_dtype=kv,
+                kv_cache_gb=args.kv_gb,
+                max_model_len=2048,
+            )
+            run["kv_cache_dtype"] = kv
+            run["kv_cache_gb"] = args.kv_gb
+        except Exception as exc:
+            run = {"kv_cache_dtype": kv, "error": repr(exc), "trace": traceback.format_exc()}
+        runs.append(run)
+        print(json.dumps({k: v for k, v in run.items() if k != "breakdown"}), flush=True)
+        torch.cuda.empty_cache()
+    if all("error" not in r for r in runs):
+        res["engine_fp8_over_bf16"] = round(runs[1]["out_tok_per_s"] / runs[0]["out_tok_per_s"], 3)
+    res["engine"] = runs
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import torch
+    from provenance import provenance
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "fp8_h200.json"
+    res: dict[str, Any] = {**provenance(), "sections": args.sections}
+    if torch.cuda.is_available():
+        res["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+
+    def save() -> None:
+        path.write_text(json.dumps(res, indent=2) + "\n")
+
+    steps = {
+        "decode": lambda: decode_table(res),
+        "tune": lambda: tune(res),
+        "capacity": lambda: res.__setitem__("capacity", blocks_per_gib()),
+        "engine": lambda: engine_runs(res, args),
+    }
+    for section in args.sections:
+        t0 = time.perf_counter()
+        try:
+            steps[section]()
+        except Exception as exc:  # record and go on to the next section
+            res[f"{section}_error"] = traceback.format_exc()
+            print(f"{section} failed: {exc!r}", flush=True)
+        res[f"{section}_s"] = round(time.perf_counter() - t0, 1)
+        save()
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
