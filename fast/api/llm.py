@@ -64,7 +64,8 @@ class LLM:
     ``override_generation_config`` (a dict) choose the default :class:`SamplingParams` of a
     request sent without any, as vLLM's arguments of those names do
     (:mod:`fast.loader.generation_config`); :meth:`get_default_sampling_params` returns them.
-    ``model`` may also be the id of a model in the local Hugging Face cache (``"org/name"``).
+    ``model`` may also be the id of a model in the local Hugging Face cache (``"org/name"``), at
+    ``revision`` (a branch, tag or commit there; ``main`` by default; ignored for a path).
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class LLM:
         *,
         generation_config: str | Path = "auto",
         override_generation_config: Mapping[str, Any] | None = None,
+        revision: str | None = None,
         **kwargs: Any,
     ) -> None:
         config, self.max_logprobs = engine_kwargs(model, kwargs)
@@ -81,7 +83,7 @@ class LLM:
         if not isinstance(model, LoadedModel):
             device = resolve_device(engine_config.device)
             dtype = resolve_dtype(engine_config.dtype, device)
-            model = load_model(model, dtype=dtype, device=device)
+            model = load_model(model, dtype=dtype, device=device, revision=revision)
         model, self._sampling_defaults = resolve_generation_config(
             model, generation_config, override_generation_config
         )

@@ -6,7 +6,9 @@ that ask for what pagedkv cannot do (``tensor_parallel_size=4``). :func:`engine_
 
 * honoured: every ``EngineConfig`` field, ``num_gpu_blocks_override`` (vLLM's name of
   ``num_gpu_blocks``), ``seed=None`` (a fresh random seed), and ``max_logprobs`` (checked by
-  ``LLM`` on each request);
+  ``LLM`` on each request); ``LLM`` itself takes ``generation_config``,
+  ``override_generation_config`` and ``revision`` (:mod:`fast.loader.generation_config`,
+  :mod:`fast.loader.hf_files`);
 * ignored: the arguments of :data:`IGNORED`; a value other than the one matching what pagedkv
   does anyway gives an :class:`~fast.api.errors.IgnoredArgumentWarning` saying why it has no
   effect;
@@ -67,7 +69,7 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "hf_overrides": ((None, {}), "the model's config is read as stored"),
 }
 
-_LOCAL = "models are local paths; nothing is downloaded"
+_LOCAL = "models are local paths or already in the local Hugging Face cache; nothing is downloaded"
 
 #: name -> (values matching what pagedkv does anyway, why the argument has no effect).
 IGNORED: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -77,7 +79,6 @@ IGNORED: dict[str, tuple[tuple[Any, ...], str]] = {
         (False,),
         "the tokenizer is part of the model file and is always loaded; prompts of token ids work",
     ),
-    "revision": ((None,), _LOCAL),
     "tokenizer_revision": ((None,), _LOCAL),
     "code_revision": ((None,), _LOCAL),
     "download_dir": ((None,), _LOCAL),
@@ -107,7 +108,13 @@ IGNORED: dict[str, tuple[tuple[Any, ...], str]] = {
 ALIASES = {"num_gpu_blocks_override": "num_gpu_blocks"}
 
 # handled by engine_kwargs / LLM itself
-_HONOURED_HERE = ("tokenizer", "max_logprobs", "generation_config", "override_generation_config")
+_HONOURED_HERE = (
+    "tokenizer",
+    "max_logprobs",
+    "generation_config",
+    "override_generation_config",
+    "revision",
+)
 
 
 def known_arguments() -> list[str]:

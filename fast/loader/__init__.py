@@ -56,9 +56,11 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    revision: str | None = None,
 ) -> LoadedModel:
     """Load ``model`` (a ``.gguf`` file, an HF directory, or the id of a model in the local
-    Hugging Face cache; None = the default model).
+    Hugging Face cache, at ``revision``: a branch, tag or commit, default ``main``; None = the
+    default model).
 
     Raises :class:`ModelNotFoundError` with the path (and, for an id, the cache paths
     searched) when nothing loadable is there.
@@ -73,7 +75,7 @@ def load_model(
     else:
         path = Path(model).expanduser()
         if not path.exists() and is_repo_id(model):
-            snapshot, searched = find_snapshot(model)
+            snapshot, searched = find_snapshot(model, revision or "main")
             if snapshot is None:
                 raise ModelNotFoundError(
                     model,

@@ -263,3 +263,24 @@ def test_uncached_repo_id_names_the_paths_searched(
     (hub / "models--acme--broken" / "refs" / "main").unlink()
     with pytest.raises(ModelNotFoundError, match="refs/main \\(no such file\\)"):
         load_model("acme/broken")
+
+
+def test_revision_picks_a_branch_tag_or_commit(
+    sharded: tuple[Path, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    hub_layout(with_generation_config(sharded[0], tmp_path / "a", {"top_k": 3}), hub, "acme/r")
+    repo = hub / "models--acme--r"
+    other = "fedcba9876543210fedcba9876543210fedcba98"
+    shutil.copytree(repo / "snapshots" / COMMIT, repo / "snapshots" / other, symlinks=True)
+    (repo / "snapshots" / other / "generation_config.json").unlink()
+    (repo / "snapshots" / other / "generation_config.json").write_text('{"top_k": 5}')
+    (repo / "refs" / "v2").write_text(other + "\n")
+    top_k = {
+        rev: LLM("acme/r", revision=rev, **ENGINE).get_default_sampling_params().top_k
+        for rev in (None, "main", "v2", other, COMMIT)
+    }
+    assert top_k == {None: 3, "main": 3, "v2": 5, other: 5, COMMIT: 3}
+    with pytest.raises(ModelNotFoundError, match="refs/v3 \\(no such file\\)"):
+        load_model("acme/r", revision="v3")
