@@ -105,16 +105,13 @@ class RequestStream:
 
     async def _iterate(self) -> AsyncIterator[RequestOutput]:
         while self._unfinished:
-            items = [await self._queue.get()]
-            while not self._queue.empty():
-                items.append(self._queue.get_nowait())
-            for item in _latest(items):
-                if isinstance(item, BaseException):
-                    self.close()
-                    raise item
-                if item.finished:
-                    self._unfinished.discard(item.request_id)
-                yield item
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                self.close()
+                raise item
+            if item.finished:
+                self._unfinished.discard(item.request_id)
+            yield item
 
     @property
     def finished(self) -> bool:
@@ -128,25 +125,6 @@ class RequestStream:
         self._closed = True
         for rid in self._unfinished:
             self._front.abort(rid)
-
-
-def _latest(
-    items: list[RequestOutput | BaseException],
-) -> list[RequestOutput | BaseException]:
-    """Of several queued outputs, each request's last (then the first error, if any).
-
-    An output is cumulative (all tokens and text so far), so when a consumer falls behind the
-    engine (a busy event loop, a slow client) it handles the newest output of each request once,
-    as one chunk of several tokens, instead of one chunk per step it missed: the work of a
-    lagging stream shrinks instead of piling up.
-    """
-    errors = [x for x in items if isinstance(x, BaseException)]
-    last: dict[str, RequestOutput] = {}
-    for x in items:
-        if not isinstance(x, BaseException):
-            last.pop(x.request_id, None)  # re-inserted: ordered by each request's last output
-            last[x.request_id] = x
-    return [*last.values(), *errors[:1]]
 
 
 @dataclass
