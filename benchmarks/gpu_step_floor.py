@@ -1,0 +1,180 @@
+"""Decode step time against its floor, by batch size: where each millisecond of a step goes.
+
+Run on the GPU machine from the repository root::
+
+    PYTHONPATH=. python benchmarks/gpu_step_floor.py --out $OUT/step_floor_h200.json
+
+Llama-3-8B-shaped random bf16 weights. For each batch size ``b`` it measures, in one run:
+
+1. ``floor_ms``: the model's weight matmuls alone for ``b`` tokens (per layer the fused QKV,
+   output, fused gate/up and down projections, then the LM head), captured in one CUDA graph and
+   replayed: what a decode step cannot go below, since every weight is read once.
+2. ``forward_ms``: the engine's captured decode forward for that batch (the graph the engine
+   replays: the matmuls plus norms, rotary embedding, KV write, attention), replayed alone.
+3. ``step_ms``: a whole ``LLMEngine.step()`` with ``b`` sequences decoding at about 512 tokens of
+   context: scheduling, block bookkeeping, input upload, the graph replay, logits, sampling and
+   the outputs, as the engine runs it.
+
+``forward_ms - floor_ms`` is the device work other than the weight matmuls; ``step_ms -
+forward_ms`` is host work and synchronization the GPU does not overlap. Medians over the timed
+repetitions; graph replays timed with CUDA events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 30) -> float:
+    """Median milliseconds of one replay of ``graph`` (CUDA events around each)."""
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+def matmul_floor_graph(model: Any, b: int) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of the model's weight matmuls for ``b`` tokens, and nothing else."""
+    h = model.config.hidden_size
+    x = torch.randn(b, h, dtype=torch.bfloat16, device="cuda")  # [b, H]
+    layers = model.model.layers
+    mids = [
+        torch.randn(b, w.shape[1], dtype=torch.bfloat16, device="cuda")  # [b, in]
+        for w in (layers[0].self_attn.o_proj.weight, layers[0].mlp.down_proj.weight)
+    ]
+    head = model.lm_head.weight if model.lm_head is not None else model.model.embed_tokens.weight
+
+    def run() -> None:
+        for layer in layers:
+            torch.nn.functional.linear(x, layer.self_attn.qkv_proj.weight)  # [b, Q + 2 KV]
+            torch.nn.functional.linear(mids[0], layer.self_attn.o_proj.weight)  # [b, H]
+            torch.nn.functional.linear(x, layer.mlp.gate_up_proj.weight)  # [b, 2F]
+            torch.nn.functional.linear(mids[1], layer.mlp.down_proj.weight)  # [b, H]
+        torch.nn.functional.linear(x, head)  # [b, V]
+
+    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph
+
+
+def measure(model: Any, b: int, context: int, steps: int) -> dict[str, Any]:
+    """floor, captured forward and whole step for ``b`` sequences decoding."""
+    from fast.engine.config import EngineConfig
+    from fast.engine.engine import LLMEngine
+    from fast.engine.sampling_params import SamplingParams
+
+    floor = replay_ms(matmul_floor_graph(model.model, b))
+    engine = LLMEngine(
+        model,
+        EngineConfig(
+            block_size=16,
+            max_num_seqs=max(b, 8),
+            max_model_len=2048,
+            gpu_memory_utilization=0.85,
+            cuda_graph_batch_sizes=(b,),
+        ),
+    )
+    rng = np.random.default_rng(b)
+    for i in range(b):
+        engine.add_request(
+            str(i),
+            rng.integers(100, 128000, size=context).tolist(),
+            SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True),
+        )
+    while engine.stats.generated_tokens < 2 * b:  # every prompt in, every sequence decoding
+        engine.step()
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - t0))
+    forward = replay_ms(engine._graphs.graphs[b])  # the same inputs as the last step
+    while engine.has_unfinished_requests():
+        engine.step()
+    row = {
+        "batch": b,
+        "context": context,
+        "floor_ms": round(floor, 3),
+        "forward_ms": round(forward, 3),
+        "step_ms": round(float(np.median(times)), 3),
+        "step_min_ms": round(float(np.min(times)), 3),
+    }
+    row["step_over_floor"] = round(row["step_ms"] / row["floor_ms"], 3)
+    row["other_device_ms"] = round(forward - floor, 3)
+    row["host_ms"] = round(row["step_ms"] - forward, 3)
+    del engine
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=None, help="results JSON path")
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    if not sizes or min(sizes) < 1:
+        parser.error(f"--sizes: positive batch sizes, got {args.sizes!r}")
+    import gc
+
+    from fast.loader import random_model
+    from fast.model.config import ModelConfig
+    from provenance import provenance
+
+    loaded = random_model(ModelConfig.llama3_8b(), seed=0, dtype=torch.bfloat16, device="cuda")
+    rows = []
+    for b in sizes:
+        rows.append(measure(loaded, b, args.context, args.steps))
+        print(rows[-1], flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+    result = {
+        "benchmark": "decode step vs its matmul floor, Llama-3-8B-shaped random bf16",
+        **provenance(),
+        "gpu": torch.cuda.get_device_name(),
+        "rows": rows,
+    }
+    print(
+        "\n| batch | floor ms | forward ms | step ms | step / floor | other device ms | host ms |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['batch']} | {r['floor_ms']} | {r['forward_ms']} | {r['step_ms']} | "
+            f"{r['step_over_floor']} | {r['other_device_ms']} | {r['host_ms']} |"
+        )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
