@@ -145,9 +145,10 @@ def main() -> None:
         parser.error(f"--sizes: positive batch sizes, got {args.sizes!r}")
     import gc
 
+    from provenance import provenance
+
     from fast.loader import random_model
     from fast.model.config import ModelConfig
-    from provenance import provenance
 
     loaded = random_model(ModelConfig.llama3_8b(), seed=0, dtype=torch.bfloat16, device="cuda")
     rows = []
