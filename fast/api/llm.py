@@ -102,6 +102,12 @@ class LLM:
         sampling fields of the model's generation config (see ``generation_config``)."""
         return SamplingParams(**self._sampling_defaults)
 
+    @property
+    def default_sampling_fields(self) -> dict[str, Any]:
+        """The SamplingParams fields the generation config sets (vLLM's
+        ``get_diff_sampling_param``); the server fills a request's missing fields from them."""
+        return dict(self._sampling_defaults)
+
     def generate(
         self,
         prompts: Prompts,

@@ -37,7 +37,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from spec.errors import InvalidArgumentError
@@ -118,13 +118,19 @@ def bad_request(param: str | None, message: str) -> OpenAIError:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What request checking needs to know of the served model."""
+    """What request checking needs to know of the served model.
+
+    ``sampling_defaults``: SamplingParams fields from the model's generation config
+    (``LLM.default_sampling_fields``); each one a request leaves out takes its value, as in
+    vLLM's server (``max_tokens`` included).
+    """
 
     name: str
     tokenizer: Any
     vocab_size: int
     max_model_len: int
     max_logprobs: int = DEFAULT_MAX_LOGPROBS
+    sampling_defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
 def new_id(prefix: str) -> str:
@@ -470,9 +476,9 @@ def parse_completion(body: Any, info: ModelInfo) -> CompletionRequest:
     params = _sampling_params(
         body,
         info,
-        _max_tokens(body, "max_tokens", 16),
+        _max_tokens(body, "max_tokens", info.sampling_defaults.get("max_tokens", 16)),
         ("logprobs", logprobs),
-        {},
+        info.sampling_defaults,
         prompt_logprobs=logprobs if echo and logprobs is not None else None,
     )
     _check_context([len(p.token_ids) for p in prompts], params.max_tokens, "max_tokens", info)
@@ -565,12 +571,17 @@ def parse_chat(body: Any, info: ModelInfo) -> ChatRequest:
         if not want_logprobs and top > 0:
             raise bad_request("top_logprobs", "'top_logprobs' needs logprobs=true")
     prompt = _render_chat(body, info)
+    default_max = info.sampling_defaults.get("max_tokens")
     if body.get("max_completion_tokens") is not None:
-        max_tokens = _max_tokens(body, "max_completion_tokens", None)
+        max_tokens = _max_tokens(body, "max_completion_tokens", default_max)
     else:
-        max_tokens = _max_tokens(body, "max_tokens", None)
+        max_tokens = _max_tokens(body, "max_tokens", default_max)
     params = _sampling_params(
-        body, info, max_tokens, ("top_logprobs", (top or 0) if want_logprobs else None), {}
+        body,
+        info,
+        max_tokens,
+        ("top_logprobs", (top or 0) if want_logprobs else None),
+        info.sampling_defaults,
     )
     _check_context([len(prompt.token_ids)], params.max_tokens, max_tokens[0], info)
     return ChatRequest(prompt, params, stream, include_usage, want_logprobs, top or 0)

@@ -94,6 +94,7 @@ class _State:
             engine.model_config.vocab_size,
             engine.max_model_len,
             llm.max_logprobs if llm.max_logprobs is not None else proto.DEFAULT_MAX_LOGPROBS,
+            llm.default_sampling_fields,
         )
         self.front = AsyncEngine(engine, config.max_waiting_requests)
         self.metrics = ServerMetrics(self.name, lambda: self.front.snapshot)
