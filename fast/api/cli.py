@@ -138,6 +138,15 @@ def _add_serve_parser(sub: Any) -> None:
     eng.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None)
     eng.add_argument("--max-logprobs", type=int, default=None)
     eng.add_argument("--seed", type=int, default=None, help="the engine's seed (default 0)")
+    eng.add_argument(
+        "--generation-config",
+        default=None,
+        help="default sampling fields: 'auto' (the model's generation_config.json, the "
+        "default), 'vllm' (none), or a directory holding a generation_config.json",
+    )
+    eng.add_argument(
+        "--revision", default=None, help="branch, tag or commit of a model id in the HF cache"
+    )
 
 
 #: ``pagedkv serve`` options that are ``LLM(...)`` keyword arguments of the same name.
@@ -158,6 +167,8 @@ SERVE_ENGINE_OPTIONS = (
     "enforce_eager",
     "max_logprobs",
     "seed",
+    "generation_config",
+    "revision",
 )
 
 
@@ -252,9 +263,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """The named exceptions that mean "bad input", not "bug" (imported when needed: torch)."""
     from fast.loader import ModelNotFoundError
     from fast.loader.dequant import UnsupportedQuantizationError
+    from fast.loader.generation_config import GenerationConfigError
     from fast.loader.gguf import UnsupportedGGUFError
     from fast.loader.gguf_file import GGUFFormatError
     from fast.loader.hf import UnsupportedModelError
+    from fast.loader.hf_files import ShardedCheckpointError
     from fast.model.config import InvalidModelConfigError
     from fast.model.llama import WeightLoadError
     from fast.tokenizer.tokenizer import TokenizerError
@@ -267,6 +280,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         UnsupportedGGUFError,
         UnsupportedModelError,
         UnsupportedQuantizationError,
+        ShardedCheckpointError,
+        GenerationConfigError,
         InvalidModelConfigError,
         WeightLoadError,
         TokenizerError,

@@ -190,6 +190,11 @@ def test_truncated_default_model(tmp_path: Path, capsys: pytest.CaptureFixture[s
         ({"tokenizer_config.json": "{not json"}, "tokenizer_config.json is not valid JSON"),
         ({"model.safetensors": None}, "no *.safetensors weights"),
         ({"model.safetensors": "garbage"}, "not a readable safetensors file"),
+        (
+            {"model.safetensors.index.json": '{"weight_map": {"lm_head.weight": "b.safetensors"}}'},
+            "shard files missing",
+        ),
+        ({"generation_config.json": '{"top_p": 0}'}, "top_p=0"),
     ],
 )
 def test_broken_model_directory(
