@@ -1,8 +1,10 @@
 """A fast reader for the GGUF container: metadata, tensor directory, memory-mapped data.
 
-``gguf.GGUFReader`` builds a numpy view per array element, which takes seconds for the ~100k
+``gguf.GGUFReader`` builds a numpy view per array element, which takes seconds for the
 vocabulary strings of a tokenizer; this reader parses the same layout with ``struct`` and reads
-numeric arrays in one ``frombuffer``. Layout (little-endian, version 2 and 3):
+numeric arrays in one ``frombuffer`` (SmolLM2-135M's file, 49k tokens: 0.23 s against 9.4 s,
+``benchmarks/bench_gguf_files.py``). Tensor sizes come from the ``gguf`` package's table of
+ggml types. Layout (little-endian, version 2 and 3):
 
     magic "GGUF" | version u32 | tensor_count u64 | kv_count u64
     kv_count x (key: string, value_type u32, value)
