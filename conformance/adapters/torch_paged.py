@@ -223,8 +223,12 @@ COMPILED_PAGE_SIZES = (64, 128, 256)
 
 def _configure_recompiles() -> None:
     """Every case has other shapes and closures: allow that many recompiles, never eager."""
+    import torch._dynamo
+
     config: Any = torch._dynamo.config
-    for knob in ("recompile_limit", "cache_size_limit"):
+    limits = ("recompile_limit", "cache_size_limit")  # per function; renamed across releases
+    accumulated = ("accumulated_recompile_limit", "accumulated_cache_size_limit")
+    for knob in (*limits, *accumulated):
         if hasattr(config, knob):
             setattr(config, knob, max(int(getattr(config, knob)), 4096))
 

@@ -177,7 +177,7 @@ def test_compiled_flex_attention_over_paged_attention_on_cuda() -> None:
     from conformance.attention.suite import run_attention_suite
 
     impl = TorchFlexAttention()
-    examples = int(os.environ.get("PAGEDKV_TORCH_FLEX_EXAMPLES", "12"))
+    examples = int(os.environ.get("PAGEDKV_TORCH_FLEX_EXAMPLES", "8"))
     result = run_attention_suite(impl, device="cuda", max_examples=examples)
     print(impl.backend_on("cuda"), result.cases, result.max_error, f"{result.seconds:.0f} s")
     detail = "\n".join(result.failures + result.counterexamples)
