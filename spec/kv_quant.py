@@ -201,11 +201,16 @@ def _scales_for(x: F64, scale: ArrayLike) -> F64:
     return head_scales(s, x.shape[-2])[:, None]
 
 
-def calibrated_scales(x: ArrayLike, kv_cache_dtype: str, per_head: bool = False) -> F64:
-    """[Hkv] scales mapping the largest ``|x|`` of ``x`` [T, Hkv, D] onto the format's ``M``.
+def calibrated_scales(
+    x: ArrayLike, kv_cache_dtype: str, per_head: bool = False, headroom: float = 1.0
+) -> F64:
+    """[Hkv] scales mapping ``headroom`` times the largest ``|x|`` of ``x`` [T, Hkv, D] onto
+    the format's ``M``.
 
-    Per tensor (default) every head gets ``max|x| / M``; ``per_head`` uses each head's own
-    maximum. A maximum of 0 (or no tokens) gives scale 1; ``"auto"`` always 1.
+    Per tensor (default) every head gets ``max|x| * headroom / M``; ``per_head`` uses each
+    head's own maximum. ``headroom > 1`` leaves room for later values beyond those seen (they
+    saturate only past ``headroom * max|x|``). A maximum of 0 (or no tokens) gives scale 1;
+    ``"auto"`` always 1.
 
     >>> x = np.array([[[1.0, -896.0], [2.0, 4.0]]])  # T 1, Hkv 2, D 2
     >>> calibrated_scales(x, "fp8").tolist(), calibrated_scales(x, "fp8", per_head=True).tolist()
@@ -221,7 +226,9 @@ def calibrated_scales(x: ArrayLike, kv_cache_dtype: str, per_head: bool = False)
     amax = np.abs(xa).max(axis=(0, 2))  # [Hkv]
     if not per_head:
         amax = np.full(heads, amax.max())
-    return np.asarray(np.where(amax > 0, amax / fmt.max_value, 1.0), dtype=np.float64)
+    if not (math.isfinite(headroom) and headroom > 0):
+        raise AttentionShapeError("headroom must be finite and > 0", headroom=headroom)
+    return np.asarray(np.where(amax > 0, amax * headroom / fmt.max_value, 1.0), dtype=np.float64)
 
 
 def element_error_bound(x: ArrayLike, scale: ArrayLike, kv_cache_dtype: str) -> F64:

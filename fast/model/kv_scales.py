@@ -5,8 +5,9 @@ Each attention layer holds one :class:`LayerKVScales` (the engine sets the attri
 unquantized cache and no extra work). The scales are ``[Hkv]`` float32 device tensors that the
 kernels read through a pointer, so CUDA graphs captured before calibration replay with the
 calibrated values. Calibration, when armed, happens inside the layer's first call after arming:
-the scale becomes ``max|x| / M`` over that call's K (V) rows that are written (slot >= 0), per
-tensor or per KV head, and the layer disarms itself: the scales are frozen from then on. The
+the scale becomes ``max|x| * headroom / M`` over that call's K (V) rows that are written (slot
+>= 0), per tensor or per KV head (``spec.kv_quant.calibrated_scales``), and the layer disarms
+itself: the scales are frozen from then on. The
 engine arms the layers at the end of its construction, after the GPU warm-up, so the first
 step of real requests (all prompt tokens: a prefill or its first chunk) calibrates.
 """
@@ -39,19 +40,19 @@ class LayerKVScales:
         device: torch.device,
         *,
         per_head: bool = False,
+        headroom: float = 1.0,
         k_scale: float | tuple[float, ...] = 1.0,
         v_scale: float | tuple[float, ...] = 1.0,
     ) -> None:
         self.max_value = FP8_MAX[cache_dtype]
         self.per_head = per_head
+        self.headroom = headroom
         self.k_scale = self._tensor(k_scale, num_kv_heads, device)  # [Hkv] float32
         self.v_scale = self._tensor(v_scale, num_kv_heads, device)
         self.armed = False
 
     @staticmethod
-    def _tensor(
-        value: float | tuple[float, ...], heads: int, device: torch.device
-    ) -> torch.Tensor:
+    def _tensor(value: float | tuple[float, ...], heads: int, device: torch.device) -> torch.Tensor:
         values = list(value) if isinstance(value, tuple) else [float(value)] * heads
         if len(values) != heads:
             raise ValueError(f"per-head scales need {heads} values (one per KV head): {value!r}")
@@ -77,7 +78,9 @@ class LayerKVScales:
             amax = rows.amax(dim=(0, 2))  # [Hkv]
             if not self.per_head:
                 amax = amax.amax().expand_as(amax)
-            new = torch.where(amax > 0, amax / self.max_value, torch.ones_like(amax))
+            new = torch.where(
+                amax > 0, amax * self.headroom / self.max_value, torch.ones_like(amax)
+            )
             scale.copy_(torch.where(torch.isfinite(new), new, scale))
 
 
@@ -87,6 +90,7 @@ def install_kv_scales(
     device: torch.device,
     *,
     per_head: bool = False,
+    headroom: float = 1.0,
     k_scale: float | tuple[float, ...] | None = None,
     v_scale: float | tuple[float, ...] | None = None,
 ) -> list[LayerKVScales]:
@@ -104,6 +108,7 @@ def install_kv_scales(
                 cache_dtype,
                 device,
                 per_head=per_head,
+                headroom=headroom,
                 k_scale=1.0 if k_scale is None else k_scale,
                 v_scale=1.0 if v_scale is None else v_scale,
             )

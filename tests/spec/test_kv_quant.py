@@ -204,3 +204,12 @@ def test_attention_bound_is_tight_for_a_zero_query() -> None:
     assert np.allclose(err, bound, rtol=1e-12) and bound.max() > 0
     none = attention_error_bound(q, k, v, p, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
     assert not none.any()
+
+
+def test_headroom_scales_leave_room_above_the_calibration_maximum() -> None:
+    x = np.array([[[3.0, -448.0]]])  # max |x| 448
+    assert calibrated_scales(x, "fp8", headroom=2.0).tolist() == [2.0]
+    s = calibrated_scales(x, "fp8", headroom=2.0)
+    assert quantize(2 * x, s, "fp8").tolist() == [[[3.0, -448.0]]]  # 2x the max: not saturated
+    with pytest.raises(AttentionShapeError, match="headroom"):
+        calibrated_scales(x, "fp8", headroom=0.0)
