@@ -74,7 +74,7 @@ def load_model(
             )
     else:
         path = Path(model).expanduser()
-        if not path.exists() and is_repo_id(model):
+        if not path.exists() and isinstance(model, str) and is_repo_id(model):
             snapshot, searched = find_snapshot(model, revision or "main")
             if snapshot is None:
                 raise ModelNotFoundError(
@@ -102,8 +102,8 @@ def load_model(
         return with_generation_config(LoadedModel(hnet, htok, config), read_generation_config(path))
     raise ModelNotFoundError(
         str(path),
-        "no such file or directory (models are not downloaded: "
-        "pass a local .gguf file or Hugging Face directory)",
+        "no such file or directory (models are not downloaded: pass a local .gguf file, "
+        "a Hugging Face directory, or the 'org/name' of a model in the local Hugging Face cache)",
     )
 
 

@@ -255,6 +255,9 @@ def test_uncached_repo_id_names_the_paths_searched(
     with pytest.raises(ModelNotFoundError, match="not in the Hugging Face cache") as e:
         load_model("acme/absent")
     assert str(hub / "models--acme--absent") in str(e.value)
+    with pytest.raises(ModelNotFoundError, match="'org/name' of a model in the local") as e:
+        load_model(str(tmp_path / "acme" / "absent"))  # a path, not an id: no cache search
+    assert "models--" not in str(e.value)
     hub_layout(sharded[0], hub, "acme/broken")
     shutil.rmtree(hub / "models--acme--broken" / "snapshots" / COMMIT)
     with pytest.raises(ModelNotFoundError) as e:
