@@ -17,7 +17,8 @@ checks only what every correct paged-KV cache must satisfy, whatever its policie
 ``refcounts``
     each block's reference count equals the number of live block-table entries holding it.
 ``no_double_hold``
-    no block in a live table is also free, and a block shared by two tables is counted for both.
+    no more distinct blocks are held than exist; without fork and prefix caching (nothing may
+    share), no block is in two live tables.
 ``free_accounting``
     free + held + cached-but-unreferenced blocks equals the capacity (nothing lost or counted
     twice).
@@ -225,6 +226,10 @@ def _check_invariants(
         steps["no_double_hold"] += 1
         if len(holders) > caps.num_blocks:
             raise Defect("no_double_hold", f"{len(holders)} distinct blocks held > capacity")
+        if not (caps.fork or caps.prefix_caching):  # nothing may share: one holder per block
+            shared = sorted(b for b, n in holders.items() if n > 1)
+            if shared:
+                raise Defect("no_double_hold", f"blocks {shared} are in two tables, none shares")
     if "free_accounting" in enabled:
         steps["free_accounting"] += 1
         if free + cached + len(holders) != caps.num_blocks:

@@ -72,6 +72,30 @@ def test_block_suite_passes_once_the_stale_row_is_cleared() -> None:
     assert "refcounts" in report.skipped and "prefix_hit_content" in report.skipped
 
 
+def test_checker_catches_a_page_handed_to_two_sequences() -> None:
+    """A mutant that gives a new sequence a page another one holds (and frees its own)."""
+    from conformance.adapters.semantic import check_semantic
+    from conformance.adapters.torch_paged import TorchPagedAdapter, versions
+
+    class _Alias(TorchPagedAdapter):
+        def allocate(self, seq_id: int, token_ids: Any) -> int:
+            cached = super().allocate(seq_id, token_ids)
+            other = next((s for s in self.lengths if s != seq_id), None)
+            if other is not None:
+                theirs, mine = int(self.pa.page_table[other, 0]), int(self.pa.page_table[seq_id, 0])
+                self.pa.page_table[seq_id, 0] = theirs
+                self.pa.physical_to_logical[seq_id, mine] = -1
+                self.pa.physical_to_logical[seq_id, theirs] = 0
+                self.pa.empty_pages.append(mine)
+            return cached
+
+    report = check_semantic(
+        lambda: _Alias(clear_stale_mapping=True), versions(), max_examples=60, shrink=False
+    )
+    assert report.status == "failed"
+    assert report.defect.startswith("no_double_hold: blocks"), report.defect
+
+
 def _stale_mapping_attention() -> list[float]:
     """The reproduction in docs/conformance-others.md: FlexAttention on a reused slot."""
     import torch
