@@ -91,6 +91,7 @@ def kquant_gguf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     return path
 
 
+@pytest.mark.usefixtures("no_network")  # transformers reads the local file offline
 def test_greedy_tokens_equal_transformers(kquant_gguf: Path) -> None:
     from fast import LLM, SamplingParams
 
