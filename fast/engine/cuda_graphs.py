@@ -11,6 +11,11 @@ The static inputs are views of two device buffers, one int64 (token ids, positio
 one int32 (block tables, lengths), each mirrored by a pinned host buffer: the engine's numpy
 arrays are written into the host mirrors and each buffer crosses in one asynchronous copy, so a
 replay costs two copies and one launch of host work.
+
+Per-layer attention parameters (each layer's sliding window, soft-cap and scale: Gemma, Qwen2,
+Phi-3) are Python constants of that layer's kernel call, so the capture records every layer with
+its own; the model's per-step device work (LongRoPE's choice of factors from the lengths) reads
+the static inputs without a host synchronization, so it replays too.
 """
 
 from __future__ import annotations

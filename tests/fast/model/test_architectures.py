@@ -4,7 +4,8 @@ Each case builds a tiny seeded model with transformers' own config class, saves 
 ``save_pretrained``, loads it through ``LLM`` (the registry picks the model class) and checks
 that greedy generation over prompts of 12 and 31 tokens (plus 12 new tokens) is token-identical
 to transformers' ``generate`` in float32, and that the prompt's logits agree within 1e-4.
-Windows (8) and soft-caps (attention 5, logits 3) are small enough to act at these lengths;
+Windows (8) and soft-caps (attention 5, logits 3) are small enough to act at these lengths
+(Gemma 2 also prefills in chunks of 5 tokens);
 the soft-cap cases also check that they bite (the logits move when transformers' caps are off).
 Phi-3 runs at head_dim 96 with LongRoPE (threshold 16 tokens: one sequence stays within it, one
 starts past it; a sequence that crosses it differs from transformers, which recomputes the whole
@@ -132,6 +133,9 @@ EXPECTED: dict[str, tuple[tuple[int | None, ...], tuple[float | None, float | No
 }
 
 
+CHUNKED = ("gemma2",)  # also run with chunked prefill
+
+
 def build_hf(kind: str, overrides: dict[str, Any], seed: int) -> Any:
     """A seeded transformers model: weights N(0, 0.3^2), norms perturbed around neutral."""
     torch.manual_seed(seed)
@@ -187,6 +191,19 @@ def check_case(case: str, tmp_path: Path, device: str = "cpu") -> None:
     greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in batch], greedy, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == want
+    if case in CHUNKED:  # prompts in chunks of 5 tokens: windows across a cached prefix
+        chunked = LLM(
+            str(tmp_path),
+            num_gpu_blocks=32,
+            block_size=4,
+            dtype="float32",
+            device=device,
+            enforce_eager=device == "cpu",
+            max_num_batched_tokens=5,
+            max_num_seqs=1,
+        )
+        outs = chunked.generate([{"prompt_token_ids": p} for p in batch], greedy, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == want
     with torch.no_grad():
         ref = hf(torch.tensor([batch[1]])).logits[0]  # [P, V]
     got = prompt_logits(tmp_path, batch[1], device).cpu()

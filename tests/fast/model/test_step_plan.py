@@ -33,9 +33,13 @@ def _decode_ctx(slots: list[int], lens: list[int]) -> AttentionContext:
 
 
 def _step(
-    window: int | None, slots: list[int], planned: bool, monkeypatch: pytest.MonkeyPatch
+    window: int | None,
+    slots: list[int],
+    planned: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    layers: tuple[bool, ...] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    cfg = dataclasses.replace(TINY, sliding_window=window)
+    cfg = dataclasses.replace(TINY, sliding_window=window, sliding_layers=layers)
     model = random_model(cfg, seed=1, dtype=torch.float32).model
     caches = allocate_kv_caches(cfg, 8, BS, torch.float32, "cpu")
     gen = torch.Generator().manual_seed(2)
@@ -64,6 +68,35 @@ def test_planned_decode_equals_checked_path(
     assert h_fast.shape == (3, 64)
     assert (h_fast - h_ref).abs().max().item() < 1e-5
     assert all(torch.equal(a, b) for a, b in zip(c_fast, c_ref))
+
+
+@pytest.mark.parametrize("layers", [(True, False), (False, True)])
+def test_per_layer_windows_planned_equals_checked(
+    layers: tuple[bool, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One gather plan per distinct window (Gemma, Qwen2): each layer reads its own."""
+    slots = [4 * 4 + 1, 0 * 4 + 3, 5 * 4 + 2]
+    h_fast, c_fast = _step(3, slots, True, monkeypatch, layers)
+    h_ref, c_ref = _step(3, slots, False, monkeypatch, layers)
+    h_full, _ = _step(None, slots, True, monkeypatch)
+    h_all, _ = _step(3, slots, True, monkeypatch)
+    assert (h_fast - h_ref).abs().max().item() < 1e-5
+    assert all(torch.equal(a, b) for a, b in zip(c_fast, c_ref))
+    # the window acts on one layer only: the result is neither all-full nor all-windowed
+    assert (h_fast - h_full).abs().max().item() > 1e-3
+    assert (h_fast - h_all).abs().max().item() > 1e-3
+    cfg = dataclasses.replace(TINY, sliding_window=3, sliding_layers=layers)
+    caches = allocate_kv_caches(cfg, 8, BS, torch.float32, "cpu")
+    plan = plan_decode_step(cfg, _decode_ctx(slots, [10, 4, 11]), torch.float32, caches)
+    assert plan is not None and sorted(plan.attend, key=str) == [3, None]
+
+
+def test_soft_capped_model_takes_checked_path() -> None:
+    cfg = dataclasses.replace(TINY, attn_logit_softcap=5.0)
+    caches = allocate_kv_caches(cfg, 8, BS, torch.float32, "cpu")
+    ctx = _decode_ctx([17, 3, 22], [10, 4, 11])
+    assert plan_decode_step(cfg, ctx, torch.float32, caches) is None
+    assert plan_decode_step(TINY, ctx, torch.float32, caches) is not None
 
 
 def test_plan_only_for_uniform_cpu_decode() -> None:
