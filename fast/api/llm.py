@@ -33,8 +33,8 @@ from fast.engine.config import EngineConfig, resolve_device, resolve_dtype
 from fast.engine.engine import LLMEngine, PromptType
 from fast.engine.outputs import RequestOutput
 from fast.engine.sampling_params import SamplingParams
-from fast.loader import LoadedModel, load_model
-from fast.loader.generation_config import resolve_generation_config
+from fast.loader import LoadedModel, load_model, resolve_generation_config
+from fast.loader.generation_config import GenerationConfigError
 from spec.errors import InvalidArgumentError
 
 __all__ = ["LLM"]
@@ -87,6 +87,11 @@ class LLM:
         model, self._sampling_defaults = resolve_generation_config(
             model, generation_config, override_generation_config
         )
+        try:  # the file's values are checked now, not at the first request
+            self.get_default_sampling_params()
+        except InvalidArgumentError as e:
+            source = model.generation_config.path or "override_generation_config"
+            raise GenerationConfigError(f"{source}: {e}") from e
         self.llm_engine = LLMEngine(model, engine_config)
         self._ids = itertools.count()
         self._streams = 0  # stream() iterators running

@@ -10,16 +10,20 @@ downloaded. A directory's ``generation_config.json`` is attached to the loaded m
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fast.loader.default import DEFAULT_FILE, DEFAULT_PACKAGE, default_model_path
 from fast.loader.generation_config import (
     GenerationConfig,
+    choose_generation_config,
+    merge_eos,
     read_generation_config,
-    with_generation_config,
 )
 from fast.loader.gguf import load_gguf
 from fast.loader.hf import load_hf_dir
@@ -29,7 +33,13 @@ from fast.model import LlamaForCausalLM
 from fast.model.config import ModelConfig
 from fast.tokenizer.tokenizer import Tokenizer
 
-__all__ = ["LoadedModel", "ModelNotFoundError", "load_model", "random_model"]
+__all__ = [
+    "LoadedModel",
+    "ModelNotFoundError",
+    "load_model",
+    "random_model",
+    "resolve_generation_config",
+]
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -99,7 +109,8 @@ def load_model(
                 str(path), f"the directory has no config.json and {len(ggufs)} .gguf files"
             )
         hnet, htok, config = load_hf_dir(path, dtype=dtype, device=device)
-        return with_generation_config(LoadedModel(hnet, htok, config), read_generation_config(path))
+        own = read_generation_config(path)
+        return LoadedModel(hnet, htok, merge_eos(config, own), own)
     raise ModelNotFoundError(
         str(path),
         "no such file or directory (models are not downloaded: pass a local .gguf file, "
@@ -116,3 +127,18 @@ def random_model(
 ) -> LoadedModel:
     """Random N(0, 0.02) weights of ``config``'s shape, drawn on ``device``; no tokenizer."""
     return LoadedModel(random_weights(config, seed=seed, dtype=dtype, device=device), None, config)
+
+
+def resolve_generation_config(
+    loaded: LoadedModel,
+    mode: str | Path = "auto",
+    override: Mapping[str, Any] | None = None,
+) -> tuple[LoadedModel, dict[str, Any]]:
+    """(``loaded`` with the generation config in use and its end tokens, the default
+    SamplingParams keyword arguments): vLLM's ``generation_config`` argument, see
+    :func:`fast.loader.generation_config.choose_generation_config`."""
+    config, defaults = choose_generation_config(loaded.generation_config, mode, override)
+    if config is loaded.generation_config:
+        return loaded, defaults
+    merged = merge_eos(loaded.config, config)
+    return dataclasses.replace(loaded, config=merged, generation_config=config), defaults

@@ -11,7 +11,7 @@ What pagedkv takes from the file, following vLLM's ``generation_config`` engine 
   (a dict) replaces fields of whichever file is used, as in vLLM. Other fields (``do_sample``,
   ``max_length``, beam settings) are ignored.
 * its ``eos_token_id`` (an int or a list) joins the model's end-of-sequence ids
-  (:func:`with_generation_config`), whatever the mode: a chat model whose generation config
+  (:func:`merge_eos`), whatever the mode: a chat model whose generation config
   lists its end-of-turn token stops there.
 
 A request with its own ``SamplingParams`` uses them as given; the file does not fill its
@@ -35,19 +35,18 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from fast.loader import LoadedModel
+from fast.model.config import ModelConfig
 
 __all__ = [
     "FILE",
     "SAMPLING_FIELDS",
     "GenerationConfig",
     "GenerationConfigError",
+    "choose_generation_config",
+    "merge_eos",
     "read_generation_config",
-    "resolve_generation_config",
-    "with_generation_config",
 ]
 
 FILE = "generation_config.json"
@@ -115,41 +114,42 @@ def read_generation_config(directory: str | Path) -> GenerationConfig:
     return GenerationConfig(raw, path)
 
 
-def with_generation_config(loaded: LoadedModel, config: GenerationConfig) -> LoadedModel:
-    """``loaded`` with ``config`` attached and its end-of-sequence ids added to the model's."""
+def merge_eos(model: ModelConfig, config: GenerationConfig) -> ModelConfig:
+    """``model`` with ``config``'s end-of-sequence ids added to its own."""
     extra = config.eos_token_ids()
-    model_cfg = loaded.config
-    if extra:
-        eos = model_cfg.eos_token_id
-        have = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
-        merged = have + tuple(i for i in extra if i not in have)
-        model_cfg = dataclasses.replace(
-            model_cfg, eos_token_id=merged[0] if len(merged) == 1 else merged
-        )
-    return dataclasses.replace(loaded, config=model_cfg, generation_config=config)
+    if not extra:
+        return model
+    eos = model.eos_token_id
+    have = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+    merged = have + tuple(i for i in extra if i not in have)
+    return dataclasses.replace(model, eos_token_id=merged[0] if len(merged) == 1 else merged)
 
 
-def resolve_generation_config(
-    loaded: LoadedModel,
+def choose_generation_config(
+    own: GenerationConfig,
     mode: str | Path = "auto",
     override: Mapping[str, Any] | None = None,
-) -> tuple[LoadedModel, dict[str, Any]]:
-    """(the model with the generation config in use, the default SamplingParams kwargs).
+) -> tuple[GenerationConfig, dict[str, Any]]:
+    """(the generation config in use, the default SamplingParams keyword arguments).
 
-    ``mode`` is vLLM's ``generation_config``: ``"auto"`` (the model's own file, read by the
-    loader), ``"vllm"`` (no sampling defaults; the model's end tokens still count) or the
-    path of a directory holding a ``generation_config.json``. ``override`` replaces fields.
-    A sampling field out of its domain raises :class:`GenerationConfigError` naming the file.
+    ``own`` is the model's file (read by the loader); ``mode`` is vLLM's
+    ``generation_config``: ``"auto"`` (``own``), ``"vllm"`` (no sampling defaults; the end
+    tokens of ``own`` still count) or the path of a directory holding a
+    ``generation_config.json``. ``override`` replaces fields (over no defaults with
+    ``"vllm"``). The values are not checked here: ``SamplingParams`` does that.
+
+    >>> own = GenerationConfig({"temperature": 0.6, "eos_token_id": 9})
+    >>> choose_generation_config(own)[1], choose_generation_config(own, "vllm")[1]
+    ({'temperature': 0.6}, {})
+    >>> choose_generation_config(own, "vllm", {"top_k": 4})[1]
+    {'top_k': 4}
     """
-    from fast.engine.sampling_params import InvalidSamplingParamsError, SamplingParams
-
     if override is not None and not isinstance(override, Mapping):
         raise GenerationConfigError(
             f"override_generation_config must be a dict, not {type(override).__name__}"
         )
-    if mode in ("auto", "vllm"):
-        config = loaded.generation_config
-    else:
+    config = own
+    if mode not in ("auto", "vllm"):
         directory = Path(mode).expanduser()
         if not (directory / FILE).is_file():
             raise GenerationConfigError(
@@ -157,16 +157,8 @@ def resolve_generation_config(
                 "(pass 'auto', 'vllm' or a directory holding the file)"
             )
         config = read_generation_config(directory)
-        loaded = with_generation_config(loaded, config)
     if override:
         config = config.replaced(override)
-        loaded = with_generation_config(loaded, config)
-    defaults = {} if mode == "vllm" else config.sampling_defaults()
-    if mode == "vllm" and override:  # vLLM applies the override over its own defaults
-        defaults = GenerationConfig(override).sampling_defaults()
-    try:
-        SamplingParams(**defaults)
-    except InvalidSamplingParamsError as e:
-        source = config.path or "override_generation_config"
-        raise GenerationConfigError(f"{source}: {e}") from e
-    return loaded, defaults
+    if mode == "vllm":
+        return config, GenerationConfig(override or {}).sampling_defaults()
+    return config, config.sampling_defaults()
