@@ -78,6 +78,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
             query_pre_attn_scalar=24,
             attn_logit_softcapping=5.0,
             final_logit_softcapping=3.0,
+            tie_word_embeddings=False,  # tied, a tiny Gemma repeats its last token
         ),
     ),
     "gemma3": (  # local rope base 100 on sliding layers, linear x2 scaling on the global one
@@ -93,6 +94,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
             rope_theta=10000.0,
             rope_local_base_freq=100.0,
             rope_scaling=dict(rope_type="linear", factor=2.0),
+            tie_word_embeddings=False,
         ),
     ),
     "phi3_longrope": (  # head_dim 96 (Phi-3-mini's), window 8 on every layer
@@ -175,6 +177,7 @@ def check_case(case: str, tmp_path: Path, device: str = "cpu") -> None:
     # LongRoPE: 4 + 12 tokens stay within the threshold of 16, 31 start past it
     batch = prompts(seed=7, lens=(4, 31) if case == "phi3_longrope" else PROMPT_LENS)
     want = greedy_reference(hf, batch, MAX_TOKENS)
+    assert all(len(set(w)) >= 4 for w in want), f"degenerate reference {want}"
     llm = LLM(
         str(tmp_path),
         num_gpu_blocks=32,
@@ -227,6 +230,20 @@ def test_greedy_equals_transformers(case: str, tmp_path: Path) -> None:
 def test_greedy_equals_transformers_gpu(case: str, tmp_path: Path) -> None:
     """The same comparison through the Triton kernels and CUDA graphs, float32 on CUDA."""
     check_case(case, tmp_path, device="cuda")
+
+
+def test_tied_gemma_prompt_logits(tmp_path: Path) -> None:
+    """Gemma as released, tied (its greedy tokens above come from untied models: a tiny tied
+    Gemma's embedding x sqrt(hidden) dominates, and it repeats its last token)."""
+    kind, overrides = CASES["gemma3"]
+    hf = build_hf(kind, {**overrides, "tie_word_embeddings": True}, seed=3)
+    hf.save_pretrained(tmp_path)
+    ids = prompts(seed=8)[1]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]  # [P, V]
+    got = prompt_logits(tmp_path, ids)
+    assert load_model(str(tmp_path)).model.lm_head is None
+    assert (got - ref).abs().max().item() < 1e-4
 
 
 def test_phi3_head_dim_96_and_fused_checkpoint(tmp_path: Path) -> None:
