@@ -273,3 +273,55 @@ def test_unsupported_architecture_refused_by_name(tmp_path: Path) -> None:
     for name in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Phi3ForCausalLM"):
         assert name in message
     assert isinstance(err.value, InvalidModelConfigError)
+
+
+def test_config_readers_refuse_by_name_and_read_both_rope_spellings() -> None:
+    from fast.model.config import LinearRopeScaling
+    from fast.model.gemma import gemma2_config, gemma3_config
+    from fast.model.phi3 import phi3_config
+    from fast.model.registry import gguf_architecture
+
+    base: dict[str, Any] = dict(
+        vocab_size=16,
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        head_dim=32,
+        sliding_window=4,
+    )
+    with pytest.raises(InvalidModelConfigError, match="hidden_activation='gelu'"):
+        gemma2_config({**base, "hidden_activation": "gelu"})
+    with pytest.raises(InvalidModelConfigError, match="use_bidirectional_attention=True"):
+        gemma3_config({**base, "use_bidirectional_attention": True})
+    with pytest.raises(InvalidModelConfigError, match="rope_type='yarn'"):
+        phi3_config({**base, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+    with pytest.raises(InvalidModelConfigError, match="longrope needs original_max"):
+        phi3_config({**base, "rope_scaling": {**LONGROPE, "short_factor": [1.0] * 16}})
+    with pytest.raises(InvalidModelConfigError, match="rotary_dim=15"):
+        phi3_config({**base, "partial_rotary_factor": 15 / 32})
+    with pytest.raises(UnsupportedArchitectureError, match="'falcon'.*gemma2.*qwen3"):
+        gguf_architecture("falcon")
+    # Gemma 3: the old top-level keys and transformers 5's per-layer-type rope_parameters agree
+    old = gemma3_config(
+        {
+            **base,
+            "rope_theta": 1e6,
+            "rope_local_base_freq": 1e4,
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+        }
+    )
+    new = gemma3_config(
+        {
+            **base,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        }
+    )
+    assert old == new
+    assert (old.rope_theta, old.rope_local_theta) == (1e6, 1e4)
+    assert old.rope_scaling == LinearRopeScaling(8.0)
+    assert old.layer_windows == (4, 4, 4, 4, 4, None)  # five of six slide by default
+    assert gemma2_config(base).layer_windows == (4, None) * 3  # every other, from the first
