@@ -73,8 +73,11 @@ def dequantized_view(
     max_len = int(seq_lens.max()) if batch else 0
     n = max(1, -(-max_len // bs))
     ids = block_tables[:, :n].long().clamp(0, k_cache.shape[0] - 1).reshape(-1)  # [B * n]
-    k = k_cache.index_select(0, ids).to(cdt) * k_scale.to(cdt)[:, None]  # [B*n, bs, Hkv, D]
-    v = v_cache.index_select(0, ids).to(cdt) * v_scale.to(cdt)[:, None]
+    # gathered as bytes (index_select has no fp8 kernel on every device), then widened
+    k = k_cache.view(torch.uint8).index_select(0, ids).view(k_cache.dtype)  # [B*n, bs, Hkv, D]
+    v = v_cache.view(torch.uint8).index_select(0, ids).view(v_cache.dtype)
+    k = k.to(cdt) * k_scale.to(cdt)[:, None]
+    v = v.to(cdt) * v_scale.to(cdt)[:, None]
     tables = torch.arange(batch * n, dtype=torch.int32, device=q.device).view(batch, n)
     return k, v, tables
 

@@ -141,12 +141,21 @@ def build_case(case: AttentionCase, device: str | torch.device = "cpu") -> Built
     spare = 3
     num_blocks = base + used + spare
     spread = rng.permutation(used + spare)[:used]  # compact block c -> pool id base + spread[c]
-    k_cache = torch.full((num_blocks, bs, hkv, d), float("nan"), dtype=dt, device=device)
-    v_cache = torch.full_like(k_cache, float("nan"))
     ids = torch.as_tensor(base + spread, device=device)
-    if used:
-        k_cache[ids] = compact_k.to(device)
-        v_cache[ids] = compact_v.to(device)
+    if case.fp8:  # built as bytes: 0x7F is NaN in both fp8 formats
+        shape = (num_blocks, bs, hkv, d)
+        k_cache = torch.full(shape, 0x7F, dtype=torch.uint8, device=device)
+        v_cache = torch.full_like(k_cache, 0x7F)
+        if used:
+            k_cache[ids] = compact_k.view(torch.uint8).to(device)
+            v_cache[ids] = compact_v.view(torch.uint8).to(device)
+        k_cache, v_cache = k_cache.view(dt), v_cache.view(dt)
+    else:
+        k_cache = torch.full((num_blocks, bs, hkv, d), float("nan"), dtype=dt, device=device)
+        v_cache = torch.full_like(k_cache, float("nan"))
+        if used:
+            k_cache[ids] = compact_k.to(device)
+            v_cache[ids] = compact_v.to(device)
     pool_tables = np.full_like(spec_tables, -7)
     if used:
         pool_tables = np.where(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.fp8 import FP8_MAX
+from kernels.fp8 import FP8_MAX, check_fp8_triton
 
 __all__ = ["LayerKVScales", "install_kv_scales"]
 
@@ -97,9 +97,13 @@ def install_kv_scales(
     """Give every attention layer of ``model`` its :class:`LayerKVScales` (in layer order).
 
     ``k_scale``/``v_scale`` fix the scales (None: 1.0 until calibrated). Nothing is armed.
+    On a CUDA device below compute capability 8.9 this raises
+    :class:`kernels.errors.Fp8UnsupportedError` (the Triton kernels' fp8 needs 8.9) before any
+    step runs.
     """
     from fast.model.layers import Attention
 
+    check_fp8_triton(device)
     scales = []
     for module in model.modules():
         if isinstance(module, Attention):
