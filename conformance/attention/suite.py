@@ -21,6 +21,7 @@ from conformance.attention.cases import (
     AttentionCase,
     attention_cases,
     build_case,
+    fp8_attention_cases,
 )
 from conformance.attention.impl import AttentionImpl, attention_impl, check_decode, check_prefill
 from conformance.report import counterexample_of
@@ -57,6 +58,7 @@ def run_attention_suite(
     max_examples: int = 30,
     derandomize: bool = True,
     seed: int | None = None,
+    fp8: bool = False,
 ) -> AttentionSuiteResult:
     """Decode and prefill of implementation ``name`` (or an object) against the spec.
 
@@ -64,9 +66,15 @@ def run_attention_suite(
     ``case_limits(limits, device=..., prefill=...)`` method and names what it left out in an
     optional ``not_expressible`` mapping (what -> why), copied to the result's ``skipped``.
 
+    With ``fp8`` the cases read an fp8 KV cache (:func:`~conformance.attention.cases.
+    fp8_attention_cases`): the implementation takes ``k_scale``/``v_scale`` and is held to the
+    spec over the dequantized cache and to the error bound over the unquantized K/V.
+
     >>> r = run_attention_suite("torch", max_examples=3)
     >>> r.ok, r.cases
     (True, {'paged_decode': 3, 'paged_prefill': 3})
+    >>> run_attention_suite("torch", max_examples=2, fp8=True).ok
+    True
     """
     impl = attention_impl(name) if isinstance(name, str) else name
     result = AttentionSuiteResult(impl=impl.name)
@@ -89,7 +97,7 @@ def run_attention_suite(
             database=None,
             suppress_health_check=list(HealthCheck),
         )
-        @given(case=attention_cases(limits, prefill=prefill))
+        @given(case=(fp8_attention_cases if fp8 else attention_cases)(limits, prefill=prefill))
         def run(case: AttentionCase) -> None:
             err = check(impl, build_case(case, device))  # raises AssertionError beyond bound
             result.cases[op] += 1
