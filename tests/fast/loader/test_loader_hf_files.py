@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from offline import no_network  # noqa: F401 - a fixture
 
 from fast import LLM, SamplingParams
 from fast.loader import ModelNotFoundError, load_model

@@ -24,6 +24,7 @@ from fast.loader.gguf_file import read_gguf
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
+from offline import no_network  # noqa: E402, F401 - a fixture
 from test_loader_gguf import write_tiny_gguf  # noqa: E402 - after the importorskip
 
 T = gguf.GGMLQuantizationType

@@ -1,4 +1,5 @@
-"""Fixtures of the loader tests."""
+"""A fixture of the loader tests (not a conftest.py: tests/fast/api has one, and two modules
+named conftest cannot be collected together from these package-less test folders)."""
 
 from __future__ import annotations
 
