@@ -8,9 +8,9 @@ them; a tensor of any other type (``Q8_1``, ``Q8_K``, the integer types) raises
 :class:`UnsupportedQuantizationError` naming it and the supported ones.
 
 The package's dequantizers are run on slices of :data:`CHUNK_ELEMENTS` elements written
-straight into the destination, which keeps the temporaries small and cache-resident; loaded
-that way the package is as fast as the hand-written numpy it replaced (figures in
-``docs/model-files.md``).
+straight into the destination, which keeps the temporaries small and cache-resident: 3x to 4x
+faster than one call per tensor, and 1.5x slower than the hand-written numpy of Q4_0, Q4_1 and
+Q8_0 it replaced (on SmolLM2-135M's file; ``docs/model-files.md``).
 """
 
 from __future__ import annotations
