@@ -67,11 +67,11 @@ def trace(n: int, scale: int, vocab: int, seed: int = 0) -> tuple[list[list[int]
 # -- the server (child process) -------------------------------------------------------------
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, str, int]:
-    """(LLM, served name, vocabulary size)."""
-    import torch
+def _spec(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
+    """(model: a path, None or a factory of the random model; LLM keyword arguments; name)."""
+    import functools
 
-    from fast.api.llm import LLM
+    import torch
 
     engine: dict[str, Any] = dict(
         device=args.device,
@@ -86,12 +86,20 @@ def _load(args: argparse.Namespace) -> tuple[Any, str, int]:
         from fast.model.config import ModelConfig
 
         device = "cuda" if args.device in ("auto", "cuda") else args.device
-        model = random_model(ModelConfig.llama3_8b(), seed=0, dtype=torch.bfloat16, device=device)
-        llm = LLM(model, gpu_memory_utilization=0.9, dtype="bfloat16", **engine)
-        return llm, "random-llama3-8b", 128000
+        factory = functools.partial(
+            random_model, ModelConfig.llama3_8b(), seed=0, dtype=torch.bfloat16, device=device
+        )
+        return factory, {**engine, "gpu_memory_utilization": 0.9, "dtype": "bfloat16"}, args.model
     path = None if args.model == "smollm2" else args.model
-    llm = LLM(path, **engine)
-    name = "SmolLM2-135M-Instruct" if path is None else Path(path).name
+    return path, engine, "SmolLM2-135M-Instruct" if path is None else Path(path).name
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, str, int]:
+    """(LLM, served name, vocabulary size)."""
+    from fast.api.llm import LLM
+
+    model, kwargs, name = _spec(args)
+    llm = LLM(model() if callable(model) else model, **kwargs)
     return llm, name, llm.llm_engine.model_config.vocab_size
 
 
@@ -130,8 +138,21 @@ def run_server(args: argparse.Namespace) -> None:
     def ready(url: str) -> None:
         print("SERVER " + json.dumps({**report, "url": url}), flush=True)
 
-    serve(llm, config, "127.0.0.1", 0, "warning", on_ready=ready)
-    if not args.skip_offline:  # stopped by the parent (SIGTERM): once more, after the load
+    if args.engine_process:  # the offline engine makes way for the same one in its own process
+        import gc
+
+        from fast.api.engine_process import EngineProcess
+
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        model, kwargs, _ = _spec(args)
+        served: Any = EngineProcess(model, **kwargs)
+    else:
+        served = llm
+    serve(served, config, "127.0.0.1", 0, "warning", on_ready=ready)
+    if not args.skip_offline and not args.engine_process:  # stopped by the parent (SIGTERM)
         print("OFFLINE_AFTER " + json.dumps(offline(llm, prompts, n_out)), flush=True)
 
 
@@ -290,6 +311,8 @@ def start_child(args: argparse.Namespace) -> tuple[subprocess.Popen[str], dict[s
             cmd += [f"--{key.replace('_', '-')}", str(value)]
     if args.skip_offline:
         cmd.append("--skip-offline")
+    if args.engine_process:
+        cmd.append("--engine-process")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     assert proc.stdout is not None
@@ -316,6 +339,11 @@ def main() -> None:
     parser.add_argument("--slo-ttft-ms", type=float, default=None)
     parser.add_argument("--slo-tpot-ms", type=float, default=None)
     parser.add_argument("--skip-offline", action="store_true")
+    parser.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="serve with the engine in its own process (pagedkv serve --engine-process)",
+    )
     parser.add_argument("--out", default=None)
     parser.add_argument("--svg-from", default=None, help="print the SVG curve of a results JSON")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -353,6 +381,7 @@ def main() -> None:
                 "max_num_seqs": args.max_num_seqs,
                 "max_num_batched_tokens": args.max_num_batched_tokens,
                 "torch_threads": args.threads if cpu else None,
+                "engine_process": args.engine_process,
             },
             "slo": {"ttft_ms": slo_ttft, "tpot_ms": slo_tpot},
             "load_average_1m_at_start": round(os.getloadavg()[0], 2),

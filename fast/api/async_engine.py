@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from fast.api.engine_process import EngineProcess, EngineProcessError, engine_counts
 from fast.engine.engine import LLMEngine
 from fast.engine.outputs import RequestOutput
 
@@ -56,6 +57,9 @@ class EngineSnapshot:
     copied_blocks: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+
+
+_SNAPSHOT_FIELDS = tuple(EngineSnapshot.__dataclass_fields__)
 
 
 class Observer(Protocol):
@@ -152,7 +156,10 @@ class AsyncEngine:
     """
 
     def __init__(
-        self, engine: LLMEngine, max_waiting: int = 256, observer: Observer | None = None
+        self,
+        engine: LLMEngine | EngineProcess,
+        max_waiting: int = 256,
+        observer: Observer | None = None,
     ) -> None:
         self.engine = engine
         self.max_waiting = max_waiting
@@ -245,6 +252,11 @@ class AsyncEngine:
                 if engine.has_unfinished_requests():
                     try:
                         outputs = engine.step()
+                    except EngineProcessError as exc:  # the engine process is gone
+                        log.error("the engine process failed: %s", exc)
+                        self.error = exc
+                        self._abort_all(EngineStepError(f"the engine process failed: {exc}"))
+                        break
                     except Exception as exc:  # rolled back by the engine: fail its requests
                         log.exception("engine step failed; aborting its requests")
                         self._abort_all(EngineStepError(f"the engine step failed: {exc!r}"))
@@ -270,7 +282,7 @@ class AsyncEngine:
             cmd = self._commands.popleft()
             if isinstance(cmd, _Abort):
                 if cmd.request_id in self._tracked:
-                    final = self.engine.abort_request(cmd.request_id)
+                    final = self._abort(cmd.request_id)
                     self._finish(cmd.request_id, final, aborted=True)
                 continue
             try:
@@ -353,10 +365,20 @@ class AsyncEngine:
         elif aborted and self._stopping and final is not None:
             self._send([(t.stream, final)])
 
+    def _abort(self, request_id: str) -> RequestOutput | None:
+        """The engine's abort; None when its process is gone (nothing is left to free)."""
+        try:
+            return self.engine.abort_request(request_id)
+        except EngineProcessError:
+            return None
+
     def _abort_all(self, error: BaseException | None) -> None:
+        gone = EngineStepError("the engine stopped before the request finished")
         for rid in list(self._tracked):
-            final = self.engine.abort_request(rid)
-            self._finish(rid, final, aborted=True, error=error)
+            final = self._abort(rid)
+            # a stream must end with something: its final output, or an error
+            ended = error if error is not None or final is not None else gone
+            self._finish(rid, final, aborted=True, error=ended)
         self._publish()
 
     def _send(self, batch: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
@@ -374,19 +396,5 @@ class AsyncEngine:
 
     def _publish(self) -> None:
         e = self.engine
-        s = e.scheduler
-        stats = e.stats
-        self.snapshot = EngineSnapshot(
-            running=len(s.running),
-            waiting=len(s.waiting),
-            swapped=len(s.swapped),
-            num_gpu_blocks=int(e.num_gpu_blocks),
-            num_free_gpu_blocks=e.num_free_gpu_blocks,
-            steps=stats.steps,
-            generated_tokens=stats.generated_tokens,
-            preempted=stats.preempted,
-            swapped_out=stats.swapped_out,
-            copied_blocks=stats.copied_blocks,
-            prefix_cache_queries=int(getattr(stats, "prefix_cache_queries", 0)),
-            prefix_cache_hits=int(getattr(stats, "prefix_cache_hits", 0)),
-        )
+        counts = e.counts() if isinstance(e, EngineProcess) else engine_counts(e)
+        self.snapshot = EngineSnapshot(**{f: counts[f] for f in _SNAPSHOT_FIELDS})

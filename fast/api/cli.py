@@ -119,6 +119,13 @@ def _add_serve_parser(sub: Any) -> None:
         help="seconds running requests may finish on shutdown before they are aborted",
     )
     srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    srv.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the engine in a process of its own, beside the HTTP server's (default: on "
+        "with a GPU, where the server's work would otherwise slow the host-bound steps)",
+    )
     eng = srv.add_argument_group("engine options (as LLM(...)'s)")
     eng.add_argument("--device", default="auto", choices=DEVICES)
     eng.add_argument("--dtype", default="auto", choices=DTYPES)
@@ -197,7 +204,13 @@ def _serve(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_request_bytes,
         shutdown_timeout_s=args.shutdown_timeout,
     )
-    llm = LLM(args.model, **kwargs)
+    llm: Any
+    if _engine_process(args):
+        from fast.api.engine_process import EngineProcess
+
+        llm = EngineProcess(args.model, **kwargs)
+    else:
+        llm = LLM(args.model, **kwargs)
 
     def ready(url: str) -> None:
         print(f"pagedkv: serving {name!r} on {url} (OpenAI base_url {url}/v1)", flush=True)
@@ -207,6 +220,15 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as e:  # the port is taken, the address is not this machine's
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     return 0
+
+
+def _engine_process(args: argparse.Namespace) -> bool:
+    """``--engine-process`` as given, else whether the engine will run on a GPU."""
+    if args.engine_process is not None:
+        return bool(args.engine_process)
+    from fast.engine.config import resolve_device
+
+    return resolve_device(args.device).type == "cuda"
 
 
 def _positive_int(text: str) -> int:

@@ -46,6 +46,7 @@ from starlette.routing import Route
 
 from fast.api import openai_protocol as proto
 from fast.api.async_engine import AsyncEngine, EngineStepError, RequestStream
+from fast.api.engine_process import EngineProcess, EngineProcessError
 from fast.api.llm import LLM
 from fast.api.metrics import CONTENT_TYPE, ServerMetrics
 from fast.api.openai_protocol import OpenAIError
@@ -83,7 +84,7 @@ class ServerConfig:
 class _State:
     """What the handlers share: the engine front, the model's facts, the metrics."""
 
-    def __init__(self, llm: LLM, config: ServerConfig) -> None:
+    def __init__(self, llm: LLM | EngineProcess, config: ServerConfig) -> None:
         self.llm = llm
         self.config = config
         engine = llm.llm_engine
@@ -133,7 +134,7 @@ class _State:
             return await self.front.add_requests(items)
         except InvalidArgumentError as e:  # the engine's own checks, at add time
             raise proto.bad_request(e.name, str(e)) from None
-        except EngineStepError as e:
+        except (EngineStepError, EngineProcessError) as e:
             raise OpenAIError(503, str(e), type="server_error") from None
 
 
@@ -488,9 +489,11 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return _json(body, 500)
 
 
-def build_app(llm: LLM, config: ServerConfig | None = None) -> Starlette:
+def build_app(llm: LLM | EngineProcess, config: ServerConfig | None = None) -> Starlette:
     """The ASGI application serving ``llm``; its lifespan starts and stops the engine thread
-    (stopping aborts whatever still runs, so every block is free after shutdown)."""
+    (stopping aborts whatever still runs, so every block is free after shutdown). ``llm`` may be
+    an :class:`~fast.api.engine_process.EngineProcess` (the engine in its own process), which the
+    shutdown then stops too."""
     cfg = config or ServerConfig()
     state = _State(llm, cfg)
 
@@ -501,6 +504,8 @@ def build_app(llm: LLM, config: ServerConfig | None = None) -> Starlette:
             yield
         finally:
             await state.front.shutdown()
+            if isinstance(llm, EngineProcess):
+                llm.close()
 
     routes = [
         Route("/v1/completions", _endpoint(completions), methods=["POST"]),
@@ -610,7 +615,7 @@ class BackgroundServer:
 
 
 def serve(
-    llm: LLM,
+    llm: LLM | EngineProcess,
     config: ServerConfig,
     host: str = "127.0.0.1",
     port: int = 8000,

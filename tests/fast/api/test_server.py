@@ -46,11 +46,22 @@ def reference(char_model: Path) -> LLM:
     return _llm(char_model)
 
 
-@pytest.fixture(scope="module")
-def server(char_model: Path) -> Iterator[BackgroundServer]:
-    app = build_app(_llm(char_model), ServerConfig(served_model_name=NAME))
+@pytest.fixture(scope="module", params=["engine-thread", "engine-process"])
+def server(char_model: Path, request: pytest.FixtureRequest) -> Iterator[BackgroundServer]:
+    """The server with its engine in a thread of this process, then in a process of its own
+    (``pagedkv serve --engine-process``, the default on GPUs): every test runs on both."""
+    llm: Any
+    if request.param == "engine-process":
+        from fast.api.engine_process import EngineProcess
+
+        llm = EngineProcess(str(char_model), **ENGINE)
+    else:
+        llm = _llm(char_model)
+    app = build_app(llm, ServerConfig(served_model_name=NAME))
     with BackgroundServer(app) as srv:
         yield srv
+    if request.param == "engine-process":
+        assert not llm._proc.is_alive()  # the shutdown stopped the engine process
 
 
 @pytest.fixture(scope="module")
@@ -580,13 +591,16 @@ def test_shutdown_aborts_running_requests_and_frees_everything(char_model: Path)
     assert not llm.llm_engine.has_unfinished_requests()
 
 
-def test_cli_serve_starts_answers_and_stops_on_sigint(char_model: Path) -> None:
+@pytest.mark.parametrize("mode", ["--no-engine-process", "--engine-process"])
+def test_cli_serve_starts_answers_and_stops_on_sigint(char_model: Path, mode: str) -> None:
+    """Ctrl-C as a terminal sends it: SIGINT to the whole process group (the server and, with
+    --engine-process, its engine process); the server shuts down and nothing is left running."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "fast.api.cli", "serve", "--model", str(char_model)]
+    cmd = [sys.executable, "-m", "fast.api.cli", "serve", "--model", str(char_model), mode]
     cmd += ["--port", "0", "--device", "cpu", "--max-model-len", "128", "--log-level", "warning"]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        start_new_session=False,
+        start_new_session=True,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -601,12 +615,23 @@ def test_cli_serve_starts_answers_and_stops_on_sigint(char_model: Path) -> None:
             timeout=TIMEOUT,
         )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the engine process, if any, has exited too
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("a process of the server's group outlived it")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_cli_serve_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,411 @@
+"""The engine in a process of its own, so the server's HTTP work and the engine's steps run at once.
+
+In one process the server's event loop (building and writing one SSE chunk per running request per
+step) and the engine thread (whose decode steps are host-bound on a GPU) take turns on the one
+interpreter lock, so every chunk written lengthens the next step: on an H200 the server made 0.69x
+the tokens per second of offline ``LLM.generate`` (docs/serving.md). vLLM's V1 engine splits the
+two the same way: the engine core runs in its own process and the API server process talks to it.
+
+:class:`EngineProcess` starts a child process that builds ``LLM(model, **kwargs)`` and serves
+commands over a pipe, one reply per command: ``add`` (a request; the engine's refusal comes back
+as the same exception), ``abort``, ``step``. It offers the parent the part of
+:class:`~fast.engine.engine.LLMEngine` that :class:`~fast.api.async_engine.AsyncEngine` uses, and
+the part of :class:`~fast.api.llm.LLM` the server reads (``llm_engine``, ``max_logprobs``,
+``default_sampling_fields``), so ``build_app`` takes either.
+
+Outputs cross as deltas: :class:`DeltaEncoder` (child) sends each request's new tokens, new text
+and new logprobs; :class:`DeltaDecoder` (parent) rebuilds the cumulative
+:class:`~fast.engine.outputs.RequestOutput` the server expects, equal to the child's.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import traceback
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from fast.engine.outputs import CompletionOutput, RequestOutput
+
+if TYPE_CHECKING:
+    from fast.engine.engine import LLMEngine
+
+__all__ = [
+    "DeltaDecoder",
+    "DeltaEncoder",
+    "EngineProcess",
+    "EngineProcessError",
+    "engine_counts",
+]
+
+
+class EngineProcessError(RuntimeError):
+    """The engine process failed to start, died, or stopped answering."""
+
+
+@dataclass(frozen=True)
+class _CompletionDelta:
+    index: int
+    new_token_ids: list[int]
+    text: str  # the new text, or the whole text when ``replace_text``
+    replace_text: bool  # the text is not an extension of what was sent (a stop string cut it)
+    new_logprobs: list[Any] | None
+    cumulative_logprob: float | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+@dataclass(frozen=True)
+class _OutputDelta:
+    request_id: str
+    completions: list[_CompletionDelta]
+    finished: bool
+    metrics: Any
+    num_cached_tokens: int | None
+    prompt: tuple[str | None, list[int]] | None  # the first time only
+    prompt_logprobs: list[Any] | None  # when changed since the last delta
+    prompt_logprobs_len: int
+
+
+class DeltaEncoder:
+    """Turns cumulative outputs into deltas (the child's side; one per engine)."""
+
+    def __init__(self) -> None:
+        # request id -> (prompt logprobs sent, {index: (tokens sent, text sent, logprobs sent)})
+        self._sent: dict[str, tuple[int, dict[int, tuple[int, str, int]]]] = {}
+
+    def encode(self, out: RequestOutput) -> _OutputDelta:
+        first = out.request_id not in self._sent
+        n_prompt_lp, comps = self._sent.get(out.request_id, (-1, {}))
+        deltas = []
+        for c in out.outputs:
+            n_tok, text, n_lp = comps.get(c.index, (0, "", 0))
+            extends = c.text.startswith(text)
+            deltas.append(
+                _CompletionDelta(
+                    c.index,
+                    c.token_ids[n_tok:],
+                    c.text[len(text) :] if extends else c.text,
+                    not extends,
+                    None if c.logprobs is None else c.logprobs[n_lp:],
+                    c.cumulative_logprob,
+                    c.finish_reason,
+                    c.stop_reason,
+                )
+            )
+            comps[c.index] = (len(c.token_ids), c.text, len(c.logprobs or ()))
+        plp = out.prompt_logprobs
+        plp_len = -1 if plp is None else len(plp)
+        if out.finished:
+            self._sent.pop(out.request_id, None)
+        else:
+            self._sent[out.request_id] = (plp_len, comps)
+        return _OutputDelta(
+            out.request_id,
+            deltas,
+            out.finished,
+            out.metrics,
+            out.num_cached_tokens,
+            (out.prompt, out.prompt_token_ids) if first else None,
+            list(plp) if plp is not None and plp_len != n_prompt_lp else None,
+            plp_len,
+        )
+
+
+class DeltaDecoder:
+    """Rebuilds cumulative outputs from deltas (the parent's side)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, RequestOutput] = {}
+
+    def decode(self, d: _OutputDelta) -> RequestOutput:
+        prev = self._last.get(d.request_id)
+        if prev is None and d.prompt is None:
+            raise EngineProcessError(f"a delta for unknown request {d.request_id!r}")
+        before = {c.index: c for c in prev.outputs} if prev is not None else {}
+        outputs = []
+        for cd in d.completions:
+            p = before.get(cd.index)
+            text = cd.text if cd.replace_text or p is None else p.text + cd.text
+            logprobs = cd.new_logprobs
+            if logprobs is not None and p is not None and p.logprobs is not None:
+                logprobs = p.logprobs + logprobs
+            outputs.append(
+                CompletionOutput(
+                    cd.index,
+                    text,
+                    (p.token_ids if p is not None else []) + cd.new_token_ids,
+                    cd.cumulative_logprob,
+                    logprobs,
+                    cd.finish_reason,
+                    cd.stop_reason,
+                )
+            )
+        if prev is None:
+            assert d.prompt is not None
+            prompt, ids = d.prompt
+            out = RequestOutput(d.request_id, prompt, ids)
+        else:
+            out = prev
+        plp = (
+            None
+            if d.prompt_logprobs_len < 0
+            else (d.prompt_logprobs if d.prompt_logprobs is not None else out.prompt_logprobs)
+        )
+        out = replace(
+            out,
+            outputs=outputs,
+            finished=d.finished,
+            metrics=d.metrics,
+            num_cached_tokens=d.num_cached_tokens,
+            prompt_logprobs=plp,
+        )
+        if d.finished:
+            self._last.pop(d.request_id, None)
+        else:
+            self._last[d.request_id] = out
+        return out
+
+    def forget(self, request_id: str) -> None:
+        """Drop a request the engine no longer knows (aborted with nothing to report)."""
+        self._last.pop(request_id, None)
+
+
+@dataclass(frozen=True)
+class _Info:
+    tokenizer: Any
+    vocab_size: int
+    max_model_len: int
+    max_logprobs: int | None
+    default_sampling_fields: dict[str, Any]
+
+
+def engine_counts(engine: LLMEngine) -> dict[str, int]:
+    """The engine's queue sizes, block counts and statistics (what the server's snapshot and
+    metrics show), plus ``unfinished`` (0 or 1)."""
+    s, stats = engine.scheduler, engine.stats
+    return {
+        "running": len(s.running),
+        "waiting": len(s.waiting),
+        "swapped": len(s.swapped),
+        "num_gpu_blocks": int(engine.num_gpu_blocks),
+        "num_free_gpu_blocks": int(engine.num_free_gpu_blocks),
+        "steps": stats.steps,
+        "generated_tokens": stats.generated_tokens,
+        "preempted": stats.preempted,
+        "swapped_out": stats.swapped_out,
+        "copied_blocks": stats.copied_blocks,
+        "prefix_cache_queries": int(stats.prefix_cache_queries),
+        "prefix_cache_hits": int(stats.prefix_cache_hits),
+        "unfinished": int(engine.has_unfinished_requests()),
+    }
+
+
+def _portable(exc: BaseException) -> tuple[str, str, str, dict[str, Any]]:
+    """An exception as (module, class, message, attributes): pagedkv's errors take their
+    numbers as constructor arguments, which pickle cannot always replay."""
+    attrs = {}
+    for k, v in vars(exc).items():
+        try:
+            multiprocessing.reduction.ForkingPickler.dumps(v)
+        except Exception:
+            continue
+        attrs[k] = v
+    return type(exc).__module__, type(exc).__qualname__, str(exc), attrs
+
+
+def _rebuild(module: str, name: str, message: str, attrs: dict[str, Any]) -> BaseException:
+    import importlib
+
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        if not (isinstance(cls, type) and issubclass(cls, Exception)):
+            raise TypeError(name)
+        exc: BaseException = cls.__new__(cls)
+        Exception.__init__(exc, message)
+        exc.__dict__.update(attrs)
+        return exc
+    except Exception:
+        return EngineProcessError(f"{module}.{name}: {message}")
+
+
+def _child_main(
+    conn: multiprocessing.connection.Connection, model: Any, kwargs: Any, threads: int
+) -> None:
+    """The engine process: build the LLM, then answer commands until told to stop."""
+    import signal
+
+    import torch
+
+    torch.set_num_threads(threads)  # the parent's setting (a spawned process starts afresh)
+
+    # Ctrl-C reaches the whole process group; the server process decides when to stop (it
+    # aborts the running requests, then sends "stop"), so the engine must not die first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        from fast.api.llm import LLM
+
+        llm = LLM(model() if callable(model) else model, **kwargs)
+        engine = llm.llm_engine
+        info = _Info(
+            engine.tokenizer,
+            engine.model_config.vocab_size,
+            engine.max_model_len,
+            llm.max_logprobs,
+            llm.default_sampling_fields,
+        )
+        conn.send(("ready", info, engine_counts(engine)))
+    except BaseException as exc:
+        conn.send(("raise", _portable(exc), traceback.format_exc()))
+        return
+    encoder = DeltaEncoder()
+    while True:
+        try:
+            cmd, arg = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            break
+        if cmd == "stop":  # the server's engine thread has aborted every request by now
+            conn.send(("ok", None, engine_counts(engine)))
+            break
+        try:
+            reply: Any
+            if cmd == "add":
+                engine.add_request(*arg)
+                reply = None
+            elif cmd == "abort":
+                final = engine.abort_request(arg)
+                reply = None if final is None else encoder.encode(final)
+            elif cmd == "step":
+                reply = [encoder.encode(o) for o in engine.step()]
+            else:
+                raise EngineProcessError(f"unknown command {cmd!r}")
+            conn.send(("ok", reply, engine_counts(engine)))
+        except Exception as exc:
+            conn.send(("raise", _portable(exc), engine_counts(engine)))
+
+
+@dataclass(frozen=True)
+class _ModelFacts:
+    """What the server reads of the model's config."""
+
+    vocab_size: int
+
+
+class EngineProcess:
+    """An :class:`~fast.engine.engine.LLMEngine` in a child process, driven over a pipe.
+
+    ``EngineProcess(model, **llm_kwargs)`` starts the child (``spawn``: safe with CUDA) and
+    waits until its ``LLM`` is built (raising what the child raised, e.g. a model that is not
+    there). ``model`` is what ``LLM`` takes, or a picklable factory the child calls to make it
+    (random weights built where they are used, not sent through the pipe). Not thread-safe: one
+    thread (the server's engine thread) issues the commands.
+    """
+
+    def __init__(self, model: Any = None, *, start_timeout: float = 1800.0, **kwargs: Any):
+        import torch
+
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=_child_main,
+            args=(child, model, kwargs, torch.get_num_threads()),
+            name="pagedkv-engine",
+            daemon=True,
+        )
+        self._proc.start()
+        child.close()
+        self._decoder = DeltaDecoder()
+        self._closed = False
+        if not self._conn.poll(start_timeout):
+            self.close()
+            raise EngineProcessError(f"the engine process did not start in {start_timeout} s")
+        kind, payload, extra = self._receive()
+        if kind != "ready":
+            self.close()
+            error = _rebuild(*payload)
+            raise error from EngineProcessError(f"in the engine process:\n{extra}")
+        info: _Info = payload
+        self._apply(extra)
+        self.tokenizer = info.tokenizer
+        self.model_config = _ModelFacts(info.vocab_size)
+        self.max_model_len = info.max_model_len
+        self.max_logprobs = info.max_logprobs
+        self.default_sampling_fields = info.default_sampling_fields
+
+    # -- the LLM face: what the server reads
+    @property
+    def llm_engine(self) -> EngineProcess:
+        return self
+
+    # -- the LLMEngine face: what AsyncEngine calls
+    def add_request(self, request_id: str, prompt: Any, params: Any = None) -> None:
+        self._call("add", (request_id, prompt, params))
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        delta = self._call("abort", request_id)
+        if delta is None:
+            self._decoder.forget(request_id)
+            return None
+        return self._decoder.decode(delta)
+
+    def step(self) -> list[RequestOutput]:
+        return [self._decoder.decode(d) for d in self._call("step", None)]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._snap["unfinished"])
+
+    @property
+    def num_gpu_blocks(self) -> int:
+        return self._snap["num_gpu_blocks"]
+
+    @property
+    def num_free_gpu_blocks(self) -> int:
+        return self._snap["num_free_gpu_blocks"]
+
+    def counts(self) -> dict[str, int]:
+        """:func:`engine_counts` of the child's engine, as of the last reply."""
+        return dict(self._snap)
+
+    # -- the pipe
+    def _apply(self, snap: dict[str, int]) -> None:
+        self._snap = snap
+
+    def _receive(self) -> Any:
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError) as exc:
+            code = self._proc.exitcode
+            raise EngineProcessError(f"the engine process died (exit code {code})") from exc
+
+    def _call(self, cmd: str, arg: Any) -> Any:
+        if self._closed:
+            raise EngineProcessError("the engine process was closed")
+        try:
+            self._conn.send((cmd, arg))
+        except (OSError, ValueError) as exc:
+            raise EngineProcessError(f"the engine process is gone ({exc})") from exc
+        kind, payload, snap = self._receive()
+        self._apply(snap)
+        if kind == "raise":
+            raise _rebuild(*payload)
+        return payload
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Abort what still runs, stop the child and wait for it (idempotent)."""
+        if self._closed:
+            return
+        try:
+            if self._proc.is_alive():
+                self._conn.send(("stop", None))
+                if self._conn.poll(timeout):
+                    _, _, snap = self._conn.recv()
+                    self._apply(snap)
+        except (EOFError, OSError, ValueError):
+            pass
+        self._closed = True
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        self._conn.close()

@@ -1,0 +1,126 @@
+"""The engine in its own process: outputs cross the pipe as deltas and come back equal, the
+child's errors come back as the same exceptions, and a dead child is an error, not a hang.
+
+The official-client suite (``test_server.py``) runs on a server with its engine in a process too.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fast.api.engine_process import DeltaDecoder, DeltaEncoder, EngineProcess, EngineProcessError
+from fast.api.llm import LLM
+from fast.engine.inputs import InvalidPromptError
+from fast.engine.sampling_params import SamplingParams
+
+ENGINE = dict(block_size=4, num_gpu_blocks=96, max_model_len=128)
+
+
+def test_deltas_rebuild_every_output(char_model: Path) -> None:
+    """Every output of every step, sent as a delta and rebuilt, equals the engine's own:
+    n = 2 with logprobs, a stop string that cuts text already produced, prompt logprobs under
+    chunked prefill, an abort in the middle."""
+    engine = LLM(str(char_model), **ENGINE, max_num_seqs=4, max_num_batched_tokens=8).llm_engine
+    enc, dec = DeltaEncoder(), DeltaDecoder()
+    engine.add_request(
+        "a", "hello there", SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=9, logprobs=2)
+    )
+    engine.add_request(
+        "b", "the cat sat on", SamplingParams(temperature=0, max_tokens=12, stop=["e"])
+    )
+    engine.add_request(
+        "c", "abcdefghijklmnop", SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=1)
+    )
+    engine.add_request("d", "zzz", SamplingParams(temperature=0, max_tokens=50))
+    seen = 0
+    steps = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert dec.decode(enc.encode(out)) == out
+            seen += 1
+        steps += 1
+        if steps == 3:
+            final = engine.abort_request("d")
+            assert final is not None and dec.decode(enc.encode(final)) == final
+    assert seen > 10 and not enc._sent and not dec._last  # finished requests are forgotten
+
+
+def test_engine_process_serves_and_reports_errors(char_model: Path) -> None:
+    ref = LLM(str(char_model), **ENGINE)
+    proc = EngineProcess(str(char_model), **ENGINE)
+    try:
+        assert proc.llm_engine is proc and proc.max_model_len == 128
+        assert proc.tokenizer.encode("abc") == ref.get_tokenizer().encode("abc")
+        params = SamplingParams(temperature=0, max_tokens=6)
+        proc.add_request("r", "hello", params)
+        outs: list[Any] = []
+        while proc.has_unfinished_requests():
+            outs += proc.step()
+        want = ref.generate("hello", params, use_tqdm=False)[0]
+        assert outs[-1].finished and outs[-1].outputs[0].token_ids == want.outputs[0].token_ids
+        assert outs[-1].outputs[0].text == want.outputs[0].text
+        assert proc.num_free_gpu_blocks == proc.num_gpu_blocks == 96
+        with pytest.raises(InvalidPromptError) as e:  # the child's refusal: same class, numbers
+            proc.add_request("r2", "a" * 200, SamplingParams(max_tokens=2))
+        assert (e.value.name, e.value.value) == ("prompt", 200) and "max_model_len 128" in str(
+            e.value
+        )
+        assert not proc.has_unfinished_requests()  # the refused request left nothing behind
+    finally:
+        proc.close()
+    assert not proc._proc.is_alive()
+    with pytest.raises(EngineProcessError, match="closed"):
+        proc.step()
+
+
+def test_a_model_that_is_not_there_raises_its_own_error(tmp_path: Path) -> None:
+    from fast.loader import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="nothing"):
+        EngineProcess(str(tmp_path / "nothing"), device="cpu")
+
+
+def test_a_dead_engine_process_is_an_error(char_model: Path) -> None:
+    proc = EngineProcess(str(char_model), **ENGINE)
+    proc._proc.kill()
+    proc._proc.join()
+    with pytest.raises(EngineProcessError, match="died|gone"):
+        proc.step()
+    proc.close()
+
+
+if sys.platform == "win32":  # pragma: no cover
+    pytestmark = pytest.mark.skip("spawned engine processes are tested on Linux")
+
+
+def test_server_survives_its_engine_process_dying(char_model: Path) -> None:
+    """The engine process killed mid-stream: the stream ends with an error event, new requests
+    get 503, /health says 503, and nothing hangs."""
+    import httpx
+
+    from fast.api.server import BackgroundServer, ServerConfig, build_app
+
+    proc = EngineProcess(str(char_model), **ENGINE)
+    app = build_app(proc, ServerConfig(served_model_name="char"))
+    with BackgroundServer(app) as srv:
+        body = {"model": "char", "prompt": "abc", "max_tokens": 100, "stream": True}
+        real_step = proc.step
+
+        def step_then_die() -> Any:
+            outs = real_step()
+            if proc._snap["generated_tokens"] >= 3:
+                proc._proc.kill()
+                proc._proc.join()
+            return outs
+
+        proc.step = step_then_die  # type: ignore[method-assign]
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=30) as r:
+            lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]" and "engine process" in lines[-2]
+        r2 = httpx.post(srv.url + "/v1/completions", json={**body, "stream": False}, timeout=30)
+        assert r2.status_code == 503 and "not running" in r2.json()["error"]["message"]
+        assert httpx.get(srv.url + "/health", timeout=30).status_code == 503
