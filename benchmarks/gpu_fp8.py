@@ -233,7 +233,6 @@ def engine_runs(res: dict[str, Any], args: argparse.Namespace) -> None:
                 "default",
                 kv_cache_dtype=kv,
                 kv_cache_gb=args.kv_gb,
-                max_model_len=2048,
             )
             run["kv_cache_dtype"] = kv
             run["kv_cache_gb"] = args.kv_gb
