@@ -3,12 +3,14 @@
 :mod:`conformance.adapters.semantic` is the implementation-independent check mode;
 :mod:`conformance.adapters.transformers_cb` adapts transformers' continuous-batching cache
 allocator; :mod:`conformance.adapters.torch_paged` adapts torch's experimental
-``PagedAttention`` (block tables) and runs FlexAttention over its pages (attention).
+``PagedAttention`` (block tables) and runs FlexAttention over its pages (attention);
+:mod:`conformance.adapters.vllm_kv` adapts vLLM's v1 ``KVCacheManager``.
 Importing this package imports no third-party library: the registries below name modules that
 are imported when an adapter is asked for.
 
-The command line reaches them by name: ``python -m conformance --impl transformers-cb`` or
-``--impl torch-paged`` (the semantic block suite), ``--impl torch-flex`` (the attention suite).
+The command line reaches them by name: ``python -m conformance --impl transformers-cb``,
+``--impl torch-paged`` or ``--impl vllm-kv`` (the semantic block suite), ``--impl torch-flex``
+(the attention suite). An adapter whose library is not installed reports "not run".
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ SEMANTIC_ADAPTERS: dict[str, tuple[str, str]] = {
     "torch-paged": (
         "conformance.adapters.torch_paged",
         "torch.nn.attention.experimental PagedAttention (reserve, assign, erase, page table)",
+    ),
+    "vllm-kv": (
+        "conformance.adapters.vllm_kv",
+        "vLLM's v1 KVCacheManager (prefix caching, block pool, scheduler protocol)",
     ),
 }
 
@@ -83,6 +89,10 @@ def check_semantic_adapter(
     from conformance.report import Failure, Report
 
     module = importlib.import_module(SEMANTIC_ADAPTERS[name][0])
+    try:
+        module.versions()
+    except ImportError as exc:  # the library is not installed here
+        return Report("blocks", name, "not run", reason=f"cannot import the library: {exc}")
     with shrink_time_limit(shrink_seconds):
         result = check_semantic(module.make_factory(), module.versions(), max_examples=programs)
     log(result.summary())
