@@ -253,6 +253,10 @@ class TorchFlexAttention:
                 f"{fill}: eager FlexAttention scores every slot of the cache, so a NaN anywhere "
                 "reaches every output (a documented difference, tested separately)"
             ),
+            "fp8 KV caches (run_attention_suite(fp8=True))": (
+                "FlexAttention takes no per-head K/V dequantization scales; the adapter "
+                "declines k_scale/v_scale"
+            ),
             "block ids past 2^31 elements": (
                 "PagedAttention lays the KV out in its own compact pages (n_pages of them); "
                 "pagedkv's pool is only read to fill them"
