@@ -277,35 +277,67 @@ class AsyncEngine:
             self._publish()
 
     def _drain(self) -> None:
-        """Run the queued commands (the engine thread's, between steps)."""
+        """Run the queued commands (the engine thread's, between steps).
+
+        All queued commands go to the engine as one batch (:meth:`_call_many`): an engine in
+        its own process gets them back to back and answers them between two of its steps,
+        instead of stepping once per command.
+        """
         while self._commands:
-            cmd = self._commands.popleft()
-            if isinstance(cmd, _Abort):
-                if cmd.request_id in self._tracked:
-                    final = self._abort(cmd.request_id)
-                    self._finish(cmd.request_id, final, aborted=True)
-                continue
-            try:
-                if self._stopping:
-                    raise EngineStepError("the server is shutting down")
-                added: list[str] = []
+            cmds: list[_Add | _Abort] = []
+            while self._commands:
+                cmds.append(self._commands.popleft())
+            calls: list[tuple[str, Any]] = []
+            adding: set[str] = set()
+            for cmd in cmds:
+                if isinstance(cmd, _Abort):
+                    if cmd.request_id in self._tracked or cmd.request_id in adding:
+                        calls.append(("abort", cmd.request_id))
+                elif not self._stopping:
+                    calls += [("add", item) for item in cmd.items]
+                    adding.update(rid for rid, _, _ in cmd.items)
+            results = iter(self._call_many(calls))
+            for cmd in cmds:
+                if isinstance(cmd, _Abort):
+                    if cmd.request_id in self._tracked or cmd.request_id in adding:
+                        ok, final = next(results)
+                        self._finish(cmd.request_id, final if ok else None, aborted=True)
+                    continue
                 try:
-                    for rid, prompt, params in cmd.items:
-                        self.engine.add_request(rid, prompt, params)
-                        added.append(rid)
-                except BaseException:
+                    if self._stopping:
+                        raise EngineStepError("the server is shutting down")
+                    outcomes = [next(results) for _ in cmd.items]
+                    errors = [r for ok, r in outcomes if not ok]
+                    added = [item[0] for item, (ok, _) in zip(cmd.items, outcomes) if ok]
+                    if errors:  # all or none: take back the ones the engine accepted
+                        self._call_many([("abort", rid) for rid in added])
+                        raise errors[0]
                     for rid in added:
-                        self.engine.abort_request(rid)
-                    raise
-                for rid in added:
-                    self._tracked[rid] = _Tracked(cmd.arrival, cmd.wall_arrival, cmd.stream)
-                self._set(cmd.done, None)
-            except BaseException as exc:
-                self._set(cmd.done, exc)
-            finally:
-                with self._lock:
-                    self._pending -= len(cmd.items)
+                        self._tracked[rid] = _Tracked(cmd.arrival, cmd.wall_arrival, cmd.stream)
+                    self._set(cmd.done, None)
+                except BaseException as exc:
+                    self._set(cmd.done, exc)
+                finally:
+                    with self._lock:
+                        self._pending -= len(cmd.items)
         self._publish()
+
+    def _call_many(self, calls: list[tuple[str, Any]]) -> list[tuple[bool, Any]]:
+        """``("add", (rid, prompt, params))`` and ``("abort", rid)`` calls, in order; for each
+        ``(True, result)`` or ``(False, the exception)``."""
+        if isinstance(self.engine, EngineProcess):
+            return self.engine.call_many(calls)
+        results: list[tuple[bool, Any]] = []
+        for name, arg in calls:
+            try:
+                if name == "add":
+                    self.engine.add_request(*arg)
+                    results.append((True, None))
+                else:
+                    results.append((True, self._abort(arg)))
+            except Exception as exc:
+                results.append((False, exc))
+        return results
 
     def _set(self, fut: concurrent.futures.Future[None], exc: BaseException | None) -> None:
         if fut.done():

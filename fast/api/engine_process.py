@@ -364,6 +364,43 @@ class EngineProcess:
             return None
         return self._decoder.decode(delta)
 
+    def call_many(self, calls: list[tuple[str, Any]]) -> list[tuple[bool, Any]]:
+        """``("add", (request_id, prompt, params))`` and ``("abort", request_id)`` sent back to
+        back, then answered in order: ``(True, result)`` or ``(False, exception)`` each (an
+        abort's result is the request's final output or None)."""
+        if self._closed:
+            raise EngineProcessError("the engine process was closed")
+        first = self._ident + 1
+        try:
+            for name, arg in calls:
+                self._ident += 1
+                self._conn.send((name, self._ident, arg))
+        except (OSError, ValueError) as exc:
+            raise EngineProcessError(f"the engine process is gone ({exc})") from exc
+        results: list[tuple[bool, Any]] = []
+        while len(results) < len(calls):
+            kind, ident, payload, snap = message = self._receive()
+            if kind in ("reply", "error") and ident is not None:
+                if ident != first + len(results):
+                    raise EngineProcessError(
+                        f"a reply to command {ident}, expected {first + len(results)}"
+                    )
+                self._apply(snap)
+                if kind == "error":
+                    results.append((False, _rebuild(*payload)))
+                elif calls[len(results)][0] == "abort":
+                    rid = calls[len(results)][1]
+                    if payload is None:
+                        self._decoder.forget(rid)
+                    results.append(
+                        (True, None if payload is None else self._decoder.decode(payload))
+                    )
+                else:
+                    results.append((True, payload))
+            else:
+                self._take(message)
+        return results
+
     def step(self) -> list[RequestOutput]:
         """The outputs of every step the engine process finished since the last call (each
         request's newest; outputs are cumulative), waiting for one if none has arrived."""

@@ -124,3 +124,33 @@ def test_server_survives_its_engine_process_dying(char_model: Path) -> None:
         r2 = httpx.post(srv.url + "/v1/completions", json={**body, "stream": False}, timeout=30)
         assert r2.status_code == 503 and "not running" in r2.json()["error"]["message"]
         assert httpx.get(srv.url + "/health", timeout=30).status_code == 503
+
+
+def test_commands_go_back_to_back_and_answer_in_order(char_model: Path) -> None:
+    """A batch of adds and aborts crosses at once; each gets its own answer, in order, while the
+    engine keeps stepping the requests already added."""
+    proc = EngineProcess(str(char_model), **ENGINE)
+    try:
+        p = SamplingParams(temperature=0, max_tokens=30)
+        results = proc.call_many(
+            [
+                ("add", ("a", "hello", p)),
+                ("add", ("bad", "a" * 200, p)),
+                ("add", ("b", "the cat", p)),
+                ("abort", "nobody"),
+                ("abort", "b"),
+            ]
+        )
+        assert [ok for ok, _ in results] == [True, False, True, True, True]
+        assert isinstance(results[1][1], InvalidPromptError) and results[3][1] is None
+        final_b = results[4][1]
+        assert final_b.request_id == "b" and final_b.finished
+        assert final_b.outputs[0].finish_reason == "abort"
+        outs: dict[str, Any] = {}
+        while proc.has_unfinished_requests():
+            outs.update((o.request_id, o) for o in proc.step())
+        assert set(outs) <= {"a", "b"} and outs["a"].finished
+        assert len(outs["a"].outputs[0].token_ids) == 30
+        assert proc.num_free_gpu_blocks == proc.num_gpu_blocks
+    finally:
+        proc.close()
