@@ -14,6 +14,7 @@ cache at the crossing, see fast/model/phi3.py), and with partial rotary embeddin
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,8 @@ CHUNKED = ("gemma2",)  # also run with chunked prefill
 def build_hf(kind: str, overrides: dict[str, Any], seed: int) -> Any:
     """A seeded transformers model: weights N(0, 0.3^2), norms perturbed around neutral."""
     torch.manual_seed(seed)
-    config = getattr(transformers, kind)(**{**COMMON, **overrides})
+    # a deep copy: transformers writes into the rope dicts it is given
+    config = getattr(transformers, kind)(**copy.deepcopy({**COMMON, **overrides}))
     config._attn_implementation = "eager"
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
@@ -297,7 +299,7 @@ def test_config_readers_refuse_by_name_and_read_both_rope_spellings() -> None:
     with pytest.raises(InvalidModelConfigError, match="rope_type='yarn'"):
         phi3_config({**base, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
     with pytest.raises(InvalidModelConfigError, match="longrope needs original_max"):
-        phi3_config({**base, "rope_scaling": {**LONGROPE, "short_factor": [1.0] * 16}})
+        phi3_config({**base, "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 16}})
     with pytest.raises(InvalidModelConfigError, match="rotary_dim=15"):
         phi3_config({**base, "partial_rotary_factor": 15 / 32})
     with pytest.raises(UnsupportedArchitectureError, match="'falcon'.*gemma2.*qwen3"):
