@@ -123,8 +123,8 @@ def _add_serve_parser(sub: Any) -> None:
         "--engine-process",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="run the engine in a process of its own, beside the HTTP server's (default: on "
-        "with a GPU, where the server's work would otherwise slow the host-bound steps)",
+        help="run the engine in a process of its own, beside the HTTP server's, so the "
+        "server's work does not slow the engine's steps (docs/serving.md; default: off)",
     )
     eng = srv.add_argument_group("engine options (as LLM(...)'s)")
     eng.add_argument("--device", default="auto", choices=DEVICES)
@@ -205,7 +205,7 @@ def _serve(args: argparse.Namespace) -> int:
         shutdown_timeout_s=args.shutdown_timeout,
     )
     llm: Any
-    if _engine_process(args):
+    if args.engine_process:
         from fast.api.engine_process import EngineProcess
 
         llm = EngineProcess(args.model, **kwargs)
@@ -220,15 +220,6 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as e:  # the port is taken, the address is not this machine's
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     return 0
-
-
-def _engine_process(args: argparse.Namespace) -> bool:
-    """``--engine-process`` as given, else whether the engine will run on a GPU."""
-    if args.engine_process is not None:
-        return bool(args.engine_process)
-    from fast.engine.config import resolve_device
-
-    return resolve_device(args.device).type == "cuda"
 
 
 def _positive_int(text: str) -> int:

@@ -271,22 +271,27 @@ def _child_main(
     while True:
         try:
             while conn.poll(0) or not engine.has_unfinished_requests():
-                cmd, ident, arg = conn.recv()  # blocks only when there is nothing to step
+                cmd, ident, calls = conn.recv()  # blocks only when there is nothing to step
                 if cmd == "stop":  # the server's engine thread has aborted every request
                     conn.send(("reply", ident, None, engine_counts(engine)))
                     return
-                try:
-                    reply: Any = None
-                    if cmd == "add":
-                        engine.add_request(*arg)
-                    elif cmd == "abort":
-                        final = engine.abort_request(arg)
-                        reply = None if final is None else encoder.encode(final)
-                    else:
-                        raise EngineProcessError(f"unknown command {cmd!r}")
-                    conn.send(("reply", ident, reply, engine_counts(engine)))
-                except Exception as exc:
-                    conn.send(("error", ident, _portable(exc), engine_counts(engine)))
+                # one message of commands, one message of answers: answering each command on
+                # its own could fill the pipe towards a server still sending the rest (both
+                # sides blocked in send)
+                answers: list[tuple[bool, Any]] = []
+                for name, arg in calls:
+                    try:
+                        if name == "add":
+                            engine.add_request(*arg)
+                            answers.append((True, None))
+                        elif name == "abort":
+                            final = engine.abort_request(arg)
+                            answers.append((True, None if final is None else encoder.encode(final)))
+                        else:
+                            raise EngineProcessError(f"unknown command {name!r}")
+                    except Exception as exc:
+                        answers.append((False, _portable(exc)))
+                conn.send(("reply", ident, answers, engine_counts(engine)))
             try:
                 deltas = [encoder.encode(o) for o in engine.step()]
             except Exception as exc:  # rolled back by the engine; the server aborts the rest
@@ -355,50 +360,33 @@ class EngineProcess:
 
     # -- the LLMEngine face: what AsyncEngine calls
     def add_request(self, request_id: str, prompt: Any, params: Any = None) -> None:
-        self._call("add", (request_id, prompt, params))
+        ((ok, error),) = self.call_many([("add", (request_id, prompt, params))])
+        if not ok:
+            raise error
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        delta = self._call("abort", request_id)
-        if delta is None:
-            self._decoder.forget(request_id)
-            return None
-        return self._decoder.decode(delta)
+        ((ok, result),) = self.call_many([("abort", request_id)])
+        if not ok:
+            raise result
+        final: RequestOutput | None = result
+        return final
 
     def call_many(self, calls: list[tuple[str, Any]]) -> list[tuple[bool, Any]]:
-        """``("add", (request_id, prompt, params))`` and ``("abort", request_id)`` sent back to
-        back, then answered in order: ``(True, result)`` or ``(False, exception)`` each (an
-        abort's result is the request's final output or None)."""
-        if self._closed:
-            raise EngineProcessError("the engine process was closed")
-        first = self._ident + 1
-        try:
-            for name, arg in calls:
-                self._ident += 1
-                self._conn.send((name, self._ident, arg))
-        except (OSError, ValueError) as exc:
-            raise EngineProcessError(f"the engine process is gone ({exc})") from exc
+        """``("add", (request_id, prompt, params))`` and ``("abort", request_id)`` sent as one
+        message, answered by one, in order: ``(True, result)`` or ``(False, exception)`` each
+        (an abort's result is the request's final output or None)."""
+        answers = self._call("batch", calls)
         results: list[tuple[bool, Any]] = []
-        while len(results) < len(calls):
-            kind, ident, payload, snap = message = self._receive()
-            if kind in ("reply", "error") and ident is not None:
-                if ident != first + len(results):
-                    raise EngineProcessError(
-                        f"a reply to command {ident}, expected {first + len(results)}"
-                    )
-                self._apply(snap)
-                if kind == "error":
-                    results.append((False, _rebuild(*payload)))
-                elif calls[len(results)][0] == "abort":
-                    rid = calls[len(results)][1]
-                    if payload is None:
-                        self._decoder.forget(rid)
-                    results.append(
-                        (True, None if payload is None else self._decoder.decode(payload))
-                    )
-                else:
-                    results.append((True, payload))
+        for (name, arg), (ok, payload) in zip(calls, answers):
+            if not ok:
+                results.append((False, _rebuild(*payload)))
+            elif name == "abort" and payload is None:
+                self._decoder.forget(arg)
+                results.append((True, None))
+            elif name == "abort":
+                results.append((True, self._decoder.decode(payload)))
             else:
-                self._take(message)
+                results.append((True, payload))
         return results
 
     def step(self) -> list[RequestOutput]:
@@ -443,8 +431,8 @@ class EngineProcess:
             raise EngineProcessError(f"the engine process died (exit code {code})") from exc
 
     def _take(self, message: Any) -> Any:
-        """Apply one message from the child in order; returns a command's reply (or raises
-        its error), keeps step outputs for :meth:`step`."""
+        """Apply one message from the child in order: keep a step's outputs (or its error)
+        for :meth:`step`; return the answer to the command in flight."""
         kind, ident, payload, snap = message
         self._apply(snap)
         if kind == "step":
@@ -452,12 +440,10 @@ class EngineProcess:
                 out = self._decoder.decode(delta)
                 self._ready.pop(out.request_id, None)  # re-inserted: newest last
                 self._ready[out.request_id] = out
-        elif kind == "error" and ident is None:  # a step failed (and was rolled back)
+        elif kind == "error":  # a step failed (and was rolled back)
             self._error = _rebuild(*payload)
         elif ident != self._ident:
-            raise EngineProcessError(f"a reply to command {ident}, expected {self._ident}")
-        elif kind == "error":
-            raise _rebuild(*payload)
+            raise EngineProcessError(f"an answer to command {ident}, expected {self._ident}")
         return payload
 
     def _call(self, cmd: str, arg: Any) -> Any:
@@ -468,11 +454,11 @@ class EngineProcess:
             self._conn.send((cmd, self._ident, arg))
         except (OSError, ValueError) as exc:
             raise EngineProcessError(f"the engine process is gone ({exc})") from exc
-        while True:  # steps finished before the reply are kept, in order, for step()
+        while True:  # steps finished before the answer are kept, in order, for step()
             message = self._receive()
-            reply = self._take(message)
-            if message[0] in ("reply", "error") and message[1] == self._ident:
-                return reply
+            answer = self._take(message)
+            if message[0] == "reply":
+                return answer
 
     def close(self, timeout: float = 30.0) -> None:
         """Abort what still runs, stop the child and wait for it (idempotent)."""

@@ -154,3 +154,33 @@ def test_commands_go_back_to_back_and_answer_in_order(char_model: Path) -> None:
         assert proc.num_free_gpu_blocks == proc.num_gpu_blocks
     finally:
         proc.close()
+
+
+def test_a_burst_of_commands_while_the_engine_steps_does_not_deadlock(char_model: Path) -> None:
+    """300 adds (about 400 KB pickled, more than a pipe holds) while the engine steps, then 300
+    aborts: one message each way per batch, so neither side blocks on a full pipe."""
+    import threading
+
+    proc = EngineProcess(str(char_model), **ENGINE)
+    done: list[bool] = []
+
+    def burst() -> None:
+        p = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+        proc.add_request("first", "x" * 100, p)  # keeps the engine stepping meanwhile
+        prompts = [("add", (f"r{i}", "y" * 100 + str(i), p)) for i in range(300)]
+        assert all(ok for ok, _ in proc.call_many(prompts))
+        proc.step()
+        ends = proc.call_many([("abort", f"r{i}") for i in range(300)] + [("abort", "first")])
+        assert all(ok for ok, _ in ends)
+        while proc.has_unfinished_requests():
+            proc.step()
+        done.append(proc.num_free_gpu_blocks == proc.num_gpu_blocks)
+
+    worker = threading.Thread(target=burst, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    try:
+        assert not worker.is_alive(), "the burst deadlocked"
+        assert done == [True]
+    finally:
+        proc._proc.kill() if worker.is_alive() else proc.close()

@@ -49,7 +49,7 @@ def reference(char_model: Path) -> LLM:
 @pytest.fixture(scope="module", params=["engine-thread", "engine-process"])
 def server(char_model: Path, request: pytest.FixtureRequest) -> Iterator[BackgroundServer]:
     """The server with its engine in a thread of this process, then in a process of its own
-    (``pagedkv serve --engine-process``, the default on GPUs): every test runs on both."""
+    (``pagedkv serve --engine-process``): every test runs on both."""
     llm: Any
     if request.param == "engine-process":
         from fast.api.engine_process import EngineProcess
