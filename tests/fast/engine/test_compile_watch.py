@@ -13,10 +13,15 @@ import pytest
 
 from fast.engine.compile_watch import CompiledAfterWarmUpError, CompileWatch
 
-knobs = pytest.importorskip("triton.knobs")
+
+@pytest.fixture()
+def knobs() -> Any:
+    """Triton's knobs, imported in the test (never at collection: tests/kernels/conftest.py must
+    set TRITON_INTERPRET=1 before anything imports triton)."""
+    return pytest.importorskip("triton.knobs")
 
 
-def _compile(name: str) -> None:
+def _compile(knobs: Any, name: str) -> None:
     hook = knobs.runtime.jit_post_compile_hook
     if hook is not None:
         hook(
@@ -29,7 +34,7 @@ def _compile(name: str) -> None:
         )
 
 
-def test_records_chains_and_restores() -> None:
+def test_records_chains_and_restores(knobs: Any) -> None:
     seen: list[str] = []
 
     def outer(**kwargs: Any) -> None:
@@ -39,11 +44,11 @@ def test_records_chains_and_restores() -> None:
     knobs.runtime.jit_post_compile_hook = outer
     try:
         with CompileWatch() as a:
-            _compile("k1")
+            _compile(knobs, "k1")
             with CompileWatch() as b:
-                _compile("k2")
-            _compile("k3")
-        _compile("k4")
+                _compile(knobs, "k2")
+            _compile(knobs, "k3")
+        _compile(knobs, "k4")
         assert a.kernels == ["k1[num_warps=4]", "k2[num_warps=4]", "k3[num_warps=4]"]
         assert b.count == 1 and b.kernels == ["k2[num_warps=4]"]
         assert seen == ["k1", "k2", "k3", "k4"]  # the earlier hook still sees everything
@@ -52,11 +57,11 @@ def test_records_chains_and_restores() -> None:
         knobs.runtime.jit_post_compile_hook = before
 
 
-def test_check_names_the_kernels() -> None:
+def test_check_names_the_kernels(knobs: Any) -> None:
     with CompileWatch() as watch:
         watch.check()  # nothing compiled: no error
         for i in range(6):
-            _compile(f"kernel{i}")
+            _compile(knobs, f"kernel{i}")
     with pytest.raises(
         CompiledAfterWarmUpError, match=r"6 Triton compilation\(s\).*kernel0.*2 more"
     ) as info:
@@ -64,7 +69,7 @@ def test_check_names_the_kernels() -> None:
     assert len(info.value.kernels) == 6
 
 
-def test_restores_on_exception() -> None:
+def test_restores_on_exception(knobs: Any) -> None:
     before = knobs.runtime.jit_post_compile_hook
     with pytest.raises(RuntimeError), CompileWatch():
         raise RuntimeError("boom")
