@@ -4,13 +4,13 @@ Run from the repository root::
 
     PYTHONPATH=. python benchmarks/fp8_quality.py [--tokens 32] [--out benchmarks/results/...]
 
-For each cache kind (``auto`` = float32, ``fp8_e4m3`` with per-tensor and per-head scales,
-``fp8_e5m2`` per tensor) one engine (SmolLM2-135M-Instruct, the default model, float32) runs, in
-this order:
+For each cache kind (``auto`` = float32; ``fp8_e4m3`` with per-tensor and per-head calibrated
+scales; ``fp8_e5m2`` per tensor; ``fp8_e4m3`` at scale 1.0, vLLM's default without calibration)
+one engine (SmolLM2-135M-Instruct, the default model, float32) runs, in this order:
 
 1. greedy decoding of the 8 fixed prompts of :data:`PROMPTS`, ``--tokens`` new tokens each, EOS
    ignored so every output has the same length; the scales are calibrated on this first step
-   (the 8 prompts' tokens) and frozen;
+   (the 8 prompts' tokens, ``kv_scale_headroom`` 2) and frozen;
 2. the prompt log-probabilities (``prompt_logprobs=0``) of :data:`TEXT`, a fixed ~500-token
    passage: perplexity ``exp(-mean log p)`` over its tokens after the first.
 
@@ -82,6 +82,7 @@ CONFIGS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("fp8_e4m3_per_tensor", {"kv_cache_dtype": "fp8_e4m3"}),
     ("fp8_e4m3_per_head", {"kv_cache_dtype": "fp8_e4m3", "kv_scale_granularity": "head"}),
     ("fp8_e5m2_per_tensor", {"kv_cache_dtype": "fp8_e5m2"}),
+    ("fp8_e4m3_scale_1", {"kv_cache_dtype": "fp8_e4m3", "calculate_kv_scales": False}),
 )
 
 

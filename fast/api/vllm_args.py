@@ -54,7 +54,6 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
         (None, "gguf"),
         "the only quantized weights pagedkv reads are GGUF files, dequantized at load time",
     ),
-    "kv_cache_dtype": (("auto",), "the KV cache always has the model's dtype"),
     "cpu_offload_gb": ((0, 0.0), "weights are not offloaded to the CPU"),
     "enable_lora": ((False,), "LoRA adapters are not supported"),
     "speculative_config": ((None,), "speculative decoding is not supported"),

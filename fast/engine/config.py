@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from fast.model.config import ModelConfig
+from kernels.fp8 import cache_dtype
 from spec.errors import InvalidArgumentError
+from spec.kv_quant import fp8_format
 
 __all__ = ["EngineConfig", "resolve_device", "resolve_dtype", "kv_bytes_per_block", "pool_sizes"]
 
@@ -35,6 +38,15 @@ class EngineConfig:
     and 0.25 GiB on CPU when ``preemption_mode == "swap"`` (0 otherwise), the device pool from
     ``num_gpu_blocks``, else ``kv_cache_gb`` (CPU default 1 GiB), else
     ``gpu_memory_utilization`` of the GPU's memory, ``enforce_eager`` as True on CPU.
+
+    ``kv_cache_dtype`` (vLLM's names): ``"auto"`` stores K/V in the model's dtype; ``"fp8"`` =
+    ``"fp8_e4m3"`` and ``"fp8_e5m2"`` store one byte per element (twice the blocks per byte at
+    bf16), quantized with per-layer scales: ``k_scale`` / ``v_scale`` when given (one number,
+    or one per KV head), else, with ``calculate_kv_scales`` (the default here; vLLM's default is
+    off, which means scale 1.0), calibrated per layer from the K/V absmax of the engine's first
+    model step (prompt tokens), per tensor or per KV head (``kv_scale_granularity``), as
+    ``max|x| * kv_scale_headroom / M`` (later values up to twice those seen fit by default), then
+    frozen. docs/fp8.md.
     """
 
     block_size: int = 16
@@ -53,8 +65,15 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool | None = None
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    kv_cache_dtype: str = "auto"
+    calculate_kv_scales: bool = True
+    kv_scale_granularity: Literal["tensor", "head"] = "tensor"
+    kv_scale_headroom: float = 2.0
+    k_scale: float | tuple[float, ...] | None = None
+    v_scale: float | tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        self._check_kv_cache()
         if self.block_size < 1:
             raise InvalidArgumentError("block_size", self.block_size, "must be >= 1")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -69,6 +88,43 @@ class EngineConfig:
             raise InvalidArgumentError("num_gpu_blocks", self.num_gpu_blocks, "must be >= 1")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise InvalidArgumentError("dtype", self.dtype, f"one of auto, {sorted(_DTYPES)}")
+
+    def _check_kv_cache(self) -> None:
+        """kv_cache_dtype a known name; scales positive, both or neither, fp8 only."""
+        fp8 = fp8_format(self.kv_cache_dtype) is not None  # unknown names raise, listing all
+        if not (math.isfinite(self.kv_scale_headroom) and self.kv_scale_headroom > 0):
+            raise InvalidArgumentError(
+                "kv_scale_headroom", self.kv_scale_headroom, "must be finite and > 0"
+            )
+        if self.kv_scale_granularity not in ("tensor", "head"):
+            raise InvalidArgumentError(
+                "kv_scale_granularity", self.kv_scale_granularity, "one of tensor, head"
+            )
+        given = [s for s in (self.k_scale, self.v_scale) if s is not None]
+        if given and not fp8:
+            raise InvalidArgumentError(
+                "k_scale" if self.k_scale is not None else "v_scale",
+                given[0],
+                f"scales apply to an fp8 KV cache, and kv_cache_dtype is {self.kv_cache_dtype!r}",
+            )
+        if len(given) == 1:
+            raise InvalidArgumentError(
+                "k_scale" if self.k_scale is None else "v_scale", None, "give both scales or none"
+            )
+        for name in ("k_scale", "v_scale"):
+            value = getattr(self, name)
+            values = value if isinstance(value, tuple) else () if value is None else (value,)
+            if any(
+                not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0) for x in values
+            ):
+                raise InvalidArgumentError(
+                    name, value, "must be finite and > 0 (per KV head: a tuple)"
+                )
+
+    @property
+    def kv_scales_given(self) -> bool:
+        """Whether the user fixed the fp8 scales (no calibration)."""
+        return self.k_scale is not None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -107,10 +163,13 @@ def pool_sizes(
 ) -> tuple[int, int]:
     """(device blocks, host blocks) for this configuration.
 
+    Blocks are sized in the cache's dtype (``kv_cache_dtype``; fp8: one byte per element), so
+    an fp8 cache gets twice the blocks of a bf16 one from the same bytes.
+
     A derived device pool is capped at what ``max_num_seqs`` sequences of ``max_model_len``
     tokens can use; an explicit ``num_gpu_blocks`` is taken as is.
     """
-    per_block = kv_bytes_per_block(model, cfg.block_size, dtype)
+    per_block = kv_bytes_per_block(model, cfg.block_size, cache_dtype(cfg.kv_cache_dtype, dtype))
     gib = 1 << 30
     if cfg.num_gpu_blocks is not None:
         gpu = cfg.num_gpu_blocks

@@ -49,7 +49,9 @@ from fast.engine.scheduler import Scheduler, SchedulerCheckpoint, checkpoint, re
 from fast.engine.sequence import Sequence, SequenceStatus
 from fast.engine.stop import StopChecker
 from fast.loader import LoadedModel, load_model
+from fast.model.kv_scales import LayerKVScales, install_kv_scales
 from fast.model.llama import allocate_kv_caches
+from kernels.fp8 import cache_dtype, is_fp8
 from spec.errors import InvalidArgumentError
 from spec.scheduler import SchedulerConfig, SchedulerOutput, StepOutcome
 
@@ -184,12 +186,17 @@ class LLMEngine:
         # every step is a transaction: its block operations are undone if it fails
         self.block_manager = JournaledBlockManager(self.block_manager)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        self.kv_cache_dtype = cache_dtype(cfg.kv_cache_dtype, self.dtype)  # fp8: 1 byte
         self.kv_caches = allocate_kv_caches(
-            self.model_config, self.num_gpu_blocks, cfg.block_size, self.dtype, self.device
+            self.model_config,
+            self.num_gpu_blocks,
+            cfg.block_size,
+            self.kv_cache_dtype,
+            self.device,
         )
         self.cpu_caches = (
             allocate_kv_caches(
-                self.model_config, self.num_cpu_blocks, cfg.block_size, self.dtype, "cpu"
+                self.model_config, self.num_cpu_blocks, cfg.block_size, self.kv_cache_dtype, "cpu"
             )
             if self.num_cpu_blocks
             else []
@@ -210,6 +217,17 @@ class LLMEngine:
         self._max_width = -(-max_len // cfg.block_size)  # blocks of the longest sequence
         self._staging = HostStaging(self.device)
         self._graphs: Any = None
+        self.kv_scales: list[LayerKVScales] = []  # fp8 cache: per layer (docs/fp8.md)
+        if is_fp8(self.kv_cache_dtype):
+            self.kv_scales = install_kv_scales(
+                self.model,
+                self.kv_cache_dtype,
+                self.device,
+                per_head=cfg.kv_scale_granularity == "head",
+                headroom=cfg.kv_scale_headroom,
+                k_scale=cfg.k_scale,
+                v_scale=cfg.v_scale,
+            )
         if self.device.type == "cuda":
             from fast.engine.cuda_graphs import DecodeGraphs, warm_up
 
@@ -223,6 +241,9 @@ class LLMEngine:
                 self._graphs = DecodeGraphs(
                     self.model, self.kv_caches, self.device, self._max_width, sizes
                 )
+        if cfg.calculate_kv_scales and not cfg.kv_scales_given:
+            for layer_scales in self.kv_scales:  # after the warm-up: the first real step
+                layer_scales.arm()
 
     # -- requests -------------------------------------------------------------------------
     def add_request(

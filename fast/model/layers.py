@@ -18,6 +18,7 @@ from torch import nn
 import kernels
 from fast.model.attention_context import AttentionContext
 from fast.model.config import ModelConfig
+from fast.model.kv_scales import LayerKVScales
 from fast.model.rope import apply_rope
 from fast.model.step_plan import DecodeStepPlan
 from kernels.cache_ops import write_rows
@@ -80,6 +81,8 @@ class Attention(nn.Module):
     Layer ``layer`` takes its window from ``config.layer_window(layer)``; scale and soft-cap are
     the config's. With ``config.qk_norm`` each query and key head is RMS-normed before rope.
     """
+
+    kv_scales: LayerKVScales | None = None  # an fp8 cache's scales, set by the engine
 
     def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
@@ -149,7 +152,12 @@ class Attention(nn.Module):
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
         # q [T, Hq, D], k, v [T, Hkv, D] -> [T, Hq, D] through the validating public kernels
-        kernels.write_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+        ks: float | torch.Tensor = 1.0
+        vs: float | torch.Tensor = 1.0
+        if self.kv_scales is not None:  # fp8 cache: quantize on write, dequantize on read
+            self.kv_scales.observe(k, v, ctx.slot_mapping)  # calibrates once when armed
+            ks, vs = self.kv_scales.k_scale, self.kv_scales.v_scale
+        kernels.write_kv(k, v, k_cache, v_cache, ctx.slot_mapping, k_scale=ks, v_scale=vs)
         if ctx.is_decode:
             o = kernels.paged_decode(
                 q,
@@ -160,6 +168,8 @@ class Attention(nn.Module):
                 scale=self.scale,
                 sliding_window=self.sliding_window,
                 softcap=self.softcap,
+                k_scale=ks,
+                v_scale=vs,
             )
         else:
             o = kernels.paged_prefill(
@@ -172,6 +182,8 @@ class Attention(nn.Module):
                 scale=self.scale,
                 sliding_window=self.sliding_window,
                 softcap=self.softcap,
+                k_scale=ks,
+                v_scale=vs,
                 max_seqlen_q=ctx.max_seqlen_q,
             )
         return o
