@@ -20,6 +20,8 @@ __all__ = ["main", "build_parser", "UsageError", "DEVICES", "DTYPES"]
 DEVICES = ("auto", "cpu", "cuda")
 #: ``--dtype`` values: ``auto`` and the names :class:`~fast.engine.config.EngineConfig` knows.
 DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float")
+#: ``--kv-cache-dtype`` values: the names of ``spec.kv_quant.KV_CACHE_DTYPES`` (vLLM's).
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -72,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--device", default="auto", choices=DEVICES)
     gen.add_argument("--dtype", default="auto", choices=DTYPES)
+    gen.add_argument(
+        "--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help="docs/fp8.md"
+    )
     gen.add_argument("--max-model-len", type=_positive_int, default=2048)
     gen.add_argument("--no-tqdm", action="store_true", help="no progress bar")
     _add_serve_parser(sub)
@@ -135,6 +140,7 @@ def _add_serve_parser(sub: Any) -> None:
     eng.add_argument("--max-num-batched-tokens", type=_positive_int, default=None)
     eng.add_argument("--num-gpu-blocks", type=_positive_int, default=None)
     eng.add_argument("--kv-cache-gb", type=float, default=None)
+    eng.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES)
     eng.add_argument("--gpu-memory-utilization", type=float, default=None)
     eng.add_argument("--swap-space", type=float, default=None, help="GiB")
     eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
@@ -166,6 +172,7 @@ SERVE_ENGINE_OPTIONS = (
     "max_num_batched_tokens",
     "num_gpu_blocks",
     "kv_cache_gb",
+    "kv_cache_dtype",
     "gpu_memory_utilization",
     "swap_space",
     "enable_prefix_caching",
@@ -328,6 +335,7 @@ def _generate(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_model_len=args.max_model_len,
         seed=seed,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     tok = llm.get_tokenizer()
     use_tqdm = not args.no_tqdm and len(prompts) > 1

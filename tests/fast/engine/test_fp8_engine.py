@@ -218,3 +218,14 @@ def test_gpu_fp8_graphs_replay_with_the_calibrated_scales() -> None:
     eager, eager_scales = run(eager=True)
     assert scales == eager_scales and all(s != 1.0 for s in scales)
     assert graphs == eager
+
+
+def test_the_command_line_takes_the_kv_cache_dtype() -> None:
+    from fast.api.cli import KV_CACHE_DTYPES, SERVE_ENGINE_OPTIONS, build_parser
+    from spec.kv_quant import KV_CACHE_DTYPES as SPEC_NAMES
+
+    assert KV_CACHE_DTYPES == tuple(SPEC_NAMES) and "kv_cache_dtype" in SERVE_ENGINE_OPTIONS
+    args = build_parser().parse_args(["generate", "hi", "--kv-cache-dtype", "fp8_e5m2"])
+    assert args.kv_cache_dtype == "fp8_e5m2"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "hi", "--kv-cache-dtype", "int8"])
