@@ -101,14 +101,14 @@ def install_kv_scales(
     :class:`kernels.errors.Fp8UnsupportedError` (the Triton kernels' fp8 needs 8.9) before any
     step runs.
     """
-    from fast.model.layers import Attention
-
     check_fp8_triton(device)
     scales = []
     for module in model.modules():
-        if isinstance(module, Attention):
+        # an attention layer: fast.model.layers.Attention or a subclass (it declares the class
+        # attribute kv_scales = None; identified so to keep this module free of an import cycle)
+        if getattr(type(module), "kv_scales", False) is None:
             s = LayerKVScales(
-                module.num_kv_heads,
+                int(getattr(module, "num_kv_heads")),
                 cache_dtype,
                 device,
                 per_head=per_head,
@@ -116,6 +116,6 @@ def install_kv_scales(
                 k_scale=1.0 if k_scale is None else k_scale,
                 v_scale=1.0 if v_scale is None else v_scale,
             )
-            module.kv_scales = s
+            setattr(module, "kv_scales", s)
             scales.append(s)
     return scales
