@@ -114,8 +114,12 @@ class EngineConfig:
         for name in ("k_scale", "v_scale"):
             value = getattr(self, name)
             values = value if isinstance(value, tuple) else () if value is None else (value,)
+            if isinstance(value, tuple) and not value:
+                raise InvalidArgumentError(name, value, "per KV head: one value per KV head")
             if any(
-                not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0) for x in values
+                isinstance(x, bool)  # True is an int: a flag passed as a scale
+                or not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0)
+                for x in values
             ):
                 raise InvalidArgumentError(
                     name, value, "must be finite and > 0 (per KV head: a tuple)"

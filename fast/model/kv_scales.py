@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from kernels.fp8 import FP8_MAX, check_fp8_triton
+from spec.errors import InvalidArgumentError
 
 __all__ = ["LayerKVScales", "install_kv_scales"]
 
@@ -47,15 +48,19 @@ class LayerKVScales:
         self.max_value = FP8_MAX[cache_dtype]
         self.per_head = per_head
         self.headroom = headroom
-        self.k_scale = self._tensor(k_scale, num_kv_heads, device)  # [Hkv] float32
-        self.v_scale = self._tensor(v_scale, num_kv_heads, device)
+        self.k_scale = self._tensor("k_scale", k_scale, num_kv_heads, device)  # [Hkv] float32
+        self.v_scale = self._tensor("v_scale", v_scale, num_kv_heads, device)
         self.armed = False
 
     @staticmethod
-    def _tensor(value: float | tuple[float, ...], heads: int, device: torch.device) -> torch.Tensor:
+    def _tensor(
+        name: str, value: float | tuple[float, ...], heads: int, device: torch.device
+    ) -> torch.Tensor:
         values = list(value) if isinstance(value, tuple) else [float(value)] * heads
         if len(values) != heads:
-            raise ValueError(f"per-head scales need {heads} values (one per KV head): {value!r}")
+            raise InvalidArgumentError(
+                name, value, f"per KV head: {heads} values, one per KV head of the model"
+            )
         return torch.tensor(values, dtype=torch.float32, device=device)
 
     def arm(self) -> None:

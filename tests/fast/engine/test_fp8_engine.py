@@ -190,8 +190,15 @@ def test_bad_kv_cache_settings_are_refused_by_name() -> None:
         EngineConfig(kv_cache_dtype="fp8", k_scale=(0.5, -1.0), v_scale=1.0)
     with pytest.raises(InvalidArgumentError, match="kv_scale_granularity"):
         EngineConfig(kv_cache_dtype="fp8", kv_scale_granularity="block")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="one per KV head"):
+    with pytest.raises(InvalidArgumentError, match="2 values, one per KV head") as e:
         _engine(num_gpu_blocks=64, kv_cache_dtype="fp8", k_scale=(1.0, 1.0, 1.0), v_scale=1.0)
+    assert (e.value.name, e.value.value) == ("k_scale", (1.0, 1.0, 1.0))
+    with pytest.raises(InvalidArgumentError, match="one value per KV head") as e:
+        EngineConfig(kv_cache_dtype="fp8", k_scale=1.0, v_scale=())
+    assert (e.value.name, e.value.value) == ("v_scale", ())
+    with pytest.raises(InvalidArgumentError, match="finite and > 0") as e:
+        EngineConfig(kv_cache_dtype="fp8", k_scale=True, v_scale=True)
+    assert (e.value.name, e.value.value) == ("k_scale", True)
 
 
 @pytest.mark.gpu
