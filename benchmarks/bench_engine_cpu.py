@@ -9,14 +9,18 @@ Both sides run the same weights (the GGUF file; transformers dequantizes it with
 ``gguf_file=``) in float32, greedily, with EOS ignored so every request produces exactly its
 drawn number of tokens, in the same process:
 
-* batch 1: one 24-token prompt, 64 new tokens; ``LLM.generate`` vs ``model.generate``;
+* batch 1: one 24-token prompt, 64 new tokens; ``LLM.generate`` vs ``model.generate``, the two
+  sides alternating ``--reps`` (3) times, min and median of each;
 * torch runs ``--threads`` threads (default 1): on this shared 2-core machine, two OpenMP
   threads per process next to other busy processes made small ops 30x slower than one;
 * a batch of ShareGPT-like requests: docs/workloads.md's trace (seed 0) with both lengths divided by
   ``--scale`` (default 8; so that a 2-core CPU finishes in minutes) and clipped to [4, 1024 /
   scale]. Our engine gets all requests at once (continuous batching); transformers gets them as
-  one left-padded static batch running to the longest output (its ``generate``), and only the
-  drawn lengths count as output tokens;
+  one left-padded static batch running to the longest output (its ``generate``: the padding to
+  the longest output is much of the gap), and only the drawn lengths count as output tokens;
+  then transformers' own continuous batching (``continuous_batching_context_manager``, each
+  request with its own ``max_new_tokens``) on the same requests (``--skip-continuous`` skips
+  it);
 * long prompts (``--long``, default 1024,2048,4096 tokens): one prompt, ``--long-new`` (4) new
   tokens, so the time is nearly all prefill; the two sides alternate ``--reps`` (3) times and
   the min and median of each are reported (the machine may be shared: the min is the figure to
@@ -84,30 +88,69 @@ def theirs(model: Any, prompts: list[list[int]], n_out: list[int]) -> tuple[floa
     return dt, [out[i, width : width + k].tolist() for i, k in enumerate(n_out)]
 
 
-def long_prompt(llm: Any, hf: Any, n: int, n_new: int, reps: int) -> dict[str, Any]:
-    """One ``n``-token prompt and ``n_new`` tokens; the two sides alternate ``reps`` times."""
-    prompt = [np.random.default_rng(n).integers(100, 49152, size=n).tolist()]
-    ours(llm, [prompt[0][:32]], [2])  # warm-up
+def theirs_continuous(
+    model: Any, prompts: list[list[int]], n_out: list[int]
+) -> tuple[float, list[list[int]]]:
+    """transformers' continuous batching (its paged cache, ``paged|sdpa``): every request added
+    at once with its own ``max_new_tokens``, EOS disabled, results collected as they finish."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=max(n_out)
+    )
+    t0 = time.perf_counter()
+    results: dict[str, Any] = {}
+    with model.continuous_batching_context_manager(
+        generation_config=config, block=True, timeout=5, warmup=False
+    ) as manager:
+        for i, (p, k) in enumerate(zip(prompts, n_out)):
+            manager.add_request(p, request_id=str(i), max_new_tokens=k)
+        while len(results) < len(prompts):
+            r = manager.get_result(timeout=1)
+            if r is not None and r.is_finished():
+                results[r.request_id] = r
+            elif r is None and not manager.is_running():
+                raise RuntimeError("transformers' continuous batching stopped early")
+    dt = time.perf_counter() - t0
+    return dt, [list(results[str(i)].generated_tokens) for i in range(len(prompts))]
+
+
+def alternate(
+    llm: Any, hf: Any, prompts: list[list[int]], n_out: list[int], reps: int
+) -> dict[str, Any]:
+    """The two sides alternate ``reps`` times on the same requests; min and median of each."""
+    ours(llm, [prompts[0][:32]], [2])  # warm-up
     t_ours: list[float] = []
     t_hf: list[float] = []
     tok_ours: list[list[int]] = []
     tok_hf: list[list[int]] = []
     for _ in range(reps):
-        dt, tok_ours = ours(llm, prompt, [n_new])
+        dt, tok_ours = ours(llm, prompts, n_out)
         t_ours.append(dt)
-        dt, tok_hf = theirs(hf, prompt, [n_new])
+        dt, tok_hf = theirs(hf, prompts, n_out)
         t_hf.append(dt)
+    total = sum(n_out)
     return {
-        "prompt_tokens": n,
-        "new_tokens": n_new,
+        "requests": len(prompts),
+        "prompt_tokens": sum(len(p) for p in prompts),
+        "new_tokens": total,
         "repetitions": reps,
         "pagedkv_min_s": round(min(t_ours), 2),
         "pagedkv_median_s": round(float(np.median(t_ours)), 2),
         "transformers_min_s": round(min(t_hf), 2),
         "transformers_median_s": round(float(np.median(t_hf)), 2),
+        "pagedkv_tok_s": round(total / min(t_ours), 1),
+        "transformers_tok_s": round(total / min(t_hf), 1),
         "ratio": round(min(t_hf) / min(t_ours), 2),
+        "ratio_median": round(float(np.median(t_hf)) / float(np.median(t_ours)), 2),
         "identical_outputs": int(tok_ours == tok_hf),
     }
+
+
+def long_prompt(llm: Any, hf: Any, n: int, n_new: int, reps: int) -> dict[str, Any]:
+    """One ``n``-token prompt and ``n_new`` tokens; the two sides alternate ``reps`` times."""
+    prompt = [np.random.default_rng(n).integers(100, 49152, size=n).tolist()]
+    return alternate(llm, hf, prompt, [n_new], reps)
 
 
 def main() -> None:
@@ -126,8 +169,15 @@ def main() -> None:
         help="comma-separated long-prompt lengths ('' for none)",
     )
     parser.add_argument("--long-new", type=int, default=4, help="new tokens after a long prompt")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions of each long prompt")
+    parser.add_argument(
+        "--reps", type=int, default=3, help="alternating repetitions of batch 1 and long prompts"
+    )
     parser.add_argument("--only-long", action="store_true", help="run only the long prompts")
+    parser.add_argument(
+        "--skip-continuous",
+        action="store_true",
+        help="skip transformers' continuous batching on the ShareGPT-like batch (slow on a CPU)",
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine_cpu.json"))
     args = parser.parse_args()
     long_lens = [int(x) for x in args.long.split(",") if x]
@@ -152,13 +202,15 @@ def main() -> None:
     rng = np.random.default_rng(1)
     one = [rng.integers(100, 49152, size=24).tolist()]
     runs: dict[str, Any] = {}
-    workloads = [("batch1", one, [64]), ("sharegpt", *scaled_trace(args.requests, args.scale))]
-    for name, prompts, n_out in [] if args.only_long else workloads:
+    if not args.only_long:
+        runs["batch1"] = alternate(llm, hf, one, [64], args.reps)
+        print("batch1", runs["batch1"], flush=True)
+        prompts, n_out = scaled_trace(args.requests, args.scale)
         ours(llm, prompts[:1], [4])  # warm-up
         t_ours, tok_ours = ours(llm, prompts, n_out)
         t_hf, tok_hf = theirs(hf, prompts, n_out)
         total = sum(n_out)
-        runs[name] = {
+        runs["sharegpt"] = {
             "requests": len(prompts),
             "mean_input": float(np.mean([len(p) for p in prompts])),
             "mean_output": float(np.mean(n_out)),
@@ -169,8 +221,17 @@ def main() -> None:
             "transformers_tok_s": round(total / t_hf, 1),
             "ratio": round(t_hf / t_ours, 2),
             "identical_outputs": sum(a == b for a, b in zip(tok_ours, tok_hf)),
+            "transformers_static_note": "one left-padded batch running to the longest output",
         }
-        print(name, runs[name], flush=True)
+        if not args.skip_continuous:
+            t_cb, tok_cb = theirs_continuous(hf, prompts, n_out)
+            runs["sharegpt"].update(
+                transformers_continuous_s=round(t_cb, 2),
+                transformers_continuous_tok_s=round(total / t_cb, 1),
+                ratio_vs_continuous=round(t_cb / t_ours, 2),
+                identical_outputs_continuous=sum(a == b for a, b in zip(tok_ours, tok_cb)),
+            )
+        print("sharegpt", runs["sharegpt"], flush=True)
     for n in long_lens:
         runs[f"long{n}"] = long_prompt(llm, hf, n, args.long_new, args.reps)
         print(f"long{n}", runs[f"long{n}"], flush=True)
