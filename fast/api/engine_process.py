@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.process
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -235,6 +236,26 @@ def _rebuild(module: str, name: str, message: str, attrs: dict[str, Any]) -> Bas
         return EngineProcessError(f"{module}.{name}: {message}")
 
 
+def _start_ignoring_sigint(proc: multiprocessing.process.BaseProcess) -> None:
+    """Start ``proc`` with SIGINT ignored, so the spawned process inherits SIG_IGN from birth.
+
+    A Ctrl-C while the child is still importing torch (before :func:`_child_main` ignores SIGINT
+    itself) otherwise kills it mid-import with a C++ ``terminate called ... KeyboardInterrupt``;
+    the server stops the engine itself (the child is a daemon: it also ends with the parent).
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        proc.start()  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _child_main(
     conn: multiprocessing.connection.Connection, model: Any, kwargs: Any, threads: int
 ) -> None:
@@ -330,7 +351,7 @@ class EngineProcess:
             name="pagedkv-engine",
             daemon=True,
         )
-        self._proc.start()
+        _start_ignoring_sigint(self._proc)
         child.close()
         self._decoder = DeltaDecoder()
         self._closed = False

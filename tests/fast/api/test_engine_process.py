@@ -184,3 +184,23 @@ def test_a_burst_of_commands_while_the_engine_steps_does_not_deadlock(char_model
         assert done == [True]
     finally:
         proc._proc.kill() if worker.is_alive() else proc.close()
+
+
+def test_the_engine_process_is_started_with_sigint_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Ctrl-C while the spawned child still imports torch killed it with a C++ "terminate
+    # called ... KeyboardInterrupt": the child must inherit SIG_IGN from its start.
+    import multiprocessing.context
+    import signal
+
+    seen: list[Any] = []
+
+    def start(self: Any) -> None:
+        seen.append(signal.getsignal(signal.SIGINT))
+        raise RuntimeError("not started")
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", start)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(RuntimeError, match="not started"):
+        EngineProcess("unused")
+    assert seen == [signal.SIG_IGN]
+    assert signal.getsignal(signal.SIGINT) is before  # restored in the parent
