@@ -365,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args) if args.command == "serve" else _generate(args)
         except UsageError as e:
             return _fail(str(e))
+        except KeyboardInterrupt:
+            raise  # before _user_errors(): a Ctrl-C inside `import torch` breaks its re-import
         except _user_errors() as e:
             return _fail(str(e))
     except KeyboardInterrupt:

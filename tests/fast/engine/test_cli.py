@@ -292,6 +292,25 @@ def test_ctrl_c_during_generation_exits_130(
     assert captured.err == "pagedkv: interrupted\n" and "Traceback" not in captured.err
 
 
+def test_ctrl_c_while_torch_is_imported_exits_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Ctrl-C inside the first `import torch` (pagedkv serve starts it): matching the except
+    # clauses must not import torch again (a half-imported torch raises RuntimeError then).
+    import fast.api.cli as cli
+
+    def interrupted(args: Any) -> int:
+        raise KeyboardInterrupt
+
+    def broken_import() -> Any:
+        raise RuntimeError("Only a single TORCH_LIBRARY can be used to register the namespace")
+
+    monkeypatch.setattr(cli, "_serve", interrupted)
+    monkeypatch.setattr(cli, "_user_errors", broken_import)
+    assert main(["serve", "--port", "0"]) == 130
+    assert capsys.readouterr().err == "pagedkv: interrupted\n"
+
+
 def test_a_bug_is_not_dressed_as_a_user_error(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
