@@ -100,6 +100,12 @@ class EngineConfig:
             raise InvalidArgumentError(
                 "kv_scale_granularity", self.kv_scale_granularity, "one of tensor, head"
             )
+        if self.kv_scale_granularity == "head" and not fp8:
+            raise InvalidArgumentError(
+                "kv_scale_granularity",
+                self.kv_scale_granularity,
+                f"scales apply to an fp8 KV cache, and kv_cache_dtype is {self.kv_cache_dtype!r}",
+            )
         given = [s for s in (self.k_scale, self.v_scale) if s is not None]
         if given and not fp8:
             raise InvalidArgumentError(

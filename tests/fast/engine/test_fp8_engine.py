@@ -196,6 +196,9 @@ def test_bad_kv_cache_settings_are_refused_by_name() -> None:
     with pytest.raises(InvalidArgumentError, match="one value per KV head") as e:
         EngineConfig(kv_cache_dtype="fp8", k_scale=1.0, v_scale=())
     assert (e.value.name, e.value.value) == ("v_scale", ())
+    with pytest.raises(InvalidArgumentError, match="kv_cache_dtype is 'auto'") as e:
+        EngineConfig(kv_scale_granularity="head")  # per-head scales asked, no fp8 cache
+    assert e.value.name == "kv_scale_granularity"
     with pytest.raises(InvalidArgumentError, match="finite and > 0") as e:
         EngineConfig(kv_cache_dtype="fp8", k_scale=True, v_scale=True)
     assert (e.value.name, e.value.value) == ("k_scale", True)
