@@ -433,7 +433,15 @@ def hf_architecture(cfg: Mapping[str, Any]) -> str:
     'Gemma3ForCausalLM'
     """
     names = cfg.get("architectures")
-    if isinstance(names, list) and names:
+    if names is not None and not (
+        isinstance(names, list) and all(isinstance(n, str) and n for n in names)
+    ):
+        # e.g. a bare string: falling back to model_type (default llama) would load another
+        # architecture's weights as Llama
+        raise InvalidModelConfigError(
+            'config.json "architectures" must be a list of names', architectures=names
+        )
+    if names:
         return str(names[0])
     model_type = str(cfg.get("model_type", "llama"))
     return _MODEL_TYPES.get(model_type, model_type)

@@ -219,3 +219,16 @@ def test_gguf_head_dim_from_key_length_and_partial_rope_rejected() -> None:
         ModelConfig.from_gguf(
             {**md, "llama.rope.dimension_count": 16}, tie_word_embeddings=True, vocab_size=10
         )
+
+
+def test_architectures_that_is_not_a_list_of_names_is_refused() -> None:
+    # a bare string used to fall back to model_type (default "llama"): a GPT-2 config.json
+    # without model_type would have been loaded as Llama
+    from fast.model.config import hf_architecture
+
+    for bad in ("GPT2LMHeadModel", [None], [""], {"name": "LlamaForCausalLM"}):
+        with pytest.raises(InvalidModelConfigError, match="architectures") as e:
+            hf_architecture({"architectures": bad})
+        assert e.value.numbers == {"architectures": bad}
+    assert hf_architecture({"architectures": ["Qwen3ForCausalLM"]}) == "Qwen3ForCausalLM"
+    assert hf_architecture({"architectures": None, "model_type": "phi3"}) == "Phi3ForCausalLM"
