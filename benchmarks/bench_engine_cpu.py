@@ -16,8 +16,8 @@ drawn number of tokens, in the same process:
 * a batch of ShareGPT-like requests: docs/workloads.md's trace (seed 0) with both lengths divided by
   ``--scale`` (default 8; so that a 2-core CPU finishes in minutes) and clipped to [4, 1024 /
   scale]. Our engine gets all requests at once (continuous batching); transformers gets them as
-  one left-padded static batch running to the longest output (its ``generate``: the padding to
-  the longest output is much of the gap), and only the drawn lengths count as output tokens;
+  one left-padded static batch running to the longest output (its ``generate``), and only the
+  drawn lengths count as output tokens;
   then transformers' own continuous batching (``continuous_batching_context_manager``, each
   request with its own ``max_new_tokens``) on the same requests (``--skip-continuous`` skips
   it);

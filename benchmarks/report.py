@@ -166,8 +166,8 @@ def engine_tables() -> list[str]:
                 )
         out += [
             "",
-            "transformers' static batch pads every request to the batch's longest output, which is "
-            "most of the gap on the ShareGPT-like batch; its continuous batching does not.",
+            "transformers' static batch pads every request to the batch's longest output; its "
+            "continuous batching does not, and is the fairer baseline for a batch of requests.",
             "",
         ]
     return out
