@@ -47,8 +47,17 @@ DECODE_SHAPES = (
     (8, 32768),
     (4, 65536),
 )
-LONG_SHAPES = ((32, 16384), (8, 32768), (4, 65536))
-TUNE_CONFIGS = ((64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 8, 4), (128, 4, 4), (256, 8, 3))
+LONG_SHAPES = ((64, 4096), (32, 16384), (8, 32768))
+TUNE_CONFIGS = (
+    (64, 4, 3),
+    (64, 4, 2),
+    (128, 4, 3),
+    (128, 8, 3),
+    (64, 8, 4),
+    (128, 4, 4),
+    (128, 8, 4),
+    (256, 8, 3),
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -176,7 +185,8 @@ def decode_table(res: dict[str, Any]) -> None:
 
 
 def tune(res: dict[str, Any]) -> None:
-    """The fp8 decode kernel's (BLOCK_N, warps, stages) at :data:`LONG_SHAPES`."""
+    """The fp8 decode kernel's (BLOCK_N, warps, stages), dequantizing to bf16 (``bf16dq``) or to
+    fp16 with fp16 dots (``f16dq``), at :data:`LONG_SHAPES`, beside the bf16 kernel's time."""
     import torch
     from gpu_attention import DT, HKV, HQ, D, bench_graph_ms, paged_pool
 
@@ -190,22 +200,28 @@ def tune(res: dict[str, Any]) -> None:
         kp, vp, bt = paged_pool(k, torch.randn_like(k), 16)
         del k
         k8, v8, ks, vs = _fp8_pool(kp, vp)
-        del kp, vp
         lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
         dims = check_decode(q, k8, v8, bt, lens)
         row: dict[str, Any] = {"B": batch, "L": length, "default": list(decode_config(D, DT))}
-        for cfg in TUNE_CONFIGS:
+        bdims = check_decode(q, kp, vp, bt, lens)
+        row["bf16_us"] = round(bench_graph_ms(lambda: triton_paged_decode(
+            q, kp, vp, bt, lens, bdims, scale=D**-0.5, sliding_window=None, softcap=None,
+            num_splits=None, out=None)) * 1e3, 1)  # fmt: skip
+        for f16 in (False, True):
+            for cfg in TUNE_CONFIGS:
 
-            def run(c: tuple[int, int, int] = cfg) -> Any:
-                return triton_paged_decode(
-                    q, k8, v8, bt, lens, dims, scale=D**-0.5, sliding_window=None,
-                    softcap=None, num_splits=None, out=None, config=c, kv_scales=(ks, vs),
-                )  # fmt: skip
+                def run(c: tuple[int, int, int] = cfg, f: bool = f16) -> Any:
+                    return triton_paged_decode(
+                        q, k8, v8, bt, lens, dims, scale=D**-0.5, sliding_window=None,
+                        softcap=None, num_splits=None, out=None, config=c, kv_scales=(ks, vs),
+                        fp8_f16=f,
+                    )  # fmt: skip
 
-            try:
-                row["x".join(map(str, cfg))] = round(bench_graph_ms(run) * 1e3, 1)
-            except Exception as e:
-                row["x".join(map(str, cfg))] = repr(e)[:120]
+                key = ("f16dq_" if f16 else "bf16dq_") + "x".join(map(str, cfg))
+                try:
+                    row[key] = round(bench_graph_ms(run) * 1e3, 1)
+                except Exception as e:
+                    row[key] = repr(e)[:120]
         rows.append(row)
         print(json.dumps(row), flush=True)
         torch.cuda.empty_cache()

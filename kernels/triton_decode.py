@@ -76,6 +76,7 @@ def _decode_kernel(
     PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr,
     FP8: tl.constexpr,
+    FP8_F16: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -101,6 +102,8 @@ def _decode_kernel(
     q = tl.load(q_ptr + q_off[:, None] + cols[None, :], mask=q_mask, other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
+    if FP8_F16:  # bf16 q -> fp16: exact in fp16's normal range (more mantissa bits)
+        q = q.to(tl.float16)
     if FP8:  # one KV head per program: fold its scales into the logit scale and the output
         scale_log2 = scale_log2 * tl.load(ks_ptr + kvh)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -120,7 +123,7 @@ def _decode_kernel(
         k = tl.load(k_ptr + kv_off[:, None] + cols[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + kv_off[:, None] + cols[None, :], mask=kv_mask, other=0.0)
         if FP8:  # fp8 codes -> q's dtype: exact (fp8 values are bf16/fp16/fp32 values)
-            k = k.to(q.dtype)
+            k = k.to(q.dtype)  # with FP8_F16, fp16: one hardware conversion per pair of codes
             v = v.to(q.dtype)
         if DOT_F32:
             k = k.to(tl.float32)
@@ -223,6 +226,7 @@ def triton_paged_decode(
     out: torch.Tensor | None,
     config: tuple[int, int, int] | None = None,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    fp8_f16: bool = False,
 ) -> torch.Tensor:
     """Launch the decode kernel (and the merge when split). Shapes as ``kernels.paged_decode``;
     ``config`` overrides (BLOCK_N, num_warps, num_stages) for tuning; ``kv_scales`` are the
@@ -277,6 +281,7 @@ def triton_paged_decode(
         PRECISION=precision,
         DOT_F32=dot_f32,
         FP8=kv_scales is not None,
+        FP8_F16=kv_scales is not None and bool(fp8_f16) and q.dtype == torch.bfloat16,
         num_warps=warps,
         num_stages=stages,
     )

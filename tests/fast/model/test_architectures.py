@@ -137,6 +137,22 @@ EXPECTED: dict[str, tuple[tuple[int | None, ...], tuple[float | None, float | No
 
 
 CHUNKED = ("gemma2",)  # also run with chunked prefill
+# prompt seeds whose greedy references have no near-tie (see reference_margin); default 7
+PROMPT_SEED = {"gemma2": 11, "phi3_longrope": 9}
+#: the smallest top-1 - top-2 logit gap a reference step may have: the engine computes in another
+#: order (on the GPU, other kernels), and a gap of 1e-4 was seen to flip (phi3_longrope, seed 7)
+MIN_MARGIN = 1e-3
+
+
+def reference_margin(hf: Any, batch: list[list[int]], want: list[list[int]]) -> float:
+    """The smallest gap between transformers' best and second-best logit over the reference."""
+    gaps = []
+    with torch.no_grad():
+        for p, w in zip(batch, want, strict=True):
+            logits = hf(torch.tensor([p + w])).logits[0, len(p) - 1 : -1]  # [len(w), V]
+            top = logits.topk(2, dim=-1).values
+            gaps.append(float((top[:, 0] - top[:, 1]).min()))
+    return min(gaps)
 
 
 def build_hf(kind: str, overrides: dict[str, Any], seed: int) -> Any:
@@ -177,9 +193,12 @@ def check_case(case: str, tmp_path: Path, device: str = "cpu") -> None:
     hf = build_hf(kind, overrides, seed=sorted(CASES).index(case))
     hf.save_pretrained(tmp_path)
     # LongRoPE: 4 + 12 tokens stay within the threshold of 16, 31 start past it
-    batch = prompts(seed=7, lens=(4, 31) if case == "phi3_longrope" else PROMPT_LENS)
+    lens = (4, 31) if case == "phi3_longrope" else PROMPT_LENS
+    batch = prompts(seed=PROMPT_SEED.get(case, 7), lens=lens)
     want = greedy_reference(hf, batch, MAX_TOKENS)
     assert all(len(set(w)) >= 4 for w in want), f"degenerate reference {want}"
+    margin = reference_margin(hf, batch, want)
+    assert margin >= MIN_MARGIN, f"reference has a near-tie ({margin:.1e}): pick another seed"
     llm = LLM(
         str(tmp_path),
         num_gpu_blocks=32,
