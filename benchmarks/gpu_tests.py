@@ -5,8 +5,9 @@ On the GPU machine, from the repository root::
     PAGEDKV_GIT_DESCRIBE=<describe> PYTHONPATH=. python3 benchmarks/gpu_tests.py [PYTEST ARGS]
 
 writes ``$OUT/gpu_tests.json`` (or ``benchmarks/results/gpu_tests.json`` without ``$OUT``):
-passed / failed / skipped / errors, each failure's test id, the commit, GPU and versions. The exit
-status is pytest's.
+passed / failed / skipped / errors, each failure's test id, every test's outcome, the commit, GPU
+and versions. The exit status is pytest's. ``-x`` / ``--maxfail`` are refused: a record of a run
+that stopped early cannot say which tests passed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "gpu.xml"
         extra = sys.argv[1:]  # passed on to pytest (e.g. --ignore=DIR for what cannot import)
+        stops = sorted(a for a in extra if a in ("-x", "--exitfirst") or a.startswith("--maxfail"))
+        if stops:  # a record of a run cut short says nothing about the tests it never reached
+            sys.exit(f"gpu_tests.py: {stops} would stop the run early; run every gpu test")
         cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests", f"--junitxml={xml}"]
         cmd += extra
         proc = subprocess.run(cmd, cwd=ROOT, check=False)
@@ -37,6 +41,16 @@ def main() -> int:
             for case in suite.iter("testcase")
             if case.find("failure") is not None or case.find("error") is not None
         ]
+        outcomes = {
+            f"{case.get('classname')}::{case.get('name')}": (
+                "failed"
+                if case.find("failure") is not None or case.find("error") is not None
+                else "skipped"
+                if case.find("skipped") is not None
+                else "passed"
+            )
+            for case in suite.iter("testcase")
+        }
         total = int(suite.get("tests", 0))
         skipped = int(suite.get("skipped", 0))
         result = {
@@ -48,12 +62,13 @@ def main() -> int:
             "skipped": skipped,
             "seconds": float(suite.get("time", 0.0)),
             "failures": failed,
+            "outcomes": outcomes,
             "pytest_exit_status": proc.returncode,
             "pytest_extra_args": extra,
         }
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "benchmarks/results"
     (out_dir / "gpu_tests.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "failures"}, indent=None))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("failures", "outcomes")}))
     return proc.returncode
 
 
