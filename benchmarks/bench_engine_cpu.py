@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,6 +43,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hf_peers  # noqa: E402
 
 
 def scaled_trace(
@@ -66,55 +70,6 @@ def ours(llm: Any, prompts: list[list[int]], n_out: list[int]) -> tuple[float, l
     return dt, [o.outputs[0].token_ids for o in outs]
 
 
-def theirs(model: Any, prompts: list[list[int]], n_out: list[int]) -> tuple[float, list[list[int]]]:
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(
-            ids,
-            attention_mask=mask,
-            do_sample=False,
-            max_new_tokens=max(n_out),
-            min_new_tokens=max(n_out),
-            pad_token_id=0,
-            eos_token_id=None,
-        )
-    dt = time.perf_counter() - t0
-    return dt, [out[i, width : width + k].tolist() for i, k in enumerate(n_out)]
-
-
-def theirs_continuous(
-    model: Any, prompts: list[list[int]], n_out: list[int]
-) -> tuple[float, list[list[int]]]:
-    """transformers' continuous batching (its paged cache, ``paged|sdpa``): every request added
-    at once with its own ``max_new_tokens``, EOS disabled, results collected as they finish."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(
-        do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=max(n_out)
-    )
-    t0 = time.perf_counter()
-    results: dict[str, Any] = {}
-    with model.continuous_batching_context_manager(
-        generation_config=config, block=True, timeout=5, warmup=False
-    ) as manager:
-        for i, (p, k) in enumerate(zip(prompts, n_out)):
-            manager.add_request(p, request_id=str(i), max_new_tokens=k)
-        while len(results) < len(prompts):
-            r = manager.get_result(timeout=1)
-            if r is not None and r.is_finished():
-                results[r.request_id] = r
-            elif r is None and not manager.is_running():
-                raise RuntimeError("transformers' continuous batching stopped early")
-    dt = time.perf_counter() - t0
-    return dt, [list(results[str(i)].generated_tokens) for i in range(len(prompts))]
-
-
 def alternate(
     llm: Any, hf: Any, prompts: list[list[int]], n_out: list[int], reps: int
 ) -> dict[str, Any]:
@@ -127,7 +82,7 @@ def alternate(
     for _ in range(reps):
         dt, tok_ours = ours(llm, prompts, n_out)
         t_ours.append(dt)
-        dt, tok_hf = theirs(hf, prompts, n_out)
+        dt, tok_hf = hf_peers.static(hf, prompts, n_out)
         t_hf.append(dt)
     total = sum(n_out)
     return {
@@ -208,7 +163,7 @@ def main() -> None:
         prompts, n_out = scaled_trace(args.requests, args.scale)
         ours(llm, prompts[:1], [4])  # warm-up
         t_ours, tok_ours = ours(llm, prompts, n_out)
-        t_hf, tok_hf = theirs(hf, prompts, n_out)
+        t_hf, tok_hf = hf_peers.static(hf, prompts, n_out)
         total = sum(n_out)
         runs["sharegpt"] = {
             "requests": len(prompts),
@@ -224,7 +179,7 @@ def main() -> None:
             "transformers_static_note": "one left-padded batch running to the longest output",
         }
         if not args.skip_continuous:
-            t_cb, tok_cb = theirs_continuous(hf, prompts, n_out)
+            t_cb, tok_cb = hf_peers.continuous(hf, prompts, n_out)
             runs["sharegpt"].update(
                 transformers_continuous_s=round(t_cb, 2),
                 transformers_continuous_tok_s=round(total / t_cb, 1),

@@ -6,17 +6,21 @@ Run on the GPU machine from the repository root::
 
 1. Correctness first: a tiny random float32 Llama on the GPU, greedy, against transformers'
    ``generate`` (CUDA graphs on and off).
-2. Throughput: 128 requests of the ShareGPT-like trace of docs/workloads.md (seed 0: input ~
-   round(LogNormal(4.68, 1)), output ~ round(LogNormal(5.76, 1)), both clipped to [4, 1024],
-   token ids uniform in [100, 128000)), all queued at t=0, ``ignore_eos`` so each produces exactly
-   its drawn length. Output tokens per second of wall time, decode CUDA graphs on (default) and
-   off, against transformers' figures on this trace (static batches of 32, 203.8 tok/s;
-   continuous batching ``paged|sdpa``, 399.9 tok/s), which were measured on the GPU machine with
-   the scripts of the project's design phase and are not re-measured here (docs/workloads.md).
-   The loop is ``LLM.generate``'s: ``step(finished_only=True)``, the output tokens counted from
-   the finished requests. Engine construction (kernel warm-up, graph capture) is reported as
-   ``setup_s``.
-3. Where the time goes: every timed step's wall time with its kind (prefill or decode) and batch
+2. Throughput: the first ``--requests`` requests of the ShareGPT-like trace of docs/workloads.md
+   (seed 0: input ~ round(LogNormal(4.68, 1)), output ~ round(LogNormal(5.76, 1)), both clipped
+   to [4, 1024], token ids uniform in [100, 128000)), all queued at t=0, ``ignore_eos`` so each
+   produces exactly its drawn length. Output tokens per second of wall time, decode CUDA graphs
+   on (default) and off. The loop is ``LLM.generate``'s: ``step(finished_only=True)``, the output
+   tokens counted from the finished requests. Engine construction (kernel warm-up, graph
+   capture) is reported as ``setup_s``.
+3. The peers, measured in the same run on the same requests (benchmarks/hf_peers.py):
+   transformers' ``LlamaForCausalLM`` of the same shape (random bf16, SDPA) with ``generate`` on
+   static batches of 32, and with its continuous batching. They are slow (about 200 and 400
+   output tok/s on the 128-request trace: some 6.5 minutes together), so ``--peer-requests N``
+   measures them on the trace's first N requests (the ratios then compare tokens per second on
+   different request sets, and the JSON says so), and ``--skip-peers`` leaves them out of a
+   quick iteration; a figure for the README must come from a run that measured them.
+4. Where the time goes: every timed step's wall time with its kind (prefill or decode) and batch
    size, summarised as time in prefill and decode steps, decode steps by batch size, the slowest
    steps.
 """
@@ -35,8 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-HF_STATIC = 203.8
-HF_CONTINUOUS = 399.9
+HF_STATIC_BATCH = 32  # the static peer's batch size
 
 
 def sharegpt_trace(n: int, seed: int = 0, vocab: int = 128000) -> tuple[list[list[int]], list[int]]:
@@ -209,13 +212,46 @@ def throughput(
         "steps": engine.stats.steps - steps0,
         "median_step_ms": round(1000 * float(np.median(step_times)), 3),
         "preempted": engine.stats.preempted,
-        "vs_hf_static": round(produced / wall / HF_STATIC, 2),
-        "vs_hf_continuous": round(produced / wall / HF_CONTINUOUS, 2),
         "leak_free": engine.num_free_gpu_blocks == engine.num_gpu_blocks,
         "compilations_after_warm_up": watch.kernels,
         "mean_step_ms": round(1000 * float(np.mean(step_times)), 3),
         "breakdown": breakdown(log),
     }
+
+
+def measure_peers(n: int, ours_n: int) -> dict[str, Any]:
+    """transformers on the trace's first ``n`` requests: static batches of 32, then continuous
+    batching; tokens per second of each, or the error it raised."""
+    import hf_peers
+
+    from fast.model.config import ModelConfig
+
+    prompts, n_out = sharegpt_trace(n)
+    peers: dict[str, Any] = {
+        "model": "transformers LlamaForCausalLM, Llama-3-8B shape, random bf16, sdpa",
+        "requests": n,
+        "output_tokens": sum(n_out),
+        "same_requests_as_ours": n == ours_n,
+    }
+    t0 = time.perf_counter()
+    model = hf_peers.random_llama(ModelConfig.llama3_8b(), torch.bfloat16, "cuda")
+    peers["init_s"] = round(time.perf_counter() - t0, 2)
+    for key in ("static_bs32", "continuous"):
+        try:
+            if key == "static_bs32":
+                seconds, tokens = hf_peers.static(model, prompts, n_out, HF_STATIC_BATCH)
+            else:
+                seconds, tokens = hf_peers.continuous(model, prompts, n_out)
+            produced = sum(len(t) for t in tokens)
+            peers[f"hf_{key}_s"] = round(seconds, 2)
+            peers[f"hf_{key}_tok_s"] = round(produced / seconds, 1)
+            peers[f"hf_{key}_output_tokens"] = produced
+        except Exception as exc:  # record and go on
+            peers[f"hf_{key}_error"] = repr(exc)[:300]
+        print(key, {k: v for k, v in peers.items() if key in k}, flush=True)
+    model = None
+    torch.cuda.empty_cache()
+    return peers
 
 
 def breakdown(log: list[tuple[float, int, bool]]) -> dict[str, Any]:
@@ -254,6 +290,13 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--budget", type=int, default=8192)
     parser.add_argument("--skip-eager", action="store_true")
+    parser.add_argument("--skip-peers", action="store_true", help="no transformers runs")
+    parser.add_argument(
+        "--peer-requests",
+        type=int,
+        default=None,
+        help="measure the peers on the trace's first N requests (default: all --requests)",
+    )
     parser.add_argument(
         "--configs",
         default="default",
@@ -284,12 +327,7 @@ def main() -> None:
         "triton": triton.__version__,
         "python": platform.python_version(),
         "commit": os.environ.get("PAGEDKV_COMMIT", commit()),
-        "peers": {
-            "hf_static_bs32_tok_s": HF_STATIC,
-            "hf_continuous_paged_sdpa_tok_s": HF_CONTINUOUS,
-            "source": "measured on the GPU machine with the scripts of the project's design phase, "
-            "not re-measured by this benchmark (docs/workloads.md)",
-        },
+        "peers": {},
         "correctness": [],
         "runs": [],
     }
@@ -319,6 +357,17 @@ def main() -> None:
         print(run, flush=True)
         save()
         torch.cuda.empty_cache()
+    if not args.skip_peers:
+        del model
+        torch.cuda.empty_cache()
+        result["peers"] = measure_peers(args.peer_requests or args.requests, args.requests)
+        print(result["peers"], flush=True)
+        for r in result["runs"]:
+            for key in ("static_bs32", "continuous"):
+                tok_s = result["peers"].get(f"hf_{key}_tok_s")
+                if "error" not in r and tok_s:
+                    r[f"vs_hf_{key}"] = round(r["out_tok_per_s"] / tok_s, 2)
+        save()
     print(
         "\n| mode | out tok/s | wall s | setup s | median/mean step ms | prefill s | "
         "vs HF static | vs HF continuous |"
@@ -329,7 +378,7 @@ def main() -> None:
             print(
                 f"| {mode} | {r['out_tok_per_s']} | {r['wall_s']} | {r['setup_s']} | "
                 f"{r['median_step_ms']}/{r['mean_step_ms']} | {r['breakdown']['prefill_s']} | "
-                f"{r['vs_hf_static']}x | {r['vs_hf_continuous']}x |"
+                f"{r.get('vs_hf_static_bs32', '-')}x | {r.get('vs_hf_continuous', '-')}x |"
             )
     sys.stdout.flush()
     compiled = [k for r in result["runs"] for k in r.get("compilations_after_warm_up", [])]
