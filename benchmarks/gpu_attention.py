@@ -8,10 +8,15 @@ Usage (on the GPU machine, from the checkout root)::
 Decode (Hq 32, Hkv 8, D 128, bf16): our kernel on a page-16 pool with a random block
 permutation, against SDPA on contiguous K/V, gather-then-SDPA, and FlexAttention's paged helper
 (page 128, compiled). Prefill: one chunk of ``q_len`` new tokens after ``ctx`` cached ones, against
-SDPA (FlashAttention backend with ``is_causal`` when ``ctx == 0``, an explicit bottom-right mask
-otherwise). Times are ``triton.testing.do_bench`` medians; inputs rotate among copies whenever one
-set fits in the 60 MB L2 several times over. Decode bytes = the K/V read (``2 B L Hkv D 2``);
-prefill FLOPs = ``4 Hq D`` per visible (query, key) pair.
+the fastest configuration of each peer, in the same run (:func:`prefill_peers`): SDPA pinned to
+its cuDNN backend and to its FlashAttention-2 backend, with ``is_causal`` when ``ctx == 0`` and
+``torch.nn.attention.bias.causal_lower_right`` after a prefix (FlashAttention-2's bottom-right
+causal mask; a backend that refuses a case is recorded as such), and FlexAttention compiled with
+a bottom-right causal block mask. SDPA with an explicit boolean mask (``sdpa_us``) is kept as the
+slow path it is, for comparison with older results. Times are ``triton.testing.do_bench``
+medians; inputs rotate among copies whenever one set fits in the 60 MB L2 several times over.
+Decode bytes = the K/V read (``2 B L Hkv D 2``); prefill FLOPs = ``4 Hq D`` per visible (query,
+key) pair.
 """
 
 from __future__ import annotations
@@ -269,11 +274,75 @@ def prefill(res: dict[str, Any]) -> None:
             row[f"{name}_us"] = round(ms * 1e3, 1)
             row[f"{name}_TFLOPs"] = round(flops / ms / 1e9, 1)
         row["ours_over_sdpa_TFLOPs"] = round(row["ours_TFLOPs"] / row["sdpa_TFLOPs"], 3)
+        row.update(prefill_peers(q4, k, v, ctx, flops, ours()))
+        peers = [row[f"{p}_TFLOPs"] for p in PREFILL_PEERS if f"{p}_TFLOPs" in row]
+        if peers:
+            row["best_peer_TFLOPs"] = max(peers)
+            row["ours_over_best_peer"] = round(row["ours_TFLOPs"] / max(peers), 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
         del q, k, v, kp, vp
         torch.cuda.empty_cache()
     res["prefill"] = rows
+
+
+PREFILL_PEERS = ("cudnn", "flash2", "flex")
+
+
+def prefill_peers(
+    q4: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int, flops: float, ours: torch.Tensor
+) -> dict[str, Any]:
+    """cuDNN and FlashAttention-2 through SDPA, and compiled FlexAttention, on one prefill.
+
+    q4 [1, Hq, q_len, D], k, v [1, Hkv, ctx + q_len, D] contiguous; the query at row ``i`` sees
+    keys ``0 .. ctx + i`` (bottom-right causal). K/V heads are repeated to Hq for the SDPA
+    backends (what they need without ``enable_gqa``; prefill is bound by FLOPs, not bytes).
+    Each peer's time, TFLOP/s and error against ``ours`` [q_len, Hq, D]; a failure is recorded.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    q_len, length = q4.shape[2], k.shape[2]
+    group = q4.shape[1] // k.shape[1]
+    kx, vx = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [1, Hq, L, D]
+    bias = None if ctx == 0 else causal_lower_right(q_len, length)
+    want = ours.transpose(0, 1)[None].float()  # [1, Hq, q_len, D]
+    out: dict[str, Any] = {}
+
+    def record(name: str, fn: Callable[[], Any]) -> None:
+        try:
+            err = rel_err(fn(), want)
+            ms = bench_ms(fn)
+            out[f"{name}_us"] = round(ms * 1e3, 1)
+            out[f"{name}_TFLOPs"] = round(flops / ms / 1e9, 1)
+            out[f"{name}_err_vs_ours"] = f"{err:.1e}"
+        except Exception as e:  # a backend that refuses the case
+            out[name] = repr(e)[:200]
+
+    for name, backend in (
+        ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("flash2", SDPBackend.FLASH_ATTENTION),
+    ):
+
+        def sdpa(backend: SDPBackend = backend) -> Any:
+            with sdpa_kernel([backend]):
+                if bias is None:
+                    return F.scaled_dot_product_attention(q4, kx, vx, is_causal=True)
+                return F.scaled_dot_product_attention(q4, kx, vx, attn_mask=bias)
+
+        record(name, sdpa)
+
+    def bottom_right(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        return q_idx + ctx >= kv_idx
+
+    try:
+        block_mask = create_block_mask(bottom_right, 1, 1, q_len, length, device="cuda")
+        compiled = torch.compile(flex_attention)
+        record("flex", lambda: compiled(q4, k, v, block_mask=block_mask, enable_gqa=True))
+    except Exception as e:
+        out["flex"] = repr(e)[:200]
+    return out
 
 
 def tune(res: dict[str, Any]) -> None:

@@ -15,8 +15,15 @@ Llama-3-8B-shaped random bf16 weights. For each batch size ``b`` it measures, in
    context: scheduling, block bookkeeping, input upload, the graph replay, logits, sampling and
    the outputs, as the engine runs it.
 
-``forward_ms - floor_ms`` is the device work other than the weight matmuls; ``step_ms -
-forward_ms`` is host work and synchronization the GPU does not overlap. Medians over the timed
+4. ``layers_floor_ms`` (the floor without the LM head) and ``logits_ms`` (the engine's
+   ``compute_logits``, the LM head with float32 logits, in a graph).
+
+The captured forward holds the layers but not the LM head, so ``forward_ms - layers_floor_ms`` is
+the layers' device work other than the weight matmuls (norms, rotary embedding, KV write,
+attention, activation), and ``step_ms - forward_ms - logits_ms`` is what is left: sampling, the
+host work and the synchronizations the GPU does not overlap. (Results before this split, such
+as step_floor_h200.json at d44c413, computed ``other_device_ms = forward - floor`` and ``host_ms
+= step - forward``, so their LM head, about 0.2 ms, sits in ``host_ms``.) Medians over the timed
 repetitions; graph replays timed with CUDA events.
 """
 
@@ -52,25 +59,8 @@ def replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 30) -> float:
     return float(np.median(times))
 
 
-def matmul_floor_graph(model: Any, b: int) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of the model's weight matmuls for ``b`` tokens, and nothing else."""
-    h = model.config.hidden_size
-    x = torch.randn(b, h, dtype=torch.bfloat16, device="cuda")  # [b, H]
-    layers = model.model.layers
-    mids = [
-        torch.randn(b, w.shape[1], dtype=torch.bfloat16, device="cuda")  # [b, in]
-        for w in (layers[0].self_attn.o_proj.weight, layers[0].mlp.down_proj.weight)
-    ]
-    head = model.lm_head.weight if model.lm_head is not None else model.model.embed_tokens.weight
-
-    def run() -> None:
-        for layer in layers:
-            torch.nn.functional.linear(x, layer.self_attn.qkv_proj.weight)  # [b, Q + 2 KV]
-            torch.nn.functional.linear(mids[0], layer.self_attn.o_proj.weight)  # [b, H]
-            torch.nn.functional.linear(x, layer.mlp.gate_up_proj.weight)  # [b, 2F]
-            torch.nn.functional.linear(mids[1], layer.mlp.down_proj.weight)  # [b, H]
-        torch.nn.functional.linear(x, head)  # [b, V]
-
+def capture(run: Any) -> torch.cuda.CUDAGraph:
+    """``run`` once on a side stream (warm-up), then captured in a CUDA graph."""
     stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -82,6 +72,36 @@ def matmul_floor_graph(model: Any, b: int) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def logits_graph(model: Any, b: int) -> torch.cuda.CUDAGraph:
+    """The engine's ``compute_logits`` (LM head, float32 logits) for ``b`` rows, in a graph."""
+    hidden = torch.randn(b, model.config.hidden_size, dtype=torch.bfloat16, device="cuda")
+    return capture(lambda: model.compute_logits(hidden))  # [b, H] -> [b, V]
+
+
+def matmul_floor_graph(model: Any, b: int, head: bool = True) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of the model's weight matmuls for ``b`` tokens, and nothing else (the
+    layers' four projections; the LM head too unless ``head`` is False)."""
+    h = model.config.hidden_size
+    x = torch.randn(b, h, dtype=torch.bfloat16, device="cuda")  # [b, H]
+    layers = model.model.layers
+    mids = [
+        torch.randn(b, w.shape[1], dtype=torch.bfloat16, device="cuda")  # [b, in]
+        for w in (layers[0].self_attn.o_proj.weight, layers[0].mlp.down_proj.weight)
+    ]
+    lm_head = model.lm_head.weight if model.lm_head is not None else model.model.embed_tokens.weight
+
+    def run() -> None:
+        for layer in layers:
+            torch.nn.functional.linear(x, layer.self_attn.qkv_proj.weight)  # [b, Q + 2 KV]
+            torch.nn.functional.linear(mids[0], layer.self_attn.o_proj.weight)  # [b, H]
+            torch.nn.functional.linear(x, layer.mlp.gate_up_proj.weight)  # [b, 2F]
+            torch.nn.functional.linear(mids[1], layer.mlp.down_proj.weight)  # [b, H]
+        if head:
+            torch.nn.functional.linear(x, lm_head)  # [b, V]
+
+    return capture(run)
+
+
 def measure(model: Any, b: int, context: int, steps: int) -> dict[str, Any]:
     """floor, captured forward and whole step for ``b`` sequences decoding."""
     from fast.engine.config import EngineConfig
@@ -89,6 +109,8 @@ def measure(model: Any, b: int, context: int, steps: int) -> dict[str, Any]:
     from fast.engine.sampling_params import SamplingParams
 
     floor = replay_ms(matmul_floor_graph(model.model, b))
+    layers_floor = replay_ms(matmul_floor_graph(model.model, b, head=False))
+    logits = replay_ms(logits_graph(model.model, b))
     engine = LLMEngine(
         model,
         EngineConfig(
@@ -127,8 +149,11 @@ def measure(model: Any, b: int, context: int, steps: int) -> dict[str, Any]:
         "step_min_ms": round(float(np.min(times)), 3),
     }
     row["step_over_floor"] = round(row["step_ms"] / row["floor_ms"], 3)
-    row["other_device_ms"] = round(forward - floor, 3)
-    row["host_ms"] = round(row["step_ms"] - forward, 3)
+    row["layers_floor_ms"] = round(layers_floor, 3)
+    row["logits_ms"] = round(logits, 3)
+    # the captured forward holds the layers, not the LM head: compare it with the layers' floor
+    row["other_device_ms"] = round(forward - layers_floor, 3)
+    row["host_ms"] = round(row["step_ms"] - forward - logits, 3)  # host work, sampling, syncs
     del engine
     return row
 
