@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -158,13 +159,91 @@ def measure(model: Any, b: int, context: int, steps: int) -> dict[str, Any]:
     return row
 
 
+#: bytes of K and V per token of context, Llama-3-8B in bf16: 32 layers x (K, V) x 8 heads x 128
+KV_BYTES_PER_TOKEN = 32 * 2 * 8 * 128 * 2
+#: the decode kernel's bandwidth at large batch on the H200 (attention_h200.json: 4.45 TB/s)
+KV_TBPS = 4.45
+
+
+def kv_floor_ms(batch: int, context: int) -> float:
+    """Milliseconds to read ``batch`` sequences' K/V of ``context`` tokens at :data:`KV_TBPS`."""
+    return batch * context * KV_BYTES_PER_TOKEN / (KV_TBPS * 1e9)
+
+
+def svg(result: dict[str, Any], width: int = 640, height: int = 360) -> str:
+    """Step time by batch size against the floors, as an SVG for the docs (no blank lines):
+    x = batch (log2), y = ms; the weights' floor, weights + KV floor, captured forward, step."""
+    rows = result["rows"]
+    xs = [math.log2(r["batch"]) for r in rows]
+    series = [
+        ("weights floor", "#7f7f7f", [r["floor_ms"] for r in rows]),
+        (
+            "floor + KV read",
+            "#1f77b4",
+            [r["floor_ms"] + kv_floor_ms(r["batch"], r["context"]) for r in rows],
+        ),
+        ("captured forward", "#2ca02c", [r["forward_ms"] for r in rows]),
+        ("engine step", "#d62728", [r["step_ms"] for r in rows]),
+    ]
+    left, right, top, bottom = 60, 20, 40, 50
+    x_hi = max(xs) or 1.0
+    y_hi = math.ceil(max(max(v) for _, _, v in series) / 5) * 5
+
+    def px(x: float) -> float:
+        return left + (width - left - right) * x / x_hi
+
+    def py(y: float) -> float:
+        return top + (height - top - bottom) * (1 - y / y_hi)
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="12">',
+        f'<text x="{width / 2}" y="16" text-anchor="middle">Decode step vs its floor, '
+        f"Llama-3-8B shape, {result['gpu']}, commit {result.get('git_describe', '?')}</text>",
+        f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" '
+        'stroke="black"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>',
+        f'<text x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">'
+        "sequences in the step</text>",
+        f'<text x="16" y="{(top + height - bottom) / 2}" text-anchor="middle" '
+        f'transform="rotate(-90 16 {(top + height - bottom) / 2})">ms per step</text>',
+    ]
+    for k in range(6):
+        y = y_hi * k / 5
+        out.append(
+            f'<line x1="{left}" y1="{py(y):.1f}" x2="{width - right}" y2="{py(y):.1f}" '
+            'stroke="#ddd"/>'
+        )
+        out.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
+    for r, x in zip(rows, xs):
+        out.append(
+            f'<text x="{px(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">'
+            f"{r['batch']}</text>"
+        )
+    for i, (label, color, vals) in enumerate(series):
+        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, vals))
+        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+        for x, y in zip(xs, vals):
+            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"/>')
+        lx = left + 10 + 140 * i
+        out.append(f'<rect x="{lx}" y="{top - 14}" width="12" height="4" fill="{color}"/>')
+        out.append(f'<text x="{lx + 16}" y="{top - 8}">{label}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="results JSON path")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--svg-from", default=None, help="print the SVG plot of a results JSON")
     args = parser.parse_args()
+    if args.svg_from:
+        with open(args.svg_from) as f:
+            print(svg(json.load(f)))
+        return
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if not sizes or min(sizes) < 1:
         parser.error(f"--sizes: positive batch sizes, got {args.sizes!r}")
