@@ -101,8 +101,7 @@ class Sampler:
                 if ids:
                     choice[row, list(ids)] = float("-inf")
         tokens = self._choose(choice, params, gens)  # [N]
-        token_list: list[int] = tokens.tolist()
-        sampled, lps = token_logprobs(logits, tokens, [p.logprobs for p in params])
+        token_list, sampled, lps = _logprobs(logits, tokens, [p.logprobs for p in params])
         return SamplerOutput(token_list, lps, sampled)
 
     # -- token choice
@@ -143,13 +142,26 @@ def token_logprobs(
     engine uses it for sampled tokens and for ``prompt_logprobs`` (tokens = the next prompt
     token of every position).
     """
+    _, sampled, dicts = _logprobs(logits, tokens, wanted)
+    return sampled, dicts
+
+
+def _logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, wanted: Sequence[int | None]
+) -> tuple[list[int], list[float], list[dict[int, Logprob] | None]]:
+    """:func:`token_logprobs` plus the tokens as ints, with one device-to-host copy for the
+    tokens and their log-probabilities together (a step's only synchronization when no row
+    asks for logprobs)."""
     logits = logits.float()
     norm = torch.logsumexp(logits, dim=-1)  # [N]
     chosen = logits.gather(1, tokens[:, None]).squeeze(1) - norm  # [N]
-    sampled: list[float] = chosen.tolist()
+    # [2, N] float64: token ids (exact below 2^53) and float32 log-probs (exact in float64)
+    packed = torch.stack((tokens.to(torch.float64), chosen.to(torch.float64))).tolist()
+    token_list = [int(t) for t in packed[0]]
+    sampled: list[float] = packed[1]
     rows = [i for i, k in enumerate(wanted) if k is not None]
     if not rows:
-        return sampled, [None] * len(wanted)
+        return token_list, sampled, [None] * len(wanted)
     logp = logits[rows] - norm[rows, None]  # [M, V]
     ranks = (logp >= chosen[rows, None]).sum(dim=-1).tolist()  # [M]
     k_max = max(wanted[i] or 0 for i in rows)
@@ -161,11 +173,11 @@ def token_logprobs(
         row = {
             int(t): Logprob(v, r + 1) for r, (t, v) in enumerate(zip(top_i[j][:k], top_v[j][:k]))
         }
-        token = int(tokens[i])
+        token = token_list[i]
         if token not in row:
             row[token] = Logprob(sampled[i], int(ranks[j]))
         out[i] = row
-    return sampled, out
+    return token_list, sampled, out
 
 
 def apply_penalties(

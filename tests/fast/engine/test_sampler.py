@@ -132,6 +132,27 @@ def test_logprobs_are_raw_distribution_with_top_alternatives() -> None:
     assert lps[2] is None
 
 
+def test_one_host_copy_per_step_without_logprobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # each .tolist() of a CUDA tensor waits for the GPU: a step's tokens and their
+    # log-probabilities come back together, in one copy, when no row asks for logprobs
+    calls = []
+    real = torch.Tensor.tolist
+
+    def counting(self: torch.Tensor) -> object:
+        calls.append(tuple(self.shape))
+        return real(self)
+
+    logits = torch.randn(5, 40)
+    greedy, sampled = SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_p=0.9)
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    out = Sampler().sample(logits, [greedy, sampled, greedy, sampled, greedy])
+    monkeypatch.undo()
+    assert calls == [(2, 5)]
+    assert out.tokens[0] == int(logits[0].argmax()) and all(isinstance(t, int) for t in out.tokens)
+    want = [float(torch.log_softmax(logits[i], -1)[t]) for i, t in enumerate(out.tokens)]
+    assert out.sampled_logprobs == pytest.approx(want, abs=1e-6)
+
+
 def test_mismatched_rows_raise_with_counts() -> None:
     with pytest.raises(SamplerInputError, match="3 logit rows, 2 params"):
         Sampler().sample(logits(3), [SamplingParams()] * 2)
