@@ -1,10 +1,16 @@
-"""Load a GGUF file (llama.cpp's format): metadata, dequantized tensors, tokenizer."""
+"""Load a GGUF file (llama.cpp's format): metadata, dequantized tensors, tokenizer.
+
+The file's ``general.architecture`` is looked up in the model registry
+(:func:`fast.model.registry.gguf_architecture`: ``llama``, ``qwen2``, ``qwen3``, ``gemma2``,
+``gemma3``, ``phi3``); how llama.cpp stored that architecture (tensor names, permuted or shifted
+values, metadata keys) is in :mod:`fast.loader.gguf_arch`.
+"""
 
 from __future__ import annotations
 
-import re
-from dataclasses import replace
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -14,57 +20,65 @@ from fast.loader.dequant import (
     supported_types,
     unpermute_qk,
 )
+from fast.loader.gguf_arch import CONVENTIONS, GGUFConventions
 from fast.loader.gguf_file import read_gguf
 from fast.loader.weights import check_complete, empty_model
 from fast.model import LlamaForCausalLM, WeightLoadError
 from fast.model.config import ModelConfig
+from fast.model.registry import UnsupportedArchitectureError, gguf_architecture
 from fast.tokenizer.gguf import tokenizer_from_gguf
 from fast.tokenizer.tokenizer import Tokenizer
-
-# llama.cpp tensor name -> Hugging Face tensor name ("{i}" = layer index)
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
-_ARCHITECTURES = {"llama", "qwen2"}  # Mistral and SmolLM2 files say "llama"
 
 
 class UnsupportedGGUFError(ValueError):
     """The GGUF file holds an architecture or tensor this loader does not handle."""
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The Hugging Face name of a llama.cpp tensor, or None when it has no counterpart.
+class UnsupportedGGUFArchitectureError(UnsupportedArchitectureError, UnsupportedGGUFError):
+    """The file's ``general.architecture`` is not in the model registry: both an
+    :class:`~fast.model.registry.UnsupportedArchitectureError` (naming the supported GGUF
+    architectures, ``.supported``) and an :class:`UnsupportedGGUFError`, with the file's
+    ``.path``."""
+
+    def __init__(self, name: str, path: str | Path) -> None:
+        super().__init__(name, "GGUF architecture")
+        self.path = str(path)
+        self.args = (f"{self.args[0]} (in {self.path})",)
+
+
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The Hugging Face name of a llama.cpp tensor of architecture ``arch``, or None when it
+    has no counterpart (:mod:`fast.loader.gguf_arch` has each architecture's names).
 
     >>> hf_name("blk.3.attn_q.weight")
     'model.layers.3.self_attn.q_proj.weight'
     >>> hf_name("output_norm.weight")
     'model.norm.weight'
+    >>> hf_name("blk.0.post_attention_norm.weight", "gemma2")
+    'model.layers.0.post_attention_layernorm.weight'
     >>> hf_name("rope_freqs.weight") is None  # read into the config, not a parameter
     True
     """
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    match = _LAYER.match(gguf_name)
-    if match and match.group(2) in _LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
-    return None
+    return CONVENTIONS[arch].hf_name(gguf_name)
+
+
+def gguf_conventions(metadata: Mapping[str, Any], path: str | Path) -> GGUFConventions:
+    """The conventions of the file's ``general.architecture``, looked up through the model
+    registry: an architecture it does not list raises :class:`UnsupportedGGUFArchitectureError`.
+    """
+    arch = metadata.get("general.architecture")
+    if not isinstance(arch, str):
+        raise UnsupportedGGUFError(f"{path} has no general.architecture string: {arch!r}")
+    try:
+        gguf_architecture(arch)
+    except UnsupportedArchitectureError:
+        raise UnsupportedGGUFArchitectureError(arch, path) from None
+    if arch not in CONVENTIONS:  # registered for Hugging Face checkpoints only
+        raise UnsupportedGGUFError(
+            f"GGUF architecture {arch!r} in {path} has no GGUF conventions; "
+            f"supported: {', '.join(sorted(CONVENTIONS))}"
+        )
+    return CONVENTIONS[arch]
 
 
 def load_gguf(
@@ -79,38 +93,30 @@ def load_gguf(
     for t in tensor_list:
         if t.type_id not in supported_types():
             raise UnsupportedQuantizationError(t.name, t.type_id)
-    arch = str(metadata.get("general.architecture"))
-    if arch not in _ARCHITECTURES:
-        raise UnsupportedGGUFError(
-            f"GGUF architecture {arch!r} in {path} is not one of {sorted(_ARCHITECTURES)}"
-        )
+    conventions = gguf_conventions(metadata, path)
     tensors = {t.name: t for t in tensor_list}
     if "token_embd.weight" not in tensors:
         raise UnsupportedGGUFError(f"{path} has no token_embd.weight tensor")
-    config = ModelConfig.from_gguf(
-        metadata,
-        tie_word_embeddings="output.weight" not in tensors,
-        vocab_size=tensors["token_embd.weight"].shape[0],
-    )
-    if "rope_freqs.weight" in tensors:  # Llama 3.1+ files store rope scaling as factors
-        freqs = tensors["rope_freqs.weight"]
-        factors = dequantize(freqs.data, freqs.type_id, freqs.shape, freqs.name)
-        config = replace(config, rope_freq_factors=tuple(float(f) for f in factors))
+    config = conventions.read_config(metadata, tensors)
     model = empty_model(config, dtype, device)
     loaded: list[str] = []
     for name, tensor in tensors.items():
-        target = hf_name(name)
+        target = conventions.hf_name(name)
         if target is None:
-            if name == "rope_freqs.weight":
-                continue  # read above into the config
-            raise UnsupportedGGUFError(f"GGUF tensor {name!r} has no counterpart in the model")
+            if name in conventions.config_tensors:
+                continue  # read into the config
+            raise UnsupportedGGUFError(
+                f"GGUF tensor {name!r} has no counterpart in a {conventions.name} model"
+            )
         dest = model.weight_destination(target)
         if dest is not None and tuple(dest.shape) != tensor.shape:
             raise WeightLoadError(target, "shape mismatch", tuple(dest.shape), tensor.shape)
-        permute = arch == "llama" and (".attn_q." in name or ".attn_k." in name)
+        permute = conventions.permute_qk and (".attn_q." in name or ".attn_k." in name)
+        shift = conventions.shifted(name)
         direct = (
             dest is not None
             and not permute
+            and not shift
             and dest.device.type == "cpu"
             and dest.dtype == torch.float32
             and dest.is_contiguous()
@@ -125,6 +131,8 @@ def load_gguf(
                     config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
                 )
                 weight = unpermute_qk(weight, heads)
+            if shift:  # Gemma: the file holds 1 + w, the model multiplies by 1 + w itself
+                weight = weight - conventions.norm_shift
             dest.copy_(torch.from_numpy(weight))
         loaded.append(target)
     check_complete(model, loaded)
