@@ -7,6 +7,12 @@ attention parameters (window, soft-cap, scale) handed on to the kernels.
 Attention never computes scores itself: it writes the new K/V into the paged cache with
 ``kernels.write_kv`` and reads them back through ``kernels.paged_prefill`` or
 ``kernels.paged_decode``, so the engine exercises exactly the kernels the spec checks.
+
+With ``fused`` set (``LlamaForCausalLM.use_fused_ops``; the engine's ``fused_ops`` option, on a
+GPU) a layer runs the small steps around its matmuls as the three kernels of ``kernels.fused``:
+rotary embedding + KV write in one (``rope_write_kv``; layers with per-head Q/K norms or an fp8
+cache keep the unfused path), the residual add with the second RMSNorm (``add_rms_norm``), and the
+gated activation (``silu_mul``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from fast.model.kv_scales import LayerKVScales
 from fast.model.rope import apply_rope
 from fast.model.step_plan import DecodeStepPlan
 from kernels.cache_ops import write_rows
+from kernels.fused import add_rms_norm, rope_write_kv, silu_mul
 from kernels.torch_attention import planned_decode
 
 CPU_MLP_ROWS = 512
@@ -83,6 +90,7 @@ class Attention(nn.Module):
     """
 
     kv_scales: LayerKVScales | None = None  # an fp8 cache's scales, set by the engine
+    fused = False  # rope + KV write in one kernel (kernels.fused), set by use_fused_ops
 
     def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
@@ -118,6 +126,11 @@ class Attention(nn.Module):
         # plan: the step validated once (CPU decode): unchecked torch paths, shared indices
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, Q + 2 KV]
+        if self.fused and plan is None and self.q_norm is None and self.kv_scales is None:
+            q = rope_write_kv(qkv, *rope, k_cache, v_cache, ctx.slot_mapping, self.num_heads)
+            o_fused = self._attend(q, ctx, k_cache, v_cache, 1.0, 1.0)  # [T, Hq, D]
+            fused_out: torch.Tensor = self.o_proj(o_fused.reshape(t, self.q_size))  # [T, H]
+            return fused_out
         qk = qkv[:, : self.q_size + self.kv_size].unflatten(
             -1, (self.num_heads + self.num_kv_heads, self.head_dim)
         )  # [T, Hq + Hkv, D]
@@ -158,6 +171,18 @@ class Attention(nn.Module):
             self.kv_scales.observe(k, v, ctx.slot_mapping)  # calibrates once when armed
             ks, vs = self.kv_scales.k_scale, self.kv_scales.v_scale
         kernels.write_kv(k, v, k_cache, v_cache, ctx.slot_mapping, k_scale=ks, v_scale=vs)
+        return self._attend(q, ctx, k_cache, v_cache, ks, vs)
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        ctx: AttentionContext,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        ks: float | torch.Tensor,
+        vs: float | torch.Tensor,
+    ) -> torch.Tensor:
+        # q [T, Hq, D] over the cache, the step's K/V already written -> [T, Hq, D]
         if ctx.is_decode:
             o = kernels.paged_decode(
                 q,
@@ -196,6 +221,8 @@ class MLP(nn.Module):
     tanh-approximated GELU (GeGLU, Gemma).
     """
 
+    fused = False  # act(gate) * up in one kernel (kernels.fused.silu_mul), set by use_fused_ops
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
@@ -219,6 +246,9 @@ class MLP(nn.Module):
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         # x [T, H] -> [T, H]
+        if self.fused:
+            fused_out: torch.Tensor = self.down_proj(silu_mul(self.gate_up_proj(x), self.gelu))
+            return fused_out
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # [T, F] each
         act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)  # [T, F]
         out: torch.Tensor = self.down_proj(act * up)
@@ -227,6 +257,8 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    fused = False  # the residual add and the second norm in one kernel, set by use_fused_ops
 
     def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
@@ -249,6 +281,11 @@ class DecoderLayer(nn.Module):
         attn: torch.Tensor = self.self_attn(
             self.input_layernorm(x), ctx, k_cache, v_cache, rope, plan
         )
+        if self.fused:
+            norm = self.post_attention_layernorm
+            x, h = add_rms_norm(x, attn, norm.weight, norm.eps, norm.offset)  # [T, H] each
+            fused_mlp: torch.Tensor = self.mlp(h)
+            return x + fused_mlp
         x = x + attn
         mlp: torch.Tensor = self.mlp(self.post_attention_layernorm(x))
         return x + mlp

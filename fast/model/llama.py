@@ -73,6 +73,15 @@ class LlamaForCausalLM(nn.Module):
         self._inv_freqs_on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self._layer_rope = tuple(self.rope_table(i) for i in range(config.num_hidden_layers))
 
+    def use_fused_ops(self, on: bool = True) -> None:
+        """Run each layer's rope + KV write, residual add + norm and gated activation as the
+        fused kernels of ``kernels.fused`` (``on``) or as the unfused chains (fast.model.layers)."""
+        for layer in self.model.layers:
+            assert isinstance(layer, DecoderLayer)
+            layer.fused = on
+            layer.self_attn.fused = on
+            layer.mlp.fused = on
+
     def rope_frequencies(self) -> tuple[torch.Tensor, ...]:
         """The inverse frequencies [R/2] (float32, CPU) of each rope table.
 

@@ -1,0 +1,144 @@
+"""Fused element-wise steps around a layer's matmuls: validated entry points, torch fallbacks.
+
+``rope_write_kv``, ``add_rms_norm`` and ``silu_mul`` do in one kernel what a layer otherwise does
+in a chain of small ones (kernels/triton_fused.py says which). Each checks its arguments (shapes,
+dtypes, devices; a bad one raises a :class:`~kernels.errors.KernelInputError` subclass naming the
+numbers) and runs Triton on CUDA tensors (or under ``TRITON_INTERPRET=1`` with
+``backend="triton"``) and the unfused torch chain otherwise, which is also the reference the
+tests hold the kernels to.
+
+>>> import torch
+>>> x, d, w = torch.ones(2, 4), torch.ones(2, 4), torch.full((4,), 3.0)
+>>> total, normed = add_rms_norm(x, d, w, eps=0.0)
+>>> total[0].tolist(), normed[0].tolist()
+([2.0, 2.0, 2.0, 2.0], [3.0, 3.0, 3.0, 3.0])
+>>> silu_mul(torch.tensor([[0.0, 2.0]])).tolist()  # silu(0) * 2
+[[0.0]]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.backend import resolve_backend
+from kernels.checks import FLOAT_DTYPES
+from kernels.errors import DeviceMismatchError, DTypeMismatchError, ShapeMismatchError
+
+__all__ = ["rope_write_kv", "add_rms_norm", "silu_mul", "rotate_half"]
+
+
+def _dt(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _check_float(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise DTypeMismatchError(name, _dt(t), _dt(ref))
+    if t.device != ref.device:
+        raise DeviceMismatchError(name, str(t.device), str(ref.device))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """x [..., R] -> [..., R]: (x1, x2) -> (-x2, x1), the rotary embedding's partner lanes."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_write_kv(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_heads: int,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Rotate queries and keys, write keys and values to the cache; return the queries.
+
+    qkv [T, (Hq + 2 Hkv) D] (the fused projection's output: queries, keys, values), cos and sin
+    [T, 1, R] or [T, R] (``R <= D`` rotated lanes, even), caches [N, bs, Hkv, D] of qkv's dtype,
+    slot_mapping [T] int (slot -1 writes nothing) -> queries [T, Hq, D], contiguous.
+    """
+    if qkv.dim() != 2:
+        raise ShapeMismatchError("qkv", tuple(qkv.shape), "[T, (Hq + 2 Hkv) D]")
+    t = qkv.shape[0]
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ShapeMismatchError("v_cache", tuple(v_cache.shape), f"{tuple(k_cache.shape)}")
+    _, _, hkv, d = k_cache.shape
+    if num_heads < 1 or qkv.shape[1] != (num_heads + 2 * hkv) * d:
+        raise ShapeMismatchError("qkv", tuple(qkv.shape), f"[{t}, ({num_heads} + 2*{hkv})*{d}]")
+    cos2, sin2 = cos.reshape(t, -1), sin.reshape(t, -1)  # [T, R]
+    r = cos2.shape[1] if t else 0
+    if t and (sin2.shape != cos2.shape or r > d or r % 2):
+        raise ShapeMismatchError("cos", tuple(cos.shape), f"[{t}, 1, R] with even R <= {d}")
+    if slot_mapping.shape != (t,):
+        raise ShapeMismatchError("slot_mapping", tuple(slot_mapping.shape), f"[{t}]")
+    for name, x in (("cos", cos2), ("sin", sin2), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_float(name, x, qkv)
+    if slot_mapping.device != qkv.device:
+        raise DeviceMismatchError("slot_mapping", str(slot_mapping.device), str(qkv.device))
+    if resolve_backend(backend, qkv.device) == "triton":
+        from kernels.triton_fused import triton_rope_write_kv
+
+        qkv = qkv if qkv.stride(1) == 1 else qkv.contiguous()
+        return triton_rope_write_kv(qkv, cos2, sin2, k_cache, v_cache, slot_mapping, num_heads)
+    qk = qkv[:, : (num_heads + hkv) * d].reshape(t, num_heads + hkv, d)  # [T, Hq + Hkv, D]
+    c, s = cos2[:, None, :], sin2[:, None, :]  # [T, 1, R]
+    rot = qk[..., :r] * c + rotate_half(qk[..., :r]) * s
+    qk = torch.cat((rot, qk[..., r:]), dim=-1)  # [T, Hq + Hkv, D]
+    v = qkv[:, (num_heads + hkv) * d :].reshape(t, hkv, d)  # [T, Hkv, D]
+    keep = slot_mapping >= 0
+    rows = slot_mapping[keep].long()
+    nb, bs = k_cache.shape[:2]
+    k_cache.view(nb * bs, hkv, d).index_copy_(0, rows, qk[keep, num_heads:])
+    v_cache.view(nb * bs, hkv, d).index_copy_(0, rows, v[keep])
+    return qk[:, :num_heads].contiguous()
+
+
+def add_rms_norm(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    offset: float = 0.0,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, RMSNorm(x + delta) * (weight + offset)) for x, delta [T, H], weight [H].
+
+    The sum is rounded to x's dtype (the residual stream), then normalized in float32.
+    """
+    if x.dim() != 2 or delta.shape != x.shape:
+        raise ShapeMismatchError("delta", tuple(delta.shape), f"{tuple(x.shape)} (2-D)")
+    if weight.shape != (x.shape[1],):
+        raise ShapeMismatchError("weight", tuple(weight.shape), f"[{x.shape[1]}]")
+    if x.dtype not in FLOAT_DTYPES:
+        raise DTypeMismatchError("x", _dt(x), "a float dtype")
+    _check_float("delta", delta, x)
+    if weight.device != x.device:
+        raise DeviceMismatchError("weight", str(weight.device), str(x.device))
+    if resolve_backend(backend, x.device) == "triton":
+        from kernels.triton_fused import triton_add_rms_norm
+
+        return triton_add_rms_norm(x.contiguous(), delta.contiguous(), weight, eps, offset)
+    total = x + delta  # [T, H]
+    normed = F.rms_norm(total.float(), (x.shape[1],), None, eps)  # [T, H] float32
+    return total, (normed * (weight.float() + offset)).to(x.dtype)
+
+
+def silu_mul(gate_up: torch.Tensor, gelu: bool = False, *, backend: str = "auto") -> torch.Tensor:
+    """gate_up [T, 2F] -> act(gate) * up [T, F]; act is SiLU, or GELU (tanh) with ``gelu``."""
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        raise ShapeMismatchError("gate_up", tuple(gate_up.shape), "[T, 2F]")
+    if gate_up.dtype not in FLOAT_DTYPES:
+        raise DTypeMismatchError("gate_up", _dt(gate_up), "a float dtype")
+    if resolve_backend(backend, gate_up.device) == "triton":
+        from kernels.triton_fused import triton_silu_mul
+
+        return triton_silu_mul(gate_up.contiguous(), gelu)
+    gate, up = gate_up.chunk(2, dim=-1)  # [T, F] each
+    act = F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)
+    return act * up
