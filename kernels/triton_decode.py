@@ -41,10 +41,105 @@ from kernels.triton_common import (
     padded_head_dim,
 )
 
-__all__ = ["triton_paged_decode", "decode_config", "num_sms"]
+__all__ = [
+    "triton_paged_decode",
+    "decode_config",
+    "num_sms",
+    "FP8_DEQUANT_MODES",
+    "DEFAULT_FP8_DEQUANT",
+    "fp8_dequant_mode",
+    "fp8_bits_to_f16",
+]
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
+
+
+#: PTX for one word of four e4m3 codes -> two fp16x2 words: ``prmt`` with sign-replicating
+#: selectors gives ``[s1*0xFF, c1, s0*0xFF, c0]`` (and ``c3, c2``), the mask keeps the sign as bit
+#: 8 and the magnitude as bits 0..6 of each half, the shift moves them to bits 15 and 7..13.
+_E4M3_PRMT = tl.constexpr(
+    "{\n.reg .b32 t0, t1;\n"
+    "prmt.b32 t0, $2, 0, 0x9180;\nprmt.b32 t1, $2, 0, 0xB3A2;\n"
+    "and.b32 t0, t0, 0x017F017F;\nand.b32 t1, t1, 0x017F017F;\n"
+    "shl.b32 $0, t0, 7;\nshl.b32 $1, t1, 7;\n}"
+)
+#: e5m2 codes are fp16's top bytes: ``[c1, 0, c0, 0]`` and ``[c3, 0, c2, 0]``.
+_E5M2_PRMT = tl.constexpr("prmt.b32 $0, $2, 0, 0x1404;\nprmt.b32 $1, $2, 0, 0x3424;")
+
+
+@triton.jit
+def _fp8_words_to_f16(
+    w, E5M2: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, PRMT_ASM: tl.constexpr
+):
+    """[ROWS, COLS / 4] uint32 words of four fp8 codes (little-endian) -> [ROWS, COLS] float16.
+
+    Integer operations only, no conversion instructions. An e5m2 code is the top byte of the
+    fp16 of the same value (``c << 8``). An e4m3 code's magnitude bits go to fp16 bits 7..13 and
+    its sign to bit 15, which is the code's value times ``2^-8`` (subnormals included: e4m3's
+    ``m * 2^-9`` becomes fp16's subnormal ``m * 2^-17``), so the kernel multiplies the logit
+    scale and the output by 256 (exact). On the GPU two ``prmt`` per word place the bytes
+    (``PRMT_ASM``); the interpreter runs the same map in Triton integer operations: each 32-bit
+    word pair ``[0, c1, 0, c0]`` gets its sign bit added to itself (a carry from bit 7 into the
+    zero bit 8), then shifted by 7.
+    """
+    w = w.to(tl.uint32, bitcast=True)
+    if PRMT_ASM:
+        if E5M2:
+            lo, hi = tl.inline_asm_elementwise(
+                _E5M2_PRMT, "=r,=r,r", [w], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1
+            )
+        else:
+            lo, hi = tl.inline_asm_elementwise(
+                _E4M3_PRMT, "=r,=r,r", [w], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1
+            )
+    elif E5M2:
+        lo = ((w & 0xFF) << 8) | ((w & 0xFF00) << 16)  # [c1, 0, c0, 0]
+        hi = ((w >> 8) & 0xFF00) | (w & 0xFF000000)  # [c3, 0, c2, 0]
+    else:
+        lo = (w & 0xFF) | ((w & 0xFF00) << 8)  # [0, c1, 0, c0]
+        hi = ((w >> 16) & 0xFF) | ((w >> 8) & 0xFF0000)  # [0, c3, 0, c2]
+        lo = (lo + (lo & 0x800080)) << 7
+        hi = (hi + (hi & 0x800080)) << 7
+    a0 = (lo & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)  # code 4j
+    a1 = (lo >> 16).to(tl.uint16).to(tl.float16, bitcast=True)  # 4j + 1
+    a2 = (hi & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)  # 4j + 2
+    a3 = (hi >> 16).to(tl.uint16).to(tl.float16, bitcast=True)  # 4j + 3
+    x = tl.join(tl.join(a0, a2), tl.join(a1, a3))  # [ROWS, COLS/4, 2, 2]: (j, i, o) -> 4j+2i+o
+    return tl.reshape(x, (ROWS, COLS))
+
+
+@triton.jit
+def _fp8_words_kernel(
+    w_ptr, o_ptr, E5M2: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, PRMT_ASM: tl.constexpr
+):
+    r = tl.arange(0, ROWS)
+    c = tl.arange(0, COLS)
+    w = tl.load(w_ptr + r[:, None] * (COLS // 4) + tl.arange(0, COLS // 4)[None, :])
+    tl.store(
+        o_ptr + r[:, None] * COLS + c[None, :], _fp8_words_to_f16(w, E5M2, ROWS, COLS, PRMT_ASM)
+    )
+
+
+def fp8_bits_to_f16(codes: torch.Tensor) -> torch.Tensor:
+    """The ``"bits"`` dequantization on its own: fp8 codes [R, C] (R, C powers of two, C >= 4)
+    -> float16 [R, C], the codes' values times ``2^-8`` for e4m3 and times 1 for e5m2.
+
+    Runs the kernel's word map (the ``prmt`` PTX on a GPU, Triton integer operations in the
+    interpreter), so a test can check it on every code.
+    """
+    rows, cols = codes.shape
+    out = torch.empty(rows, cols, dtype=torch.float16, device=codes.device)
+    words = codes.contiguous().view(torch.uint8).view(torch.int32)
+    _fp8_words_kernel[(1,)](
+        words,
+        out,
+        E5M2=codes.dtype == torch.float8_e5m2,
+        ROWS=rows,
+        COLS=cols,
+        PRMT_ASM=not interpreting(),
+    )
+    return out
 
 
 @triton.jit(do_not_specialize=["stride_btb", "window"])
@@ -77,6 +172,9 @@ def _decode_kernel(
     DOT_F32: tl.constexpr,
     FP8: tl.constexpr,
     FP8_F16: tl.constexpr,
+    FP8_BITS: tl.constexpr,
+    E5M2: tl.constexpr,
+    PRMT_ASM: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -100,29 +198,47 @@ def _decode_kernel(
     head = (kvh * G + rows).to(tl.int64)  # [G_PAD] query head ids
     q_off = (b.to(tl.int64) * (HKV * G) + head) * D  # q, out: [B, Hq, D] contiguous
     q = tl.load(q_ptr + q_off[:, None] + cols[None, :], mask=q_mask, other=0.0)
+    if FP8_F16:  # bf16 q -> fp16 (fp16 dots): exact for |q| in [2^-14, 65504] and 0
+        q = q.to(tl.float16)
     if DOT_F32:
         q = q.to(tl.float32)
-    if FP8_F16:  # bf16 q -> fp16: exact in fp16's normal range (more mantissa bits)
-        q = q.to(tl.float16)
     if FP8:  # one KV head per program: fold its scales into the logit scale and the output
         scale_log2 = scale_log2 * tl.load(ks_ptr + kvh)
+        if FP8_BITS and not E5M2:  # undo the e4m3 bit dequantization's 2^-8 (exact)
+            scale_log2 = scale_log2 * 256.0
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
     head_off = kvh.to(tl.int64) * D
+    if FP8_BITS:
+        kw_ptr = k_ptr.to(tl.pointer_type(tl.uint32), bitcast=True)
+        vw_ptr = v_ptr.to(tl.pointer_type(tl.uint32), bitcast=True)
+        wcols = tl.arange(0, BLOCK_D // 4)  # [BLOCK_D / 4] words of 4 codes
+        w_head = kvh.to(tl.int64) * (D // 4)
     for tile in range(start, end, BLOCK_N):
         n = tile + tl.arange(0, BLOCK_N)  # [BLOCK_N] token positions
         ok = n < end
         page = tl.load(bt_row + n // PAGE, mask=ok, other=0).to(tl.int64)
-        kv_off = page * stride_kb + (n % PAGE).to(tl.int64) * (HKV * D) + head_off  # int64
-        if BLOCK_D == D:
-            kv_mask = ok[:, None]  # [BLOCK_N, 1]
+        if FP8_BITS:  # [BLOCK_N, BLOCK_D / 4] words of 4 codes, dequantized in integer ops
+            w_off = page * (stride_kb // 4) + (n % PAGE).to(tl.int64) * (HKV * D // 4) + w_head
+            if BLOCK_D == D:
+                w_mask = ok[:, None]
+            else:
+                w_mask = ok[:, None] & (wcols[None, :] < D // 4)
+            kw = tl.load(kw_ptr + w_off[:, None] + wcols[None, :], mask=w_mask, other=0)
+            vw = tl.load(vw_ptr + w_off[:, None] + wcols[None, :], mask=w_mask, other=0)
+            k = _fp8_words_to_f16(kw, E5M2, BLOCK_N, BLOCK_D, PRMT_ASM)
+            v = _fp8_words_to_f16(vw, E5M2, BLOCK_N, BLOCK_D, PRMT_ASM)
         else:
-            kv_mask = ok[:, None] & (cols[None, :] < D)  # [BLOCK_N, BLOCK_D]
-        k = tl.load(k_ptr + kv_off[:, None] + cols[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_off[:, None] + cols[None, :], mask=kv_mask, other=0.0)
-        if FP8:  # fp8 codes -> q's dtype: exact (fp8 values are bf16/fp16/fp32 values)
+            kv_off = page * stride_kb + (n % PAGE).to(tl.int64) * (HKV * D) + head_off  # int64
+            if BLOCK_D == D:
+                kv_mask = ok[:, None]  # [BLOCK_N, 1]
+            else:
+                kv_mask = ok[:, None] & (cols[None, :] < D)  # [BLOCK_N, BLOCK_D]
+            k = tl.load(k_ptr + kv_off[:, None] + cols[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + kv_off[:, None] + cols[None, :], mask=kv_mask, other=0.0)
+        if FP8 and not FP8_BITS:  # fp8 codes -> q's dtype: exact (fp8 values are bf16/fp16/fp32)
             k = k.to(q.dtype)  # with FP8_F16, fp16: one hardware conversion per pair of codes
             v = v.to(q.dtype)
         if DOT_F32:
@@ -147,7 +263,10 @@ def _decode_kernel(
         m_i = m_new
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty split: l = 0, acc = 0 -> 0
     if FP8:
-        o = o * tl.load(vs_ptr + kvh)
+        if FP8_BITS and not E5M2:
+            o = o * (tl.load(vs_ptr + kvh) * 256.0)
+        else:
+            o = o * tl.load(vs_ptr + kvh)
     if SPLITS == 1:
         tl.store(
             o_ptr + q_off[:, None] + cols[None, :],
@@ -205,6 +324,44 @@ def decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     return (64, 4, 3) if width <= 128 else (32, 4, 2)
 
 
+#: How the decode kernel turns fp8 codes into dot operands (see docs/fp8.md, "Decode speed"):
+#:
+#: * ``"convert"``: ``k.to(q.dtype)``; for bf16 queries Triton converts e4m3 -> fp16 -> bf16, one
+#:   conversion instruction per element plus one per pair (the default);
+#: * ``"f16"``: the hardware fp8x2 -> fp16x2 conversion and fp16 dots (bf16 q rounded to fp16);
+#: * ``"bits"``: K/V loaded as 32-bit words of four codes and placed into fp16 bits with integer
+#:   operations (two ``prmt`` per word on the GPU), the e4m3 factor ``2^-8`` folded into the
+#:   scales, fp16 dots (bf16 q rounded to fp16). Needs a q of fp16 or bf16 and 4-byte aligned
+#:   rows; otherwise ``"convert"`` runs.
+FP8_DEQUANT_MODES = ("convert", "f16", "bits")
+#: The mode an fp8 cache gets when the caller names none (the H200 comparison is pending).
+DEFAULT_FP8_DEQUANT = "convert"
+
+
+def fp8_dequant_mode(
+    mode: str | None, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+) -> str:
+    """The fp8 dequantization that runs: ``mode`` (default :data:`DEFAULT_FP8_DEQUANT`) where the
+    inputs allow it, else ``"convert"``. ``"f16"`` and ``"bits"`` need fp16 or bf16 queries;
+    ``"bits"`` also a block stride and base addresses that keep every row 4-byte aligned.
+
+    >>> q = torch.zeros(1, 4, 64, dtype=torch.bfloat16)
+    >>> kc = torch.zeros(2, 16, 1, 64, dtype=torch.float8_e4m3fn)
+    >>> fp8_dequant_mode("bits", q, kc, kc), fp8_dequant_mode("bits", q.float(), kc, kc)
+    ('bits', 'convert')
+    """
+    mode = DEFAULT_FP8_DEQUANT if mode is None else mode
+    if mode not in FP8_DEQUANT_MODES:
+        raise ValueError(f"fp8_dequant={mode!r}: one of {', '.join(FP8_DEQUANT_MODES)}")
+    if mode != "convert" and q.dtype not in (torch.float16, torch.bfloat16):
+        return "convert"
+    if mode == "bits" and (
+        k_cache.stride(0) % 4 or k_cache.data_ptr() % 4 or v_cache.data_ptr() % 4
+    ):
+        return "convert"
+    return mode
+
+
 @functools.cache
 def num_sms(device_index: int) -> int:
     """Multiprocessors of a CUDA device (read once per device)."""
@@ -226,11 +383,13 @@ def triton_paged_decode(
     out: torch.Tensor | None,
     config: tuple[int, int, int] | None = None,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
-    fp8_f16: bool = False,
+    fp8_dequant: str | None = None,
 ) -> torch.Tensor:
     """Launch the decode kernel (and the merge when split). Shapes as ``kernels.paged_decode``;
     ``config`` overrides (BLOCK_N, num_warps, num_stages) for tuning; ``kv_scales`` are the
-    ``[Hkv]`` float32 (k_scale, v_scale) of an fp8 cache (None otherwise)."""
+    ``[Hkv]`` float32 (k_scale, v_scale) of an fp8 cache (None otherwise); ``fp8_dequant`` one
+    of :data:`FP8_DEQUANT_MODES` (None: :data:`DEFAULT_FP8_DEQUANT`; see
+    :func:`fp8_dequant_mode`)."""
     check_triton_dims(dims, q.dtype)
     check_inner_contiguous(k_cache)
     batch, hq, d = q.shape
@@ -248,6 +407,7 @@ def triton_paged_decode(
         )
     splits = max(1, int(num_splits))
     precision, dot_f32 = dot_config(q.dtype)
+    mode = fp8_dequant_mode(fp8_dequant, q, k_cache, v_cache) if kv_scales is not None else ""
     if splits == 1:
         part, lse = result, result  # lse unused
     else:
@@ -281,7 +441,10 @@ def triton_paged_decode(
         PRECISION=precision,
         DOT_F32=dot_f32,
         FP8=kv_scales is not None,
-        FP8_F16=kv_scales is not None and bool(fp8_f16) and q.dtype == torch.bfloat16,
+        FP8_F16=mode in ("f16", "bits") and q.dtype == torch.bfloat16,
+        FP8_BITS=mode == "bits",
+        E5M2=k_cache.dtype == torch.float8_e5m2,
+        PRMT_ASM=not interpreting(),
         num_warps=warps,
         num_stages=stages,
     )

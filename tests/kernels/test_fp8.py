@@ -119,10 +119,116 @@ def test_torch_fp8_prefill_meets_spec_and_bound(case: AttentionCase) -> None:
     check_prefill(attention_impl("torch"), build_case(case))
 
 
+FP8_DEQUANT = ["convert", "f16", "bits"]  # kernels.triton_decode.FP8_DEQUANT_MODES
+
+
+@pytest.mark.parametrize("mode", FP8_DEQUANT)
 @settings(CI, max_examples=8)
 @given(case=fp8_attention_cases(_SMALL))
-def test_triton_fp8_decode_meets_spec_and_bound(case: AttentionCase) -> None:
+def test_triton_fp8_decode_meets_spec_and_bound(
+    case: AttentionCase, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("kernels.triton_decode.DEFAULT_FP8_DEQUANT", mode)
     check_decode(attention_impl("triton"), build_case(case))
+
+
+@pytest.mark.parametrize("mode", FP8_DEQUANT)
+@pytest.mark.parametrize("name", sorted(FP8))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_triton_fp8_decode_variants_run_and_meet_the_spec(
+    mode: str, name: str, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each dequantization really runs (bf16 and fp16 queries, both formats, a softcap, a head
+    dim padded to 64 lanes) and meets the spec and the bound."""
+    from kernels.triton_decode import fp8_dequant_mode
+
+    monkeypatch.setattr("kernels.triton_decode.DEFAULT_FP8_DEQUANT", mode)
+    case = AttentionCase(
+        num_kv_heads=2,
+        group=2,
+        head_dim=48,
+        block_size=8,
+        seq_lens=(37, 9),
+        q_lens=None,
+        dtype=dtype,
+        kv_cache_dtype=name,
+        kv_exponent=2,
+        softcap=30.0,
+    )
+    built = build_case(case)
+    assert fp8_dequant_mode(None, built.q, built.k_cache, built.v_cache) == mode
+    check_decode(attention_impl("triton"), built)
+
+
+@pytest.mark.parametrize("name", sorted(FP8))
+def test_bits_dequantization_is_exact_on_every_code(name: str) -> None:
+    """The "bits" map (Triton integer operations here) gives every finite code's value, times
+    2^-8 for e4m3, with its sign; the mode refuses inputs it cannot take."""
+    from kernels.triton_decode import fp8_bits_to_f16, fp8_dequant_mode
+
+    codes = torch.arange(256, dtype=torch.uint8).repeat(4).view(FP8[name]).reshape(16, 64)
+    got = fp8_bits_to_f16(codes).double()
+    want = codes.double() * (2.0**-8 if name == "fp8_e4m3" else 1.0)
+    finite = torch.isfinite(want)
+    assert int(finite.sum()) == 4 * (254 if name == "fp8_e4m3" else 248)
+    assert torch.equal(got[finite], want[finite])
+    assert torch.equal(torch.signbit(got[finite]), torch.signbit(want[finite]))  # -0.0 too
+    q = torch.zeros(1, 2, 64, dtype=torch.bfloat16)
+    kc = torch.zeros(3, 8, 1, 64, dtype=FP8[name])
+    assert fp8_dequant_mode("bits", q.float(), kc, kc) == "convert"  # fp32 q: no fp16 dots
+    odd = torch.zeros(3 * 8 * 64 + 1, dtype=FP8[name])[1:].view(3, 8, 1, 64)  # 1-byte offset
+    assert fp8_dequant_mode("bits", q, odd, odd) == "convert"
+    with pytest.raises(ValueError, match="one of convert, f16, bits"):
+        fp8_dequant_mode("int8", q, kc, kc)
+
+
+def _run_ptx(asm: str, word: int) -> tuple[int, int]:
+    """The kernel's prmt/and/shl PTX on one 32-bit word (PTX ISA semantics), -> ($0, $1)."""
+    regs: dict[str, int] = {"$2": word}
+    for line in asm.replace("{", "").replace("}", "").split(";"):
+        parts = line.replace(",", " ").split()
+        if not parts or parts[0] == ".reg":
+            continue
+        op, dst, *src = parts
+        val = [regs[x] if x in regs else int(x, 0) for x in src]
+        if op == "prmt.b32":  # bytes 0-3 of a, 4-7 of b; selector nibble: bit 3 = replicate sign
+            pool = (val[1] << 32) | val[0]
+            out = 0
+            for i in range(4):
+                sel = (val[2] >> (4 * i)) & 0xF
+                byte = (pool >> (8 * (sel & 7))) & 0xFF
+                if sel & 8:
+                    byte = 0xFF if byte & 0x80 else 0
+                out |= byte << (8 * i)
+        elif op == "and.b32":
+            out = val[0] & val[1]
+        elif op == "shl.b32":
+            out = (val[0] << val[1]) & 0xFFFFFFFF
+        else:
+            raise AssertionError(f"unmodelled PTX {op}")
+        regs[dst] = out
+    return regs["$0"], regs["$1"]
+
+
+@pytest.mark.parametrize("name", sorted(FP8))
+def test_bits_prmt_ptx_gives_the_same_bits_on_every_code(name: str) -> None:
+    """The GPU's PTX for the "bits" map, run through a model of prmt/and/shl, puts every code
+    in every byte position where the interpreter's Triton operations put it."""
+    from kernels.triton_decode import _E4M3_PRMT, _E5M2_PRMT
+
+    asm = (_E4M3_PRMT if name == "fp8_e4m3" else _E5M2_PRMT).value
+    scale = 2.0**-8 if name == "fp8_e4m3" else 1.0
+    values = torch.arange(256, dtype=torch.uint8).view(FP8[name]).double() * scale
+    rng = np.random.default_rng(0)
+    words = [c * 0x01010101 for c in range(256)] + rng.integers(0, 2**32, 2000).tolist()
+    for word in words:
+        lo, hi = _run_ptx(asm, int(word))
+        halves = np.array([lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16], dtype=np.uint16)
+        got = halves.view(np.float16).astype(np.float64)
+        want = values[[(int(word) >> (8 * i)) & 0xFF for i in range(4)]].numpy()
+        finite = np.isfinite(want)
+        assert np.array_equal(got[finite], want[finite]), hex(int(word))
+        assert np.array_equal(np.signbit(got[finite]), np.signbit(want[finite]))
 
 
 @settings(CI, max_examples=8)
