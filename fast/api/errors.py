@@ -43,7 +43,7 @@ class UnknownArgumentError(PagedKVError, TypeError):
 
 
 class UnsupportedArgumentError(InvalidArgumentError):
-    """A vLLM argument whose value pagedkv cannot honour (``tensor_parallel_size=2``...)."""
+    """A vLLM argument whose value pagedkv cannot honour (``pipeline_parallel_size=2``...)."""
 
 
 class DeviceUnavailableError(InvalidArgumentError):

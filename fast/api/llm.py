@@ -56,7 +56,9 @@ class LLM:
     ``enable_prefix_caching``, ``enable_chunked_prefill``, ``preemption_mode``
     (``"recompute"`` or ``"swap"``), ``dtype``, ``device``, ``seed`` (None: a fresh random
     seed), ``gpu_memory_utilization``, ``enforce_eager``, ``num_gpu_blocks_override``,
-    ``max_logprobs``, and the engine-only ``kv_cache_gb``. vLLM's other arguments are ignored
+    ``max_logprobs``, ``tensor_parallel_size`` (the model over that many processes, see
+    docs/tensor-parallel.md; :meth:`close` or ``with LLM(...) as llm:`` stops them), and the
+    engine-only ``kv_cache_gb`` and ``distributed_timeout_s``. vLLM's other arguments are ignored
     with a warning or refused (see :mod:`fast.api.vllm_args`); an unknown one raises
     :class:`~fast.api.errors.UnknownArgumentError` naming the close matches.
 
@@ -83,6 +85,8 @@ class LLM:
         if not isinstance(model, LoadedModel):
             device = resolve_device(engine_config.device)
             dtype = resolve_dtype(engine_config.dtype, device)
+            if engine_config.tensor_parallel_size > 1:  # sharded from the host copy
+                device = torch.device("cpu")
             model = load_model(model, dtype=dtype, device=device, revision=revision)
         model, self._sampling_defaults = resolve_generation_config(
             model, generation_config, override_generation_config
@@ -97,6 +101,25 @@ class LLM:
         self._streams = 0  # stream() iterators running
         self._aborted: list[RequestOutput] = []  # final outputs of aborts, for the streams
         self._aborted_ids: set[str] = set()  # aborted since the step in flight was run
+
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel workers, if any (idempotent; also on ``with``
+        exit and when the LLM is collected)."""
+        engine = getattr(self, "llm_engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter teardown
+            pass
 
     def get_tokenizer(self) -> Any:
         """The model's tokenizer (None for random weights)."""
@@ -257,6 +280,11 @@ class LLM:
         (:class:`~fast.engine.beam_params.EngineBusyError` otherwise); a failure or Ctrl-C
         leaves the engine as it was.
         """
+        tp = self.llm_engine.config.tensor_parallel_size
+        if tp > 1:  # its forwards bypass the step the workers follow
+            raise InvalidArgumentError(
+                "tensor_parallel_size", tp, "beam search runs on one device (size 1)"
+            )
         return run_beam_search(self.llm_engine, prompts, params)
 
     def abort(self, request_id: str) -> None:

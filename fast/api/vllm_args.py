@@ -1,7 +1,7 @@
 """vLLM's ``LLM(...)`` keyword arguments, sorted into what pagedkv honours, ignores and refuses.
 
 Code written for vLLM passes arguments that mean nothing here (``trust_remote_code=True``) or
-that ask for what pagedkv cannot do (``tensor_parallel_size=4``). :func:`engine_kwargs` turns
+that ask for what pagedkv cannot do (``pipeline_parallel_size=4``). :func:`engine_kwargs` turns
 ``LLM``'s keyword arguments into :class:`~fast.engine.config.EngineConfig` fields:
 
 * honoured: every ``EngineConfig`` field, ``num_gpu_blocks_override`` (vLLM's name of
@@ -16,12 +16,12 @@ that ask for what pagedkv cannot do (``tensor_parallel_size=4``). :func:`engine_
   :class:`~fast.api.errors.UnsupportedArgumentError`;
 * anything else raises :class:`~fast.api.errors.UnknownArgumentError` with the close matches.
 
->>> engine_kwargs(None, {"tensor_parallel_size": 1, "num_gpu_blocks_override": 64})
+>>> engine_kwargs(None, {"pipeline_parallel_size": 1, "num_gpu_blocks_override": 64})
 ({'num_gpu_blocks': 64}, None)
->>> engine_kwargs(None, {"tensor_parallel_size": 2})
+>>> engine_kwargs(None, {"pipeline_parallel_size": 2})
 Traceback (most recent call last):
 ...
-fast.api.errors.UnsupportedArgumentError: invalid tensor_parallel_size=2: ...
+fast.api.errors.UnsupportedArgumentError: invalid pipeline_parallel_size=2: ...
 >>> engine_kwargs(None, {"max_num_seq": 8})
 Traceback (most recent call last):
 ...
@@ -43,11 +43,10 @@ from fast.engine.config import EngineConfig
 
 __all__ = ["IGNORED", "REFUSED", "ALIASES", "engine_kwargs", "known_arguments"]
 
-_ONE_DEVICE = "pagedkv runs a model on one device"
+_ONE_DEVICE = "pagedkv splits a model by tensor parallelism only (tensor_parallel_size)"
 
 #: name -> (accepted values, why others are refused). Checked before :data:`IGNORED`.
 REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "tensor_parallel_size": ((1,), _ONE_DEVICE),
     "pipeline_parallel_size": ((1,), _ONE_DEVICE),
     "data_parallel_size": ((1,), _ONE_DEVICE),
     "quantization": (
@@ -89,8 +88,14 @@ IGNORED: dict[str, tuple[tuple[Any, ...], str]] = {
         (8192,),
         "CUDA graphs capture decode batches of cuda_graph_batch_sizes, whatever their length",
     ),
-    "disable_custom_all_reduce": ((False,), _ONE_DEVICE),
-    "distributed_executor_backend": ((None,), _ONE_DEVICE),
+    "disable_custom_all_reduce": (
+        (False,),
+        "tensor-parallel all-reduces are torch.distributed's (NCCL or gloo), never custom",
+    ),
+    "distributed_executor_backend": (
+        (None, "mp"),
+        "tensor-parallel workers are always spawned processes on this machine",
+    ),
     "max_parallel_loading_workers": ((None,), "weights load in one process"),
     "disable_async_output_proc": ((False,), "outputs are processed in the step that made them"),
     "disable_log_stats": (

@@ -47,6 +47,10 @@ class EngineConfig:
     model step (prompt tokens), per tensor or per KV head (``kv_scale_granularity``), as
     ``max|x| * kv_scale_headroom / M`` (later values up to twice those seen fit by default), then
     frozen. docs/fp8.md.
+
+    ``tensor_parallel_size`` > 1 runs the model on that many processes (one per GPU on CUDA,
+    gloo on the CPU), each collective bounded by ``distributed_timeout_s``
+    (docs/tensor-parallel.md).
     """
 
     block_size: int = 16
@@ -71,9 +75,12 @@ class EngineConfig:
     kv_scale_headroom: float = 2.0
     k_scale: float | tuple[float, ...] | None = None
     v_scale: float | tuple[float, ...] | None = None
+    tensor_parallel_size: int = 1
+    distributed_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         self._check_kv_cache()
+        self._check_tensor_parallel()
         if self.block_size < 1:
             raise InvalidArgumentError("block_size", self.block_size, "must be >= 1")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -130,6 +137,24 @@ class EngineConfig:
                 raise InvalidArgumentError(
                     name, value, "must be finite and > 0 (per KV head: a tuple)"
                 )
+
+    def _check_tensor_parallel(self) -> None:
+        """An int size >= 1 (docs/tensor-parallel.md); the model's heads and the machine's
+        GPUs are checked when the engine starts. Scales calibrated per rank would differ, so
+        an fp8 cache is single-device for now."""
+        from fast.distributed.sharding import check_tensor_parallel_size
+
+        check_tensor_parallel_size(self.tensor_parallel_size)
+        t = self.distributed_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t < math.inf):
+            raise InvalidArgumentError("distributed_timeout_s", t, "must be finite and > 0")
+        if self.tensor_parallel_size > 1 and fp8_format(self.kv_cache_dtype) is not None:
+            raise InvalidArgumentError(
+                "kv_cache_dtype",
+                self.kv_cache_dtype,
+                f"an fp8 KV cache runs on one device; tensor_parallel_size is "
+                f"{self.tensor_parallel_size}",
+            )
 
     @property
     def kv_scales_given(self) -> bool:

@@ -136,12 +136,20 @@ class LLMEngine:
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         torch.manual_seed(cfg.seed)
+        tp = cfg.tensor_parallel_size
         loaded = (
             model
             if isinstance(model, LoadedModel)
-            else load_model(model, dtype=self.dtype, device=self.device)
+            else load_model(model, dtype=self.dtype, device="cpu" if tp > 1 else self.device)
         )
-        self.model = loaded.model.to(device=self.device, dtype=self.dtype).eval()
+        self.tensor_parallel: Any = None  # TensorParallelDriver when tp > 1
+        kv_config = loaded.config  # the shape of this process's KV cache
+        if tp > 1:  # checked now; the workers start once the pools are sized
+            from fast.distributed.sharding import plan_sharding
+
+            kv_config = plan_sharding(loaded.config, tp).local_config(loaded.config, 0)
+        else:
+            self.model = loaded.model.to(device=self.device, dtype=self.dtype).eval()
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
         max_len = cfg.max_model_len or self.model_config.max_position_embeddings
@@ -164,7 +172,7 @@ class LLMEngine:
             preemption_mode=cfg.preemption_mode,
         )
         self.num_gpu_blocks, self.num_cpu_blocks = pool_sizes(
-            cfg, self.model_config, self.dtype, self.device, max_len
+            cfg, kv_config, self.dtype, self.device, max_len
         )
         if self.num_gpu_blocks * cfg.block_size < max_len:
             raise InvalidArgumentError(
@@ -187,8 +195,15 @@ class LLMEngine:
         self.block_manager = JournaledBlockManager(self.block_manager)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.kv_cache_dtype = cache_dtype(cfg.kv_cache_dtype, self.dtype)  # fp8: 1 byte
+        if tp > 1:  # rank 0 here, ranks 1..tp-1 spawned (docs/tensor-parallel.md)
+            from fast.distributed.driver import TensorParallelDriver
+
+            self.tensor_parallel = TensorParallelDriver(
+                loaded, tp, self.device, self.dtype, cfg.distributed_timeout_s
+            )
+            self.model = self.tensor_parallel.model
         self.kv_caches = allocate_kv_caches(
-            self.model_config,
+            kv_config,
             self.num_gpu_blocks,
             cfg.block_size,
             self.kv_cache_dtype,
@@ -196,11 +211,13 @@ class LLMEngine:
         )
         self.cpu_caches = (
             allocate_kv_caches(
-                self.model_config, self.num_cpu_blocks, cfg.block_size, self.kv_cache_dtype, "cpu"
+                kv_config, self.num_cpu_blocks, cfg.block_size, self.kv_cache_dtype, "cpu"
             )
             if self.num_cpu_blocks
             else []
         )
+        if self.tensor_parallel is not None:  # every rank: its shard of the same blocks
+            self.tensor_parallel.allocate(self.num_gpu_blocks, self.num_cpu_blocks, cfg.block_size)
         self.sampler = Sampler()
         self._stop = StopChecker(self.tokenizer, self.model_config, max_len)
         self._seq_ids = itertools.count()
@@ -236,6 +253,10 @@ class LLMEngine:
                 {b for b in cfg.cuda_graph_batch_sizes if b <= limit}
                 | {min(limit, max(cfg.cuda_graph_batch_sizes))}
             )
+            if self.tensor_parallel is not None:  # the workers warm up (and capture) too
+                self.tensor_parallel.prepare_cuda(
+                    self._max_width, limit, not cfg.enforce_eager, sizes
+                )
             warm_up(self.model, self.kv_caches, self.device, self._max_width, sizes, limit)
             if not cfg.enforce_eager:
                 self._graphs = DecodeGraphs(
@@ -335,6 +356,12 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         """Some request is waiting, running or swapped."""
         return self.scheduler.has_unfinished_requests()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent); a later step raises
+        :class:`~fast.distributed.errors.TensorParallelGroupDownError`."""
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.shutdown()
 
     @property
     def num_free_gpu_blocks(self) -> int:
@@ -491,6 +518,10 @@ class LLMEngine:
 
     def _apply_cache_ops(self, out: SchedulerOutput) -> None:
         # Order: swap out (frees device blocks), swap in, then copy-on-write copies.
+        if self.tensor_parallel is not None:  # the workers' shards of the same blocks
+            self.tensor_parallel.cache_ops(
+                out.blocks_to_swap_out, out.blocks_to_swap_in, out.blocks_to_copy
+            )
         if out.blocks_to_swap_out:
             pairs = torch.tensor(out.blocks_to_swap_out, dtype=torch.int64)
             for (k, v), (ck, cv) in zip(self.kv_caches, self.cpu_caches):
@@ -605,6 +636,8 @@ class LLMEngine:
         the (parent, child) pairs to fork: the children's first tokens are among those sampled).
         """
         batch = self._build_batch(out)
+        if self.tensor_parallel is not None:  # the workers run the same step on their shards
+            self.tensor_parallel.forward(batch)
         hidden = None
         rows: torch.Tensor | None = None
         if self._graphs is not None and batch.decode:
@@ -738,6 +771,8 @@ class LLMEngine:
             undo.kv = self._save_overwritten_kv(out)
         elif self.config.enable_prefix_caching:
             undo.kv = self._save_evicted_kv()
+        if undo.kv is not None and self.tensor_parallel is not None:
+            self.tensor_parallel.save_kv(undo.kv[0].cpu())  # each rank saves its shard
 
     def _save_evicted_kv(
         self,
@@ -829,6 +864,8 @@ class LLMEngine:
             torch.cuda.set_rng_state(undo.cuda_rng, undo.cuda_device)
         if undo.kv is not None:
             restore_kv_blocks(self.kv_caches, undo.kv)
+            if self.tensor_parallel is not None:
+                self.tensor_parallel.restore_kv()
 
 
 #: The engine's request records a step changes (saved as shallow copies before each step).

@@ -67,20 +67,25 @@ def test_common_vllm_call_warns_only_where_an_argument_asks_for_something() -> N
             },
         )
     assert len(record) == 1
-    assert config == {"gpu_memory_utilization": 0.5, "swap_space": 2, "seed": 7}
+    assert config == {
+        "tensor_parallel_size": 1,  # an EngineConfig field (docs/tensor-parallel.md)
+        "gpu_memory_utilization": 0.5,
+        "swap_space": 2,
+        "seed": 7,
+    }
     assert max_logprobs == 5
 
 
-def test_tensor_parallel_above_one_is_refused() -> None:
-    with pytest.raises(UnsupportedArgumentError, match="one device"):
-        LLM(MISSING, tensor_parallel_size=2)
+def test_pipeline_parallel_above_one_is_refused() -> None:
+    with pytest.raises(UnsupportedArgumentError, match="tensor parallelism only"):
+        LLM(MISSING, pipeline_parallel_size=2)
     with pytest.raises(UnsupportedArgumentError):
         LLM(MISSING, quantization="awq")
 
 
 def test_a_bool_is_not_the_int_one() -> None:
     with pytest.raises(UnsupportedArgumentError):
-        engine_kwargs(None, {"tensor_parallel_size": True})
+        engine_kwargs(None, {"pipeline_parallel_size": True})
 
 
 @pytest.mark.parametrize(

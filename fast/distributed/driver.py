@@ -1,0 +1,339 @@
+"""Rank 0's side of tensor parallelism: start the workers, hand them their shards, and command
+each step; the engine (scheduler, block manager, sampler) stays in the user's process.
+
+:class:`TensorParallelDriver` is what :class:`~fast.engine.engine.LLMEngine` holds when
+``tensor_parallel_size > 1``. The engine calls it at five points: the step's cache operations
+(:meth:`cache_ops`), the step's batch (:meth:`forward`, before rank 0 runs its own shard), the
+rollback's KV save and restore (:meth:`save_kv`, :meth:`restore_kv`), and, once, the cache
+allocation and CUDA warm-up. Everything else goes through the model it returns
+(:attr:`model`), whose collectives the workers join.
+
+Failure: a worker that raised reports its error over its pipe; a collective that fails or times
+out on rank 0 looks for that report (or the worker's death) and raises the named
+:class:`~fast.distributed.errors.TensorParallelError`, after tearing the group down; every
+command first checks that every worker is alive. A group that went down stays down: later calls
+raise :class:`~fast.distributed.errors.TensorParallelGroupDownError`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from fast.distributed.comm import START_TIMEOUT_S, Communicator, make_groups
+from fast.distributed.errors import (
+    CollectiveError,
+    InvalidTensorParallelSizeError,
+    TensorParallelError,
+    TensorParallelGroupDownError,
+    WorkerDiedError,
+    WorkerFailedError,
+)
+from fast.distributed.layers import TensorParallelCausalLM, parallelize
+from fast.distributed.protocol import Op, header, pack_batch
+from fast.distributed.sharding import ShardPlan, plan_sharding, shard_parameter
+from fast.distributed.worker import WorkerSpec, worker_main
+from fast.engine.batch import HostBatch
+from fast.loader import LoadedModel
+from fast.loader.weights import empty_model
+from fast.model.config import ModelConfig
+
+__all__ = ["TensorParallelDriver", "DEFAULT_TIMEOUT_S"]
+
+#: The default limit of one collective (and of the start-up), in seconds.
+DEFAULT_TIMEOUT_S = 300.0
+
+#: How long a failed collective waits for the worker's own report before naming the failure.
+_REPORT_WAIT_S = 2.0
+
+
+class TensorParallelDriver:
+    """Rank 0 of a tensor-parallel group of ``tp_size`` processes.
+
+    Args:
+        loaded: the whole model (on the CPU): rank 0 shards it and sends each worker its shard.
+        tp_size: the number of ranks (>= 2).
+        device: rank 0's device; rank ``r`` uses ``cuda:r`` on CUDA, the CPU otherwise.
+        dtype: the model's dtype.
+        timeout_s: the limit of each collective once started (the start-up's is
+            :data:`~fast.distributed.comm.START_TIMEOUT_S`).
+
+    Raises :class:`~fast.distributed.errors.InvalidTensorParallelSizeError` before starting
+    anything when the size does not fit the model or the machine.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        tp_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        config: ModelConfig = loaded.config
+        self.plan: ShardPlan = plan_sharding(config, tp_size)
+        if device.type == "cuda":
+            count = torch.cuda.device_count()
+            if tp_size > count or (device.index or 0) != 0:
+                raise InvalidTensorParallelSizeError(
+                    tp_size, f"needs cuda:0..cuda:{tp_size - 1}; this machine has {count} GPU(s)"
+                )
+        self.config = config
+        self.tp_size = tp_size
+        self.device = device
+        self.dtype = dtype
+        self.timeout_s = timeout_s
+        self.local_config = self.plan.local_config(config, 0)
+        self._down: TensorParallelError | None = None
+        self._dir = tempfile.mkdtemp(prefix="pagedkv-tp-")
+        self._procs: list[Any] = []
+        self._conns: list[Any] = []
+        self.comm: Communicator | None = None
+        try:
+            self.model = self._start(loaded)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # -- start-up ------------------------------------------------------------------------------
+    def _start(self, loaded: LoadedModel) -> TensorParallelCausalLM:
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        store = os.path.join(self._dir, "store")
+        ctx = multiprocessing.get_context("spawn")
+        threads = max(1, torch.get_num_threads() // self.tp_size)
+        for rank in range(1, self.tp_size):
+            spec = WorkerSpec(
+                rank,
+                self.tp_size,
+                store,
+                backend,
+                self.timeout_s,
+                self.config,
+                self.plan,
+                self.dtype,
+                f"cuda:{rank}" if self.device.type == "cuda" else "cpu",
+                threads,
+                os.getpid(),
+            )
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=worker_main, args=(spec, child), name=f"pagedkv-tp{rank}", daemon=True
+            )
+            _start_ignoring_sigint(proc)
+            child.close()
+            self._procs.append(proc)
+            self._conns.append(parent)
+        self._await("started")
+        device_group, control = make_groups(store, 0, self.tp_size, backend, self.timeout_s)
+        self.comm = Communicator(0, self.tp_size, device_group, control, self.timeout_s)
+        self.comm.on_error = self._on_error
+        full = loaded.model
+        local = empty_model(self.local_config, self.dtype, "cpu")
+        local_params = dict(local.named_parameters())
+        with torch.no_grad():
+            for name, param in full.named_parameters():
+                whole = param.detach().to("cpu", self.dtype)
+                mine = shard_parameter(self.plan, self.config, 0, name, whole)
+                local_params[name].data.copy_(mine)
+                for rank in range(1, self.tp_size):
+                    shard = shard_parameter(self.plan, self.config, rank, name, whole)
+                    self.comm.send_weight(shard, rank)
+        self._await("ready")
+        parallelize(local, 0, self.comm)
+        local = local.to(self.device).eval()
+        return TensorParallelCausalLM(local, self.comm, self.config.vocab_size, self._logits)
+
+    def _await(self, what: str) -> None:
+        """Wait until every worker reported ``what`` (liveness checked while waiting)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for rank, (proc, conn) in enumerate(zip(self._procs, self._conns), start=1):
+            while not conn.poll(0.05):
+                if not proc.is_alive():
+                    raise self._worker_error(rank, proc, conn) or WorkerDiedError(rank, None)
+                if time.monotonic() > deadline:
+                    raise CollectiveError(f"start-up ({what})", START_TIMEOUT_S, f"rank {rank}")
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):  # it ended before saying anything
+                proc.join(START_TIMEOUT_S)
+                raise WorkerDiedError(rank, proc.exitcode) from None
+            if message[0] != what:
+                raise self._message_error(rank, message)
+
+    # -- the engine's hooks ----------------------------------------------------------------
+    def forward(self, batch: HostBatch) -> None:
+        """Send the step's batch; the workers run their shard's forward on it."""
+        head, payload = pack_batch(batch)
+        self._command(head, payload)
+
+    def cache_ops(
+        self,
+        swap_out: Sequence[tuple[int, int]],
+        swap_in: Sequence[tuple[int, int]],
+        copy: Sequence[tuple[int, int]],
+    ) -> None:
+        """The step's swaps and copy-on-write copies, applied to every worker's shard."""
+        if not (swap_out or swap_in or copy):
+            return
+        pairs = [p for group in (swap_out, swap_in, copy) for p in group]
+        payload = torch.tensor(pairs, dtype=torch.int64).reshape(-1)  # [2P]
+        self._command(header(Op.CACHE_OPS, len(swap_out), len(swap_in), len(copy)), payload)
+
+    def save_kv(self, blocks: torch.Tensor | np.ndarray) -> None:
+        """Each worker keeps a copy of ``blocks``' KV (the step's rollback)."""
+        index = torch.as_tensor(np.asarray(blocks, dtype=np.int64).reshape(-1))
+        self._command(header(Op.SAVE_KV, int(index.shape[0])), index)
+
+    def restore_kv(self) -> None:
+        """Each worker writes its saved KV back (a rolled-back step); nothing when down."""
+        if self._down is None:
+            self._command(header(Op.RESTORE_KV))
+
+    def allocate(self, num_gpu_blocks: int, num_cpu_blocks: int, block_size: int) -> None:
+        """Each worker allocates its KV shard of the same pools as rank 0's."""
+        self._command(header(Op.ALLOCATE, num_gpu_blocks, num_cpu_blocks, block_size))
+
+    def prepare_cuda(self, max_width: int, limit: int, capture: bool, sizes: list[int]) -> None:
+        """Each worker warms up (and captures decode graphs) as rank 0 is about to."""
+        payload = torch.tensor(sizes, dtype=torch.int64)
+        self._command(header(Op.GRAPHS, max_width, limit, int(capture), len(sizes)), payload)
+
+    def inject_failure(self, rank: int) -> None:
+        """Tell worker ``rank`` to raise (tests: a rank failing mid-run). The error comes out
+        of the next command that needs that rank."""
+        self._command(header(Op.FAIL, rank))
+
+    def _logits(self, rows: int) -> None:
+        self._command(header(Op.LOGITS, rows))
+
+    # -- commands and failures ---------------------------------------------------------------
+    def _command(self, head: torch.Tensor, payload: torch.Tensor | None = None) -> None:
+        self._check()
+        comm = self.comm
+        assert comm is not None
+        comm.command(head)
+        if payload is not None and payload.numel():
+            comm.command(payload)
+
+    def _check(self) -> None:
+        """Raise if the group is down, or any worker reported an error or died (which takes
+        the group down)."""
+        if self._down is not None:
+            raise TensorParallelGroupDownError(str(self._down), self._down.rank)
+        for rank, (proc, conn) in enumerate(zip(self._procs, self._conns), start=1):
+            error = self._worker_error(rank, proc, conn)
+            if error is not None:
+                raise self._go_down(error)
+
+    def _on_error(self, operation: str, exc: BaseException) -> BaseException:
+        """A collective failed on rank 0: name the rank that caused it, and go down."""
+        if self._down is not None:
+            return TensorParallelGroupDownError(str(self._down), self._down.rank)
+        deadline = time.monotonic() + _REPORT_WAIT_S
+        while True:
+            for rank, (proc, conn) in enumerate(zip(self._procs, self._conns), start=1):
+                error = self._worker_error(rank, proc, conn)
+                if error is not None:
+                    return self._go_down(error)
+            if time.monotonic() > deadline:
+                return self._go_down(CollectiveError(operation, self.timeout_s, str(exc)))
+            time.sleep(0.05)
+
+    def _worker_error(self, rank: int, proc: Any, conn: Any) -> TensorParallelError | None:
+        """The error worker ``rank`` reported, else its death, else None (alive and silent;
+        a late "ready" of the start-up is skipped)."""
+        alive = proc.is_alive()
+        try:
+            while conn.poll(0 if alive else 0.5):
+                message = conn.recv()
+                if message[0] == "error":
+                    return self._message_error(rank, message)
+        except (EOFError, OSError):
+            pass
+        if alive:
+            return None
+        proc.join(1.0)
+        return WorkerDiedError(rank, proc.exitcode)
+
+    @staticmethod
+    def _message_error(rank: int, message: Any) -> TensorParallelError:
+        if message and message[0] == "error":
+            return WorkerFailedError(rank, message[1], message[2])
+        return WorkerFailedError(rank, f"unexpected message {message!r}")
+
+    def _go_down(self, error: TensorParallelError) -> TensorParallelError:
+        self._down = error
+        self._stop_workers(graceful=False)
+        return error
+
+    # -- teardown ----------------------------------------------------------------------------
+    @property
+    def worker_pids(self) -> list[int]:
+        """The process ids of ranks 1..N-1 (empty once the group is down)."""
+        return [int(p.pid) for p in self._procs]
+
+    @property
+    def is_down(self) -> bool:
+        """Whether the group failed or was shut down."""
+        return self._down is not None
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the workers (SHUTDOWN, then kill what is left) and free the group
+        (idempotent)."""
+        graceful = self._down is None and self.comm is not None
+        if self._down is None:
+            self._down = TensorParallelGroupDownError("shut down")
+        self._stop_workers(graceful, timeout)
+
+    def _stop_workers(self, graceful: bool, timeout: float = 10.0) -> None:
+        if graceful and self.comm is not None and all(p.is_alive() for p in self._procs):
+            try:
+                self.comm.on_error = None
+                self.comm.command(header(Op.SHUTDOWN))
+            except Exception:  # noqa: BLE001 - the workers are killed below anyway
+                pass
+        deadline = time.monotonic() + (timeout if graceful else 0.0)
+        for proc in self._procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout)
+        for conn in self._conns:
+            conn.close()
+        self._procs, self._conns = [], []
+        if self.comm is not None:
+            for group in (self.comm.device, self.comm.control):
+                try:
+                    group.shutdown()
+                except Exception:  # noqa: BLE001 - best effort: the peers are gone
+                    pass
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown(timeout=1.0)
+        except Exception:  # noqa: BLE001 - interpreter teardown
+            pass
+
+
+def _start_ignoring_sigint(proc: Any) -> None:
+    """Start ``proc`` with SIGINT ignored from birth (as the engine process is started): a
+    Ctrl-C is the driver's to handle, and the workers go down with the group."""
+    if threading.current_thread() is not threading.main_thread():
+        proc.start()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,48 @@
+"""A worker that is alive but stuck (SIGSTOP) makes rank 0's collective time out after
+``distributed_timeout_s``: ``generate`` raises ``CollectiveError`` naming the operation and the
+limit, never hangs, and the stuck worker is killed with the group."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from tp_models import ENGINE, prompts, tiny
+
+from fast.api.llm import LLM
+from fast.distributed.errors import CollectiveError, TensorParallelGroupDownError
+from fast.engine.sampling_params import SamplingParams
+
+TIMEOUT_S = 3.0
+
+
+def test_a_stuck_worker_times_out_the_step() -> None:
+    llm = LLM(
+        tiny(4, 2, seed=9),
+        tensor_parallel_size=2,
+        distributed_timeout_s=TIMEOUT_S,
+        num_gpu_blocks=16,
+        max_model_len=32,
+        **ENGINE,
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    batch = prompts(seed=1, lens=(5,))
+    assert len(llm.generate(batch, params, use_tqdm=False)[0].outputs[0].token_ids) == 3
+    (pid,) = llm.llm_engine.tensor_parallel.worker_pids
+    os.kill(pid, signal.SIGSTOP)
+    start = time.monotonic()
+    with pytest.raises(CollectiveError) as info:
+        llm.generate(batch, params, use_tqdm=False)
+    took = time.monotonic() - start
+    assert TIMEOUT_S <= took < TIMEOUT_S + 15
+    # gloo's broadcast waits for the receiver: the step's first command is what times out
+    assert info.value.timeout_s == TIMEOUT_S and info.value.operation in ("command", "all_reduce")
+    with pytest.raises(ProcessLookupError):  # killed (SIGKILL ends a stopped process), reaped
+        os.kill(pid, 0)
+    with pytest.raises(
+        TensorParallelGroupDownError, match="tensor-parallel (command|all_reduce) failed"
+    ):
+        llm.generate(batch, params, use_tqdm=False)
+    llm.close()
