@@ -295,12 +295,12 @@ KQUANT: dict[str, tuple[str, dict[str, Any], int]] = {
         ),
         0,
     ),
-    "gemma3": (  # window 8 on layers 0-4 and 6, global layer 5
+    "gemma3": (  # window 8 on layers 0-4, global layer 5
         "Gemma3TextConfig",
         dict(
             hidden_size=256,
             intermediate_size=512,
-            num_hidden_layers=7,
+            num_hidden_layers=6,
             num_attention_heads=2,
             num_key_value_heads=1,
             head_dim=256,
@@ -345,6 +345,14 @@ def test_q4_k_m_greedy_equals_transformers_gguf_loader(case: str, tmp_path: Path
     want = check_reference(ref, batch)
     lm, got = pagedkv_greedy(path, batch)
     assert lm.config.architecture == type(hf).__name__
+    c = ref.config  # windows, score scale and soft-caps as transformers read them
+    types = getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers
+    assert lm.config.layer_windows == tuple(
+        c.sliding_window if t == "sliding_attention" else None for t in types
+    )
+    assert lm.config.attention_scale == ref.model.layers[0].self_attn.scaling
+    caps = (getattr(c, "attn_logit_softcapping", None), getattr(c, "final_logit_softcapping", None))
+    assert (lm.config.attn_logit_softcap, lm.config.final_logit_softcap) == caps
     ours, theirs = lm.model.state_dict(), ref.state_dict()
     norm = "model.layers.1.post_attention_layernorm.weight"
     assert torch.equal(ours[norm], theirs[norm])  # Gemma: the file's 1 + w, shifted back alike
