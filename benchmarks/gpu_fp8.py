@@ -13,7 +13,10 @@ Writes ``DIR/fp8_h200.json`` (``--out DIR``), saved after every section.
   (``bench_ms``), inputs rotated as in benchmarks/gpu_attention.py; ``speedup`` = bf16 time /
   fp8 time (the issue's target: at least 1.7x at long context); errors against float32 SDPA on
   the unquantized K/V.
-* ``tune``: the fp8 decode kernel's (BLOCK_N, num_warps, num_stages) at the long shapes.
+  ``fp8bits`` is the same fp8 cache through the ``"bits"`` dequantization at
+  :data:`BITS_CONFIG` (``speedup_bits``).
+* ``tune``: the fp8 decode kernel's (BLOCK_N, num_warps, num_stages) at the long shapes, for each
+  fp8 dequantization (``convert``, ``f16``, ``bits``).
 * ``capacity``: KV blocks (16 tokens) per GiB for Llama-3-8B in bf16 and fp8 (from the engine's
   own sizing, ``fast.engine.config.kv_bytes_per_block``).
 * ``engine``: benchmarks/gpu_engine.py's ShareGPT-like trace (128 requests, Llama-3-8B-shaped
@@ -48,16 +51,21 @@ DECODE_SHAPES = (
     (4, 65536),
 )
 LONG_SHAPES = ((64, 4096), (32, 16384), (8, 32768))
+#: (BLOCK_N, warps, stages) for "convert" and "f16". Stages 3 and 4 compile to the same loop
+#: (one shared buffer per K/V; benchmarks/sass_fp8_decode.py), so 128x4x4 and 128x8x4 are gone:
+#: the sweep stays near 90 s with "bits" added.
 TUNE_CONFIGS = (
     (64, 4, 3),
     (64, 4, 2),
     (128, 4, 3),
     (128, 8, 3),
     (64, 8, 4),
-    (128, 4, 4),
-    (128, 8, 4),
     (256, 8, 3),
 )
+#: The "bits" dequantization's sweep.
+BITS_CONFIGS = ((64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3), (256, 8, 3))
+#: The config the decode table's ``fp8bits`` column runs (``decode_config``'s for "bits").
+BITS_CONFIG = (128, 4, 3)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -132,6 +140,8 @@ def decode_table(res: dict[str, Any]) -> None:
     )
 
     import kernels
+    from kernels.checks import check_decode
+    from kernels.triton_decode import triton_paged_decode
 
     rows = []
     for batch, length in DECODE_SHAPES:
@@ -164,9 +174,23 @@ def decode_table(res: dict[str, Any]) -> None:
                 s[0], s[4], s[5], s[3], lens, scale=scale, k_scale=s[6], v_scale=s[7]
             )
 
+        dims = check_decode(q, k8, v8, bt, lens)
+
+        def fp8bits(s: tuple[Any, ...]) -> Any:
+            return lambda: triton_paged_decode(
+                s[0], s[4], s[5], s[3], lens, dims, scale=scale, sliding_window=None,
+                softcap=None, num_splits=None, out=None, config=BITS_CONFIG,
+                kv_scales=(s[6], s[7]), fp8_dequant="bits",
+            )  # fmt: skip
+
         row["bf16_err"] = f"{rel_err(bf16(sets[0])(), ref):.2e}"
         row["fp8_err"] = f"{rel_err(fp8(sets[0])(), ref):.2e}"
-        for name, make, nbytes in (("bf16", bf16, bf16_bytes), ("fp8", fp8, bf16_bytes // 2)):
+        row["fp8bits_err"] = f"{rel_err(fp8bits(sets[0])(), ref):.2e}"
+        for name, make, nbytes in (
+            ("bf16", bf16, bf16_bytes),
+            ("fp8", fp8, bf16_bytes // 2),
+            ("fp8bits", fp8bits, bf16_bytes // 2),
+        ):
             try:
                 ms = bench_graph_ms(rotating([make(s) for s in sets]))
                 row[f"{name}_graph_us"] = round(ms * 1e3, 1)
@@ -177,6 +201,8 @@ def decode_table(res: dict[str, Any]) -> None:
                 row[name] = repr(e)[:200]
         if "bf16_graph_us" in row and "fp8_graph_us" in row:
             row["speedup"] = round(row["bf16_graph_us"] / row["fp8_graph_us"], 3)
+        if "bf16_graph_us" in row and "fp8bits_graph_us" in row:
+            row["speedup_bits"] = round(row["bf16_graph_us"] / row["fp8bits_graph_us"], 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
         del sets, q, kp, vp, bt, k8, v8, ks, vs, ref
@@ -185,8 +211,10 @@ def decode_table(res: dict[str, Any]) -> None:
 
 
 def tune(res: dict[str, Any]) -> None:
-    """The fp8 decode kernel's (BLOCK_N, warps, stages), dequantizing to bf16 (``bf16dq``) or to
-    fp16 with fp16 dots (``f16dq``), at :data:`LONG_SHAPES`, beside the bf16 kernel's time."""
+    """The fp8 decode kernel's (BLOCK_N, warps, stages) per dequantization at
+    :data:`LONG_SHAPES`, beside the bf16 kernel's time: ``bf16dq`` (``"convert"``, the default),
+    ``f16dq`` (``"f16"``: hardware cvt to fp16, fp16 dots) and ``bits`` (``"bits"``: word loads,
+    prmt to fp16, fp16 dots; :data:`BITS_CONFIGS`)."""
     import torch
     from gpu_attention import DT, HKV, HQ, D, bench_graph_ms, paged_pool
 
@@ -207,17 +235,21 @@ def tune(res: dict[str, Any]) -> None:
         row["bf16_us"] = round(bench_graph_ms(lambda: triton_paged_decode(
             q, kp, vp, bt, lens, bdims, scale=D**-0.5, sliding_window=None, softcap=None,
             num_splits=None, out=None)) * 1e3, 1)  # fmt: skip
-        for f16 in (False, True):
-            for cfg in TUNE_CONFIGS:
+        for mode, prefix, configs in (
+            ("convert", "bf16dq_", TUNE_CONFIGS),
+            ("f16", "f16dq_", TUNE_CONFIGS),
+            ("bits", "bits_", BITS_CONFIGS),
+        ):
+            for cfg in configs:
 
-                def run(c: tuple[int, int, int] = cfg, f: bool = f16) -> Any:
+                def run(c: tuple[int, int, int] = cfg, m: str = mode) -> Any:
                     return triton_paged_decode(
                         q, k8, v8, bt, lens, dims, scale=D**-0.5, sliding_window=None,
                         softcap=None, num_splits=None, out=None, config=c, kv_scales=(ks, vs),
-                        fp8_f16=f,
+                        fp8_dequant=m,
                     )  # fmt: skip
 
-                key = ("f16dq_" if f16 else "bf16dq_") + "x".join(map(str, cfg))
+                key = prefix + "x".join(map(str, cfg))
                 try:
                     row[key] = round(bench_graph_ms(run) * 1e3, 1)
                 except Exception as e:

@@ -309,16 +309,20 @@ def _merge_kernel(
     tl.store(o_ptr + bh * D + cols, o.to(o_ptr.dtype.element_ty), mask=col_ok)
 
 
-def decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) for a head dim and dtype.
+def decode_config(head_dim: int, dtype: torch.dtype, fp8_dequant: str = "") -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) for a head dim and dtype (and, for an fp8 cache, the
+    dequantization that runs).
 
     Tuned on an H200 for 64, 128 and 256; any other dim takes the config of its padded tile width
     (the next power of two: 80 and 96 that of 128, 160 to 240 that of 256), since the registers
-    and shared memory a program holds scale with the padded width.
+    and shared memory a program holds scale with the padded width. ``"bits"`` takes 128 keys per
+    tile up to width 128 (offline analysis, docs/fp8.md; not yet timed).
     """
     if interpreting():
         return 16, 1, 1
     width = padded_head_dim(head_dim)
+    if fp8_dequant == "bits":
+        return (128, 4, 3) if width <= 128 else (32, 4, 2)
     if dtype == torch.float32:
         return (32, 4, 2) if width <= 128 else (16, 4, 2)
     return (64, 4, 3) if width <= 128 else (32, 4, 2)
@@ -399,7 +403,8 @@ def triton_paged_decode(
     q = q.contiguous()
     block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
     g = dims.group
-    block_n, warps, stages = config or decode_config(d, q.dtype)
+    mode = fp8_dequant_mode(fp8_dequant, q, k_cache, v_cache) if kv_scales is not None else ""
+    block_n, warps, stages = config or decode_config(d, q.dtype, mode)
     if num_splits is None:
         sms = num_sms(q.device.index or 0) if q.is_cuda else 132
         num_splits = choose_num_splits(
@@ -407,7 +412,6 @@ def triton_paged_decode(
         )
     splits = max(1, int(num_splits))
     precision, dot_f32 = dot_config(q.dtype)
-    mode = fp8_dequant_mode(fp8_dequant, q, k_cache, v_cache) if kv_scales is not None else ""
     if splits == 1:
         part, lse = result, result  # lse unused
     else:
