@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help="docs/fp8.md"
     )
     gen.add_argument("--max-model-len", type=_positive_int, default=2048)
+    gen.add_argument(
+        "--tensor-parallel-size", type=_positive_int, default=1, help="docs/tensor-parallel.md"
+    )
     gen.add_argument("--no-tqdm", action="store_true", help="no progress bar")
     _add_serve_parser(sub)
     return parser
@@ -141,6 +144,7 @@ def _add_serve_parser(sub: Any) -> None:
     eng.add_argument("--num-gpu-blocks", type=_positive_int, default=None)
     eng.add_argument("--kv-cache-gb", type=float, default=None)
     eng.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES)
+    eng.add_argument("--tensor-parallel-size", type=_positive_int, default=None)
     eng.add_argument("--gpu-memory-utilization", type=float, default=None)
     eng.add_argument("--swap-space", type=float, default=None, help="GiB")
     eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
@@ -173,6 +177,7 @@ SERVE_ENGINE_OPTIONS = (
     "num_gpu_blocks",
     "kv_cache_gb",
     "kv_cache_dtype",
+    "tensor_parallel_size",
     "gpu_memory_utilization",
     "swap_space",
     "enable_prefix_caching",
@@ -336,6 +341,7 @@ def _generate(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         seed=seed,
         kv_cache_dtype=args.kv_cache_dtype,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     tok = llm.get_tokenizer()
     use_tqdm = not args.no_tqdm and len(prompts) > 1

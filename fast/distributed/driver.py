@@ -82,6 +82,10 @@ class TensorParallelDriver:
     ) -> None:
         config: ModelConfig = loaded.config
         self.plan: ShardPlan = plan_sharding(config, tp_size)
+        if multiprocessing.current_process().daemon:  # e.g. serve --engine-process's child
+            raise InvalidTensorParallelSizeError(
+                tp_size, "a daemon process cannot start worker processes (use 1 here)"
+            )
         if device.type == "cuda":
             count = torch.cuda.device_count()
             if tp_size > count or (device.index or 0) != 0:
@@ -208,10 +212,11 @@ class TensorParallelDriver:
         payload = torch.tensor(sizes, dtype=torch.int64)
         self._command(header(Op.GRAPHS, max_width, limit, int(capture), len(sizes)), payload)
 
-    def inject_failure(self, rank: int) -> None:
-        """Tell worker ``rank`` to raise (tests: a rank failing mid-run). The error comes out
-        of the next command that needs that rank."""
-        self._command(header(Op.FAIL, rank))
+    def inject_failure(self, rank: int, *, in_step: bool = False) -> None:
+        """Tell worker ``rank`` to raise (tests: a rank failing mid-run): now, or
+        (``in_step``) when the next step's batch reaches it, while rank 0 is in that step's
+        collectives. The error comes out of the next command or collective."""
+        self._command(header(Op.FAIL, rank, int(in_step)))
 
     def _logits(self, rows: int) -> None:
         self._command(header(Op.LOGITS, rows))

@@ -17,7 +17,7 @@ SAVE_KV        E blocks                                        the blocks [E]
 RESTORE_KV     -                                               -
 ALLOCATE       device blocks, host blocks, block size          -
 GRAPHS         max width, max_num_seqs, capture, S sizes       the sizes [S]
-FAIL           the rank that must raise (tests)                -
+FAIL           the rank that must raise (tests), in the step   -
 SHUTDOWN       -                                               -
 =============  =============================================  ====================================
 """

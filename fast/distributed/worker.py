@@ -107,6 +107,7 @@ class Worker:
         self.staging = HostStaging(self.device)
         self.graphs: Any = None
         self.saved: SavedKV | None = None
+        self.fail_at_forward = False  # Op.FAIL with its second field set (tests)
 
     def serve(self) -> None:
         """Run commands until SHUTDOWN."""
@@ -129,6 +130,8 @@ class Worker:
         f = [int(x) for x in head[1:]]
         if op == Op.FORWARD:
             batch = unpack_batch(head, self._payload(payload_size(head)))
+            if self.fail_at_forward:  # rank 0 is about to wait in this step's all-reduce
+                raise InjectedFaultError(f"rank {self.spec.rank} was told to fail in a step")
             hidden = None
             if self.graphs is not None and batch.decode:  # as the engine decides on rank 0
                 hidden = self.graphs.run(batch)
@@ -156,7 +159,9 @@ class Worker:
         elif op == Op.GRAPHS:
             self._graphs(f[0], f[1], bool(f[2]), self._payload(f[3]).tolist())
         elif op == Op.FAIL:
-            if f[0] == self.spec.rank:
+            if f[0] == self.spec.rank and f[1]:
+                self.fail_at_forward = True
+            elif f[0] == self.spec.rank:
                 raise InjectedFaultError(f"rank {self.spec.rank} was told to fail")
         else:  # pragma: no cover - every Op is handled above
             raise ValueError(f"unhandled tensor-parallel command {op!r}")

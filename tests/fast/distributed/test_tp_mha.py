@@ -7,8 +7,10 @@ fail, which takes the group down.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from tp_models import ENGINE, MIN_MARGIN, prompts, reference_margin, tiny, tokens
@@ -88,16 +90,49 @@ def test_beam_search_is_refused_under_tensor_parallelism(tp: LLM) -> None:
         tp.beam_search([BATCH[0]], BeamSearchParams(beam_width=2, max_tokens=2))
 
 
+def test_a_rolled_back_step_is_rolled_back_on_every_rank(
+    ref: LLM, tp: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sampler fails on every third call (after the step's forward on every rank): each
+    failed step is rolled back, the workers restore the KV they saved, and the retried steps
+    give the reference's tokens."""
+    params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
+    want = tokens(ref.generate(BATCH, params, use_tqdm=False))
+    engine = tp.llm_engine
+    real, calls = engine.sampler.sample, itertools.count()
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        if next(calls) % 3 == 1:
+            raise RuntimeError("injected sampler fault")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.sampler, "sample", flaky)
+    before = engine.stats.preempted
+    for i, p in enumerate(BATCH):
+        engine.add_request(f"flaky-{i}", p, params)
+    final: dict[str, Any] = {}
+    failed = 0
+    while engine.has_unfinished_requests():
+        try:
+            final.update((o.request_id, o) for o in engine.step() if o.finished)
+        except RuntimeError:
+            failed += 1
+    assert failed > 5 and engine.stats.preempted > before
+    assert tokens([final[f"flaky-{i}"] for i in range(len(BATCH))]) == want
+
+
 def test_a_worker_error_brings_the_group_down_with_it(tp: LLM) -> None:
-    """Last: a rank that raises (told to, here) makes generate raise its error, named, with
-    the rank; the engine is left as it was (nothing queued); every later call says the group
-    is down."""
-    tp.llm_engine.tensor_parallel.inject_failure(1)
+    """Last: a rank that raises in the middle of a step (told to, here) makes generate raise
+    its error, named, with the rank, while rank 0 waits in the step's all-reduce; the engine
+    is left as it was (nothing queued); every later call says the group is down."""
+    tp.llm_engine.tensor_parallel.inject_failure(1, in_step=True)
     start = time.monotonic()
     with pytest.raises(WorkerFailedError, match="InjectedFaultError") as info:
         tp.generate(BATCH[:2], GREEDY, use_tqdm=False)
     assert time.monotonic() - start < 10
-    assert info.value.rank == 1 and "rank 1 was told to fail" in info.value.error
+    assert info.value.rank == 1 and "rank 1 was told to fail in a step" in info.value.error
+    assert "Traceback" in info.value.traceback
+    assert isinstance(info.value.__cause__, RuntimeError)  # found through the failed collective
     assert not tp.llm_engine.has_unfinished_requests()
     assert tp.llm_engine.num_free_gpu_blocks == tp.llm_engine.num_gpu_blocks
     with pytest.raises(TensorParallelGroupDownError, match="rank 1 failed"):

@@ -101,3 +101,16 @@ def test_a_parameter_without_a_rule_is_an_error() -> None:
     with pytest.raises(UnshardableWeightError) as info:
         shard_parameter(plan, loaded.config, 0, "model.layers.0.mlp.experts.weight", torch.ones(2))
     assert info.value.name == "model.layers.0.mlp.experts.weight"
+
+
+def test_the_command_line_takes_the_size() -> None:
+    from fast.api.cli import SERVE_ENGINE_OPTIONS, build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["generate", "hi"]).tensor_parallel_size == 1
+    args = parser.parse_args(["generate", "hi", "--tensor-parallel-size", "2"])
+    assert args.tensor_parallel_size == 2
+    serve = parser.parse_args(["serve", "--tensor-parallel-size", "4"])
+    assert serve.tensor_parallel_size == 4 and "tensor_parallel_size" in SERVE_ENGINE_OPTIONS
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "hi", "--tensor-parallel-size", "0"])
