@@ -103,6 +103,7 @@ class TensorParallelDriver:
         self._procs: list[Any] = []
         self._conns: list[Any] = []
         self.comm: Communicator | None = None
+        self._forwards = 0  # forwards rank 0 may run on what was sent (-1: any, warm-up)
         try:
             self.model = self._start(loaded)
         except BaseException:
@@ -155,7 +156,9 @@ class TensorParallelDriver:
         self._await("ready")
         parallelize(local, 0, self.comm)
         local = local.to(self.device).eval()
-        return TensorParallelCausalLM(local, self.comm, self.config.vocab_size, self._logits)
+        return TensorParallelCausalLM(
+            local, self.comm, self.config.vocab_size, self._logits, self._before_forward
+        )
 
     def _await(self, what: str) -> None:
         """Wait until every worker reported ``what`` (liveness checked while waiting)."""
@@ -179,6 +182,7 @@ class TensorParallelDriver:
         """Send the step's batch; the workers run their shard's forward on it."""
         head, payload = pack_batch(batch)
         self._command(head, payload)
+        self._forwards = 1
 
     def cache_ops(
         self,
@@ -211,6 +215,7 @@ class TensorParallelDriver:
         """Each worker warms up (and captures decode graphs) as rank 0 is about to."""
         payload = torch.tensor(sizes, dtype=torch.int64)
         self._command(header(Op.GRAPHS, max_width, limit, int(capture), len(sizes)), payload)
+        self._forwards = -1  # rank 0's own warm-up and capture follow
 
     def inject_failure(self, rank: int, *, in_step: bool = False) -> None:
         """Tell worker ``rank`` to raise (tests: a rank failing mid-run): now, or
@@ -219,11 +224,26 @@ class TensorParallelDriver:
         self._command(header(Op.FAIL, rank, int(in_step)))
 
     def _logits(self, rows: int) -> None:
+        forwards = self._forwards
         self._command(header(Op.LOGITS, rows))
+        self._forwards = forwards  # the step's logits (prompt logprobs: several) keep it
+
+    def _before_forward(self) -> None:
+        """Rank 0 is about to run a forward: the workers must have been sent it."""
+        self._check()
+        if self._forwards == 0:
+            raise TensorParallelError(
+                "rank 0 ran a forward that was not sent to the workers: under tensor "
+                "parallelism only the engine's step runs the model (not beam search)",
+                0,
+            )
+        if self._forwards > 0:
+            self._forwards -= 1
 
     # -- commands and failures ---------------------------------------------------------------
     def _command(self, head: torch.Tensor, payload: torch.Tensor | None = None) -> None:
         self._check()
+        self._forwards = 0
         comm = self.comm
         assert comm is not None
         comm.command(head)

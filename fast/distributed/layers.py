@@ -73,7 +73,9 @@ class TensorParallelCausalLM(nn.Module):
     ``compute_logits`` gathered on rank 0.
 
     ``announce`` (rank 0 only) is called with the number of hidden rows before the logits'
-    collectives, so the workers join them (the driver sends its LOGITS command).
+    collectives, so the workers join them (the driver sends its LOGITS command);
+    ``before_forward`` (rank 0 only) before each forward: the driver raises there when no
+    step was sent to the workers (a forward they would not join).
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class TensorParallelCausalLM(nn.Module):
         comm: Communicator,
         vocab_size: int,
         announce: Callable[[int], None] | None = None,
+        before_forward: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         self.inner = inner
@@ -89,6 +92,7 @@ class TensorParallelCausalLM(nn.Module):
         self.comm = comm
         self.vocab_size = vocab_size
         self.announce = announce
+        self.before_forward = before_forward
 
     def forward(
         self,
@@ -98,6 +102,8 @@ class TensorParallelCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         """input_ids [T], positions [T] -> hidden [T, H] (the same on every rank)."""
+        if self.before_forward is not None:
+            self.before_forward()
         out: torch.Tensor = self.inner(input_ids, positions, ctx, kv_caches)
         return out
 

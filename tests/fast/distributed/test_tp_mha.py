@@ -16,8 +16,13 @@ import pytest
 from tp_models import ENGINE, MIN_MARGIN, prompts, reference_margin, tiny, tokens
 
 from fast.api.llm import LLM
-from fast.distributed.errors import TensorParallelGroupDownError, WorkerFailedError
+from fast.distributed.errors import (
+    TensorParallelError,
+    TensorParallelGroupDownError,
+    WorkerFailedError,
+)
 from fast.engine.beam_params import BeamSearchParams
+from fast.engine.beam_search import run_beam_search
 from fast.engine.sampling_params import SamplingParams
 from spec.errors import InvalidArgumentError
 
@@ -85,9 +90,20 @@ def test_prompt_logprobs_and_prefix_cache_hits_match(ref: LLM, tp: LLM) -> None:
     assert tp.llm_engine.stats.prefix_cache_hits == ref.llm_engine.stats.prefix_cache_hits > 0
 
 
-def test_beam_search_is_refused_under_tensor_parallelism(tp: LLM) -> None:
+def test_beam_search_is_refused_under_tensor_parallelism(ref: LLM, tp: LLM) -> None:
+    """By LLM.beam_search, by name; and called on the engine directly, its first forward
+    (which the workers were not sent) raises at once instead of waiting in an all-reduce the
+    workers never join. The group is unharmed."""
+    params = BeamSearchParams(beam_width=2, max_tokens=2)
     with pytest.raises(InvalidArgumentError, match="tensor_parallel_size=2"):
-        tp.beam_search([BATCH[0]], BeamSearchParams(beam_width=2, max_tokens=2))
+        tp.beam_search([BATCH[0]], params)
+    with pytest.raises(TensorParallelError, match="not sent to the workers"):
+        run_beam_search(tp.llm_engine, [BATCH[0]], params)
+    assert tp.llm_engine.num_free_gpu_blocks == tp.llm_engine.num_gpu_blocks
+    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    assert tokens(tp.generate(BATCH[:2], greedy, use_tqdm=False)) == tokens(
+        ref.generate(BATCH[:2], greedy, use_tqdm=False)
+    )
 
 
 def test_a_rolled_back_step_is_rolled_back_on_every_rank(
