@@ -59,6 +59,11 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     >>> hf_name("rope_freqs.weight") is None  # read into the config, not a parameter
     True
     """
+    if arch not in CONVENTIONS:
+        raise UnsupportedGGUFError(
+            f"no GGUF conventions for architecture {arch!r}; "
+            f"supported: {', '.join(sorted(CONVENTIONS))}"
+        )
     return CONVENTIONS[arch].hf_name(gguf_name)
 
 
