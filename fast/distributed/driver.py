@@ -156,9 +156,7 @@ class TensorParallelDriver:
         self._await("ready")
         parallelize(local, 0, self.comm)
         local = local.to(self.device).eval()
-        return TensorParallelCausalLM(
-            local, self.comm, self.config.vocab_size, self._logits, self._before_forward
-        )
+        return TensorParallelCausalLM(local, self.comm, self.config.vocab_size, self)
 
     def _await(self, what: str) -> None:
         """Wait until every worker reported ``what`` (liveness checked while waiting)."""
@@ -223,12 +221,14 @@ class TensorParallelDriver:
         collectives. The error comes out of the next command or collective."""
         self._command(header(Op.FAIL, rank, int(in_step)))
 
-    def _logits(self, rows: int) -> None:
+    # -- the sharded model's hooks (fast.distributed.layers.DriverHooks) ----------------------
+    def before_logits(self, rows: int) -> None:
+        """The workers join the LM head's collectives for ``rows`` hidden rows."""
         forwards = self._forwards
         self._command(header(Op.LOGITS, rows))
         self._forwards = forwards  # the step's logits (prompt logprobs: several) keep it
 
-    def _before_forward(self) -> None:
+    def before_forward(self) -> None:
         """Rank 0 is about to run a forward: the workers must have been sent it."""
         self._check()
         if self._forwards == 0:
@@ -239,6 +239,19 @@ class TensorParallelDriver:
             )
         if self._forwards > 0:
             self._forwards -= 1
+
+    def local_error(self, exc: BaseException) -> None:
+        """Rank 0 raised inside a forward or the LM head (not in a collective): the workers
+        are left waiting in collectives rank 0 will not join, so the group goes down now
+        (rather than at the next command's timeout); ``exc`` propagates to the caller."""
+        if self._down is None:
+            self._go_down(
+                TensorParallelError(
+                    f"rank 0 failed inside a step ({type(exc).__name__}: {exc}); the workers "
+                    "were left in its collectives",
+                    0,
+                )
+            )
 
     # -- commands and failures ---------------------------------------------------------------
     def _command(self, head: torch.Tensor, payload: torch.Tensor | None = None) -> None:

@@ -17,13 +17,14 @@ swapped in by :func:`parallelize`:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fast.distributed.comm import Communicator
+from fast.distributed.errors import TensorParallelError
 from fast.model.attention_context import AttentionContext
 from fast.model.layers import DecoderLayer, Embedding, Linear
 from fast.model.llama import LlamaForCausalLM
@@ -32,6 +33,7 @@ __all__ = [
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "TensorParallelCausalLM",
+    "DriverHooks",
     "parallelize",
 ]
 
@@ -68,31 +70,37 @@ class VocabParallelEmbedding(Embedding):
         return self.comm.all_reduce(out)
 
 
+class DriverHooks(Protocol):
+    """What rank 0's model asks of the driver (:class:`~fast.distributed.driver.
+    TensorParallelDriver`): workers have no driver."""
+
+    def before_forward(self) -> None:
+        """Raise unless the workers were sent this forward."""
+
+    def before_logits(self, rows: int) -> None:
+        """Send the LOGITS command for ``rows`` hidden rows (the workers join the collectives)."""
+
+    def local_error(self, exc: BaseException) -> None:
+        """Rank 0 raised between collectives the workers are in: take the group down."""
+
+
 class TensorParallelCausalLM(nn.Module):
     """One rank's shard of a causal LM: ``forward`` as the model's (collectives inside),
-    ``compute_logits`` gathered on rank 0.
-
-    ``announce`` (rank 0 only) is called with the number of hidden rows before the logits'
-    collectives, so the workers join them (the driver sends its LOGITS command);
-    ``before_forward`` (rank 0 only) before each forward: the driver raises there when no
-    step was sent to the workers (a forward they would not join).
-    """
+    ``compute_logits`` gathered on rank 0. ``driver`` is rank 0's (None on a worker)."""
 
     def __init__(
         self,
         inner: LlamaForCausalLM,
         comm: Communicator,
         vocab_size: int,
-        announce: Callable[[int], None] | None = None,
-        before_forward: Callable[[], None] | None = None,
+        driver: DriverHooks | None = None,
     ) -> None:
         super().__init__()
         self.inner = inner
         self.config = inner.config  # the rank's local config
         self.comm = comm
         self.vocab_size = vocab_size
-        self.announce = announce
-        self.before_forward = before_forward
+        self.driver = driver
 
     def forward(
         self,
@@ -102,16 +110,35 @@ class TensorParallelCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         """input_ids [T], positions [T] -> hidden [T, H] (the same on every rank)."""
-        if self.before_forward is not None:
-            self.before_forward()
-        out: torch.Tensor = self.inner(input_ids, positions, ctx, kv_caches)
+        if self.driver is None:
+            worker_out: torch.Tensor = self.inner(input_ids, positions, ctx, kv_caches)
+            return worker_out
+        self.driver.before_forward()
+        try:
+            out: torch.Tensor = self.inner(input_ids, positions, ctx, kv_caches)
+        except TensorParallelError:
+            raise
+        except BaseException as exc:  # the workers wait in this forward's collectives
+            self.driver.local_error(exc)
+            raise
         return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] (rank 0's) -> logits [N, V] float32 on rank 0; on a worker its own
         slice [N, Vp] (unused)."""
-        if self.announce is not None:
-            self.announce(int(hidden.shape[0]))
+        if self.driver is None:
+            return self._logits(hidden)
+        self.driver.before_logits(int(hidden.shape[0]))
+        try:
+            return self._logits(hidden)
+        except TensorParallelError:
+            raise
+        except BaseException as exc:
+            self.driver.local_error(exc)
+            raise
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden [N, H] -> [N, V] on rank 0, [N, Vp] on a worker
         hidden = self.comm.broadcast(hidden.contiguous())  # [N, H]
         local = self.inner.compute_logits(hidden)  # [N, Vp] float32
         parts = self.comm.gather(local.contiguous())  # tp x [N, Vp] on rank 0

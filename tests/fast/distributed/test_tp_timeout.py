@@ -1,6 +1,11 @@
-"""A worker that is alive but stuck (SIGSTOP) makes rank 0's collective time out after
-``distributed_timeout_s``: ``generate`` raises ``CollectiveError`` naming the operation and the
-limit, never hangs, and the stuck worker is killed with the group."""
+"""Steps the group cannot finish, each with its own group (the group does not survive them):
+
+* a worker that is alive but stuck (SIGSTOP) makes rank 0's collective time out after
+  ``distributed_timeout_s``: ``generate`` raises ``CollectiveError`` naming the operation and the
+  limit, never hangs, and the stuck worker is killed with the group;
+* rank 0 raising inside its own forward (between the collectives the workers are in) takes the
+  group down at once: the caller gets rank 0's exception, later calls the group's end.
+"""
 
 from __future__ import annotations
 
@@ -44,5 +49,29 @@ def test_a_stuck_worker_times_out_the_step() -> None:
     with pytest.raises(
         TensorParallelGroupDownError, match="tensor-parallel (command|all_reduce) failed"
     ):
+        llm.generate(batch, params, use_tqdm=False)
+    llm.close()
+
+
+def test_rank_0_failing_inside_a_step_takes_the_group_down_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    llm = LLM(
+        tiny(4, 2, seed=9), tensor_parallel_size=2, num_gpu_blocks=16, max_model_len=32, **ENGINE
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    batch = prompts(seed=1, lens=(5,))
+
+    def broken(x: object) -> None:
+        raise RuntimeError("rank 0's final norm failed")
+
+    monkeypatch.setattr(llm.llm_engine.model.inner.model.norm, "forward", broken)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="final norm failed"):
+        llm.generate(batch, params, use_tqdm=False)
+    assert time.monotonic() - start < 10  # not the 300 s of a collective's timeout
+    assert llm.llm_engine.tensor_parallel.worker_pids == []  # killed with the group
+    assert not llm.llm_engine.has_unfinished_requests()
+    with pytest.raises(TensorParallelGroupDownError, match="rank 0 failed inside a step"):
         llm.generate(batch, params, use_tqdm=False)
     llm.close()
