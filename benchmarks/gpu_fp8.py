@@ -16,7 +16,7 @@ Writes ``DIR/fp8_h200.json`` (``--out DIR``), saved after every section.
   ``fp8bits`` is the same fp8 cache through the ``"bits"`` dequantization at
   :data:`BITS_CONFIG` (``speedup_bits``).
 * ``tune``: the fp8 decode kernel's (BLOCK_N, num_warps, num_stages) at the long shapes, for each
-  fp8 dequantization (``convert``, ``f16``, ``bits``).
+  fp8 dequantization (``convert``, ``f16``, ``bits``, ``bits_f16``).
 * ``capacity``: KV blocks (16 tokens) per GiB for Llama-3-8B in bf16 and fp8 (from the engine's
   own sizing, ``fast.engine.config.kv_bytes_per_block``).
 * ``engine``: benchmarks/gpu_engine.py's ShareGPT-like trace (128 requests, Llama-3-8B-shaped
@@ -64,6 +64,15 @@ TUNE_CONFIGS = (
 )
 #: The "bits" dequantization's sweep.
 BITS_CONFIGS = ((64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3), (256, 8, 3))
+#: The fp16-dot variants ("f16", "bits_f16"): the three that matter (about 90 s in all).
+F16_CONFIGS = ((64, 4, 3), (128, 4, 3), (128, 8, 3))
+#: mode -> (key prefix in the tune rows, configs).
+TUNE_MODES = {
+    "convert": ("bf16dq_", TUNE_CONFIGS),
+    "f16": ("f16dq_", F16_CONFIGS),
+    "bits": ("bits_", BITS_CONFIGS),
+    "bits_f16": ("bitsf16_", F16_CONFIGS),
+}
 #: The config the decode table's ``fp8bits`` column runs (``decode_config``'s for "bits").
 BITS_CONFIG = (128, 4, 3)
 
@@ -212,9 +221,10 @@ def decode_table(res: dict[str, Any]) -> None:
 
 def tune(res: dict[str, Any]) -> None:
     """The fp8 decode kernel's (BLOCK_N, warps, stages) per dequantization at
-    :data:`LONG_SHAPES`, beside the bf16 kernel's time: ``bf16dq`` (``"convert"``, the default),
-    ``f16dq`` (``"f16"``: hardware cvt to fp16, fp16 dots) and ``bits`` (``"bits"``: word loads,
-    prmt to fp16, fp16 dots; :data:`BITS_CONFIGS`)."""
+    :data:`LONG_SHAPES`, beside the bf16 kernel's time (:data:`TUNE_MODES`): ``bf16dq``
+    (``"convert"``, the default), ``f16dq`` (``"f16"``: hardware cvt to fp16, fp16 dots),
+    ``bits`` (``"bits"``: word loads, prmt to bf16 bits and an exact bf16 scale multiply, bf16
+    dots) and ``bitsf16`` (``"bits_f16"``: prmt to fp16, fp16 dots)."""
     import torch
     from gpu_attention import DT, HKV, HQ, D, bench_graph_ms, paged_pool
 
@@ -235,11 +245,7 @@ def tune(res: dict[str, Any]) -> None:
         row["bf16_us"] = round(bench_graph_ms(lambda: triton_paged_decode(
             q, kp, vp, bt, lens, bdims, scale=D**-0.5, sliding_window=None, softcap=None,
             num_splits=None, out=None)) * 1e3, 1)  # fmt: skip
-        for mode, prefix, configs in (
-            ("convert", "bf16dq_", TUNE_CONFIGS),
-            ("f16", "f16dq_", TUNE_CONFIGS),
-            ("bits", "bits_", BITS_CONFIGS),
-        ):
+        for mode, (prefix, configs) in TUNE_MODES.items():
             for cfg in configs:
 
                 def run(c: tuple[int, int, int] = cfg, m: str = mode) -> Any:

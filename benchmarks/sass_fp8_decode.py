@@ -12,7 +12,7 @@ that version first on the path, e.g. ``pip install --target /tmp/t36 triton==3.6
 
 Shapes are Llama-3-8B's heads (Hq 32, Hkv 8, D 128), page 16, one split, bf16 queries. For each
 variant it prints the main loop's length in SASS instructions per warp and per BLOCK_N tile,
-the counts that matter (HMMA, conversions F2F/F2FP, byte loads LDS.U8, PRMT, LDSM, cp.async
+the counts that matter (HMMA, conversions F2F/F2FP, byte loads LDS.U8, PRMT, HMUL2, LDSM, cp.async
 LDGSTS, register moves), registers per thread, local memory (spills), shared memory, the K/V
 shared buffers, programs per SM, and a per-tile budget at 4 warps per program: the cycles the
 tile's K/V bytes take at 4.4 TB/s over 132 SMs at 1.98 GHz (16.8 B/cycle/SM) against the
@@ -40,6 +40,7 @@ VARIANTS = (  # (name, cache dtype in Triton's signature, fp8 dequantization)
     ("fp8 convert", "fp8e4nv", "convert"),
     ("fp8 f16", "fp8e4nv", "f16"),
     ("fp8 bits", "fp8e4nv", "bits"),
+    ("fp8 bits_f16", "fp8e4nv", "bits_f16"),
 )
 DEFAULT_CONFIGS = ((64, 4, 3), (64, 8, 4), (128, 4, 3), (128, 8, 3), (256, 8, 3))
 KEYS = (
@@ -51,6 +52,7 @@ KEYS = (
     "LDSM",
     "LDGSTS",
     "IMAD.MOV",
+    "HMUL2",
     "MUFU",
 )
 HBM_BYTES_PER_CYCLE = 4.4e12 / 132 / 1.98e9  # per SM
@@ -95,8 +97,9 @@ def compile_variant(cache: str, mode: str | None, block_n: int, warps: int, stag
         "PRECISION": "tf32",
         "DOT_F32": False,
         "FP8": fp8,
-        "FP8_F16": mode in ("f16", "bits"),
-        "FP8_BITS": mode == "bits",
+        "FP8_F16": mode in ("f16", "bits_f16"),
+        "FP8_BITS": mode in ("bits", "bits_f16"),
+        "BITS_BF16": mode == "bits",
         "E5M2": False,
         "PRMT_ASM": True,
     }
@@ -214,7 +217,9 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"triton": triton.__version__, "rows": rows}, indent=1)
+        )
 
 
 if __name__ == "__main__":

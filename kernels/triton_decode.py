@@ -48,88 +48,147 @@ __all__ = [
     "FP8_DEQUANT_MODES",
     "DEFAULT_FP8_DEQUANT",
     "fp8_dequant_mode",
-    "fp8_bits_to_f16",
+    "fp8_bits_dequant",
 ]
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
 
 
-#: PTX for one word of four e4m3 codes -> two fp16x2 words: ``prmt`` with sign-replicating
-#: selectors gives ``[s1*0xFF, c1, s0*0xFF, c0]`` (and ``c3, c2``), the mask keeps the sign as bit
-#: 8 and the magnitude as bits 0..6 of each half, the shift moves them to bits 15 and 7..13.
-_E4M3_PRMT = tl.constexpr(
-    "{\n.reg .b32 t0, t1;\n"
-    "prmt.b32 t0, $2, 0, 0x9180;\nprmt.b32 t1, $2, 0, 0xB3A2;\n"
-    "and.b32 t0, t0, 0x017F017F;\nand.b32 t1, t1, 0x017F017F;\n"
-    "shl.b32 $0, t0, 7;\nshl.b32 $1, t1, 7;\n}"
-)
-#: e5m2 codes are fp16's top bytes: ``[c1, 0, c0, 0]`` and ``[c3, 0, c2, 0]``.
-_E5M2_PRMT = tl.constexpr("prmt.b32 $0, $2, 0, 0x1404;\nprmt.b32 $1, $2, 0, 0x3424;")
+def _prmt_asm(shift: int, mask: int, scale: int | None) -> str:
+    """PTX: one word of four fp8 codes -> two words of two 16-bit floats. ``prmt`` with
+    sign-replicating selectors makes ``[s1 * 0xFF, c1, s0 * 0xFF, c0]`` (``0x9180``) and
+    ``[.., c3, .., c2]`` (``0xB3A2``); shifting by ``shift`` and masking with ``mask`` leaves a
+    replicated sign bit at bit 15 and the code's 7 magnitude bits in the target's exponent and
+    mantissa fields; ``scale`` (a bf16x2 power of two) multiplies by the exponent bias
+    difference (exact)."""
+    lines = [
+        "{",
+        ".reg .b32 t0, t1, f, z;",
+        "prmt.b32 t0, $2, 0, 0x9180;",
+        "prmt.b32 t1, $2, 0, 0xB3A2;",
+        f"shl.b32 t0, t0, {shift};",
+        f"shl.b32 t1, t1, {shift};",
+    ]
+    if scale is None:
+        lines += [f"and.b32 $0, t0, {mask:#x};", f"and.b32 $1, t1, {mask:#x};"]
+    else:
+        lines += [
+            f"and.b32 t0, t0, {mask:#x};",
+            f"and.b32 t1, t1, {mask:#x};",
+            f"mov.b32 f, {scale:#x};",
+            "mov.b32 z, 0x80008000;",  # + (-0, -0): keeps the sign of zeros
+            "fma.rn.bf16x2 $0, t0, f, z;",
+            "fma.rn.bf16x2 $1, t1, f, z;",
+        ]
+    return "\n".join(lines + ["}"])
+
+
+#: e4m3 -> fp16 bits: sign to 15, magnitude to 7..13 = the value times 2^-8.
+_E4M3_F16 = tl.constexpr(_prmt_asm(7, 0xBF80BF80, None))
+#: e5m2 -> fp16: the same value (e5m2 is fp16's top byte): ``[c1, 0, c0, 0]``, ``[c3, 0, c2, 0]``.
+_E5M2_F16 = tl.constexpr("prmt.b32 $0, $2, 0, 0x1404;\nprmt.b32 $1, $2, 0, 0x3424;")
+#: e4m3 -> bf16: sign to 15, magnitude to 4..10 (the value times 2^-120), times 2^120 (0x7B80).
+_E4M3_BF16 = tl.constexpr(_prmt_asm(4, 0x87F087F0, 0x7B807B80))
+#: e5m2 -> bf16: magnitude to 5..11 (the value times 2^-112), times 2^112 (0x7780).
+_E5M2_BF16 = tl.constexpr(_prmt_asm(5, 0x8FE08FE0, 0x77807780))
 
 
 @triton.jit
-def _fp8_words_to_f16(
-    w, E5M2: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, PRMT_ASM: tl.constexpr
-):
-    """[ROWS, COLS / 4] uint32 words of four fp8 codes (little-endian) -> [ROWS, COLS] float16.
+def _prmt(w, ASM: tl.constexpr):
+    return tl.inline_asm_elementwise(
+        ASM, "=r,=r,r", [w], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1
+    )
 
-    Integer operations only, no conversion instructions. An e5m2 code is the top byte of the
-    fp16 of the same value (``c << 8``). An e4m3 code's magnitude bits go to fp16 bits 7..13 and
-    its sign to bit 15, which is the code's value times ``2^-8`` (subnormals included: e4m3's
-    ``m * 2^-9`` becomes fp16's subnormal ``m * 2^-17``), so the kernel multiplies the logit
-    scale and the output by 256 (exact). On the GPU two ``prmt`` per word place the bytes
-    (``PRMT_ASM``); the interpreter runs the same map in Triton integer operations: each 32-bit
-    word pair ``[0, c1, 0, c0]`` gets its sign bit added to itself (a carry from bit 7 into the
-    zero bit 8), then shifted by 7.
+
+@triton.jit
+def _fp8_words_dequant(
+    w,
+    E5M2: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    PRMT_ASM: tl.constexpr,
+    BF16: tl.constexpr,
+):
+    """[ROWS, COLS / 4] 32-bit words of four fp8 codes (little-endian) -> [ROWS, COLS] float16
+    (``BF16`` False) or bfloat16, with integer operations instead of conversion instructions.
+
+    fp16: an e5m2 code is the top byte of the fp16 of its value; an e4m3 code's magnitude bits
+    go to fp16 bits 7..13 and its sign to bit 15, which is the value times ``2^-8`` (subnormals
+    too: e4m3's ``m * 2^-9`` is fp16's subnormal ``m * 2^-17``), so the kernel multiplies the
+    logit scale and the output by 256 (exact). bf16: the magnitude bits go to bits 4..10 (e4m3)
+    or 5..11 (e5m2), the value times ``2^-120`` or ``2^-112``, and one bf16x2 multiply by the
+    power of two restores it exactly: the same bf16 values as ``k.to(torch.bfloat16)``. On the
+    GPU (``PRMT_ASM``) two ``prmt`` per word place the bytes; the interpreter runs the same maps
+    in Triton operations on each 16-bit half ``[0, c]``.
     """
     w = w.to(tl.uint32, bitcast=True)
     if PRMT_ASM:
-        if E5M2:
-            lo, hi = tl.inline_asm_elementwise(
-                _E5M2_PRMT, "=r,=r,r", [w], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1
-            )
+        if BF16:
+            if E5M2:
+                lo, hi = _prmt(w, _E5M2_BF16)
+            else:
+                lo, hi = _prmt(w, _E4M3_BF16)
         else:
-            lo, hi = tl.inline_asm_elementwise(
-                _E4M3_PRMT, "=r,=r,r", [w], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1
-            )
-    elif E5M2:
-        lo = ((w & 0xFF) << 8) | ((w & 0xFF00) << 16)  # [c1, 0, c0, 0]
-        hi = ((w >> 8) & 0xFF00) | (w & 0xFF000000)  # [c3, 0, c2, 0]
+            if E5M2:
+                lo, hi = _prmt(w, _E5M2_F16)
+            else:
+                lo, hi = _prmt(w, _E4M3_F16)
     else:
         lo = (w & 0xFF) | ((w & 0xFF00) << 8)  # [0, c1, 0, c0]
         hi = ((w >> 16) & 0xFF) | ((w >> 8) & 0xFF0000)  # [0, c3, 0, c2]
-        lo = (lo + (lo & 0x800080)) << 7
-        hi = (hi + (hi & 0x800080)) << 7
-    a0 = (lo & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)  # code 4j
-    a1 = (lo >> 16).to(tl.uint16).to(tl.float16, bitcast=True)  # 4j + 1
-    a2 = (hi & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)  # 4j + 2
-    a3 = (hi >> 16).to(tl.uint16).to(tl.float16, bitcast=True)  # 4j + 3
+        sign_lo = (lo & 0x800080) << 8  # bit 7 -> bit 15 of each half
+        sign_hi = (hi & 0x800080) << 8
+        shift: tl.constexpr = (5 if E5M2 else 4) if BF16 else (8 if E5M2 else 7)
+        lo = ((lo & 0x7F007F) << shift) | sign_lo
+        hi = ((hi & 0x7F007F) << shift) | sign_hi
+    if BF16 and not PRMT_ASM:  # bf16 bits as float32's top half (float32 keeps subnormals),
+        bias: tl.constexpr = 2.0**112 if E5M2 else 2.0**120  # times the power of two: exact
+        a0 = (((lo & 0xFFFF) << 16).to(tl.float32, bitcast=True) * bias).to(tl.bfloat16)
+        a1 = ((lo & 0xFFFF0000).to(tl.float32, bitcast=True) * bias).to(tl.bfloat16)
+        a2 = (((hi & 0xFFFF) << 16).to(tl.float32, bitcast=True) * bias).to(tl.bfloat16)
+        a3 = ((hi & 0xFFFF0000).to(tl.float32, bitcast=True) * bias).to(tl.bfloat16)
+    elif BF16:
+        a0 = (lo & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)  # code 4j
+        a1 = (lo >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)  # 4j + 1
+        a2 = (hi & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)  # 4j + 2
+        a3 = (hi >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)  # 4j + 3
+    else:
+        a0 = (lo & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+        a1 = (lo >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+        a2 = (hi & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+        a3 = (hi >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
     x = tl.join(tl.join(a0, a2), tl.join(a1, a3))  # [ROWS, COLS/4, 2, 2]: (j, i, o) -> 4j+2i+o
     return tl.reshape(x, (ROWS, COLS))
 
 
 @triton.jit
 def _fp8_words_kernel(
-    w_ptr, o_ptr, E5M2: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, PRMT_ASM: tl.constexpr
+    w_ptr,
+    o_ptr,
+    E5M2: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    PRMT_ASM: tl.constexpr,
+    BF16: tl.constexpr,
 ):
     r = tl.arange(0, ROWS)
     c = tl.arange(0, COLS)
     w = tl.load(w_ptr + r[:, None] * (COLS // 4) + tl.arange(0, COLS // 4)[None, :])
-    tl.store(
-        o_ptr + r[:, None] * COLS + c[None, :], _fp8_words_to_f16(w, E5M2, ROWS, COLS, PRMT_ASM)
-    )
+    x = _fp8_words_dequant(w, E5M2, ROWS, COLS, PRMT_ASM, BF16)
+    tl.store(o_ptr + r[:, None] * COLS + c[None, :], x)
 
 
-def fp8_bits_to_f16(codes: torch.Tensor) -> torch.Tensor:
+def fp8_bits_dequant(codes: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """The ``"bits"`` dequantization on its own: fp8 codes [R, C] (R, C powers of two, C >= 4)
-    -> float16 [R, C], the codes' values times ``2^-8`` for e4m3 and times 1 for e5m2.
+    -> [R, C] of ``dtype``: bfloat16 gives the codes' values; float16 gives them times ``2^-8``
+    for e4m3 (the kernel folds the 256 into its scales) and times 1 for e5m2.
 
-    Runs the kernel's word map (the ``prmt`` PTX on a GPU, Triton integer operations in the
+    Runs the kernel's word map (the ``prmt`` PTX on a GPU, Triton operations in the
     interpreter), so a test can check it on every code.
     """
     rows, cols = codes.shape
-    out = torch.empty(rows, cols, dtype=torch.float16, device=codes.device)
+    out = torch.empty(rows, cols, dtype=dtype, device=codes.device)
     words = codes.contiguous().view(torch.uint8).view(torch.int32)
     _fp8_words_kernel[(1,)](
         words,
@@ -138,6 +197,7 @@ def fp8_bits_to_f16(codes: torch.Tensor) -> torch.Tensor:
         ROWS=rows,
         COLS=cols,
         PRMT_ASM=not interpreting(),
+        BF16=dtype == torch.bfloat16,
     )
     return out
 
@@ -173,6 +233,7 @@ def _decode_kernel(
     FP8: tl.constexpr,
     FP8_F16: tl.constexpr,
     FP8_BITS: tl.constexpr,
+    BITS_BF16: tl.constexpr,
     E5M2: tl.constexpr,
     PRMT_ASM: tl.constexpr,
 ):
@@ -204,7 +265,9 @@ def _decode_kernel(
         q = q.to(tl.float32)
     if FP8:  # one KV head per program: fold its scales into the logit scale and the output
         scale_log2 = scale_log2 * tl.load(ks_ptr + kvh)
-        if FP8_BITS and not E5M2:  # undo the e4m3 bit dequantization's 2^-8 (exact)
+        if (
+            FP8_BITS and not BITS_BF16 and not E5M2
+        ):  # undo the e4m3 bit dequantization's 2^-8 (exact)
             scale_log2 = scale_log2 * 256.0
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
@@ -228,8 +291,8 @@ def _decode_kernel(
                 w_mask = ok[:, None] & (wcols[None, :] < D // 4)
             kw = tl.load(kw_ptr + w_off[:, None] + wcols[None, :], mask=w_mask, other=0)
             vw = tl.load(vw_ptr + w_off[:, None] + wcols[None, :], mask=w_mask, other=0)
-            k = _fp8_words_to_f16(kw, E5M2, BLOCK_N, BLOCK_D, PRMT_ASM)
-            v = _fp8_words_to_f16(vw, E5M2, BLOCK_N, BLOCK_D, PRMT_ASM)
+            k = _fp8_words_dequant(kw, E5M2, BLOCK_N, BLOCK_D, PRMT_ASM, BITS_BF16)
+            v = _fp8_words_dequant(vw, E5M2, BLOCK_N, BLOCK_D, PRMT_ASM, BITS_BF16)
         else:
             kv_off = page * stride_kb + (n % PAGE).to(tl.int64) * (HKV * D) + head_off  # int64
             if BLOCK_D == D:
@@ -263,7 +326,7 @@ def _decode_kernel(
         m_i = m_new
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty split: l = 0, acc = 0 -> 0
     if FP8:
-        if FP8_BITS and not E5M2:
+        if FP8_BITS and not BITS_BF16 and not E5M2:
             o = o * (tl.load(vs_ptr + kvh) * 256.0)
         else:
             o = o * tl.load(vs_ptr + kvh)
@@ -315,13 +378,14 @@ def decode_config(head_dim: int, dtype: torch.dtype, fp8_dequant: str = "") -> t
 
     Tuned on an H200 for 64, 128 and 256; any other dim takes the config of its padded tile width
     (the next power of two: 80 and 96 that of 128, 160 to 240 that of 256), since the registers
-    and shared memory a program holds scale with the padded width. ``"bits"`` takes 128 keys per
-    tile up to width 128 (offline analysis, docs/fp8.md; not yet timed).
+    and shared memory a program holds scale with the padded width. ``"bits"`` and
+    ``"bits_f16"`` take 128 keys per tile up to width 128 (offline analysis, docs/fp8.md; not
+    yet timed).
     """
     if interpreting():
         return 16, 1, 1
     width = padded_head_dim(head_dim)
-    if fp8_dequant == "bits":
+    if fp8_dequant in ("bits", "bits_f16"):
         return (128, 4, 3) if width <= 128 else (32, 4, 2)
     if dtype == torch.float32:
         return (32, 4, 2) if width <= 128 else (16, 4, 2)
@@ -333,11 +397,15 @@ def decode_config(head_dim: int, dtype: torch.dtype, fp8_dequant: str = "") -> t
 #: * ``"convert"``: ``k.to(q.dtype)``; for bf16 queries Triton converts e4m3 -> fp16 -> bf16, one
 #:   conversion instruction per element plus one per pair (the default);
 #: * ``"f16"``: the hardware fp8x2 -> fp16x2 conversion and fp16 dots (bf16 q rounded to fp16);
-#: * ``"bits"``: K/V loaded as 32-bit words of four codes and placed into fp16 bits with integer
-#:   operations (two ``prmt`` per word on the GPU), the e4m3 factor ``2^-8`` folded into the
-#:   scales, fp16 dots (bf16 q rounded to fp16). Needs a q of fp16 or bf16 and 4-byte aligned
-#:   rows; otherwise ``"convert"`` runs.
-FP8_DEQUANT_MODES = ("convert", "f16", "bits")
+#: * ``"bits"``: K/V loaded as 32-bit words of four codes and placed into the bits of q's dtype
+#:   with integer operations (two ``prmt`` per word on the GPU): for bf16, then one exact bf16x2
+#:   multiply by a power of two, giving the same values and dots as ``"convert"``; for fp16, the
+#:   e4m3 factor ``2^-8`` folded into the scales;
+#: * ``"bits_f16"``: as ``"bits"`` into fp16 for any q, fp16 dots (bf16 q rounded to fp16).
+#:
+#: All but ``"convert"`` need fp16 or bf16 queries, and the ``"bits"`` modes rows that are 4-byte
+#: aligned; otherwise ``"convert"`` runs.
+FP8_DEQUANT_MODES = ("convert", "f16", "bits", "bits_f16")
 #: The mode an fp8 cache gets when the caller names none (the H200 comparison is pending).
 DEFAULT_FP8_DEQUANT = "convert"
 
@@ -346,8 +414,8 @@ def fp8_dequant_mode(
     mode: str | None, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 ) -> str:
     """The fp8 dequantization that runs: ``mode`` (default :data:`DEFAULT_FP8_DEQUANT`) where the
-    inputs allow it, else ``"convert"``. ``"f16"`` and ``"bits"`` need fp16 or bf16 queries;
-    ``"bits"`` also a block stride and base addresses that keep every row 4-byte aligned.
+    inputs allow it, else ``"convert"``: all but ``"convert"`` need fp16 or bf16 queries, the
+    ``"bits"`` modes also a block stride and base addresses that keep every row 4-byte aligned.
 
     >>> q = torch.zeros(1, 4, 64, dtype=torch.bfloat16)
     >>> kc = torch.zeros(2, 16, 1, 64, dtype=torch.float8_e4m3fn)
@@ -359,7 +427,7 @@ def fp8_dequant_mode(
         raise ValueError(f"fp8_dequant={mode!r}: one of {', '.join(FP8_DEQUANT_MODES)}")
     if mode != "convert" and q.dtype not in (torch.float16, torch.bfloat16):
         return "convert"
-    if mode == "bits" and (
+    if mode.startswith("bits") and (
         k_cache.stride(0) % 4 or k_cache.data_ptr() % 4 or v_cache.data_ptr() % 4
     ):
         return "convert"
@@ -445,8 +513,9 @@ def triton_paged_decode(
         PRECISION=precision,
         DOT_F32=dot_f32,
         FP8=kv_scales is not None,
-        FP8_F16=mode in ("f16", "bits") and q.dtype == torch.bfloat16,
-        FP8_BITS=mode == "bits",
+        FP8_F16=mode in ("f16", "bits_f16") and q.dtype == torch.bfloat16,
+        FP8_BITS=mode.startswith("bits"),
+        BITS_BF16=mode == "bits" and q.dtype == torch.bfloat16,
         E5M2=k_cache.dtype == torch.float8_e5m2,
         PRMT_ASM=not interpreting(),
         num_warps=warps,

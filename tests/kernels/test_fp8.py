@@ -119,7 +119,7 @@ def test_torch_fp8_prefill_meets_spec_and_bound(case: AttentionCase) -> None:
     check_prefill(attention_impl("torch"), build_case(case))
 
 
-FP8_DEQUANT = ["convert", "f16", "bits"]  # kernels.triton_decode.FP8_DEQUANT_MODES
+FP8_DEQUANT = ["convert", "f16", "bits", "bits_f16"]  # triton_decode.FP8_DEQUANT_MODES
 
 
 @pytest.mark.parametrize("mode", FP8_DEQUANT)
@@ -160,30 +160,47 @@ def test_triton_fp8_decode_variants_run_and_meet_the_spec(
     check_decode(attention_impl("triton"), built)
 
 
-@pytest.mark.parametrize("name", sorted(FP8))
-def test_bits_dequantization_is_exact_on_every_code(name: str) -> None:
-    """The "bits" map (Triton integer operations here) gives every finite code's value, times
-    2^-8 for e4m3, with its sign; the mode refuses inputs it cannot take."""
-    from kernels.triton_decode import fp8_bits_to_f16, fp8_dequant_mode
+def _check_bits_map(name: str, dtype: torch.dtype, device: str) -> None:
+    from kernels.triton_decode import fp8_bits_dequant
 
     codes = torch.arange(256, dtype=torch.uint8).repeat(4).view(FP8[name]).reshape(16, 64)
-    got = fp8_bits_to_f16(codes).double()
-    want = codes.double() * (2.0**-8 if name == "fp8_e4m3" else 1.0)
+    got = fp8_bits_dequant(codes.to(device), dtype)
+    assert got.dtype == dtype
+    got = got.cpu().double()
+    scale = 2.0**-8 if name == "fp8_e4m3" and dtype == torch.float16 else 1.0
+    want = codes.double() * scale
     finite = torch.isfinite(want)
     assert int(finite.sum()) == 4 * (254 if name == "fp8_e4m3" else 248)
     assert torch.equal(got[finite], want[finite])
     assert torch.equal(torch.signbit(got[finite]), torch.signbit(want[finite]))  # -0.0 too
+
+
+@pytest.mark.parametrize("name", sorted(FP8))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bits_dequantization_is_exact_on_every_code(name: str, dtype: torch.dtype) -> None:
+    """The "bits" maps (Triton operations here) give every finite code's value with its sign:
+    in bf16 the value itself, in fp16 times 2^-8 for e4m3; the modes refuse inputs they cannot
+    take."""
+    from kernels.triton_decode import fp8_dequant_mode
+
+    _check_bits_map(name, dtype, "cpu")
     q = torch.zeros(1, 2, 64, dtype=torch.bfloat16)
     kc = torch.zeros(3, 8, 1, 64, dtype=FP8[name])
-    assert fp8_dequant_mode("bits", q.float(), kc, kc) == "convert"  # fp32 q: no fp16 dots
+    assert fp8_dequant_mode("bits", q.float(), kc, kc) == "convert"  # fp32 q
     odd = torch.zeros(3 * 8 * 64 + 1, dtype=FP8[name])[1:].view(3, 8, 1, 64)  # 1-byte offset
-    assert fp8_dequant_mode("bits", q, odd, odd) == "convert"
-    with pytest.raises(ValueError, match="one of convert, f16, bits"):
+    assert fp8_dequant_mode("bits_f16", q, odd, odd) == "convert"
+    with pytest.raises(ValueError, match="one of convert, f16, bits, bits_f16"):
         fp8_dequant_mode("int8", q, kc, kc)
 
 
+def _bf16x2(word: int) -> list[float]:
+    halves = np.array([word & 0xFFFF, word >> 16], dtype=np.uint32) << 16
+    return [float(x) for x in halves.view(np.float32)]
+
+
 def _run_ptx(asm: str, word: int) -> tuple[int, int]:
-    """The kernel's prmt/and/shl PTX on one 32-bit word (PTX ISA semantics), -> ($0, $1)."""
+    """The kernel's prmt/shl/and/mov/fma.rn.bf16x2 PTX on one 32-bit word (PTX ISA semantics),
+    -> ($0, $1)."""
     regs: dict[str, int] = {"$2": word}
     for line in asm.replace("{", "").replace("}", "").split(";"):
         parts = line.replace(",", " ").split()
@@ -204,6 +221,15 @@ def _run_ptx(asm: str, word: int) -> tuple[int, int]:
             out = val[0] & val[1]
         elif op == "shl.b32":
             out = (val[0] << val[1]) & 0xFFFFFFFF
+        elif op == "mov.b32":
+            out = val[0]
+        elif op == "fma.rn.bf16x2":  # only exact products here: a * 2^k + (-0)
+            res = []
+            for a, b, c in zip(_bf16x2(val[0]), _bf16x2(val[1]), _bf16x2(val[2]), strict=True):
+                r = np.float32(a * b + c)  # exact: a power-of-two scaling, no rounding
+                assert float(r) == a * b + c
+                res.append(int(np.array([r], dtype=np.float32).view(np.uint32)[0]) >> 16)
+            out = res[0] | (res[1] << 16)
         else:
             raise AssertionError(f"unmodelled PTX {op}")
         regs[dst] = out
@@ -211,20 +237,30 @@ def _run_ptx(asm: str, word: int) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("name", sorted(FP8))
-def test_bits_prmt_ptx_gives_the_same_bits_on_every_code(name: str) -> None:
-    """The GPU's PTX for the "bits" map, run through a model of prmt/and/shl, puts every code
-    in every byte position where the interpreter's Triton operations put it."""
-    from kernels.triton_decode import _E4M3_PRMT, _E5M2_PRMT
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_bits_prmt_ptx_gives_the_same_bits_on_every_code(name: str, dtype: str) -> None:
+    """The GPU's PTX for the "bits" maps, run through a model of prmt/shl/and (and the bf16
+    scale multiply), puts every code in every byte position at the value the interpreter's
+    Triton operations give."""
+    from kernels import triton_decode as td
 
-    asm = (_E4M3_PRMT if name == "fp8_e4m3" else _E5M2_PRMT).value
-    scale = 2.0**-8 if name == "fp8_e4m3" else 1.0
+    e4 = name == "fp8_e4m3"
+    asms = {
+        "float16": td._E4M3_F16 if e4 else td._E5M2_F16,
+        "bfloat16": td._E4M3_BF16 if e4 else td._E5M2_BF16,
+    }
+    asm = asms[dtype].value
+    scale = 2.0**-8 if e4 and dtype == "float16" else 1.0
     values = torch.arange(256, dtype=torch.uint8).view(FP8[name]).double() * scale
     rng = np.random.default_rng(0)
     words = [c * 0x01010101 for c in range(256)] + rng.integers(0, 2**32, 2000).tolist()
     for word in words:
         lo, hi = _run_ptx(asm, int(word))
         halves = np.array([lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16], dtype=np.uint16)
-        got = halves.view(np.float16).astype(np.float64)
+        if dtype == "float16":
+            got = halves.view(np.float16).astype(np.float64)
+        else:
+            got = (halves.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
         want = values[[(int(word) >> (8 * i)) & 0xFF for i in range(4)]].numpy()
         finite = np.isfinite(want)
         assert np.array_equal(got[finite], want[finite]), hex(int(word))
@@ -347,6 +383,25 @@ def test_gpu_write_kv_quantizes_bit_exactly_as_the_spec(name: str, backend: str)
 @GPU_CI
 @given(case=fp8_attention_cases(GPU_LIMITS))
 def test_gpu_triton_fp8_decode_meets_spec_and_bound(case: AttentionCase) -> None:
+    check_decode(attention_impl("triton"), build_case(case, "cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(FP8))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_bits_prmt_dequantization_is_exact_on_every_code(name: str, dtype: torch.dtype) -> None:
+    """The "bits" PTX (prmt, and the bf16x2 scale multiply with subnormal inputs) on the GPU."""
+    _check_bits_map(name, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", FP8_DEQUANT)
+@GPU_CI
+@given(case=fp8_attention_cases(GPU_LIMITS))
+def test_gpu_triton_fp8_decode_variants_meet_spec_and_bound(
+    case: AttentionCase, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("kernels.triton_decode.DEFAULT_FP8_DEQUANT", mode)
     check_decode(attention_impl("triton"), build_case(case, "cuda"))
 
 
