@@ -11,6 +11,9 @@ The conventions, from llama.cpp's ``convert_hf_to_gguf.py`` (its ``conversion/``
 ``gguf-py/gguf/constants.py`` and the hyperparameter loading in ``src/``:
 
 * ``llama``: Q and K rows are permuted per head (rotary halves interleaved); undone here.
+  ``rope.scaling.type`` ``linear`` is read here, Llama 3's scaling keys and ``rope_freqs`` by
+  :meth:`ModelConfig.from_gguf <fast.model.config.ModelConfig.from_gguf>`; any other type (YaRN)
+  is refused. Every architecture takes an ``attention.scale`` key as its score scale.
   ``qwen2``, ``qwen3``, ``gemma2``, ``gemma3`` and ``phi3`` are stored as Hugging Face has them
   (llama.cpp runs them with NeoX-style rope, Hugging Face's own layout).
 * ``qwen3``: per-head ``attn_q_norm`` / ``attn_k_norm``; ``attention.key_length`` is the head
@@ -59,7 +62,12 @@ from typing import Any
 
 from fast.loader.dequant import dequantize
 from fast.loader.gguf_file import GGUFTensor
-from fast.model.config import InvalidModelConfigError, LongRopeScaling, ModelConfig
+from fast.model.config import (
+    InvalidModelConfigError,
+    LinearRopeScaling,
+    LongRopeScaling,
+    ModelConfig,
+)
 from fast.model.registry import gguf_architecture
 
 __all__ = ["CONVENTIONS", "GGUFConventions", "config_from_gguf"]
@@ -221,15 +229,32 @@ def _attention_scalar(keys: _Keys, fields: Mapping[str, Any], layers_27b: int) -
     return float(fields["head_dim"])
 
 
+def _with_scale(keys: _Keys, config: ModelConfig) -> ModelConfig:
+    """An ``attention.scale`` key sets the score scale (as ``query_pre_attn_scalar``)."""
+    scale = keys.get("attention.scale")
+    return config if scale is None else replace(config, query_pre_attn_scalar=float(scale) ** -2)
+
+
 def _read_llama(metadata: Mapping[str, Any], tensors: Tensors) -> ModelConfig:
+    arch = str(metadata["general.architecture"])
+    keys = _Keys(metadata, arch)
+    kind = keys.get("rope.scaling.type")
+    if kind not in (None, "none", "linear", "llama3"):  # llama3: scaling.factor and friends
+        raise InvalidModelConfigError(
+            f"GGUF rope scaling type of {arch} must be none, linear or llama3",
+            rope_scaling_type=kind,
+        )
     config = ModelConfig.from_gguf(
         metadata,
         tie_word_embeddings="output.weight" not in tensors,
         vocab_size=tensors["token_embd.weight"].shape[0],
     )
+    if kind == "linear":  # from_gguf reads only Llama 3's scaling keys
+        factor = float(keys.need("rope.scaling.factor"))
+        config = replace(config, rope_scaling=LinearRopeScaling(factor))
     if _ROPE_FREQS in tensors:  # Llama 3.1+ files store rope scaling as factors
         config = replace(config, rope_freq_factors=_float_tensor(tensors, _ROPE_FREQS))
-    return config
+    return _with_scale(keys, config)
 
 
 def _read_qwen3(metadata: Mapping[str, Any], tensors: Tensors) -> ModelConfig:
@@ -250,7 +275,7 @@ def _read_qwen3(metadata: Mapping[str, Any], tensors: Tensors) -> ModelConfig:
     config = gguf_architecture("qwen3").read_hf_config(cfg)
     if _ROPE_FREQS in tensors:
         config = replace(config, rope_freq_factors=_float_tensor(tensors, _ROPE_FREQS))
-    return config
+    return _with_scale(keys, config)
 
 
 def _gemma_fields(keys: _Keys, tensors: Tensors, layers_27b: int) -> dict[str, Any]:
@@ -326,7 +351,7 @@ def _read_phi3(metadata: Mapping[str, Any], tensors: Tensors) -> ModelConfig:
             original_max_position_embeddings=original,
             attention_factor=float(attention),
         )
-    return replace(base, rotary_dim=rope_dim, rope_scaling=scaling)
+    return _with_scale(keys, replace(base, rotary_dim=rope_dim, rope_scaling=scaling))
 
 
 CONVENTIONS: dict[str, GGUFConventions] = {

@@ -59,7 +59,11 @@ from fast.loader.gguf import (  # noqa: E402
 )
 from fast.loader.gguf_arch import CONVENTIONS, config_from_gguf  # noqa: E402
 from fast.loader.gguf_file import GGUFTensor  # noqa: E402
-from fast.model.config import InvalidModelConfigError, LongRopeScaling  # noqa: E402
+from fast.model.config import (  # noqa: E402
+    InvalidModelConfigError,
+    LinearRopeScaling,
+    LongRopeScaling,
+)
 from fast.model.registry import ARCHITECTURES, UnsupportedArchitectureError  # noqa: E402
 
 T = gguf.GGMLQuantizationType
@@ -541,6 +545,13 @@ def test_metadata_conventions() -> None:
     md, tensors = _metadata("phi3", **{"rope.dimension_count": 16, "attention.sliding_window": 0})
     c = config_from_gguf(md, tensors)
     assert (c.rotary_dimension, c.sliding_window, c.architecture) == (16, None, "Phi3ForCausalLM")
+    # Llama: linear rope scaling (Llama 3's keys are ModelConfig.from_gguf's), a stored scale
+    md, tensors = _metadata(
+        "llama",
+        **{"rope.scaling.type": "linear", "rope.scaling.factor": 4.0, "attention.scale": 0.125},
+    )
+    c = config_from_gguf(md, tensors)
+    assert c.rope_scaling == LinearRopeScaling(4.0) and c.attention_scale == 0.125
 
 
 @pytest.mark.parametrize(
@@ -548,6 +559,7 @@ def test_metadata_conventions() -> None:
     [
         ("qwen3", {"attention.sliding_window": 8}, None, "sliding_window=8"),
         ("qwen3", {"rope.scaling.type": "yarn"}, None, "rope_scaling_type='yarn'"),
+        ("qwen2", {"rope.scaling.type": "yarn"}, None, "rope_scaling_type='yarn'"),
         ("gemma3", {"rope.dimension_count": 16}, None, "rope_dimension_count=16"),
         ("gemma2", {"attention.value_length": 16}, None, "value_length=16"),
         ("phi3", {"rope.scaling.type": "longrope"}, None, "without rope_factors"),
