@@ -170,7 +170,7 @@ class TensorParallelDriver:
             try:
                 message = conn.recv()
             except (EOFError, OSError):  # it ended before saying anything
-                proc.join(START_TIMEOUT_S)
+                proc.join(_REPORT_WAIT_S)
                 raise WorkerDiedError(rank, proc.exitcode) from None
             if message[0] != what:
                 raise self._message_error(rank, message)

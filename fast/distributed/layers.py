@@ -123,6 +123,11 @@ class TensorParallelCausalLM(nn.Module):
             raise
         return out
 
+    def use_fused_ops(self, on: bool = True) -> None:
+        """The local model's :meth:`~fast.model.llama.LlamaForCausalLM.use_fused_ops` (the
+        fused kernels are per token and per head: a shard runs them as the whole model does)."""
+        self.inner.use_fused_ops(on)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] (rank 0's) -> logits [N, V] float32 on rank 0; on a worker its own
         slice [N, Vp] (unused)."""
