@@ -74,7 +74,7 @@ TUNE_MODES = {
     "bits_f16": ("bitsf16_", F16_CONFIGS),
 }
 #: The config the decode table's ``fp8bits`` column runs (``decode_config``'s for "bits").
-BITS_CONFIG = (128, 4, 3)
+BITS_CONFIG = (64, 4, 3)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -14,8 +14,9 @@ Shapes are Llama-3-8B's heads (Hq 32, Hkv 8, D 128), page 16, one split, bf16 qu
 variant it prints the main loop's length in SASS instructions per warp and per BLOCK_N tile,
 the counts that matter (HMMA, conversions F2F/F2FP, byte loads LDS.U8, PRMT, HMUL2, LDSM, cp.async
 LDGSTS, register moves), registers per thread, local memory (spills), shared memory, the K/V
-shared buffers, programs per SM, and a per-tile budget at 4 warps per program: the cycles the
-tile's K/V bytes take at 4.4 TB/s over 132 SMs at 1.98 GHz (16.8 B/cycle/SM) against the
+shared buffers, programs per SM (and the waves that the long shapes' 512 programs take on 132
+SMs: a fraction past 1 leaves a tail of one program per SM), and a per-tile budget: the
+cycles the tile's K/V bytes take at 4.4 TB/s over 132 SMs at 1.98 GHz (16.8 B/cycle/SM) against the
 issue cycles (warp instructions / 4 schedulers) and the conversion-pipe cycles
 (F2F + F2FP at 16 lanes per SM per cycle, the rate CUDA documents for type conversions).
 """
@@ -189,6 +190,7 @@ def analyse(
         "shared_bytes": shared,
         "kv_buffers": buffers[-2:] if len(buffers) >= 2 else buffers,
         "programs_per_sm": per_sm,
+        "waves_at_512_programs": round(512 / (132 * max(per_sm, 1)), 2),
         "mem_cycles_per_tile": round(tile_bytes / HBM_BYTES_PER_CYCLE),
         "issue_cycles_per_tile": round(len(loop) * warps / 4),
         "convert_cycles_per_tile": round(conversions * 32 * warps / 16),

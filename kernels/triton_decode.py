@@ -378,15 +378,15 @@ def decode_config(head_dim: int, dtype: torch.dtype, fp8_dequant: str = "") -> t
 
     Tuned on an H200 for 64, 128 and 256; any other dim takes the config of its padded tile width
     (the next power of two: 80 and 96 that of 128, 160 to 240 that of 256), since the registers
-    and shared memory a program holds scale with the padded width. ``"bits"`` and
-    ``"bits_f16"`` take 128 keys per tile up to width 128 (offline analysis, docs/fp8.md; not
-    yet timed).
+    and shared memory a program holds scale with the padded width. The fp8 dequantizations
+    take the same (``"bits"`` at 64 keys keeps 128 registers: 4 programs per SM, one wave for
+    the 512 programs of the long shapes; offline analysis, docs/fp8.md, not yet timed).
     """
     if interpreting():
         return 16, 1, 1
     width = padded_head_dim(head_dim)
-    if fp8_dequant in ("bits", "bits_f16"):
-        return (128, 4, 3) if width <= 128 else (32, 4, 2)
+    if fp8_dequant in ("bits", "bits_f16"):  # as bf16's (4 programs per SM at D 128)
+        return (64, 4, 3) if width <= 128 else (32, 4, 2)
     if dtype == torch.float32:
         return (32, 4, 2) if width <= 128 else (16, 4, 2)
     return (64, 4, 3) if width <= 128 else (32, 4, 2)
