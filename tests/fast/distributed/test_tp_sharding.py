@@ -115,3 +115,10 @@ def test_the_command_line_takes_the_size() -> None:
     assert serve.tensor_parallel_size == 4 and "tensor_parallel_size" in SERVE_ENGINE_OPTIONS
     with pytest.raises(SystemExit):
         parser.parse_args(["generate", "hi", "--tensor-parallel-size", "0"])
+
+
+def test_a_misspelled_size_is_an_error_naming_the_real_one() -> None:
+    from fast.api.errors import UnknownArgumentError
+
+    with pytest.raises(UnknownArgumentError, match="did you mean tensor_parallel_size"):
+        LLM(tiny(4, 2, seed=0), tensor_paralel_size=2, num_gpu_blocks=16, **ENGINE)
