@@ -162,13 +162,23 @@ class _Keys:
             raise InvalidModelConfigError(f"GGUF metadata lacks {full!r}", arch=self.arch)
         return self.metadata[full]
 
+    def count(self, name: str, default: int | None = None) -> int:
+        """A size or count: one non-negative integer (llama.cpp also writes per-layer lists,
+        which these architectures do not have)."""
+        value = self.need(name) if default is None else self.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidModelConfigError(
+                "GGUF metadata value must be a non-negative integer", **{name: value}
+            )
+        return value
+
 
 def _hf_fields(keys: _Keys, tensors: Tensors) -> dict[str, Any]:
     """The config.json fields every new architecture stores under the same GGUF keys."""
-    heads = int(keys.need("attention.head_count"))
-    hidden = int(keys.need("embedding_length"))
-    head_dim = int(keys.get("attention.key_length", hidden // heads))
-    value_dim = int(keys.get("attention.value_length", head_dim))
+    heads = keys.count("attention.head_count")
+    hidden = keys.count("embedding_length")
+    head_dim = keys.count("attention.key_length", hidden // max(heads, 1))
+    value_dim = keys.count("attention.value_length", head_dim)
     if value_dim != head_dim:
         raise InvalidModelConfigError(
             "value heads of another size than the key heads are not supported",
@@ -180,14 +190,14 @@ def _hf_fields(keys: _Keys, tensors: Tensors) -> dict[str, Any]:
         architectures=[gguf_architecture(keys.arch).name],
         vocab_size=tensors["token_embd.weight"].shape[0],
         hidden_size=hidden,
-        intermediate_size=int(keys.need("feed_forward_length")),
-        num_hidden_layers=int(keys.need("block_count")),
+        intermediate_size=keys.count("feed_forward_length"),
+        num_hidden_layers=keys.count("block_count"),
         num_attention_heads=heads,
-        num_key_value_heads=int(keys.get("attention.head_count_kv", heads)),
+        num_key_value_heads=keys.count("attention.head_count_kv", heads),
         head_dim=head_dim,
         rms_norm_eps=float(keys.need("attention.layer_norm_rms_epsilon")),
         rope_theta=float(keys.get("rope.freq_base", 10000.0)),
-        max_position_embeddings=int(keys.need("context_length")),
+        max_position_embeddings=keys.count("context_length"),
         tie_word_embeddings="output.weight" not in tensors,
         bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
@@ -210,7 +220,7 @@ def _rope_scaling(keys: _Keys, allowed: tuple[str, ...]) -> dict[str, Any] | Non
 
 
 def _check_rope_dim(keys: _Keys, head_dim: int) -> None:
-    rope_dim = int(keys.get("rope.dimension_count", head_dim))
+    rope_dim = keys.count("rope.dimension_count", head_dim)
     if rope_dim != head_dim:
         raise InvalidModelConfigError(
             f"partial rotary embeddings are not supported for {keys.arch}",
@@ -322,7 +332,7 @@ def _read_gemma3(metadata: Mapping[str, Any], tensors: Tensors) -> ModelConfig:
 def _read_phi3(metadata: Mapping[str, Any], tensors: Tensors) -> ModelConfig:
     keys = _Keys(metadata, "phi3")
     fields = _hf_fields(keys, tensors)
-    rope_dim = int(keys.get("rope.dimension_count", fields["head_dim"]))
+    rope_dim = keys.count("rope.dimension_count", fields["head_dim"])
     window = keys.get("attention.sliding_window")
     _rope_scaling(keys, ("longrope",))  # refuses any other type by name
     base = gguf_architecture("phi3").read_hf_config(
@@ -340,7 +350,7 @@ def _read_phi3(metadata: Mapping[str, Any], tensors: Tensors) -> ModelConfig:
         )
     scaling: LongRopeScaling | None = None
     if present:
-        original = int(keys.need("rope.scaling.original_context_length"))
+        original = keys.count("rope.scaling.original_context_length")
         attention = keys.get("rope.scaling.attn_factor")
         if attention is None:
             s = base.max_position_embeddings / original

@@ -560,6 +560,7 @@ def test_metadata_conventions() -> None:
         ("qwen3", {"attention.sliding_window": 8}, None, "sliding_window=8"),
         ("qwen3", {"rope.scaling.type": "yarn"}, None, "rope_scaling_type='yarn'"),
         ("qwen2", {"rope.scaling.type": "yarn"}, None, "rope_scaling_type='yarn'"),
+        ("qwen3", {"attention.head_count_kv": [1, 2]}, None, r"head_count_kv.*\[1, 2\]"),
         ("gemma3", {"rope.dimension_count": 16}, None, "rope_dimension_count=16"),
         ("gemma2", {"attention.value_length": 16}, None, "value_length=16"),
         ("phi3", {"rope.scaling.type": "longrope"}, None, "without rope_factors"),
