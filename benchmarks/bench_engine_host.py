@@ -14,7 +14,7 @@ block of a small vocabulary), so the step time is the engine's own host work. ``
 with ShareGPT-like prompts (docs/workloads.md, seed 0) and ``steps + 8`` output tokens each are
 prefilled; then ``steps`` decode steps of all of them are timed. Both the batch-generation path
 (``step(finished_only=True)``, what ``LLM.generate`` uses) and the streaming path (``step()``,
-one output per request per step) are reported.
+one output per request per step, ``CUMULATIVE`` and ``DELTA`` outputs alternately) are reported.
 
 Writes ``benchmarks/results/engine_host.json`` unless ``--out`` says otherwise.
 """
@@ -84,17 +84,30 @@ def make_engine(seqs: int, caching: bool = True) -> Any:
 
 
 def run(
-    seqs: int, steps: int, finished_only: bool, profile: bool, caching: bool = True
+    seqs: int,
+    steps: int,
+    finished_only: bool,
+    profile: bool,
+    caching: bool = True,
+    kind: str = "CUMULATIVE",
 ) -> dict[str, Any]:
-    """Prefill ``seqs`` requests, then time ``steps`` decode steps of all of them."""
+    """Prefill ``seqs`` requests, then time ``steps`` decode steps of all of them (streaming
+    requests report as ``SamplingParams.output_kind`` ``kind`` says)."""
     from benchmarks.gpu_engine import sharegpt_trace
-    from fast.engine.sampling_params import SamplingParams
+    from fast.engine.sampling_params import RequestOutputKind, SamplingParams
 
     engine = make_engine(seqs, caching)
     prompts, _ = sharegpt_trace(seqs)
     for i, p in enumerate(prompts):
         engine.add_request(
-            str(i), p, SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+            str(i),
+            p,
+            SamplingParams(
+                temperature=0.0,
+                max_tokens=steps + 8,
+                ignore_eos=True,
+                output_kind=RequestOutputKind[kind],
+            ),
         )
     while engine.scheduler.waiting:  # prefill steps (not timed)
         engine.step(finished_only=finished_only)
@@ -117,6 +130,7 @@ def run(
     ms = 1000 * np.asarray(times)
     return {
         "finished_only": finished_only,
+        "output_kind": kind,
         "prefix_caching": caching,
         "seqs": seqs,
         "steps": steps,
@@ -141,13 +155,19 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/engine_host.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    on = args.prefix_caching == "on"
     if args.prefix_caching == "both":
-        plan = [(True, c) for _ in range(2) for c in (False, True)]
-    else:
-        plan = [(fo, args.prefix_caching == "on") for fo in (True, False)]
-    rows = [run(args.seqs, args.steps, fo, args.profile, c) for fo, c in plan]
+        plan = [(True, c, "CUMULATIVE") for _ in range(2) for c in (False, True)]
+    else:  # generate, then streaming with each output kind, twice alternating
+        kinds = ("CUMULATIVE", "DELTA")
+        plan = [(True, on, "CUMULATIVE")] + [(False, on, k) for _ in range(2) for k in kinds]
+    rows = [run(args.seqs, args.steps, fo, args.profile, c, k) for fo, c, k in plan]
     for r in rows:
-        path = "generate (finished_only)" if r["finished_only"] else "streaming step()"
+        path = (
+            "generate (finished_only)"
+            if r["finished_only"]
+            else f"streaming step(), {r['output_kind']} outputs"
+        )
         print(
             f"{args.label}: {path}, prefix caching {r['prefix_caching']}: {r['seqs']} seqs, "
             f"median {r['median_ms']} ms/step, mean {r['mean_ms']}, p90 {r['p90_ms']}"

@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from fast.engine.outputs import CompletionOutput, RequestOutput
+from fast.engine.sampling_params import RequestOutputKind, SamplingParams
 
 if TYPE_CHECKING:
     from fast.engine.engine import LLMEngine
@@ -75,11 +76,52 @@ class _OutputDelta:
 
 
 class DeltaEncoder:
-    """Turns cumulative outputs into deltas (the child's side; one per engine)."""
+    """Turns engine outputs into deltas (the child's side; one per engine): cumulative outputs
+    by comparing them with what was sent (:meth:`encode`), the engine's own ``DELTA`` outputs
+    as they are (:meth:`encode_delta`, what the child asks its engine for)."""
 
     def __init__(self) -> None:
         # request id -> (prompt logprobs sent, {index: (tokens sent, text sent, logprobs sent)})
         self._sent: dict[str, tuple[int, dict[int, tuple[int, str, int]]]] = {}
+        # DELTA requests that reported: request id -> length of its prompt logprobs (-1: none)
+        self._prompt_lps: dict[str, int] = {}
+
+    def encode_delta(self, out: RequestOutput) -> _OutputDelta:
+        """A ``RequestOutputKind.DELTA`` output (only what is new) -> its delta, in O(new)."""
+        first = out.request_id not in self._prompt_lps
+        plp = out.prompt_logprobs
+        plp_len = (-1 if plp is None else len(plp)) if first else self._prompt_lps[out.request_id]
+        if out.finished:
+            self._prompt_lps.pop(out.request_id, None)
+        else:
+            self._prompt_lps[out.request_id] = plp_len
+        return _OutputDelta(
+            out.request_id,
+            [
+                _CompletionDelta(
+                    c.index,
+                    c.token_ids,
+                    c.text,
+                    False,
+                    c.logprobs,
+                    c.cumulative_logprob,
+                    c.finish_reason,
+                    c.stop_reason,
+                )
+                for c in out.outputs
+            ],
+            out.finished,
+            out.metrics,
+            out.num_cached_tokens,
+            (out.prompt, out.prompt_token_ids) if first else None,
+            plp if first else None,
+            plp_len,
+        )
+
+    def forget(self, request_id: str) -> None:
+        """Drop a request the engine no longer knows."""
+        self._sent.pop(request_id, None)
+        self._prompt_lps.pop(request_id, None)
 
     def encode(self, out: RequestOutput) -> _OutputDelta:
         first = out.request_id not in self._sent
@@ -256,6 +298,17 @@ def _start_ignoring_sigint(proc: multiprocessing.process.BaseProcess) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
+def _as_delta(request_id: str, prompt: Any, params: Any = None) -> tuple[str, Any, Any]:
+    """The child's engine reports ``DELTA`` outputs (only what is new each step: the host
+    work of a step grows with the new tokens, not with every running request's length); the
+    parent rebuilds the cumulative ones (:class:`DeltaDecoder`)."""
+    if params is None:
+        params = SamplingParams()  # the engine's default, as add_request would take it
+    if isinstance(params, SamplingParams):  # anything else: add_request refuses it by name
+        params = replace(params, output_kind=RequestOutputKind.DELTA)
+    return request_id, prompt, params
+
+
 def _child_main(
     conn: multiprocessing.connection.Connection, model: Any, kwargs: Any, threads: int
 ) -> None:
@@ -303,18 +356,21 @@ def _child_main(
                 for name, arg in calls:
                     try:
                         if name == "add":
-                            engine.add_request(*arg)
+                            engine.add_request(*_as_delta(*arg))
                             answers.append((True, None))
                         elif name == "abort":
                             final = engine.abort_request(arg)
-                            answers.append((True, None if final is None else encoder.encode(final)))
+                            encoder.forget(arg)
+                            answers.append(
+                                (True, None if final is None else encoder.encode_delta(final))
+                            )
                         else:
                             raise EngineProcessError(f"unknown command {name!r}")
                     except Exception as exc:
                         answers.append((False, _portable(exc)))
                 conn.send(("reply", ident, answers, engine_counts(engine)))
             try:
-                deltas = [encoder.encode(o) for o in engine.step()]
+                deltas = [encoder.encode_delta(o) for o in engine.step()]
             except Exception as exc:  # rolled back by the engine; the server aborts the rest
                 conn.send(("error", None, _portable(exc), engine_counts(engine)))
                 continue

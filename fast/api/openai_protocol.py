@@ -907,12 +907,8 @@ class TextStreamer:
 
 
 def holdback_of(params: Any) -> int:
-    """Characters to hold back while streaming: ``len(longest stop string) - 1`` (0 with
-    ``include_stop_str_in_output``, where the text is never cut)."""
-    stops = params.stop or []
-    if params.include_stop_str_in_output or not stops:
-        return 0
-    return max(len(s) for s in stops) - 1
+    """Characters to hold back while streaming (``SamplingParams.text_holdback``)."""
+    return int(params.text_holdback)
 
 
 def now() -> int:

@@ -44,7 +44,7 @@ from fast.engine.outputs import (
     decode_logprobs,
 )
 from fast.engine.sampler import Sampler, SamplerOutput, token_logprobs
-from fast.engine.sampling_params import SamplingParams
+from fast.engine.sampling_params import RequestOutputKind, SamplingParams
 from fast.engine.scheduler import Scheduler, SchedulerCheckpoint, checkpoint, restore
 from fast.engine.sequence import Sequence, SequenceStatus
 from fast.engine.stop import StopChecker
@@ -222,6 +222,7 @@ class LLMEngine:
         self._stop = StopChecker(self.tokenizer, self.model_config, max_len)
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
+        self._cache_salts = itertools.count()  # private prefix-cache keys (prompt logprobs)
         self._requests: dict[str, list[Sequence]] = {}  # request id -> its n sequences
         self._generators: dict[int, torch.Generator] = {}
         self._children: dict[int, list[Sequence]] = {}  # parent seq id -> its unforked n - 1
@@ -229,6 +230,7 @@ class LLMEngine:
         self._num_cached: dict[str, int] = {}  # request id -> prefix-cache hits (tokens)
         self._unscheduled: set[str] = set()  # requests no step has scheduled yet
         self._prompt_logprobs: dict[str, PromptLogprobs] = {}  # requests that asked for them
+        self._sent: dict[str, _Sent] = {}  # DELTA requests: what their outputs reported
         self.stats = EngineStats()
         self._undo: _StepUndo | None = None  # the step in flight's saved state
         self._max_width = -(-max_len // cfg.block_size)  # blocks of the longest sequence
@@ -289,9 +291,10 @@ class LLMEngine:
             )
         params.check_vocab_size(vocab)
         # prompt logprobs need every prompt position computed: such a request gets a cache key
-        # of its own, so it never hits blocks of other requests (vLLM skips the lookup too)
+        # of its own, so it never hits blocks of other requests (vLLM skips the lookup too);
+        # unique per request, not per id: an id may come back once its request finished
         cache_key = (
-            f"pagedkv:prompt_logprobs:{request_id}"
+            f"pagedkv:prompt_logprobs:{request_id}:{next(self._cache_salts)}"
             if params.prompt_logprobs is not None and self.config.enable_prefix_caching
             else None
         )
@@ -328,7 +331,8 @@ class LLMEngine:
         """Stop a request now; its blocks go back to the pool. Unknown ids are ignored.
 
         Returns the request's final output (``finish_reason="abort"`` on the sequences that
-        were still running), or None for an unknown id.
+        were still running; for a ``DELTA`` request, what is new since its last output), or
+        None for an unknown id.
         """
         group = self._requests.pop(request_id, [])
         for seq in group:
@@ -342,7 +346,8 @@ class LLMEngine:
         if not group:
             return None
         self._metrics[request_id].finished(time.time())
-        final = self.request_output(group)
+        delta = group[0].sampling_params.output_kind == RequestOutputKind.DELTA
+        final = self._delta_output(group) if delta else self.request_output(group)
         self._forget(request_id)
         return final
 
@@ -352,6 +357,7 @@ class LLMEngine:
         self._num_cached.pop(request_id, None)
         self._unscheduled.discard(request_id)
         self._prompt_logprobs.pop(request_id, None)
+        self._sent.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
         """Some request is waiting, running or swapped."""
@@ -385,8 +391,12 @@ class LLMEngine:
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Run one step; return the requests that produced a token (finished ones included).
 
-        ``finished_only`` returns only the requests that finished in this step (what batch
-        generation needs; it saves building an output per running request per step).
+        ``finished_only`` returns only the requests that finished in this step, each with its
+        whole (cumulative) output (what batch generation needs; it saves building an output per
+        running request per step). Otherwise each request reports as its
+        ``SamplingParams.output_kind`` says: everything so far (``CUMULATIVE``, the default),
+        only what is new since its last output (``DELTA``, which costs the host time of the new
+        tokens only), or nothing until it finishes (``FINAL_ONLY``).
 
         A step is all or nothing: if anything raises inside it (the model, the sampler, the
         block manager, a KeyboardInterrupt), the engine is put back exactly as it was before
@@ -466,8 +476,10 @@ class LLMEngine:
                     self._generators.pop(seq.seq_id, None)
                     self._stop.finish(seq)
                 self._metrics[request_id].finished(now)
-            if done or not finished_only:
-                outputs.append(self.request_output(group))
+            kind = group[0].sampling_params.output_kind
+            if done or (not finished_only and kind != RequestOutputKind.FINAL_ONLY):
+                delta = kind == RequestOutputKind.DELTA and not finished_only
+                outputs.append(self._delta_output(group) if delta else self.request_output(group))
             if done:
                 self._forget(request_id)
         return outputs
@@ -497,7 +509,55 @@ class LLMEngine:
             completions,
             all(seq.is_finished for seq in group),
             prompt_logprobs=list(prompt_lps) if prompt_lps is not None else None,
-            metrics=dataclasses.replace(metrics) if metrics is not None else None,
+            metrics=copy.copy(metrics) if metrics is not None else None,
+            num_cached_tokens=self._num_cached.get(rid),
+        )
+
+    def _delta_output(self, group: list[Sequence]) -> RequestOutput:
+        """What is new in a ``DELTA`` request since its last output (``SamplingParams``'s
+        ``RequestOutputKind``): new token ids, new logprobs, and the new text up to
+        ``holdback`` characters before its end while the sequence runs (a stop string found
+        later cuts the text at most that far back, so no character sent is ever taken back).
+        Records what it reported in ``_sent`` (replaced, not mutated: a step's undo restores
+        the table)."""
+        first = group[0]
+        rid = first.request_id
+        sent = self._sent.get(rid)
+        if sent is None:
+            holdback = first.sampling_params.text_holdback
+            sent = _Sent(list(first.prompt_token_ids), True, {}, holdback)
+        marks = dict(sent.marks)
+        completions = []
+        for seq in group:
+            n_tok, n_chars, n_lps = marks.get(seq.index, (0, 0, 0))
+            new_ids = seq.token_ids[len(seq.prompt_token_ids) + n_tok :]
+            text = seq.output_text
+            end = len(text) if seq.is_finished else len(text) - sent.holdback
+            end = max(end, n_chars)
+            lps = None if seq.logprobs is None else seq.logprobs[n_lps:]
+            completions.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=text[n_chars:end],
+                    token_ids=new_ids,
+                    cumulative_logprob=seq.cumulative_logprob,
+                    logprobs=lps,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+            marks[seq.index] = (n_tok + len(new_ids), end, n_lps + len(lps or ()))
+        self._sent[rid] = _Sent(sent.prompt_token_ids, False, marks, sent.holdback)
+        prompt_lps = self._prompt_logprobs.get(rid) if sent.first else None
+        metrics = self._metrics.get(rid)
+        return RequestOutput(
+            rid,
+            first.prompt,
+            sent.prompt_token_ids,
+            completions,
+            all(seq.is_finished for seq in group),
+            prompt_logprobs=list(prompt_lps) if prompt_lps is not None else None,
+            metrics=copy.copy(metrics) if metrics is not None else None,
             num_cached_tokens=self._num_cached.get(rid),
         )
 
@@ -877,7 +937,18 @@ _TABLES = (
     "_num_cached",
     "_unscheduled",
     "_prompt_logprobs",
+    "_sent",
 )
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """What the ``DELTA`` outputs of one request have reported (replaced, never mutated)."""
+
+    prompt_token_ids: list[int]  # the request's prompt, copied once, shared by its outputs
+    first: bool  # no output yet (the next carries the prompt logprobs)
+    marks: dict[int, tuple[int, int, int]]  # sequence index -> (tokens, text chars, logprobs)
+    holdback: int  # characters withheld at the end of a running sequence's text
 
 
 def _cached_mask(manager: Any) -> np.ndarray:

@@ -24,6 +24,7 @@ UnknownSamplingParamError max_token ['max_tokens', 'min_tokens']
 from __future__ import annotations
 
 import difflib
+import enum
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -51,6 +52,21 @@ class UnknownSamplingParamError(InvalidSamplingParamsError, TypeError):
         self.suggestions = suggestions
         hint = f"; did you mean {', '.join(suggestions)}?" if suggestions else ""
         super().__init__(name, value, f"not a SamplingParams field{hint}")
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What a streaming engine step reports of a request (vLLM's ``RequestOutputKind``).
+
+    ``CUMULATIVE``: everything so far (each output repeats the earlier tokens and text).
+    ``DELTA``: only what is new since the request's last output -- the new token ids, the new
+    text (minus the last ``len(longest stop string) - 1`` characters while it runs, which a stop
+    string found later may still cut), the new logprobs; prompt logprobs in the first output
+    only. ``FINAL_ONLY``: one output, when the request finishes.
+    """
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass(frozen=True)
@@ -84,6 +100,8 @@ class SamplingParams:
             penalties: ``f(output_token_ids, logits)`` or
             ``f(prompt_token_ids, output_token_ids, logits)``, returning the new logits.
         detokenize, skip_special_tokens, include_stop_str_in_output: output text options.
+        output_kind: what ``LLMEngine.step()`` reports of the request each step
+            (:class:`RequestOutputKind`: everything so far, only what is new, or only the end).
     """
 
     n: int = 1
@@ -106,6 +124,7 @@ class SamplingParams:
     detokenize: bool = True
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __new__(cls, *args: Any, **kwargs: Any) -> SamplingParams:
         # Unknown keywords get a named error with close matches instead of a bare TypeError.
@@ -160,6 +179,10 @@ class SamplingParams:
                 raise bad(name, "must be a bool")
         if not isinstance(self.include_stop_str_in_output, bool):
             raise bad("include_stop_str_in_output", "must be a bool")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            if not _is_int(self.output_kind) or self.output_kind not in set(RequestOutputKind):
+                raise bad("output_kind", f"must be one of {[k.name for k in RequestOutputKind]}")
+            object.__setattr__(self, "output_kind", RequestOutputKind(self.output_kind))
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         if stop is not None:
             if not isinstance(stop, (list, tuple)):
@@ -214,6 +237,16 @@ class SamplingParams:
             or self.frequency_penalty != 0
             or self.repetition_penalty != 1
         )
+
+    @property
+    def text_holdback(self) -> int:
+        """Characters at the end of a running sequence's text a stream must withhold:
+        ``len(longest stop string) - 1``, since a stop string completed later cuts the text at
+        its start and no character sent can be taken back (0 with
+        ``include_stop_str_in_output``, where the text is never cut)."""
+        if not self.stop or self.include_stop_str_in_output:
+            return 0
+        return max(len(s) for s in self.stop) - 1
 
     @property
     def needs_history(self) -> bool:

@@ -213,6 +213,17 @@ def test_prompt_logprobs_with_prefix_caching_compute_every_position(model_dir: P
         for tok in b:
             assert math.isclose(a[tok].logprob, b[tok].logprob, abs_tol=1e-5)
     assert got.outputs[0].token_ids == want.outputs[0].token_ids == warm.outputs[0].token_ids
+    # the same request id twice through the engine (ids may come back once a request is
+    # done): the private key of the first must not give the second its blocks
+    engine = llm.llm_engine
+    for _ in range(2):
+        engine.add_request("same", prompt, greedy(2, prompt_logprobs=1))
+        outs = []
+        while engine.has_unfinished_requests():
+            outs += engine.step(finished_only=True)
+        (twice,) = outs
+        assert twice.num_cached_tokens == 0 and twice.prompt_logprobs is not None
+        assert len(twice.prompt_logprobs) == len(prompt["prompt_token_ids"])
     assert whole(llm)
 
 
