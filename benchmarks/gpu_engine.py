@@ -116,11 +116,12 @@ def check_tiny_fp32(enforce_eager: bool) -> dict[str, Any]:
     }
 
 
-#: engine variants: (prefix caching, chunked prefill)
+#: engine variants: (prefix caching, chunked prefill, fused_ops)
 CONFIGS = {
-    "default": (True, True),
-    "no_prefix_caching": (False, True),
-    "neither": (False, False),
+    "default": (True, True, False),
+    "no_prefix_caching": (False, True, False),
+    "neither": (False, False, False),
+    "fused": (True, True, True),  # the defaults with kernels.fused (EngineConfig.fused_ops)
 }
 
 
@@ -155,6 +156,7 @@ def throughput(
             enforce_eager=enforce_eager,
             enable_prefix_caching=CONFIGS[config][0],
             enable_chunked_prefill=CONFIGS[config][1],
+            fused_ops=CONFIGS[config][2],
             **engine_overrides,
         ),
     )
@@ -197,6 +199,7 @@ def throughput(
         "config": config,
         "enable_prefix_caching": CONFIGS[config][0],
         "enable_chunked_prefill": CONFIGS[config][1],
+        "fused_ops": CONFIGS[config][2],
         "prefix_cache_hits": engine.stats.prefix_cache_hits,
         "prefix_cache_queries": engine.stats.prefix_cache_queries,
         "requests": n,

@@ -103,7 +103,9 @@ def matmul_floor_graph(model: Any, b: int, head: bool = True) -> torch.cuda.CUDA
     return capture(run)
 
 
-def measure(model: Any, b: int, context: int, steps: int) -> dict[str, Any]:
+def measure(
+    model: Any, b: int, context: int, steps: int, fused_ops: bool = False
+) -> dict[str, Any]:
     """floor, captured forward and whole step for ``b`` sequences decoding."""
     from fast.engine.config import EngineConfig
     from fast.engine.engine import LLMEngine
@@ -120,6 +122,7 @@ def measure(model: Any, b: int, context: int, steps: int) -> dict[str, Any]:
             max_model_len=2048,
             gpu_memory_utilization=0.85,
             cuda_graph_batch_sizes=(b,),
+            fused_ops=fused_ops,
         ),
     )
     rng = np.random.default_rng(b)
@@ -144,6 +147,7 @@ def measure(model: Any, b: int, context: int, steps: int) -> dict[str, Any]:
     row = {
         "batch": b,
         "context": context,
+        "fused_ops": fused_ops,
         "floor_ms": round(floor, 3),
         "forward_ms": round(forward, 3),
         "step_ms": round(float(np.median(times)), 3),
@@ -173,7 +177,8 @@ def kv_floor_ms(batch: int, context: int) -> float:
 def svg(result: dict[str, Any], width: int = 640, height: int = 360) -> str:
     """Step time by batch size against the floors, as an SVG for the docs (no blank lines):
     x = batch (log2), y = ms; the weights' floor, weights + KV floor, captured forward, step."""
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if not r.get("fused_ops")]
+    fused = {r["batch"]: r for r in result["rows"] if r.get("fused_ops")}
     xs = [math.log2(r["batch"]) for r in rows]
     series = [
         ("weights floor", "#7f7f7f", [r["floor_ms"] for r in rows]),
@@ -185,6 +190,8 @@ def svg(result: dict[str, Any], width: int = 640, height: int = 360) -> str:
         ("captured forward", "#2ca02c", [r["forward_ms"] for r in rows]),
         ("engine step", "#d62728", [r["step_ms"] for r in rows]),
     ]
+    if all(r["batch"] in fused for r in rows) and fused:
+        series.append(("step, fused ops", "#9467bd", [fused[r["batch"]]["step_ms"] for r in rows]))
     left, right, top, bottom = 60, 20, 40, 50
     x_hi = max(xs) or 1.0
     y_hi = math.ceil(max(max(v) for _, _, v in series) / 5) * 5
@@ -225,7 +232,7 @@ def svg(result: dict[str, Any], width: int = 640, height: int = 360) -> str:
         out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
         for x, y in zip(xs, vals):
             out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"/>')
-        lx = left + 10 + 140 * i
+        lx = left + 10 + (width - left - right) // len(series) * i
         out.append(f'<rect x="{lx}" y="{top - 14}" width="12" height="4" fill="{color}"/>')
         out.append(f'<text x="{lx + 16}" y="{top - 8}">{label}</text>')
     out.append("</svg>")
@@ -239,6 +246,13 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--svg-from", default=None, help="print the SVG plot of a results JSON")
+    parser.add_argument(
+        "--fused-ops",
+        choices=("off", "on", "both"),
+        default="both",
+        help="the engine's fused_ops (kernels.fused): both measures each batch size with and "
+        "without, one after the other",
+    )
     args = parser.parse_args()
     if args.svg_from:
         with open(args.svg_from) as f:
@@ -257,8 +271,9 @@ def main() -> None:
     loaded = random_model(ModelConfig.llama3_8b(), seed=0, dtype=torch.bfloat16, device="cuda")
     rows = []
     for b in sizes:
-        rows.append(measure(loaded, b, args.context, args.steps))
-        print(rows[-1], flush=True)
+        for fused in {"off": (False,), "on": (True,), "both": (False, True)}[args.fused_ops]:
+            rows.append(measure(loaded, b, args.context, args.steps, fused))
+            print(rows[-1], flush=True)
         gc.collect()
         torch.cuda.empty_cache()
     result = {

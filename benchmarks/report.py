@@ -131,6 +131,7 @@ def engine_tables() -> list[str]:
             "default": "prefix caching + chunked prefill (the defaults)",
             "no_prefix_caching": "chunked prefill, no prefix caching",
             "neither": "neither",
+            "fused": "the defaults with fused kernels (fused_ops)",
         }
         seen: set[str] = set()
         for r in g["runs"]:

@@ -51,6 +51,10 @@ class EngineConfig:
     ``tensor_parallel_size`` > 1 runs the model on that many processes (one per GPU on CUDA,
     gloo on the CPU), each collective bounded by ``distributed_timeout_s``
     (docs/tensor-parallel.md).
+
+    ``fused_ops`` runs each layer's rotary embedding + KV write, residual add + RMSNorm and
+    gated activation as the fused kernels of ``kernels.fused`` (docs/kernels.md); off by default
+    until measured on a GPU, and single-device for now.
     """
 
     block_size: int = 16
@@ -77,6 +81,7 @@ class EngineConfig:
     v_scale: float | tuple[float, ...] | None = None
     tensor_parallel_size: int = 1
     distributed_timeout_s: float = 300.0
+    fused_ops: bool = False
 
     def __post_init__(self) -> None:
         self._check_kv_cache()
@@ -93,6 +98,14 @@ class EngineConfig:
                 raise InvalidArgumentError(name, value, "must be >= 0")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
             raise InvalidArgumentError("num_gpu_blocks", self.num_gpu_blocks, "must be >= 1")
+        if not isinstance(self.fused_ops, bool):
+            raise InvalidArgumentError("fused_ops", self.fused_ops, "must be a bool")
+        if self.fused_ops and self.tensor_parallel_size > 1:
+            raise InvalidArgumentError(
+                "fused_ops",
+                self.fused_ops,
+                f"single-device for now; tensor_parallel_size is {self.tensor_parallel_size}",
+            )
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise InvalidArgumentError("dtype", self.dtype, f"one of auto, {sorted(_DTYPES)}")
 

@@ -236,6 +236,9 @@ class LLMEngine:
         self._max_width = -(-max_len // cfg.block_size)  # blocks of the longest sequence
         self._staging = HostStaging(self.device)
         self._graphs: Any = None
+        use_fused = getattr(self.model, "use_fused_ops", None)  # before warm-up: graphs
+        if use_fused is not None:  # capture what it chose (set both ways: models are shared)
+            use_fused(cfg.fused_ops)
         self.kv_scales: list[LayerKVScales] = []  # fp8 cache: per layer (docs/fp8.md)
         if is_fp8(self.kv_cache_dtype):
             self.kv_scales = install_kv_scales(

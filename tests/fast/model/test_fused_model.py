@@ -14,12 +14,14 @@ import pytest
 import torch
 
 import fast.model.layers as layers
+from fast.engine.config import EngineConfig
 from fast.engine.engine import LLMEngine
 from fast.engine.sampling_params import SamplingParams
 from fast.loader import LoadedModel, random_model
 from fast.model.attention_context import AttentionContext
 from fast.model.config import ModelConfig
 from fast.model.llama import allocate_kv_caches
+from spec.errors import InvalidArgumentError
 
 CFG = ModelConfig(
     vocab_size=96,
@@ -76,9 +78,11 @@ def test_fused_prefill_equals_unfused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _greedy(device: str, fused: bool, **engine: Any) -> list[list[int]]:
     model = random_model(CFG, seed=4, dtype=torch.float32, device=device)
-    if fused:
-        model.model.use_fused_ops()
-    e = LLMEngine(model, device=device, dtype="float32", block_size=4, max_num_seqs=4, **engine)
+    e = LLMEngine(
+        model, device=device, dtype="float32", block_size=4, max_num_seqs=4, fused_ops=fused,
+        **engine,
+    )  # fmt: skip
+    assert all(layer.fused == fused for layer in model.model.model.layers)
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     for i, p in enumerate(PROMPTS):
         e.add_request(str(i), p, params)
@@ -93,6 +97,13 @@ def _greedy(device: str, fused: bool, **engine: Any) -> list[list[int]]:
 def test_fused_engine_greedy_equals_unfused_with_chunked_prefill() -> None:
     args = dict(max_model_len=64, max_num_batched_tokens=8, enable_chunked_prefill=True)
     assert _greedy("cpu", True, **args) == _greedy("cpu", False, **args)
+
+
+def test_fused_ops_option_is_checked() -> None:
+    with pytest.raises(InvalidArgumentError, match="fused_ops"):
+        EngineConfig(fused_ops=1)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="single-device"):
+        EngineConfig(fused_ops=True, tensor_parallel_size=2)
 
 
 @pytest.mark.gpu
