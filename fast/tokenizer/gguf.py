@@ -3,21 +3,49 @@
 A GGUF file has no ``tokenizer.json``: llama.cpp stores the tokens (``tokenizer.ggml.tokens``),
 their types (normal, control, user-defined, byte), the merges or scores, and a pre-tokenizer
 name. The two BPE flavours are rebuilt here as ``tokenizers`` pipelines equal to the ones
-transformers builds for the same file.
+transformers builds for the same file. A SentencePiece vocabulary is not self-describing: Gemma's
+and Phi-3's files need conventions of their own, chosen by ``general.architecture`` (as
+transformers' and llama.cpp's loaders choose them), see :func:`tokenizer_from_gguf`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
 from fast.tokenizer.tokenizer import Tokenizer, TokenizerError
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+# Architectures whose SentencePiece ('llama') vocabulary has its own conventions.
+_GEMMA_ARCHS = frozenset({"gemma", "gemma2", "gemma3"})
+_PHI3_ARCHS = frozenset({"phi3"})
+# The special tokens transformers' SentencePiece tokenizer classes name by default, in the order
+# it registers them (bos, eos, unk, pad, mask): added as special tokens, at a new id when absent.
+_GEMMA_DEFAULT_SPECIALS = ("<bos>", "<eos>", "<unk>", "<pad>", "<mask>")
+_LLAMA_DEFAULT_SPECIALS = ("<s>", "</s>", "<unk>")
+_NAMED_SPECIAL_IDS = (  # the file's named special tokens, in the same order
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.unknown_token_id",
+    "tokenizer.ggml.padding_token_id",
+)
+
+
+class UnsupportedGGUFTokenizerError(TokenizerError):
+    """A GGUF file's tokenizer cannot be rebuilt exactly as transformers and llama.cpp build it:
+    refused, naming the file (``.path``) and the reason, instead of tokenizing text differently."""
+
+    def __init__(self, path: str | None, reason: str) -> None:
+        super().__init__(f"GGUF tokenizer of {path or 'this file'}: {reason}")
+        self.path = path
+        self.reason = reason
+
 
 # Pre-tokenizer split patterns for the GGUF ``tokenizer.ggml.pre`` names whose merges were learned
 # on a split other than GPT-2's (the default). Same patterns transformers uses for these files.
@@ -39,13 +67,28 @@ _PRE_SPLITS = {
 }
 
 
-def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> Tokenizer:
-    """Build from the ``tokenizer.ggml.*`` metadata of a GGUF file.
+def tokenizer_from_gguf(metadata: Mapping[str, Any], path: str | Path | None = None) -> Tokenizer:
+    """Build from the ``tokenizer.ggml.*`` metadata of a GGUF file (``path`` names it in errors).
 
     ``gpt2``: byte-level BPE from the stored tokens and merges (SmolLM2, Llama 3, Qwen2).
     ``llama``: SentencePiece-style BPE with byte fallback (Llama 2, Mistral); when the file
     stores no merges they are recovered from the token scores. Both match what transformers
-    builds for the same file.
+    builds for the same file. A ``llama`` vocabulary of a Gemma (``gemma``, ``gemma2``,
+    ``gemma3``) or Phi-3 (``phi3``) file follows that model's conventions instead:
+
+    * Gemma: no space is prepended to the text (the files say
+      ``tokenizer.ggml.add_space_prefix = false``), each space becomes U+2581; tokens made only of
+      whitespace with a space in them are stored with real spaces and are looked up as U+2581
+      runs; the merges (none are stored) are ranked by the tokens' order in the file, not by
+      their scores.
+    * Phi-3: the prefix space is prepended to each stretch of text between special tokens, not
+      only to the first (so ``" hi"`` starts with two U+2581).
+
+    Both add the file's BOS (``tokenizer.ggml.add_bos_token``, default true) and EOS
+    (``add_eos_token``) to every encoding, as transformers does, even to text that already starts
+    with BOS. A Gemma file saying ``add_space_prefix = true`` or a Phi-3 file saying ``false``
+    (transformers ignores the key, llama.cpp follows it), a stored merge that is not two tokens
+    and a special token id outside the vocabulary raise :class:`UnsupportedGGUFTokenizerError`.
 
     A byte-level vocabulary of eight tokens (``Ġ`` spells the space byte) with two merges:
 
@@ -71,6 +114,10 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> Tokenizer:
         )
     tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
     types: list[int] = list(metadata.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+    arch = metadata.get("general.architecture")
+    if kind == "llama" and (arch in _GEMMA_ARCHS or arch in _PHI3_ARCHS):
+        where = None if path is None else str(path)
+        return _model_sentencepiece(metadata, tokens, types, arch in _GEMMA_ARCHS, where)
     backend = (
         _byte_level_bpe(metadata, tokens)
         if kind == "gpt2"
@@ -103,6 +150,148 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> Tokenizer:
         eos_token_ids=eos_ids,
         chat_template=metadata.get("tokenizer.chat_template"),
         add_bos_token=bool(add_bos),
+    )
+
+
+def _model_sentencepiece(
+    metadata: Mapping[str, Any],
+    tokens: list[str],
+    types: list[int],
+    gemma: bool,
+    path: str | None,
+) -> Tokenizer:
+    """Gemma's or Phi-3's SentencePiece vocabulary, built as transformers builds it: the BPE
+    pipeline of that model, then the added tokens in the order transformers adds them (its
+    tokenizer class's default special tokens, the file's control and user-defined tokens, the
+    file's named special tokens), which decides their ids and which ones decoding skips."""
+    model = "Gemma" if gemma else "Phi-3"
+    prefix = metadata.get("tokenizer.ggml.add_space_prefix")
+    if prefix is not None and bool(prefix) != (not gemma):
+        raise UnsupportedGGUFTokenizerError(
+            path,
+            f"tokenizer.ggml.add_space_prefix = {bool(prefix)} in a {model} vocabulary, whose "
+            f"tokenizer {'never' if gemma else 'always'} prepends a space (transformers ignores "
+            f"the key, llama.cpp follows it)",
+        )
+    if gemma:  # whitespace-only tokens are stored with real spaces: look them up as U+2581
+        spelled = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    else:
+        spelled = tokens
+    vocab = {t: i for i, t in enumerate(spelled)}
+    if "tokenizer.ggml.merges" in metadata:
+        merges: list[tuple[str, str]] = []
+        for merge in metadata["tokenizer.ggml.merges"]:
+            parts = merge.split(" ")
+            if len(parts) != 2:
+                raise UnsupportedGGUFTokenizerError(
+                    path, f"the stored merge {merge!r} is not two tokens separated by one space"
+                )
+            merges.append((parts[0], parts[1]))
+    elif gemma:  # the file's order is the merge order; the scores are not
+        merges = _merges_from_scores(vocab, {t: -float(i) for i, t in enumerate(spelled)})
+    else:
+        scores = list(metadata.get("tokenizer.ggml.scores", [0.0] * len(tokens)))
+        merges = _merges_from_scores(vocab, dict(zip(spelled, scores)))
+    named: list[str] = []
+    for key in _NAMED_SPECIAL_IDS:
+        value = metadata.get(key)
+        if value is None:
+            continue
+        if not 0 <= int(value) < len(tokens):
+            raise UnsupportedGGUFTokenizerError(
+                path, f"{key} = {value} is outside the vocabulary of {len(tokens)} tokens"
+            )
+        named.append(tokens[int(value)])
+    defaults: tuple[str, ...]
+    decode: list[decoders.Decoder] = [
+        decoders.Replace("\u2581", " "),
+        decoders.ByteFallback(),
+        decoders.Fuse(),
+    ]
+    if gemma:
+        backend = Backend(
+            models.BPE(
+                vocab=vocab, merges=merges, fuse_unk=True, unk_token="<unk>", byte_fallback=True
+            )
+        )
+        backend.normalizer = normalizers.Replace(" ", "\u2581")
+        backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        defaults = _GEMMA_DEFAULT_SPECIALS
+        named.append("<mask>")
+    else:
+        backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
+        backend.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+        )
+        decode.append(decoders.Strip(" ", 1, 0))
+        defaults = _LLAMA_DEFAULT_SPECIALS
+    backend.decoder = decoders.Sequence(decode)
+    # The order matters: a token added twice keeps the last flags for encoding, and decoding
+    # skips it if it was ever added as special; a token absent from the vocabulary gets a new id.
+    backend.add_tokens([AddedToken(t, special=True) for t in defaults])
+    control = [
+        AddedToken(t, normalized=False, special=True)
+        for t, k in zip(tokens, types)
+        if k == _CONTROL
+    ]
+    if control:
+        backend.add_special_tokens(control)
+    known = backend.get_vocab()
+    user = [
+        AddedToken(t, normalized=False, special=False)
+        for t, k in zip(tokens, types)
+        if k == _USER_DEFINED and t in known
+    ]
+    if user:
+        backend.add_tokens(user)
+    added = {t.content for t in backend.get_added_tokens_decoder().values()}
+    missing = [t for i, t in enumerate(named) if t not in added and t not in named[:i]]
+    if missing:
+        backend.add_tokens([AddedToken(t, special=True) for t in missing])
+
+    def named_id(key: str) -> tuple[str, int] | None:
+        value = metadata.get(key)
+        if value is None:
+            return None
+        token = tokens[int(value)]
+        token_id = backend.token_to_id(token)
+        return None if token_id is None else (token, int(token_id))
+
+    bos, eos = named_id(_NAMED_SPECIAL_IDS[0]), named_id(_NAMED_SPECIAL_IDS[1])
+    add_bos = bos is not None and bool(metadata.get("tokenizer.ggml.add_bos_token", True))
+    add_eos = eos is not None and bool(metadata.get("tokenizer.ggml.add_eos_token", False))
+    single = " ".join(
+        ([f"{bos[0]}:0"] if add_bos and bos else [])
+        + ["$A:0"]
+        + ([f"{eos[0]}:0"] if add_eos and eos else [])
+    )
+    pair = " ".join(
+        [single]
+        + ([f"{bos[0]}:1"] if add_bos and bos else [])
+        + ["$B:1"]
+        + ([f"{eos[0]}:1"] if add_eos and eos else [])
+    )
+    special = ([bos] if add_bos and bos else []) + ([eos] if add_eos and eos else [])
+    try:
+        backend.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=special
+        )
+    except Exception as e:  # the Rust library raises a bare Exception on a bad template
+        raise UnsupportedGGUFTokenizerError(
+            path, f"its BOS/EOS tokens {special} cannot be written as a template ({e})"
+        ) from e
+    eos_ids = {
+        int(metadata[k])
+        for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+        if k in metadata
+    }
+    bos_id = metadata.get("tokenizer.ggml.bos_token_id")
+    return Tokenizer(
+        backend,
+        bos_token_id=int(bos_id) if bos_id is not None else None,
+        eos_token_ids=eos_ids,
+        chat_template=metadata.get("tokenizer.chat_template"),
+        add_bos_token=False,  # the post-processor adds BOS (and EOS) as transformers' does
     )
 
 
