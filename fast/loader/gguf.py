@@ -141,4 +141,4 @@ def load_gguf(
             dest.copy_(torch.from_numpy(weight))
         loaded.append(target)
     check_complete(model, loaded)
-    return model, tokenizer_from_gguf(metadata), config
+    return model, tokenizer_from_gguf(metadata, path), config
