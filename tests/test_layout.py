@@ -27,8 +27,18 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "fast.model": frozenset({"spec", "kernels"}),
     "fast.tokenizer": frozenset({"spec"}),
     "fast.loader": frozenset({"spec", "fast.model", "fast.tokenizer"}),
+    # tensor parallelism: below the engine, which hands it its step machinery (EngineKit)
+    "fast.distributed": frozenset({"spec", "kernels", "fast.model", "fast.loader"}),
     "fast.engine": frozenset(
-        {"spec", "kernels", "fast.blocks", "fast.model", "fast.loader", "fast.tokenizer"}
+        {
+            "spec",
+            "kernels",
+            "fast.blocks",
+            "fast.model",
+            "fast.loader",
+            "fast.tokenizer",
+            "fast.distributed",
+        }
     ),
     "fast.api": frozenset(
         {"spec", "fast.engine", "fast.loader", "fast.model", "fast.tokenizer", "kernels"}

@@ -40,10 +40,9 @@ from fast.distributed.errors import (
     WorkerFailedError,
 )
 from fast.distributed.layers import TensorParallelCausalLM, parallelize
-from fast.distributed.protocol import Op, header, pack_batch
+from fast.distributed.protocol import EngineKit, Op, StepBatch, header, pack_batch
 from fast.distributed.sharding import ShardPlan, plan_sharding, shard_parameter
 from fast.distributed.worker import WorkerSpec, worker_main
-from fast.engine.batch import HostBatch
 from fast.loader import LoadedModel
 from fast.loader.weights import empty_model
 from fast.model.config import ModelConfig
@@ -65,6 +64,7 @@ class TensorParallelDriver:
         tp_size: the number of ranks (>= 2).
         device: rank 0's device; rank ``r`` uses ``cuda:r`` on CUDA, the CPU otherwise.
         dtype: the model's dtype.
+        kit: the engine's step machinery, which the workers run.
         timeout_s: the limit of each collective once started (the start-up's is
             :data:`~fast.distributed.comm.START_TIMEOUT_S`).
 
@@ -78,6 +78,7 @@ class TensorParallelDriver:
         tp_size: int,
         device: torch.device,
         dtype: torch.dtype,
+        kit: EngineKit,
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         config: ModelConfig = loaded.config
@@ -97,6 +98,7 @@ class TensorParallelDriver:
         self.device = device
         self.dtype = dtype
         self.timeout_s = timeout_s
+        self.kit = kit
         self.local_config = self.plan.local_config(config, 0)
         self._down: TensorParallelError | None = None
         self._dir = tempfile.mkdtemp(prefix="pagedkv-tp-")
@@ -129,6 +131,7 @@ class TensorParallelDriver:
                 f"cuda:{rank}" if self.device.type == "cuda" else "cpu",
                 threads,
                 os.getpid(),
+                self.kit,
             )
             parent, child = ctx.Pipe()
             proc = ctx.Process(
@@ -176,7 +179,7 @@ class TensorParallelDriver:
                 raise self._message_error(rank, message)
 
     # -- the engine's hooks ----------------------------------------------------------------
-    def forward(self, batch: HostBatch) -> None:
+    def forward(self, batch: StepBatch) -> None:
         """Send the step's batch; the workers run their shard's forward on it."""
         head, payload = pack_batch(batch)
         self._command(head, payload)

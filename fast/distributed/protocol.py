@@ -1,9 +1,12 @@
 """rank 0's commands to the workers: an 8-int64 header, then (for some) one int64 payload.
 
-Both go over the control group (gloo, CPU). A step's model inputs travel as the engine's own
-:class:`~fast.engine.batch.HostBatch` (numpy arrays: token ids, positions, slots, block tables,
-lengths), so every rank uploads them and runs the same forward, eager or CUDA graph, as rank 0
-does. Opcodes and fields:
+Both go over the control group (gloo, CPU). A step's model inputs travel as the fields of the
+engine's own ``HostBatch`` (numpy arrays: token ids, positions, slots, block tables, lengths;
+:class:`StepBatch` here), rebuilt on the worker with the constructor the engine gives
+(:class:`EngineKit`), so every rank uploads them and runs the same forward, eager or CUDA graph,
+as rank 0 does. ``fast.distributed`` sits below ``fast.engine`` (the engine imports it), so the
+engine hands its step machinery down in an :class:`EngineKit` rather than being imported.
+Opcodes and fields:
 
 =============  =============================================  ====================================
 op             header fields after the op                    payload
@@ -25,13 +28,14 @@ SHUTDOWN       -                                               -
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from fast.engine.batch import HostBatch
-
-__all__ = ["Op", "HEADER", "header", "pack_batch", "unpack_batch"]
+__all__ = ["Op", "HEADER", "EngineKit", "StepBatch", "header", "pack_batch", "unpack_batch"]
 
 HEADER = 8  # int64 fields of a command header
 
@@ -50,6 +54,40 @@ class Op(enum.IntEnum):
     SHUTDOWN = 9
 
 
+class StepBatch(Protocol):
+    """The fields of a step's batch (``fast.engine.batch.HostBatch``'s), T tokens of B
+    sequences, N of them sampled."""
+
+    tokens: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slots: np.ndarray  # [T] int64
+    tables: np.ndarray  # [B, W] int32
+    seq_lens: np.ndarray  # [B] int32
+    cu_seqlens_q: np.ndarray  # [B + 1] int32
+    max_seqlen_q: int
+    decode: bool
+    sample_rows: np.ndarray  # [N] int64
+
+
+@dataclass(frozen=True)
+class EngineKit:
+    """The engine's step machinery a worker runs, given by the engine (module-level classes and
+    functions: they travel to the spawned worker by name).
+
+    ``batch``: the batch class (its fields in :class:`StepBatch` order); ``staging(device)``:
+    its uploader (``upload(batch) -> (ids, positions, ctx, rows)``); ``save_kv(caches, blocks,
+    device)`` / ``restore_kv(caches, saved)``: the rollback's KV copies; ``warm_up`` and
+    ``graphs``: the CUDA warm-up and decode-graph class (None off CUDA).
+    """
+
+    batch: Callable[..., Any]
+    staging: Callable[[torch.device], Any]
+    save_kv: Callable[..., Any]
+    restore_kv: Callable[..., None]
+    warm_up: Callable[..., None] | None = None
+    graphs: Callable[..., Any] | None = None
+
+
 def header(op: Op, *fields: int) -> torch.Tensor:
     """[HEADER] int64: the op and up to seven fields, zero-padded.
 
@@ -64,7 +102,7 @@ def header(op: Op, *fields: int) -> torch.Tensor:
     return out
 
 
-def pack_batch(batch: HostBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_batch(batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(header, payload [3T + BW + 2B + 1 + N] int64) of a step's batch."""
     t = int(batch.tokens.shape[0])
     b, w = batch.tables.shape
@@ -89,13 +127,17 @@ def payload_size(head: torch.Tensor) -> int:
     return 3 * t + b * w + 2 * b + 1 + n
 
 
-def unpack_batch(head: torch.Tensor, payload: torch.Tensor) -> HostBatch:
-    """The :class:`HostBatch` rank 0 packed (the dtypes the engine builds).
+def unpack_batch(head: torch.Tensor, payload: torch.Tensor, make: Callable[..., Any]) -> Any:
+    """``make(*fields)``: the batch rank 0 packed, its fields in :class:`StepBatch` order with
+    the dtypes the engine builds (``make`` is the engine's batch class).
 
-    >>> b = HostBatch(np.array([5, 6]), np.array([0, 1]), np.array([8, 9]),
-    ...               np.array([[2]], dtype=np.int32), np.array([2], dtype=np.int32),
-    ...               np.array([0, 2], dtype=np.int32), 2, False, np.array([1]))
-    >>> u = unpack_batch(*pack_batch(b))
+    >>> from types import SimpleNamespace as Batch
+    >>> fields = ("tokens positions slots tables seq_lens cu_seqlens_q max_seqlen_q decode "
+    ...           "sample_rows").split()
+    >>> b = Batch(**dict(zip(fields, (np.array([5, 6]), np.array([0, 1]), np.array([8, 9]),
+    ...     np.array([[2]], dtype=np.int32), np.array([2], dtype=np.int32),
+    ...     np.array([0, 2], dtype=np.int32), 2, False, np.array([1])))))
+    >>> u = unpack_batch(*pack_batch(b), lambda *f: Batch(**dict(zip(fields, f))))
     >>> u.tables.tolist(), u.tables.dtype, u.sample_rows.tolist(), u.decode
     ([[2]], dtype('int32'), [1], False)
     """
@@ -105,7 +147,7 @@ def unpack_batch(head: torch.Tensor, payload: torch.Tensor) -> HostBatch:
     for size in (t, t, t, b * w, b, b + 1, n):
         at.append(at[-1] + size)
     part = [a[at[i] : at[i + 1]] for i in range(7)]
-    return HostBatch(
+    return make(
         part[0].copy(),
         part[1].copy(),
         part[2].copy(),

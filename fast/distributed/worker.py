@@ -21,10 +21,8 @@ import torch
 import kernels
 from fast.distributed.comm import Communicator, make_groups
 from fast.distributed.layers import TensorParallelCausalLM, parallelize
-from fast.distributed.protocol import HEADER, Op, payload_size, unpack_batch
+from fast.distributed.protocol import HEADER, EngineKit, Op, payload_size, unpack_batch
 from fast.distributed.sharding import ShardPlan
-from fast.engine.batch import HostStaging
-from fast.engine.journal import SavedKV, restore_kv_blocks, save_kv_blocks
 from fast.loader.weights import empty_model
 from fast.model.config import ModelConfig
 from fast.model.llama import allocate_kv_caches
@@ -51,6 +49,7 @@ class WorkerSpec:
     device: str  # "cpu" or "cuda:<rank>"
     threads: int  # torch CPU threads
     parent_pid: int
+    kit: EngineKit  # the engine's step machinery
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -104,9 +103,10 @@ class Worker:
         self.model = TensorParallelCausalLM(model, self.comm, spec.config.vocab_size)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cpu_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.staging = HostStaging(self.device)
+        self.kit = spec.kit
+        self.staging = spec.kit.staging(self.device)
         self.graphs: Any = None
-        self.saved: SavedKV | None = None
+        self.saved: Any = None  # the rollback's KV copies (the engine's save_kv result)
         self.fail_at_forward = False  # Op.FAIL with its second field set (tests)
 
     def serve(self) -> None:
@@ -129,7 +129,7 @@ class Worker:
         """Carry out one command (its payload is read here)."""
         f = [int(x) for x in head[1:]]
         if op == Op.FORWARD:
-            batch = unpack_batch(head, self._payload(payload_size(head)))
+            batch = unpack_batch(head, self._payload(payload_size(head)), self.kit.batch)
             if self.fail_at_forward:  # rank 0 is about to wait in this step's all-reduce
                 raise InjectedFaultError(f"rank {self.spec.rank} was told to fail in a step")
             hidden = None
@@ -147,10 +147,11 @@ class Worker:
             pairs = self._payload(2 * (f[0] + f[1] + f[2])).view(-1, 2)  # [P, 2]
             self._cache_ops(pairs[: f[0]], pairs[f[0] : f[0] + f[1]], pairs[f[0] + f[1] :])
         elif op == Op.SAVE_KV:
-            self.saved = save_kv_blocks(self.kv_caches, self._payload(f[0]).numpy(), self.device)
+            blocks = self._payload(f[0]).numpy()  # [E]
+            self.saved = self.kit.save_kv(self.kv_caches, blocks, self.device)
         elif op == Op.RESTORE_KV:
             if self.saved is not None:
-                restore_kv_blocks(self.kv_caches, self.saved)
+                self.kit.restore_kv(self.kv_caches, self.saved)
             self.saved = None
         elif op == Op.ALLOCATE:
             dtype, c = self.spec.dtype, self.local_config
@@ -184,14 +185,9 @@ class Worker:
     def _graphs(self, max_width: int, limit: int, capture: bool, sizes: list[int]) -> None:
         """The engine's CUDA warm-up and decode-graph capture, in step with rank 0 (the
         all-reduces inside are captured into each rank's graphs)."""
-        from fast.engine.cuda_graphs import DecodeGraphs, warm_up
-
-        warm_up(self.model, self.kv_caches, self.device, max_width, sizes, limit)  # type: ignore[arg-type]
+        warm_up, graphs = self.kit.warm_up, self.kit.graphs
+        if warm_up is None or graphs is None:
+            raise ValueError("a CUDA warm-up was commanded, but the engine gave no CUDA kit")
+        warm_up(self.model, self.kv_caches, self.device, max_width, sizes, limit)
         if capture:
-            self.graphs = DecodeGraphs(
-                self.model,  # type: ignore[arg-type]
-                self.kv_caches,
-                self.device,
-                max_width,
-                sizes,
-            )
+            self.graphs = graphs(self.model, self.kv_caches, self.device, max_width, sizes)

@@ -196,11 +196,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.kv_cache_dtype = cache_dtype(cfg.kv_cache_dtype, self.dtype)  # fp8: 1 byte
         if tp > 1:  # rank 0 here, ranks 1..tp-1 spawned (docs/tensor-parallel.md)
-            from fast.distributed.driver import TensorParallelDriver
-
-            self.tensor_parallel = TensorParallelDriver(
-                loaded, tp, self.device, self.dtype, cfg.distributed_timeout_s
-            )
+            self.tensor_parallel = _start_tensor_parallel(loaded, cfg, self.device, self.dtype)
             self.model = self.tensor_parallel.model
         self.kv_caches = allocate_kv_caches(
             kv_config,
@@ -929,6 +925,25 @@ class LLMEngine:
             restore_kv_blocks(self.kv_caches, undo.kv)
             if self.tensor_parallel is not None:
                 self.tensor_parallel.restore_kv()
+
+
+def _start_tensor_parallel(
+    loaded: LoadedModel, cfg: EngineConfig, device: torch.device, dtype: torch.dtype
+) -> Any:
+    """The driver of ``cfg.tensor_parallel_size`` ranks; the workers run this engine's own
+    batch, uploads, KV rollback copies and CUDA warm-up/graphs (``EngineKit``)."""
+    from fast.distributed.driver import TensorParallelDriver
+    from fast.distributed.protocol import EngineKit
+
+    warm, graphs = None, None
+    if device.type == "cuda":
+        from fast.engine.cuda_graphs import DecodeGraphs, warm_up
+
+        warm, graphs = warm_up, DecodeGraphs
+    kit = EngineKit(HostBatch, HostStaging, save_kv_blocks, restore_kv_blocks, warm, graphs)
+    return TensorParallelDriver(
+        loaded, cfg.tensor_parallel_size, device, dtype, kit, cfg.distributed_timeout_s
+    )
 
 
 #: The engine's request records a step changes (saved as shallow copies before each step).
