@@ -18,12 +18,20 @@ tests hold the kernels to.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from kernels.backend import resolve_backend
+from kernels.cache_ops import check_write_kv
 from kernels.checks import FLOAT_DTYPES
-from kernels.errors import DeviceMismatchError, DTypeMismatchError, ShapeMismatchError
+from kernels.errors import (
+    DeviceMismatchError,
+    DTypeMismatchError,
+    KernelInputError,
+    ShapeMismatchError,
+)
 
 __all__ = ["rope_write_kv", "add_rms_norm", "silu_mul", "rotate_half"]
 
@@ -64,37 +72,51 @@ def rope_write_kv(
     """
     if qkv.dim() != 2:
         raise ShapeMismatchError("qkv", tuple(qkv.shape), "[T, (Hq + 2 Hkv) D]")
+    if qkv.dtype not in FLOAT_DTYPES:
+        raise DTypeMismatchError("qkv", _dt(qkv), "a float dtype")
     t = qkv.shape[0]
-    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ShapeMismatchError("v_cache", tuple(v_cache.shape), f"{tuple(k_cache.shape)}")
+    if k_cache.dim() != 4:
+        raise ShapeMismatchError("k_cache", tuple(k_cache.shape), "[N, bs, Hkv, D]")
     _, _, hkv, d = k_cache.shape
-    if num_heads < 1 or qkv.shape[1] != (num_heads + 2 * hkv) * d:
+    if isinstance(num_heads, bool) or num_heads < 1 or qkv.shape[1] != (num_heads + 2 * hkv) * d:
         raise ShapeMismatchError("qkv", tuple(qkv.shape), f"[{t}, ({num_heads} + 2*{hkv})*{d}]")
-    cos2, sin2 = cos.reshape(t, -1), sin.reshape(t, -1)  # [T, R]
-    r = cos2.shape[1] if t else 0
-    if t and (sin2.shape != cos2.shape or r > d or r % 2):
-        raise ShapeMismatchError("cos", tuple(cos.shape), f"[{t}, 1, R] with even R <= {d}")
-    if slot_mapping.shape != (t,):
-        raise ShapeMismatchError("slot_mapping", tuple(slot_mapping.shape), f"[{t}]")
-    for name, x in (("cos", cos2), ("sin", sin2), ("k_cache", k_cache), ("v_cache", v_cache)):
+    # the keys and values as write_kv takes them: the same checks (shapes, dtypes, the caches
+    # as a pair, slot dtype and range; an fp8 cache is refused here: it quantizes in write_kv)
+    k = qkv[:, num_heads * d : (num_heads + hkv) * d].reshape(t, hkv, d)  # [T, Hkv, D]
+    v = qkv[:, (num_heads + hkv) * d :].reshape(t, hkv, d)  # [T, Hkv, D]
+    check_write_kv(k, v, k_cache, v_cache, slot_mapping)
+    if k_cache.dtype != qkv.dtype:
+        raise DTypeMismatchError("k_cache", _dt(k_cache), _dt(qkv))
+    for name, x in (("cos", cos), ("sin", sin)):
         _check_float(name, x, qkv)
-    if slot_mapping.device != qkv.device:
-        raise DeviceMismatchError("slot_mapping", str(slot_mapping.device), str(qkv.device))
+        if x.shape not in ((t, 1, x.shape[-1]), (t, x.shape[-1])) or x.shape != cos.shape:
+            raise ShapeMismatchError(name, tuple(x.shape), f"[{t}, 1, R] or [{t}, R], as cos")
+    r = cos.shape[-1]
+    if r > d or r % 2 or r == 0:
+        raise ShapeMismatchError("cos", tuple(cos.shape), f"R even, 2 <= R <= {d}")
+    cos2, sin2 = cos.reshape(t, r), sin.reshape(t, r)  # [T, R]
+    if t == 0:
+        return qkv.new_empty(0, num_heads, d)
     if resolve_backend(backend, qkv.device) == "triton":
         from kernels.triton_fused import triton_rope_write_kv
 
+        if k_cache.stride()[1:] != (hkv * d, d, 1):  # the kernel packs [row, head, dim]
+            raise ShapeMismatchError(
+                "k_cache strides", tuple(k_cache.stride()), f"(any, {hkv * d}, {d}, 1)"
+            )
         qkv = qkv if qkv.stride(1) == 1 else qkv.contiguous()
+        cos2, sin2 = cos2.contiguous(), sin2.contiguous()
         return triton_rope_write_kv(qkv, cos2, sin2, k_cache, v_cache, slot_mapping, num_heads)
     qk = qkv[:, : (num_heads + hkv) * d].reshape(t, num_heads + hkv, d)  # [T, Hq + Hkv, D]
     c, s = cos2[:, None, :], sin2[:, None, :]  # [T, 1, R]
     rot = qk[..., :r] * c + rotate_half(qk[..., :r]) * s
     qk = torch.cat((rot, qk[..., r:]), dim=-1)  # [T, Hq + Hkv, D]
-    v = qkv[:, (num_heads + hkv) * d :].reshape(t, hkv, d)  # [T, Hkv, D]
     keep = slot_mapping >= 0
     rows = slot_mapping[keep].long()
-    nb, bs = k_cache.shape[:2]
-    k_cache.view(nb * bs, hkv, d).index_copy_(0, rows, qk[keep, num_heads:])
-    v_cache.view(nb * bs, hkv, d).index_copy_(0, rows, v[keep])
+    bs = k_cache.shape[1]
+    blocks, within = rows // bs, rows % bs
+    k_cache[blocks, within] = qk[keep, num_heads:]
+    v_cache[blocks, within] = v[keep]
     return qk[:, :num_heads].contiguous()
 
 
@@ -117,13 +139,24 @@ def add_rms_norm(
         raise ShapeMismatchError("weight", tuple(weight.shape), f"[{x.shape[1]}]")
     if x.dtype not in FLOAT_DTYPES:
         raise DTypeMismatchError("x", _dt(x), "a float dtype")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise DTypeMismatchError("weight", _dt(weight), "a float dtype")
+    for name, value in (("eps", eps), ("offset", offset)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise KernelInputError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value) or (name == "eps" and value < 0):
+            raise KernelInputError(
+                f"{name} must be finite{' and >= 0' if name == 'eps' else ''}, got {value}"
+            )
     _check_float("delta", delta, x)
     if weight.device != x.device:
         raise DeviceMismatchError("weight", str(weight.device), str(x.device))
     if resolve_backend(backend, x.device) == "triton":
         from kernels.triton_fused import triton_add_rms_norm
 
-        return triton_add_rms_norm(x.contiguous(), delta.contiguous(), weight, eps, offset)
+        return triton_add_rms_norm(
+            x.contiguous(), delta.contiguous(), weight.contiguous(), eps, offset
+        )
     total = x + delta  # [T, H]
     normed = F.rms_norm(total.float(), (x.shape[1],), None, eps)  # [T, H] float32
     return total, (normed * (weight.float() + offset)).to(x.dtype)
@@ -135,6 +168,8 @@ def silu_mul(gate_up: torch.Tensor, gelu: bool = False, *, backend: str = "auto"
         raise ShapeMismatchError("gate_up", tuple(gate_up.shape), "[T, 2F]")
     if gate_up.dtype not in FLOAT_DTYPES:
         raise DTypeMismatchError("gate_up", _dt(gate_up), "a float dtype")
+    if not isinstance(gelu, bool):
+        raise KernelInputError(f"gelu must be a bool, got {gelu!r}")
     if resolve_backend(backend, gate_up.device) == "triton":
         from kernels.triton_fused import triton_silu_mul
 

@@ -232,9 +232,7 @@ class LLMEngine:
         self._max_width = -(-max_len // cfg.block_size)  # blocks of the longest sequence
         self._staging = HostStaging(self.device)
         self._graphs: Any = None
-        use_fused = getattr(self.model, "use_fused_ops", None)  # before warm-up: graphs
-        if use_fused is not None:  # capture what it chose (set both ways: models are shared)
-            use_fused(cfg.fused_ops)
+        self._own_fused_ops()  # before warm-up: the graphs capture what the config chose
         self.kv_scales: list[LayerKVScales] = []  # fp8 cache: per layer (docs/fp8.md)
         if is_fp8(self.kv_cache_dtype):
             self.kv_scales = install_kv_scales(
@@ -688,12 +686,20 @@ class LLMEngine:
         index = torch.tensor(rows, dtype=torch.int64, device=logits.device)  # [N']
         return order, logits.index_select(0, index), forks
 
+    def _own_fused_ops(self) -> None:
+        """Set the model's layers to this engine's ``fused_ops``: a loaded model may be shared
+        by engines of different settings, so each engine sets it before it runs the model
+        (free when it already is; captured graphs keep what they captured)."""
+        if getattr(self.model, "fused_ops", self.config.fused_ops) != self.config.fused_ops:
+            self.model.use_fused_ops(self.config.fused_ops)
+
     def _run_model(
         self, out: SchedulerOutput
     ) -> tuple[list[Sequence], SamplerOutput, list[tuple[Sequence, Sequence]]]:
         """Run the model on the step's batch; (sampled sequences, the sampler's output for them,
         the (parent, child) pairs to fork: the children's first tokens are among those sampled).
         """
+        self._own_fused_ops()
         batch = self._build_batch(out)
         if self.tensor_parallel is not None:  # the workers run the same step on their shards
             self.tensor_parallel.forward(batch)

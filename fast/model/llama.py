@@ -73,9 +73,12 @@ class LlamaForCausalLM(nn.Module):
         self._inv_freqs_on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self._layer_rope = tuple(self.rope_table(i) for i in range(config.num_hidden_layers))
 
+    fused_ops = False  # what use_fused_ops set last
+
     def use_fused_ops(self, on: bool = True) -> None:
         """Run each layer's rope + KV write, residual add + norm and gated activation as the
         fused kernels of ``kernels.fused`` (``on``) or as the unfused chains (fast.model.layers)."""
+        self.fused_ops = on
         for layer in self.model.layers:
             assert isinstance(layer, DecoderLayer)
             layer.fused = on

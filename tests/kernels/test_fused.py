@@ -9,7 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.errors import DeviceMismatchError, DTypeMismatchError, ShapeMismatchError
+from kernels.errors import (
+    DeviceMismatchError,
+    DTypeMismatchError,
+    IndexOutOfRangeError,
+    KernelInputError,
+    ShapeMismatchError,
+    UnsupportedDTypeError,
+)
 from kernels.fused import add_rms_norm, rope_write_kv, silu_mul
 
 # (dtype, absolute tolerance relative to the output's scale): float32 agrees to rounding; bf16
@@ -99,8 +106,10 @@ def test_bad_inputs_are_refused_by_name() -> None:
         rope_write_kv(qkv, cos, sin, *caches, slots, 3)  # Hq 3 does not match the width
     with pytest.raises(ShapeMismatchError, match="slot_mapping"):
         rope_write_kv(qkv, cos, sin, *caches, slots[:4], 4)
-    with pytest.raises(DTypeMismatchError, match="k_cache"):
+    with pytest.raises(DTypeMismatchError, match="v_cache"):  # the pair must agree
         rope_write_kv(qkv, cos, sin, caches[0].half(), caches[1], slots, 4)
+    with pytest.raises(DTypeMismatchError, match="k has dtype"):  # and hold qkv's dtype
+        rope_write_kv(qkv, cos, sin, caches[0].half(), caches[1].half(), slots, 4)
     with pytest.raises(ShapeMismatchError, match="cos"):
         rope_write_kv(qkv, cos[..., :31], sin[..., :31], *caches, slots, 4)  # odd R
     x = torch.randn(2, 8)
@@ -113,6 +122,56 @@ def test_bad_inputs_are_refused_by_name() -> None:
     if torch.cuda.is_available():
         with pytest.raises(DeviceMismatchError):
             add_rms_norm(x.cuda(), x.cuda(), torch.ones(8), 1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_what_write_kv_refuses_rope_write_kv_refuses(backend: str) -> None:
+    # the same checks as the unfused write: slots, caches as a pair, dtypes, shapes
+    qkv, cos, sin, (kc, vc), slots = rope_case(4, 2, 32, 32, torch.float32)
+    big = torch.zeros(kc.shape[0] + 2, *kc.shape[1:])
+    with pytest.raises(IndexOutOfRangeError, match="slot_mapping"):  # past the cache's end
+        rope_write_kv(qkv, cos, sin, big[: kc.shape[0]], vc, slots + 24, 4, backend=backend)
+    assert bool((big == 0).all())
+    with pytest.raises(IndexOutOfRangeError, match="slot_mapping"):  # -5 is not padding
+        rope_write_kv(qkv, cos, sin, kc, vc, torch.tensor([3, -5, 17, 4, 22]), 4, backend=backend)
+    with pytest.raises(UnsupportedDTypeError, match="slot_mapping"):
+        rope_write_kv(qkv, cos, sin, kc, vc, slots.float(), 4, backend=backend)
+    odd = torch.zeros(kc.shape[0], kc.shape[2], kc.shape[1], kc.shape[3]).transpose(1, 2)
+    with pytest.raises(ShapeMismatchError, match="strides"):  # v laid out unlike k
+        rope_write_kv(qkv, cos, sin, kc, odd, slots, 4, backend=backend)
+    with pytest.raises(ShapeMismatchError, match="cos"):  # [D, T]: the right count, wrong shape
+        rope_write_kv(qkv, cos.reshape(32, 5), sin.reshape(32, 5), kc, vc, slots, 4)
+    with pytest.raises(DTypeMismatchError, match="qkv"):
+        rope_write_kv(qkv.long(), cos, sin, kc, vc, slots, 4, backend=backend)
+    empty = rope_write_kv(qkv[:0], cos[:0], sin[:0], kc, vc, slots[:0], 4, backend=backend)
+    assert empty.shape == (0, 4, 32)
+    assert bool((kc == 0).all() and (vc == 0).all())  # nothing above wrote anything
+
+
+def test_non_contiguous_inputs_give_the_contiguous_results() -> None:
+    qkv, cos, sin, caches, slots = rope_case(4, 2, 32, 32, torch.float32)
+    want_caches = caches.clone()
+    want = rope_write_kv(qkv, cos, sin, *want_caches, slots, 4, backend="torch")
+    cos_t = cos.reshape(5, 32).t().contiguous().t()  # [T, R] with stride (1, T)
+    sin_t = sin.reshape(5, 32).t().contiguous().t()
+    got = rope_write_kv(qkv, cos_t, sin_t, *caches, slots, 4, backend="triton")
+    assert (got - want).abs().max() <= 1e-5 * float(want.abs().max())
+    assert (caches - want_caches).abs().max() <= 1e-5 * float(want.abs().max())
+    x, d = torch.randn(3, 16), torch.randn(3, 16)
+    w = torch.randn(32)[::2]  # strided weight
+    ref = add_rms_norm(x, d, w.contiguous(), 1e-6, backend="torch")[1]
+    assert (add_rms_norm(x, d, w, 1e-6, backend="triton")[1] - ref).abs().max() <= 1e-5
+
+
+def test_norm_and_activation_arguments_are_checked() -> None:
+    x = torch.randn(2, 8)
+    with pytest.raises(DTypeMismatchError, match="weight"):
+        add_rms_norm(x, x, torch.ones(8, dtype=torch.int64), 1e-6)
+    for eps in (-1.0, float("nan"), "a", True):
+        with pytest.raises(KernelInputError, match="eps"):
+            add_rms_norm(x, x, torch.ones(8), eps)  # type: ignore[arg-type]
+    with pytest.raises(KernelInputError, match="gelu"):
+        silu_mul(torch.randn(2, 8), gelu="no")  # type: ignore[arg-type]
 
 
 @pytest.mark.gpu

@@ -99,6 +99,23 @@ def test_fused_engine_greedy_equals_unfused_with_chunked_prefill() -> None:
     assert _greedy("cpu", True, **args) == _greedy("cpu", False, **args)
 
 
+def test_engines_sharing_a_model_each_run_their_own_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = random_model(CFG, seed=5, dtype=torch.float32, device="cpu")
+    args: dict[str, Any] = dict(device="cpu", dtype="float32", block_size=4, max_model_len=64)
+    fused = LLMEngine(model, fused_ops=True, **args)
+    plain = LLMEngine(model, fused_ops=False, **args)  # the same layers, switched off
+    calls = _counting(monkeypatch)
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    for engine, want in ((fused, True), (plain, False), (fused, True)):
+        before = calls["silu_mul"]
+        engine.add_request("r", {"prompt_token_ids": PROMPTS[0]}, params)
+        while engine.has_unfinished_requests():
+            engine.step()
+        assert (calls["silu_mul"] > before) == want
+
+
 def test_fused_ops_option_is_checked() -> None:
     with pytest.raises(InvalidArgumentError, match="fused_ops"):
         EngineConfig(fused_ops=1)  # type: ignore[arg-type]
