@@ -12,6 +12,7 @@ from typing import Any
 __all__ = [
     "LLM",
     "SamplingParams",
+    "RequestOutputKind",
     "RequestOutput",
     "CompletionOutput",
     "LLMEngine",
@@ -24,6 +25,7 @@ _WHERE = {
     "LLM": "fast.api.llm",
     "LLMEngine": "fast.engine.engine",
     "SamplingParams": "fast.engine.sampling_params",
+    "RequestOutputKind": "fast.engine.sampling_params",
     "RequestOutput": "fast.engine.outputs",
     "CompletionOutput": "fast.engine.outputs",
     "BeamSearchParams": "fast.engine.beam_params",

@@ -172,24 +172,23 @@ class DeltaDecoder:
         if prev is None and d.prompt is None:
             raise EngineProcessError(f"a delta for unknown request {d.request_id!r}")
         before = {c.index: c for c in prev.outputs} if prev is not None else {}
-        outputs = []
+        merged = dict(before)  # a delta carries only the completions with something new
         for cd in d.completions:
             p = before.get(cd.index)
             text = cd.text if cd.replace_text or p is None else p.text + cd.text
             logprobs = cd.new_logprobs
             if logprobs is not None and p is not None and p.logprobs is not None:
                 logprobs = p.logprobs + logprobs
-            outputs.append(
-                CompletionOutput(
-                    cd.index,
-                    text,
-                    (p.token_ids if p is not None else []) + cd.new_token_ids,
-                    cd.cumulative_logprob,
-                    logprobs,
-                    cd.finish_reason,
-                    cd.stop_reason,
-                )
+            merged[cd.index] = CompletionOutput(
+                cd.index,
+                text,
+                (p.token_ids if p is not None else []) + cd.new_token_ids,
+                cd.cumulative_logprob,
+                logprobs,
+                cd.finish_reason,
+                cd.stop_reason,
             )
+        outputs = [merged[i] for i in sorted(merged)]
         if prev is None:
             assert d.prompt is not None
             prompt, ids = d.prompt

@@ -175,7 +175,9 @@ class LLM:
         prompts: Prompts,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> Iterator[RequestOutput]:
-        """Yield a cumulative :class:`RequestOutput` each time a request gets a token.
+        """Yield a :class:`RequestOutput` each time a request gets a token: cumulative, or
+        what its ``SamplingParams.output_kind`` asks (``DELTA``: only the new part;
+        ``FINAL_ONLY``: once, at the end).
 
         Requests added while the iterator runs are honoured at the next step. A request
         aborted with :meth:`abort` while the iterator runs gets one last output, next, with

@@ -287,6 +287,10 @@ class LLMEngine:
                 "sampling_params", params, f"a {type(params).__name__}, not a SamplingParams"
             )
         params.check_vocab_size(vocab)
+        if params.stop and self.tokenizer is None:  # matched in the text, which needs one
+            raise InvalidArgumentError(
+                "stop", params.stop, "stop strings need a tokenizer; this model has none"
+            )
         # prompt logprobs need every prompt position computed: such a request gets a cache key
         # of its own, so it never hits blocks of other requests (vLLM skips the lookup too);
         # unique per request, not per id: an id may come back once its request finished
@@ -514,7 +518,8 @@ class LLMEngine:
         """What is new in a ``DELTA`` request since its last output (``SamplingParams``'s
         ``RequestOutputKind``): new token ids, new logprobs, and the new text up to
         ``holdback`` characters before its end while the sequence runs (a stop string found
-        later cuts the text at most that far back, so no character sent is ever taken back).
+        later cuts the text at most that far back, so no character sent is ever taken back);
+        a completion with nothing new (n > 1: a sibling finished earlier) is left out.
         Records what it reported in ``_sent`` (replaced, not mutated: a step's undo restores
         the table)."""
         first = group[0]
@@ -526,12 +531,14 @@ class LLMEngine:
         marks = dict(sent.marks)
         completions = []
         for seq in group:
-            n_tok, n_chars, n_lps = marks.get(seq.index, (0, 0, 0))
+            n_tok, n_chars, n_lps, ended = marks.get(seq.index, (0, 0, 0, False))
             new_ids = seq.token_ids[len(seq.prompt_token_ids) + n_tok :]
             text = seq.output_text
             end = len(text) if seq.is_finished else len(text) - sent.holdback
             end = max(end, n_chars)
             lps = None if seq.logprobs is None else seq.logprobs[n_lps:]
+            if not (new_ids or end > n_chars or lps or (seq.is_finished and not ended)):
+                continue  # as vLLM: a completion appears when it has something new
             completions.append(
                 CompletionOutput(
                     index=seq.index,
@@ -543,7 +550,12 @@ class LLMEngine:
                     stop_reason=seq.stop_reason,
                 )
             )
-            marks[seq.index] = (n_tok + len(new_ids), end, n_lps + len(lps or ()))
+            marks[seq.index] = (
+                n_tok + len(new_ids),
+                end,
+                n_lps + len(lps or ()),
+                seq.is_finished,
+            )
         self._sent[rid] = _Sent(sent.prompt_token_ids, False, marks, sent.holdback)
         prompt_lps = self._prompt_logprobs.get(rid) if sent.first else None
         metrics = self._metrics.get(rid)
@@ -971,7 +983,8 @@ class _Sent:
 
     prompt_token_ids: list[int]  # the request's prompt, copied once, shared by its outputs
     first: bool  # no output yet (the next carries the prompt logprobs)
-    marks: dict[int, tuple[int, int, int]]  # sequence index -> (tokens, text chars, logprobs)
+    # sequence index -> (tokens, text characters, logprobs, finish) reported
+    marks: dict[int, tuple[int, int, int, bool]]
     holdback: int  # characters withheld at the end of a running sequence's text
 
 

@@ -179,9 +179,15 @@ class SamplingParams:
                 raise bad(name, "must be a bool")
         if not isinstance(self.include_stop_str_in_output, bool):
             raise bad("include_stop_str_in_output", "must be a bool")
+        if self.stop and not self.detokenize:  # stop strings are matched in the text (vLLM too)
+            raise bad("stop", "stop strings need detokenize=True: they are found in the text")
         if not isinstance(self.output_kind, RequestOutputKind):
             if not _is_int(self.output_kind) or self.output_kind not in set(RequestOutputKind):
-                raise bad("output_kind", f"must be one of {[k.name for k in RequestOutputKind]}")
+                raise bad(
+                    "output_kind",
+                    "must be a RequestOutputKind (CUMULATIVE, DELTA, FINAL_ONLY) or its value "
+                    "0, 1 or 2",
+                )
             object.__setattr__(self, "output_kind", RequestOutputKind(self.output_kind))
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         if stop is not None:

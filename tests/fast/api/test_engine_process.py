@@ -49,6 +49,44 @@ def test_deltas_rebuild_every_output(char_model: Path) -> None:
     assert seen > 10 and not enc._sent and not dec._last  # finished requests are forgotten
 
 
+def test_delta_outputs_rebuild_the_cumulative_ones(char_model: Path) -> None:
+    """What the engine process does: its engine reports DELTA outputs (only completions with
+    something new; a stop string's prefix withheld), encoded as they are and rebuilt by the
+    parent, step by step equal to a twin engine's cumulative outputs (the text of a running
+    sequence excepted: the delta withholds the characters a stop string may still cut)."""
+    from dataclasses import replace
+
+    from fast.engine.sampling_params import RequestOutputKind
+
+    def engine() -> Any:
+        return LLM(str(char_model), **ENGINE, max_num_seqs=4).llm_engine
+
+    plain, delta = engine(), engine()
+    sampled = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=9, logprobs=2)
+    requests = [
+        ("a", "hello there", sampled),
+        ("b", "the cat sat on", SamplingParams(temperature=0, max_tokens=12, stop=["e"])),
+        ("c", "abcdefghijklmnop", SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=1)),
+    ]  # fmt: skip
+    for rid, prompt, params in requests:
+        plain.add_request(rid, prompt, params)
+        delta.add_request(rid, prompt, replace(params, output_kind=RequestOutputKind.DELTA))
+    enc, dec = DeltaEncoder(), DeltaDecoder()
+
+    def key(out: Any, text: bool) -> Any:
+        comps = [
+            (c.index, c.token_ids, c.logprobs, c.finish_reason, c.text if text else None)
+            for c in out.outputs
+        ]
+        return out.request_id, comps, out.finished, out.prompt_logprobs
+
+    while plain.has_unfinished_requests():
+        want = plain.step()
+        got = [dec.decode(enc.encode_delta(o)) for o in delta.step()]
+        assert [key(o, o.finished) for o in got] == [key(o, o.finished) for o in want]
+    assert not delta.has_unfinished_requests() and not enc._prompt_lps and not dec._last
+
+
 def test_engine_process_serves_and_reports_errors(char_model: Path) -> None:
     ref = LLM(str(char_model), **ENGINE)
     proc = EngineProcess(str(char_model), **ENGINE)

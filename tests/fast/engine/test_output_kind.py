@@ -131,6 +131,27 @@ def test_delta_text_is_never_taken_back(llm: LLM) -> None:
     assert (final.outputs[0].finish_reason, final.outputs[0].stop_reason) == ("stop", "oj:")
 
 
+def test_a_finished_completion_is_not_reported_again(llm: LLM) -> None:
+    # n = 2, seed 5 on prompt 1 samples ":?A)Gyqy)" and ":2EDAthJI" (as above); stop "?A" ends
+    # the first after 3 tokens (text ":"), the second runs to 9: later outputs hold only it
+    params = SamplingParams(
+        n=2, temperature=0.9, seed=5, max_tokens=9, ignore_eos=True, stop="?A",
+        output_kind=RequestOutputKind.DELTA,
+    )  # fmt: skip
+    engine = llm.llm_engine
+    engine.add_request("n2", {"prompt_token_ids": ids(PROMPTS[1])}, params)
+    outs: list[RequestOutput] = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    indexes = [[c.index for c in o.outputs] for o in outs]
+    first_done = next(i for i, o in enumerate(outs) if o.outputs[0].finish_reason is not None)
+    assert outs[first_done].outputs[0].index == 0 and outs[first_done].outputs[0].text == ""
+    assert all(ix == [1] for ix in indexes[first_done + 1 :]) and len(outs) > first_done + 1
+    got = joined(outs)
+    assert [t for _, t, _ in got] == [":", ":2EDAthJI"]
+    assert [len(k) for k, _, _ in got] == [3, 9]
+
+
 def test_final_only_reports_once_at_the_end(llm: LLM) -> None:
     cumulative = stream(llm, params_of(RequestOutputKind.CUMULATIVE))
     final_only = stream(llm, params_of(RequestOutputKind.FINAL_ONLY))

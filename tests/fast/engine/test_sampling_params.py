@@ -262,3 +262,29 @@ _FIELD_NAMES = [
     "skip_special_tokens",
     "include_stop_str_in_output",
 ]
+
+
+def test_stop_strings_need_text() -> None:
+    # matched in the detokenized text: without it they would be ignored, silently
+    with pytest.raises(InvalidSamplingParamsError, match="detokenize=True") as e:
+        SamplingParams(stop="###", detokenize=False)
+    assert (e.value.name, e.value.value) == ("stop", "###")
+    assert SamplingParams(stop_token_ids=[7], detokenize=False).stop_token_ids == [7]
+
+
+def test_stop_strings_on_a_model_without_tokenizer_are_refused() -> None:
+    import torch
+
+    from fast.engine.engine import LLMEngine
+    from fast.loader import random_model
+    from fast.model.config import ModelConfig
+    from spec.errors import InvalidArgumentError
+
+    cfg = ModelConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+    )  # fmt: skip
+    engine = LLMEngine(random_model(cfg, dtype=torch.float32, device="cpu"), device="cpu")
+    with pytest.raises(InvalidArgumentError, match="tokenizer") as e:
+        engine.add_request("r", [1, 2, 3], SamplingParams(stop="x"))
+    assert e.value.name == "stop" and not engine.has_unfinished_requests()
