@@ -77,7 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help="docs/fp8.md"
     )
-    gen.add_argument("--max-model-len", type=_positive_int, default=2048)
+    gen.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        default=None,
+        help="longest prompt + output (default: the model's, as vLLM)",
+    )
     gen.add_argument(
         "--tensor-parallel-size", type=_positive_int, default=1, help="docs/tensor-parallel.md"
     )

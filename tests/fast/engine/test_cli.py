@@ -417,3 +417,10 @@ def test_sigint_during_generation_exits_130_without_traceback(
     err = (seen + rest).decode(errors="replace")
     assert "Traceback" not in err
     assert err.rstrip().endswith("pagedkv: interrupted")
+
+
+def test_generate_defaults_to_the_models_length(model_dir: Path, capsys: Any) -> None:
+    # a model shorter than 2048 tokens runs without --max-model-len (it used to default to 2048
+    # and be refused: above the model's max_position_embeddings)
+    args = ["generate", "--model", str(model_dir), "--max-tokens", "2", "--no-tqdm", "hi"]
+    assert main(args) == 0
