@@ -172,6 +172,18 @@ class _Keys:
             )
         return value
 
+    def number(self, name: str, default: float | None = None, *, zero: bool = False) -> float:
+        """A real value: one finite number > 0 (>= 0 with ``zero``, where 0 means "none"), not
+        a bool, a string or a per-layer list; a missing required key is named."""
+        value = self.need(name) if default is None else self.get(name, default)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            need = "a finite number >= 0" if zero else "a finite number > 0"
+            raise InvalidModelConfigError(
+                f"GGUF metadata value must be {need}", **{f"{self.arch}.{name}": value}
+            )
+        return float(value)
+
 
 def _hf_fields(keys: _Keys, tensors: Tensors) -> dict[str, Any]:
     """The config.json fields every new architecture stores under the same GGUF keys."""
@@ -195,8 +207,8 @@ def _hf_fields(keys: _Keys, tensors: Tensors) -> dict[str, Any]:
         num_attention_heads=heads,
         num_key_value_heads=keys.count("attention.head_count_kv", heads),
         head_dim=head_dim,
-        rms_norm_eps=float(keys.need("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(keys.get("rope.freq_base", 10000.0)),
+        rms_norm_eps=keys.number("attention.layer_norm_rms_epsilon"),
+        rope_theta=keys.number("rope.freq_base", 10000.0),
         max_position_embeddings=keys.count("context_length"),
         tie_word_embeddings="output.weight" not in tensors,
         bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
@@ -215,7 +227,7 @@ def _rope_scaling(keys: _Keys, allowed: tuple[str, ...]) -> dict[str, Any] | Non
             rope_scaling_type=kind,
         )
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float(keys.need("rope.scaling.factor"))}
+        return {"rope_type": "linear", "factor": keys.number("rope.scaling.factor")}
     return None  # longrope: its factors are tensors, read by the Phi-3 reader
 
 
@@ -231,9 +243,8 @@ def _check_rope_dim(keys: _Keys, head_dim: int) -> None:
 
 def _attention_scalar(keys: _Keys, fields: Mapping[str, Any], layers_27b: int) -> float:
     """Gemma's ``query_pre_attn_scalar`` as llama.cpp derives it (module docstring)."""
-    scale = keys.get("attention.scale")
-    if scale is not None:
-        return float(scale) ** -2
+    if keys.get("attention.scale") is not None:
+        return keys.number("attention.scale") ** -2
     if fields["num_hidden_layers"] == layers_27b:
         return float(fields["hidden_size"] // fields["num_attention_heads"])
     return float(fields["head_dim"])
@@ -241,8 +252,9 @@ def _attention_scalar(keys: _Keys, fields: Mapping[str, Any], layers_27b: int) -
 
 def _with_scale(keys: _Keys, config: ModelConfig) -> ModelConfig:
     """An ``attention.scale`` key sets the score scale (as ``query_pre_attn_scalar``)."""
-    scale = keys.get("attention.scale")
-    return config if scale is None else replace(config, query_pre_attn_scalar=float(scale) ** -2)
+    if keys.get("attention.scale") is None:
+        return config
+    return replace(config, query_pre_attn_scalar=keys.number("attention.scale") ** -2)
 
 
 def _read_llama(metadata: Mapping[str, Any], tensors: Tensors) -> ModelConfig:
@@ -260,7 +272,7 @@ def _read_llama(metadata: Mapping[str, Any], tensors: Tensors) -> ModelConfig:
         vocab_size=tensors["token_embd.weight"].shape[0],
     )
     if kind == "linear":  # from_gguf reads only Llama 3's scaling keys
-        factor = float(keys.need("rope.scaling.factor"))
+        factor = keys.number("rope.scaling.factor")
         config = replace(config, rope_scaling=LinearRopeScaling(factor))
     if _ROPE_FREQS in tensors:  # Llama 3.1+ files store rope scaling as factors
         config = replace(config, rope_freq_factors=_float_tensor(tensors, _ROPE_FREQS))
@@ -291,19 +303,19 @@ def _read_qwen3(metadata: Mapping[str, Any], tensors: Tensors) -> ModelConfig:
 def _gemma_fields(keys: _Keys, tensors: Tensors, layers_27b: int) -> dict[str, Any]:
     fields = _hf_fields(keys, tensors)
     _check_rope_dim(keys, fields["head_dim"])
-    window = keys.get("attention.sliding_window")
+    window = keys.count("attention.sliding_window", 0)  # 0 or absent: no window
     return dict(
         fields,
         hidden_activation="gelu_pytorch_tanh",
-        sliding_window=int(window) if window else None,
+        sliding_window=window or None,
         query_pre_attn_scalar=_attention_scalar(keys, fields, layers_27b),
     )
 
 
 def _read_gemma2(metadata: Mapping[str, Any], tensors: Tensors) -> ModelConfig:
     keys = _Keys(metadata, "gemma2")
-    attn_cap = float(keys.get("attn_logit_softcapping", 50.0))
-    final_cap = float(keys.get("final_logit_softcapping", 30.0))
+    attn_cap = keys.number("attn_logit_softcapping", 50.0, zero=True)  # 0: no cap
+    final_cap = keys.number("final_logit_softcapping", 30.0, zero=True)
     cfg = dict(
         _gemma_fields(keys, tensors, layers_27b=46),
         model_type="gemma2",
@@ -316,14 +328,14 @@ def _read_gemma2(metadata: Mapping[str, Any], tensors: Tensors) -> ModelConfig:
 
 def _read_gemma3(metadata: Mapping[str, Any], tensors: Tensors) -> ModelConfig:
     keys = _Keys(metadata, "gemma3")
-    final_cap = keys.get("final_logit_softcapping")
+    final_cap = keys.number("final_logit_softcapping", 0.0, zero=True)  # 0 or absent: none
     cfg = dict(
         _gemma_fields(keys, tensors, layers_27b=62),
         model_type="gemma3_text",
         sliding_window_pattern=6,
         attn_logit_softcapping=None,
-        final_logit_softcapping=float(final_cap) if final_cap else None,
-        rope_local_base_freq=float(keys.get("rope.freq_base_swa", 10000.0)),
+        final_logit_softcapping=final_cap or None,
+        rope_local_base_freq=keys.number("rope.freq_base_swa", 10000.0),
         rope_scaling=_rope_scaling(keys, ("linear",)),
     )
     return gguf_architecture("gemma3").read_hf_config(cfg)
@@ -333,10 +345,10 @@ def _read_phi3(metadata: Mapping[str, Any], tensors: Tensors) -> ModelConfig:
     keys = _Keys(metadata, "phi3")
     fields = _hf_fields(keys, tensors)
     rope_dim = keys.count("rope.dimension_count", fields["head_dim"])
-    window = keys.get("attention.sliding_window")
+    window = keys.count("attention.sliding_window", 0)  # 0 or absent: no window
     _rope_scaling(keys, ("longrope",))  # refuses any other type by name
     base = gguf_architecture("phi3").read_hf_config(
-        dict(fields, model_type="phi3", sliding_window=int(window) if window else None)
+        dict(fields, model_type="phi3", sliding_window=window or None)
     )
     present = [n for n in (_LONG, _SHORT) if n in tensors]
     if len(present) == 1:
@@ -351,7 +363,11 @@ def _read_phi3(metadata: Mapping[str, Any], tensors: Tensors) -> ModelConfig:
     scaling: LongRopeScaling | None = None
     if present:
         original = keys.count("rope.scaling.original_context_length")
-        attention = keys.get("rope.scaling.attn_factor")
+        attention = (
+            keys.number("rope.scaling.attn_factor")
+            if keys.get("rope.scaling.attn_factor") is not None
+            else None
+        )
         if attention is None:
             s = base.max_position_embeddings / original
             attention = 1.0 if s <= 1.0 else math.sqrt(1 + math.log(s) / math.log(original))

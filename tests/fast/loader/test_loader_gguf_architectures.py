@@ -566,6 +566,18 @@ def test_metadata_conventions() -> None:
         ("phi3", {"rope.scaling.type": "longrope"}, None, "without rope_factors"),
         ("phi3", {}, "phi3.attention.layer_norm_rms_epsilon", "layer_norm_rms_epsilon"),
         ("gemma2", {}, "gemma2.context_length", "gemma2.context_length"),
+        # values of the wrong kind: named, never a bare TypeError or a silent sign flip
+        ("gemma2", {"attention.sliding_window": [4, 4]}, None, r"sliding_window.*\[4, 4\]"),
+        ("phi3", {"attention.sliding_window": 2.5}, None, "sliding_window=2.5"),
+        ("gemma3", {"attention.layer_norm_rms_epsilon": "x"}, None, "epsilon='x'"),
+        ("gemma2", {"attention.layer_norm_rms_epsilon": -1e-6}, None, "epsilon=-1e-06"),
+        ("gemma2", {"attn_logit_softcapping": "x"}, None, "softcapping='x'"),
+        ("gemma3", {"final_logit_softcapping": -30.0}, None, "softcapping=-30.0"),
+        ("gemma2", {"attention.scale": 0.0}, None, "scale=0.0"),
+        ("llama", {"attention.scale": -0.125}, None, "scale=-0.125"),
+        ("qwen3", {"rope.freq_base": -1.0}, None, "freq_base=-1.0"),
+        ("gemma3", {"rope.freq_base_swa": float("nan")}, None, "freq_base_swa=nan"),
+        ("qwen3", {"rope.scaling.type": "linear", "rope.scaling.factor": True}, None, "factor"),
     ],
 )
 def test_metadata_it_cannot_honor_is_refused_by_name(
