@@ -232,8 +232,10 @@ class TensorParallelDriver:
         self._forwards = forwards  # the step's logits (prompt logprobs: several) keep it
 
     def before_forward(self) -> None:
-        """Rank 0 is about to run a forward: the workers must have been sent it."""
-        self._check()
+        """Rank 0 is about to run a forward: the workers must have been sent it. (A worker's
+        failure is found by the forward's collectives, which wait for its report.)"""
+        if self._down is not None:
+            raise TensorParallelGroupDownError(str(self._down), self._down.rank)
         if self._forwards == 0:
             raise TensorParallelError(
                 "rank 0 ran a forward that was not sent to the workers: under tensor "

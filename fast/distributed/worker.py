@@ -115,9 +115,10 @@ class Worker:
             while True:
                 head = self.comm.command(torch.zeros(HEADER, dtype=torch.int64), idle=True)
                 code = int(head[0])
-                if code not in Op._value2member_map_:
-                    raise ValueError(f"unknown tensor-parallel command {code}")
-                op = Op(code)
+                try:
+                    op = Op(code)
+                except ValueError:
+                    raise ValueError(f"unknown tensor-parallel command {code}") from None
                 if op == Op.SHUTDOWN:
                     return
                 self.run(op, head)
