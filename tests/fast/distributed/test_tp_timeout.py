@@ -20,7 +20,7 @@ from fast.api.llm import LLM
 from fast.distributed.errors import CollectiveError, TensorParallelGroupDownError
 from fast.engine.sampling_params import SamplingParams
 
-TIMEOUT_S = 3.0
+TIMEOUT_S = 5.0  # short for the test, long enough for a loaded 2-core machine
 
 
 def test_a_stuck_worker_times_out_the_step() -> None:
