@@ -510,7 +510,7 @@ class LLMEngine:
             completions,
             all(seq.is_finished for seq in group),
             prompt_logprobs=list(prompt_lps) if prompt_lps is not None else None,
-            metrics=copy.copy(metrics) if metrics is not None else None,
+            metrics=metrics.snapshot() if metrics is not None else None,
             num_cached_tokens=self._num_cached.get(rid),
         )
 
@@ -566,7 +566,7 @@ class LLMEngine:
             completions,
             all(seq.is_finished for seq in group),
             prompt_logprobs=list(prompt_lps) if prompt_lps is not None else None,
-            metrics=copy.copy(metrics) if metrics is not None else None,
+            metrics=metrics.snapshot() if metrics is not None else None,
             num_cached_tokens=self._num_cached.get(rid),
         )
 

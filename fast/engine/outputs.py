@@ -65,6 +65,13 @@ class RequestMetrics:
         if self.last_token_time is None:
             self.last_token_time = self.arrival_time
 
+    def snapshot(self) -> RequestMetrics:
+        """A copy for an output (the engine keeps updating its own): ``copy.copy``'s result,
+        made without its generic machinery (one per request per streaming step)."""
+        new = object.__new__(RequestMetrics)
+        new.__dict__.update(self.__dict__)
+        return new
+
     def scheduled(self, now: float) -> None:
         """A step scheduled the request (only the first time counts)."""
         if self.first_scheduled_time is None:

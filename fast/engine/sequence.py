@@ -27,16 +27,11 @@ class SequenceStatus(enum.Enum):
     @property
     def is_finished(self) -> bool:
         """The sequence produces no more tokens."""
-        return self in _FINISHED
+        return self._value_ in _FINISHED
 
 
-_FINISHED = frozenset(
-    {
-        SequenceStatus.FINISHED_STOPPED,
-        SequenceStatus.FINISHED_LENGTH,
-        SequenceStatus.FINISHED_ABORTED,
-    }
-)
+#: the FINISHED_* members' values (compared by value: str hashes are cached, Enum's are not)
+_FINISHED = frozenset(s.value for s in SequenceStatus if s.name.startswith("FINISHED_"))
 
 
 @dataclass(eq=False)
@@ -92,7 +87,7 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         """The sequence is done."""
-        return self.status in _FINISHED
+        return self.status._value_ in _FINISHED
 
     @property
     def finish_reason(self) -> str | None:
