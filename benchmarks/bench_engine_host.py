@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import platform
 import pstats
 import time
@@ -177,7 +178,11 @@ def main() -> None:
             result = json.load(f)
     except (OSError, ValueError):
         result = {"benchmark": "engine host overhead per decode step (stub model, CPU)", "runs": {}}
+    from benchmarks.provenance import git_describe
+
     result["runs"][args.label] = {
+        "git_describe": git_describe(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
