@@ -24,7 +24,8 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -144,7 +145,7 @@ class TensorParallelDriver:
         self._await("started")
         device_group, control = make_groups(store, 0, self.tp_size, backend, self.timeout_s)
         self.comm = Communicator(0, self.tp_size, device_group, control, self.timeout_s)
-        self.comm.on_error = self._on_error
+        self.comm.on_error = _weak_on_error(self)
         full = loaded.model
         local = empty_model(self.local_config, self.dtype, "cpu")
         local_params = dict(local.named_parameters())
@@ -159,7 +160,8 @@ class TensorParallelDriver:
         self._await("ready")
         parallelize(local, 0, self.comm)
         local = local.to(self.device).eval()
-        return TensorParallelCausalLM(local, self.comm, self.config.vocab_size, self)
+        # weakly: the driver is freed (and stops its workers) with the engine that holds it
+        return TensorParallelCausalLM(local, self.comm, self.config.vocab_size, weakref.proxy(self))
 
     def _await(self, what: str) -> None:
         """Wait until every worker reported ``what`` (liveness checked while waiting)."""
@@ -367,6 +369,20 @@ class TensorParallelDriver:
             self.shutdown(timeout=1.0)
         except Exception:  # noqa: BLE001 - interpreter teardown
             pass
+
+
+def _weak_on_error(
+    driver: TensorParallelDriver,
+) -> Callable[[str, BaseException], BaseException]:
+    """``driver._on_error`` without keeping the driver alive (no reference cycle through its
+    communicator)."""
+    method = weakref.WeakMethod(driver._on_error)
+
+    def on_error(operation: str, exc: BaseException) -> BaseException:
+        bound = method()
+        return exc if bound is None else bound(operation, exc)
+
+    return on_error
 
 
 def _start_ignoring_sigint(proc: Any) -> None:

@@ -2,7 +2,8 @@
 3 KV heads over 2 ranks (3 query heads each, so each rank stores 3 local KV heads: a uniform
 group of one query per KV head, model head 1 on both ranks).
 
-Then the group's end: ``close()`` stops the workers, later calls say the group is down.
+Then the group's end: ``close()`` stops the workers, later calls say the group is down; and a
+one-KV-head model whose LLM is dropped without ``close()``.
 """
 
 from __future__ import annotations
@@ -54,3 +55,20 @@ def test_close_stops_the_workers_and_later_calls_say_so(tp: LLM) -> None:
     with pytest.raises(TensorParallelGroupDownError, match="shut down"):
         tp.generate(BATCH[:1], GREEDY, use_tqdm=False)
     assert not tp.llm_engine.has_unfinished_requests()
+
+
+def test_one_kv_head_on_both_ranks_and_a_dropped_llm_stops_its_workers() -> None:
+    """MQA (4 query heads, 1 KV head): each rank stores a copy of the one head, and the tokens
+    are the single-process engine's. Then the LLM is dropped without close(): its workers end
+    with it (LLM.__del__; the driver holds no reference cycle)."""
+    model = tiny(4, 1, seed=17)
+    want = LLM(model, **SETTINGS).generate(BATCH, GREEDY, use_tqdm=False)
+    margin = reference_margin(want)
+    assert margin >= MIN_MARGIN, f"reference has a near-tie ({margin:.1e}): pick another seed"
+    llm = LLM(model, tensor_parallel_size=2, **SETTINGS)
+    assert llm.llm_engine.tensor_parallel.plan.kv_heads == ((0,), (0,))
+    assert tokens(llm.generate(BATCH, GREEDY, use_tqdm=False)) == tokens(want)
+    (pid,) = llm.llm_engine.tensor_parallel.worker_pids
+    del llm
+    with pytest.raises(ProcessLookupError):  # ended and reaped
+        os.kill(pid, 0)
