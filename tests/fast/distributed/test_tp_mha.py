@@ -137,6 +137,56 @@ def test_a_rolled_back_step_is_rolled_back_on_every_rank(
     assert tokens([final[f"flaky-{i}"] for i in range(len(BATCH))]) == want
 
 
+def _fail_at_first_preemption_then_keep_a_victim(llm: LLM, batch: list[Any]) -> dict[str, Any]:
+    """Run ``batch``; the first step that preempts a running request fails in the sampler
+    (after every rank's forward wrote that step's K/V, some into the preempted request's
+    blocks) and is rolled back; then every request but one of those preempted is aborted,
+    so the survivor decodes on from the KV the rollback restored. -> request id: output."""
+    engine = llm.llm_engine
+    real = engine.sampler.sample
+    state: dict[str, Any] = {"fired": False, "before": set(), "victims": set()}
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        victims = state["before"] - {s.request_id for s in engine.scheduler.running}
+        if not state["fired"] and victims:
+            state["fired"], state["victims"] = True, victims
+            raise RuntimeError("injected sampler fault")
+        return real(*args, **kwargs)
+
+    engine.sampler.sample = flaky
+    params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, logprobs=2)
+    ids = [f"victim-{i}" for i in range(len(batch))]
+    for rid, p in zip(ids, batch):
+        engine.add_request(rid, p, params)
+    final: dict[str, Any] = {}
+    try:
+        while engine.has_unfinished_requests():
+            state["before"] = {s.request_id for s in engine.scheduler.running}
+            try:
+                final.update((o.request_id, o) for o in engine.step() if o.finished)
+            except RuntimeError:
+                keep = min(state["victims"])
+                for rid in ids:
+                    if rid != keep:
+                        engine.abort_request(rid)
+    finally:
+        engine.sampler.sample = real
+    assert state["fired"], "no step preempted: the test needs a smaller pool"
+    return final
+
+
+def test_the_workers_restore_the_kv_a_failed_step_overwrote(model, tp: LLM) -> None:  # type: ignore[no-untyped-def]
+    """The rollback's KV restore on every rank: the surviving victim's tokens are the
+    single-process engine's under the same procedure (checked by hand to differ when the
+    workers skip RESTORE_KV: the survivor then reads its overwritten K/V on rank 1's heads)."""
+    batch = prompts(seed=21, lens=(7, 11, 9, 8, 10, 7))
+    want = _fail_at_first_preemption_then_keep_a_victim(LLM(model, **SETTINGS), batch)
+    margin = reference_margin(list(want.values()))
+    assert margin >= MIN_MARGIN, f"reference has a near-tie ({margin:.1e}): pick another seed"
+    got = _fail_at_first_preemption_then_keep_a_victim(tp, batch)
+    assert {k: tokens([v]) for k, v in got.items()} == {k: tokens([v]) for k, v in want.items()}
+
+
 def test_a_worker_error_brings_the_group_down_with_it(tp: LLM) -> None:
     """Last: a rank that raises in the middle of a step (told to, here) makes generate raise
     its error, named, with the rank, while rank 0 waits in the step's all-reduce; the engine
