@@ -222,6 +222,12 @@ def _serve(args: argparse.Namespace) -> int:
         shutdown_timeout_s=args.shutdown_timeout,
     )
     llm: Any
+    if args.engine_process and (args.tensor_parallel_size or 1) > 1:  # before loading anything
+        raise UsageError(
+            f"--engine-process cannot be combined with --tensor-parallel-size "
+            f"{args.tensor_parallel_size}: the engine process is a daemon, which cannot start the "
+            "tensor-parallel workers; drop one of them"
+        )
     if args.engine_process:
         from fast.api.engine_process import EngineProcess
 

@@ -146,7 +146,11 @@ class LLM:
 
         Every prompt is validated (and tokenized) before any is scheduled, so a bad one raises
         without running the others. If the call is interrupted (Ctrl-C) or a step raises, its
-        requests are aborted before the exception propagates: the next call starts clean.
+        requests are aborted before the exception propagates: the next call starts clean. Under
+        tensor parallelism a step interrupted or failed on any rank takes the process group down
+        instead (its collectives cannot be resumed halfway): later calls raise
+        :class:`~fast.distributed.errors.TensorParallelGroupDownError` naming the cause; build a
+        new ``LLM``.
         """
         ids = self._add(prompts, sampling_params)
         final: dict[str, RequestOutput] = {}

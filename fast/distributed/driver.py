@@ -237,7 +237,7 @@ class TensorParallelDriver:
         """Rank 0 is about to run a forward: the workers must have been sent it. (A worker's
         failure is found by the forward's collectives, which wait for its report.)"""
         if self._down is not None:
-            raise TensorParallelGroupDownError(str(self._down), self._down.rank)
+            raise self._down_again()
         if self._forwards == 0:
             raise TensorParallelError(
                 "rank 0 ran a forward that was not sent to the workers: under tensor "
@@ -270,11 +270,20 @@ class TensorParallelDriver:
         if payload is not None and payload.numel():
             comm.command(payload)
 
+    def _down_again(self) -> TensorParallelGroupDownError:
+        """The error of a call after the group went down: the original reason, once (a group
+        shut down or already reported down keeps its reason instead of wrapping it again)."""
+        down = self._down
+        assert down is not None
+        if isinstance(down, TensorParallelGroupDownError):
+            return TensorParallelGroupDownError(down.reason, down.rank)
+        return TensorParallelGroupDownError(str(down), down.rank)
+
     def _check(self) -> None:
         """Raise if the group is down, or any worker reported an error or died (which takes
         the group down)."""
         if self._down is not None:
-            raise TensorParallelGroupDownError(str(self._down), self._down.rank)
+            raise self._down_again()
         for rank, (proc, conn) in enumerate(zip(self._procs, self._conns), start=1):
             error = self._worker_error(rank, proc, conn)
             if error is not None:
@@ -283,7 +292,7 @@ class TensorParallelDriver:
     def _on_error(self, operation: str, exc: BaseException) -> BaseException:
         """A collective failed on rank 0: name the rank that caused it, and go down."""
         if self._down is not None:
-            return TensorParallelGroupDownError(str(self._down), self._down.rank)
+            return self._down_again()
         deadline = time.monotonic() + _REPORT_WAIT_S
         while True:
             for rank, (proc, conn) in enumerate(zip(self._procs, self._conns), start=1):

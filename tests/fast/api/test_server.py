@@ -640,3 +640,8 @@ def test_cli_serve_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--model", "/nonexistent/model.gguf", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("pagedkv: error:") and "model.gguf" in err
+    # refused before any model is loaded (the path does not exist: loading would fail first)
+    args = ["serve", "--model", "/nonexistent/m.gguf", "--engine-process"]
+    assert main([*args, "--tensor-parallel-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--engine-process" in err and "--tensor-parallel-size 2" in err

@@ -52,8 +52,10 @@ def test_close_stops_the_workers_and_later_calls_say_so(tp: LLM) -> None:
     with pytest.raises(ProcessLookupError):  # ended and reaped
         os.kill(pid, 0)
     tp.close()  # idempotent
-    with pytest.raises(TensorParallelGroupDownError, match="shut down"):
+    with pytest.raises(TensorParallelGroupDownError, match="shut down") as e:
         tp.generate(BATCH[:1], GREEDY, use_tqdm=False)
+    assert str(e.value) == "the tensor-parallel group is down: shut down"  # said once
+    assert e.value.reason == "shut down"
     assert not tp.llm_engine.has_unfinished_requests()
 
 
