@@ -57,6 +57,14 @@ DEFAULT_TIMEOUT_S = 300.0
 _REPORT_WAIT_S = 2.0
 
 
+#: what a worker that dies before it reports usually means (the spawned child re-imports the
+#: user's main module, and a script without the guard starts another LLM there, which fails)
+_START_HINT = (
+    "it ended while starting: workers are spawned processes that import your main module, so "
+    'a script must create the LLM under `if __name__ == "__main__":`'
+)
+
+
 class TensorParallelDriver:
     """Rank 0 of a tensor-parallel group of ``tp_size`` processes.
 
@@ -169,14 +177,16 @@ class TensorParallelDriver:
         for rank, (proc, conn) in enumerate(zip(self._procs, self._conns), start=1):
             while not conn.poll(0.05):
                 if not proc.is_alive():
-                    raise self._worker_error(rank, proc, conn) or WorkerDiedError(rank, None)
+                    raise self._worker_error(rank, proc, conn) or WorkerDiedError(
+                        rank, proc.exitcode, _START_HINT
+                    )
                 if time.monotonic() > deadline:
                     raise CollectiveError(f"start-up ({what})", START_TIMEOUT_S, f"rank {rank}")
             try:
                 message = conn.recv()
             except (EOFError, OSError):  # it ended before saying anything
                 proc.join(_REPORT_WAIT_S)
-                raise WorkerDiedError(rank, proc.exitcode) from None
+                raise WorkerDiedError(rank, proc.exitcode, _START_HINT) from None
             if message[0] != what:
                 raise self._message_error(rank, message)
 

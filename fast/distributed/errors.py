@@ -51,8 +51,9 @@ class WorkerDiedError(TensorParallelError):
     """A worker process ended without reporting an error (killed, out of memory...):
     ``exitcode`` is its exit code (negative: the signal that ended it)."""
 
-    def __init__(self, rank: int, exitcode: int | None) -> None:
-        super().__init__(f"tensor-parallel rank {rank} died (exit code {exitcode})", rank)
+    def __init__(self, rank: int, exitcode: int | None, hint: str = "") -> None:
+        message = f"tensor-parallel rank {rank} died (exit code {exitcode})"
+        super().__init__(f"{message}; {hint}" if hint else message, rank)
         self.exitcode = exitcode
 
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from tp_models import ENGINE, prompts, tiny
@@ -75,3 +78,23 @@ def test_rank_0_failing_inside_a_step_takes_the_group_down_at_once(
     with pytest.raises(TensorParallelGroupDownError, match="rank 0 failed inside a step"):
         llm.generate(batch, params, use_tqdm=False)
     llm.close()
+
+
+def test_a_script_without_the_main_guard_is_told_why_its_worker_died(tmp_path: Path) -> None:
+    # the spawned worker re-imports the script as __mp_main__, which builds another LLM there:
+    # the worker dies while starting, and the error says what to change
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from tp_models import ENGINE, tiny\n"
+        "from fast.api.llm import LLM\n"
+        "LLM(tiny(4, 2, seed=1), tensor_parallel_size=2, **ENGINE)\n"
+    )
+    root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode != 0
+    assert "WorkerDiedError" in done.stderr and 'if __name__ == "__main__":' in done.stderr
