@@ -475,10 +475,18 @@ def main() -> None:
     ap.add_argument(
         "--out", default=os.path.join(os.environ.get("OUT", "."), "attention_h200.json")
     )
-    ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--commit", default=None, help="default: git describe --always --dirty")
     ap.add_argument("--sections", default="env,decode,prefill,flex")
     args = ap.parse_args()
     sections = args.sections.split(",")
+    known = {"env", "decode", "prefill", "flex", "tune"}
+    if not sections or set(sections) - known:
+        ap.error(f"--sections: unknown {sorted(set(sections) - known)}; known {sorted(known)}")
+    if args.commit is None:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from provenance import git_describe
+
+        args.commit = git_describe()
     res: dict[str, Any] = {}
     for name in sections:
         try:
@@ -492,9 +500,12 @@ def main() -> None:
                 tune(res)
         except Exception:
             traceback.print_exc()
+            res.setdefault("failed_sections", []).append(name)  # recorded; the next runs
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
     summary(res)
+    if res.get("failed_sections"):
+        sys.exit(f"FAILED sections: {res['failed_sections']}")
 
 
 def summary(res: dict[str, Any]) -> None:

@@ -294,7 +294,9 @@ def engine_runs(res: dict[str, Any], args: argparse.Namespace) -> None:
     res["engine"] = runs
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run the sections; non-zero when any failed (each failure is recorded and the next
+    section still runs)."""
     args = parse_args(argv)
     import torch
     from provenance import provenance
@@ -325,7 +327,11 @@ def main(argv: list[str] | None = None) -> None:
         res[f"{section}_s"] = round(time.perf_counter() - t0, 1)
         save()
     print(f"wrote {path}")
+    failed = [s for s in args.sections if f"{s}_error" in res]
+    if failed:
+        print(f"FAILED sections: {failed}", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

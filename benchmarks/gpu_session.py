@@ -1,0 +1,172 @@
+"""The GPU runs a session owes, in order of value, fitted into device calls of limited length.
+
+A GPU session has about 30 minutes of device time, in calls of at most 10 minutes each. This
+script runs the named steps one after the other, each under its own time limit, stops before the
+call's limit (``--limit-s``), and writes every step's results JSON to ``--out`` (``$OUT`` on the
+GPU machine) with one ``gpu_session.json`` summary and one combined log, so a call brings back
+at most 8 files (the device tool's limit). On the GPU machine, from the repository root::
+
+    PYTHONPATH=. python benchmarks/gpu_session.py --steps tests,fp8 --limit-s 570
+    PYTHONPATH=. python benchmarks/gpu_session.py --steps floor,engine --limit-s 570
+    PYTHONPATH=. python benchmarks/gpu_session.py --steps serve,attention --limit-s 570
+
+The ``serve`` step needs the server's packages on the GPU machine (starlette, uvicorn,
+prometheus_client: carried as wheels and installed first, /work/.library/device/README.md).
+``--dry-run`` prints the commands without running them (on any machine). The steps:
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+#: name -> (seconds it may take, command after ``python``, the results file it writes in OUT)
+STEPS: dict[str, tuple[int, list[str], str]] = {
+    "tests": (
+        420,
+        ["benchmarks/gpu_tests.py", "--ignore=tests/fast/api", "-n", "6", "-p", "no:cacheprovider"],
+        "gpu_tests.json",
+    ),
+    "fp8": (
+        240,
+        ["benchmarks/gpu_fp8.py", "--out", "{out}", "--sections", "decode,tune,capacity"],
+        "fp8_h200.json",
+    ),
+    "floor": (
+        200,
+        [
+            "benchmarks/gpu_step_floor.py",
+            "--out",
+            "{out}/step_floor_h200.json",
+            "--fused-ops",
+            "both",
+        ],
+        "step_floor_h200.json",
+    ),
+    "engine": (
+        330,
+        [
+            "benchmarks/gpu_engine.py",
+            "--out",
+            "{out}/engine_gpu.json",
+            "--configs",
+            "default,fused",
+            "--skip-eager",
+            "--peer-requests",
+            "32",
+        ],
+        "engine_gpu.json",
+    ),
+    "serve": (
+        300,
+        [
+            "benchmarks/serve_load.py",
+            "--model",
+            "random-llama3-8b",
+            "--device",
+            "cuda",
+            "--requests",
+            "384",
+            "--rates",
+            "inf,32",
+            "--max-num-seqs",
+            "256",
+            "--engine-process",
+            "--out",
+            "{out}/serve_load_h200_engine_process.json",
+        ],
+        "serve_load_h200_engine_process.json",
+    ),
+    "attention": (
+        300,
+        [
+            "benchmarks/gpu_attention.py",
+            "--out",
+            "{out}/attention_h200.json",
+            "--sections",
+            "env,decode,prefill,flex",
+        ],
+        "attention_h200.json",
+    ),
+}
+__doc__ = (__doc__ or "") + "".join(
+    f"\n* ``{name}`` (up to {limit} s): ``python {' '.join(cmd)}``"
+    for name, (limit, cmd, _) in STEPS.items()
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--steps", required=True, help=f"comma-separated, of {list(STEPS)}")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="results directory")
+    parser.add_argument(
+        "--limit-s", type=float, default=570.0, help="stop starting steps past this (seconds)"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args = parser.parse_args(argv)
+    steps = [s for s in args.steps.split(",") if s]
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown or not steps:
+        parser.error(f"--steps: unknown {unknown}; known {list(STEPS)}")
+    if not args.limit_s > 0:
+        parser.error(f"--limit-s must be > 0, got {args.limit_s}")
+    args.steps = steps
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    start = time.monotonic()
+    summary: dict[str, Any] = {"steps": {}, "limit_s": args.limit_s}
+    failed = 0
+    log_path = out / "gpu_session.log"
+    for name in args.steps:
+        limit, cmd, result = STEPS[name]
+        command = [sys.executable, *(c.format(out=out) for c in cmd)]
+        left = args.limit_s - (time.monotonic() - start)
+        if args.dry_run:
+            print(f"{name} (up to {limit} s): {' '.join(command)}")
+            continue
+        if left < min(limit, 60):  # not enough of the call left to be worth starting
+            summary["steps"][name] = {"status": "skipped", "reason": f"{left:.0f} s left"}
+            continue
+        t0 = time.monotonic()
+        with log_path.open("a") as log:
+            log.write(f"\n===== {name}: {' '.join(command)}\n")
+            log.flush()
+            try:
+                proc = subprocess.run(
+                    command,
+                    cwd=ROOT,
+                    env={**os.environ, "OUT": str(out)},  # gpu_tests.py writes to $OUT
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    timeout=min(limit, left),
+                    check=False,
+                )
+                status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+            except subprocess.TimeoutExpired:
+                status = f"timed out after {min(limit, left):.0f} s"
+        failed += status != "ok"
+        summary["steps"][name] = {
+            "status": status,
+            "seconds": round(time.monotonic() - t0, 1),
+            "results": result if (out / result).exists() else None,
+        }
+        print(name, summary["steps"][name], flush=True)
+        (out / "gpu_session.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
