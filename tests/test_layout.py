@@ -40,8 +40,17 @@ ALLOWED: Mapping[str, frozenset[str]] = {
             "fast.distributed",
         }
     ),
+    # fast.distributed: its spawn helper (children that leave Ctrl-C to the parent)
     "fast.api": frozenset(
-        {"spec", "fast.engine", "fast.loader", "fast.model", "fast.tokenizer", "kernels"}
+        {
+            "spec",
+            "fast.engine",
+            "fast.loader",
+            "fast.model",
+            "fast.tokenizer",
+            "kernels",
+            "fast.distributed",
+        }
     ),
     "fast": frozenset(),
     "conformance": frozenset({"spec", "kernels", "fast.blocks", "fast.engine", "fast.model"}),

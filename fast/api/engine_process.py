@@ -32,6 +32,7 @@ import traceback
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from fast.distributed.spawn import start_ignoring_sigint
 from fast.engine.outputs import CompletionOutput, RequestOutput
 from fast.engine.sampling_params import RequestOutputKind, SamplingParams
 
@@ -277,26 +278,6 @@ def _rebuild(module: str, name: str, message: str, attrs: dict[str, Any]) -> Bas
         return EngineProcessError(f"{module}.{name}: {message}")
 
 
-def _start_ignoring_sigint(proc: multiprocessing.process.BaseProcess) -> None:
-    """Start ``proc`` with SIGINT ignored, so the spawned process inherits SIG_IGN from birth.
-
-    A Ctrl-C while the child is still importing torch (before :func:`_child_main` ignores SIGINT
-    itself) otherwise kills it mid-import with a C++ ``terminate called ... KeyboardInterrupt``;
-    the server stops the engine itself (the child is a daemon: it also ends with the parent).
-    """
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        proc.start()  # signal handlers can only be set from the main thread
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        proc.start()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _as_delta(request_id: str, prompt: Any, params: Any = None) -> tuple[str, Any, Any]:
     """The child's engine reports ``DELTA`` outputs (only what is new each step: the host
     work of a step grows with the new tokens, not with every running request's length); the
@@ -406,7 +387,7 @@ class EngineProcess:
             name="pagedkv-engine",
             daemon=True,
         )
-        _start_ignoring_sigint(self._proc)
+        start_ignoring_sigint(self._proc)  # the server decides what a Ctrl-C stops
         child.close()
         self._decoder = DeltaDecoder()
         self._closed = False

@@ -11,7 +11,9 @@ every KV block; ranks 1..N-1 are spawned workers that run their shards on each s
 * :mod:`fast.distributed.comm`: the process groups (with timeouts) and the collectives;
 * :mod:`fast.distributed.protocol`: rank 0's commands (a step's batch, cache operations...);
 * :mod:`fast.distributed.worker` and :mod:`fast.distributed.driver`: the two sides;
-* :mod:`fast.distributed.errors`: the named errors.
+* :mod:`fast.distributed.errors`: the named errors;
+* :mod:`fast.distributed.spawn`: starting children with SIGINT ignored (the workers, and the
+  server's engine process).
 
 The submodules import torch; this package module does not.
 """

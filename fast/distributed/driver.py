@@ -20,9 +20,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
-import signal
 import tempfile
-import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -43,6 +41,7 @@ from fast.distributed.errors import (
 from fast.distributed.layers import TensorParallelCausalLM, parallelize
 from fast.distributed.protocol import EngineKit, Op, StepBatch, header, pack_batch
 from fast.distributed.sharding import ShardPlan, plan_sharding, shard_parameter
+from fast.distributed.spawn import start_ignoring_sigint
 from fast.distributed.worker import WorkerSpec, worker_main
 from fast.loader import LoadedModel
 from fast.loader.weights import empty_model
@@ -146,7 +145,7 @@ class TensorParallelDriver:
             proc = ctx.Process(
                 target=worker_main, args=(spec, child), name=f"pagedkv-tp{rank}", daemon=True
             )
-            _start_ignoring_sigint(proc)
+            start_ignoring_sigint(proc)  # a Ctrl-C is the driver's; workers go with it
             child.close()
             self._procs.append(proc)
             self._conns.append(parent)
@@ -402,16 +401,3 @@ def _weak_on_error(
         return exc if bound is None else bound(operation, exc)
 
     return on_error
-
-
-def _start_ignoring_sigint(proc: Any) -> None:
-    """Start ``proc`` with SIGINT ignored from birth (as the engine process is started): a
-    Ctrl-C is the driver's to handle, and the workers go down with the group."""
-    if threading.current_thread() is not threading.main_thread():
-        proc.start()
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        proc.start()
-    finally:
-        signal.signal(signal.SIGINT, previous)
