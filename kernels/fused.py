@@ -33,7 +33,7 @@ from kernels.errors import (
     ShapeMismatchError,
 )
 
-__all__ = ["rope_write_kv", "add_rms_norm", "silu_mul", "rotate_half"]
+__all__ = ["rope_write_kv", "add_rms_norm", "silu_mul", "apply_rope", "rotate_half"]
 
 
 def _dt(t: torch.Tensor) -> str:
@@ -51,6 +51,20 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """x [..., R] -> [..., R]: (x1, x2) -> (-x2, x1), the rotary embedding's partner lanes."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate every head of x [T, H, D] by its token's angles (cos, sin [T, 1, R]) -> [T, H, D].
+
+    Queries and keys are rotated in one call by passing them side by side as one head axis.
+    With ``R < D`` (partial rotary) lanes ``R..D-1`` pass through unrotated. The unfused rope
+    of the model's layers (fast.model.rope) and the fallback of :func:`rope_write_kv`.
+    """
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot = x[..., :r]  # [T, H, R]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, x[..., r:]), dim=-1)
 
 
 def rope_write_kv(
@@ -108,9 +122,7 @@ def rope_write_kv(
         cos2, sin2 = cos2.contiguous(), sin2.contiguous()
         return triton_rope_write_kv(qkv, cos2, sin2, k_cache, v_cache, slot_mapping, num_heads)
     qk = qkv[:, : (num_heads + hkv) * d].reshape(t, num_heads + hkv, d)  # [T, Hq + Hkv, D]
-    c, s = cos2[:, None, :], sin2[:, None, :]  # [T, 1, R]
-    rot = qk[..., :r] * c + rotate_half(qk[..., :r]) * s
-    qk = torch.cat((rot, qk[..., r:]), dim=-1)  # [T, Hq + Hkv, D]
+    qk = apply_rope(qk, cos2[:, None, :], sin2[:, None, :])  # [T, Hq + Hkv, D]
     keep = slot_mapping >= 0
     rows = slot_mapping[keep].long()
     bs = k_cache.shape[1]

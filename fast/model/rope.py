@@ -14,6 +14,7 @@ import math
 import torch
 
 from fast.model.config import LinearRopeScaling, RopeScaling
+from kernels.fused import apply_rope as apply_rope  # re-exported: the layers' unfused rope
 
 
 def inverse_frequencies(
@@ -51,12 +52,6 @@ def inverse_frequencies(
     return torch.where(medium, smoothed, scaled)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    # x [..., D] -> [..., D]: (x1, x2) -> (-x2, x1)
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def rope_cos_sin(
     positions: torch.Tensor,
     inv_freq: torch.Tensor,
@@ -75,16 +70,3 @@ def rope_cos_sin(
     if attention_factor != 1.0:
         cos, sin = cos * attention_factor, sin * attention_factor
     return cos.to(dtype), sin.to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate every head of x [T, H, D] by its token's angles (cos, sin [T, 1, R]) -> [T, H, D].
-
-    Queries and keys are rotated in one call by passing them side by side as one head axis.
-    With ``R < D`` (partial rotary) lanes ``R..D-1`` pass through unrotated.
-    """
-    r = cos.shape[-1]
-    if r == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
-    rot = x[..., :r]  # [T, H, R]
-    return torch.cat((rot * cos + _rotate_half(rot) * sin, x[..., r:]), dim=-1)
