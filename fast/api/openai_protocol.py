@@ -906,11 +906,6 @@ class TextStreamer:
         return piece
 
 
-def holdback_of(params: Any) -> int:
-    """Characters to hold back while streaming (``SamplingParams.text_holdback``)."""
-    return int(params.text_holdback)
-
-
 def now() -> int:
     """``created``: seconds since the epoch."""
     return int(time.time())

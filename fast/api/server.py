@@ -287,7 +287,7 @@ async def _completion_events(
 ) -> AsyncIterator[str]:
     n = req.params.n
     index_of = {r: i for i, r in enumerate(stream.request_ids)}
-    hold = proto.holdback_of(req.params)
+    hold = req.params.text_holdback
     choices: dict[int, _Choice] = {}
     prompt_tokens = completion_tokens = 0
     extra = {"usage": None} if req.include_usage else {}
@@ -379,7 +379,7 @@ async def chat_completions(request: Request, st: _State) -> Response:
 async def _chat_events(
     stream: RequestStream, req: proto.ChatRequest, rid: str, created: int, st: _State
 ) -> AsyncIterator[str]:
-    hold = proto.holdback_of(req.params)
+    hold = req.params.text_holdback
     extra = {"usage": None} if req.include_usage else {}
     choices = {j: _Choice(proto.TextStreamer(hold)) for j in range(req.params.n)}
     prompt_tokens = completion_tokens = 0
