@@ -36,6 +36,18 @@ def greedy_reference(model: Any, prompts: list[list[int]], max_tokens: int) -> l
     return reference
 
 
+def reference_margin(hf: Any, batch: list[list[int]], want: list[list[int]]) -> float:
+    """The smallest gap between transformers' best and second-best logit over the reference
+    ``want`` (a near-tie there could flip under another summation order)."""
+    gaps = []
+    with torch.no_grad():
+        for p, w in zip(batch, want, strict=True):
+            logits = hf(torch.tensor([p + w])).logits[0, len(p) - 1 : -1]  # [len(w), V]
+            top = logits.topk(2, dim=-1).values
+            gaps.append(float((top[:, 0] - top[:, 1]).min()))
+    return min(gaps)
+
+
 def save_with_reference(
     model: Any, path: Path, prompts: list[list[int]], max_tokens: int
 ) -> Checkpoint:

@@ -45,7 +45,7 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))  # hf_reference
-from hf_reference import greedy_reference  # noqa: E402
+from hf_reference import greedy_reference, reference_margin  # noqa: E402
 from offline import no_network  # noqa: E402, F401 - a fixture
 from test_loader_gguf import MERGES, SPECIAL, vocabulary  # noqa: E402
 from test_loader_kquants import random_blocks  # noqa: E402
@@ -237,17 +237,6 @@ def adopt_file_values(hf: Any, store: dict[str, np.ndarray]) -> None:
 def prompts(seed: int, lens: tuple[int, ...]) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lens]
-
-
-def reference_margin(hf: Any, batch: list[list[int]], want: list[list[int]]) -> float:
-    """The smallest gap between transformers' best and second-best logit over the reference."""
-    gaps = []
-    with torch.no_grad():
-        for p, w in zip(batch, want, strict=True):
-            logits = hf(torch.tensor([p + w])).logits[0, len(p) - 1 : -1]  # [len(w), V]
-            top = logits.topk(2, dim=-1).values
-            gaps.append(float((top[:, 0] - top[:, 1]).min()))
-    return min(gaps)
 
 
 def pagedkv_greedy(path: Path, batch: list[list[int]]) -> tuple[Any, list[list[int]]]:

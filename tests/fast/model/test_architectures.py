@@ -25,7 +25,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))  # hf_reference
-from hf_reference import greedy_reference  # noqa: E402
+from hf_reference import greedy_reference, reference_margin  # noqa: E402
 
 from fast.api.llm import LLM  # noqa: E402
 from fast.engine.sampling_params import SamplingParams  # noqa: E402
@@ -142,17 +142,6 @@ PROMPT_SEED = {"gemma2": 11, "phi3_longrope": 9}
 #: the smallest top-1 - top-2 logit gap a reference step may have: the engine computes in another
 #: order (on the GPU, other kernels), and a gap of 1e-4 was seen to flip (phi3_longrope, seed 7)
 MIN_MARGIN = 1e-3
-
-
-def reference_margin(hf: Any, batch: list[list[int]], want: list[list[int]]) -> float:
-    """The smallest gap between transformers' best and second-best logit over the reference."""
-    gaps = []
-    with torch.no_grad():
-        for p, w in zip(batch, want, strict=True):
-            logits = hf(torch.tensor([p + w])).logits[0, len(p) - 1 : -1]  # [len(w), V]
-            top = logits.topk(2, dim=-1).values
-            gaps.append(float((top[:, 0] - top[:, 1]).min()))
-    return min(gaps)
 
 
 def build_hf(kind: str, overrides: dict[str, Any], seed: int) -> Any:
