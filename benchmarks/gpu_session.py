@@ -18,8 +18,10 @@ prometheus_client: carried as wheels and installed first, /work/.library/device/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -33,7 +35,16 @@ ROOT = HERE.parent
 STEPS: dict[str, tuple[int, list[str], str]] = {
     "tests": (
         420,
-        ["benchmarks/gpu_tests.py", "--ignore=tests/fast/api", "-n", "6", "-p", "no:cacheprovider"],
+        [
+            "benchmarks/gpu_tests.py",
+            "--budget-s",
+            "{budget}",
+            "--ignore=tests/fast/api",
+            "-n",
+            "6",
+            "-p",
+            "no:cacheprovider",
+        ],
         "gpu_tests.json",
     ),
     "fp8": (
@@ -132,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     log_path = out / "gpu_session.log"
     for name in args.steps:
         limit, cmd, result = STEPS[name]
-        command = [sys.executable, *(c.format(out=out) for c in cmd)]
         left = args.limit_s - (time.monotonic() - start)
+        budget = f"{max(min(limit, left) - 20, 10):.0f}"  # a step that stops itself, records
+        command = [sys.executable, *(c.format(out=out, budget=budget) for c in cmd)]
         if args.dry_run:
             print(f"{name} (up to {limit} s): {' '.join(command)}")
             continue
@@ -144,19 +156,23 @@ def main(argv: list[str] | None = None) -> int:
         with log_path.open("a") as log:
             log.write(f"\n===== {name}: {' '.join(command)}\n")
             log.flush()
+            proc = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env={**os.environ, "OUT": str(out)},  # gpu_tests.py writes to $OUT
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: a timeout kills all of it
+            )
             try:
-                proc = subprocess.run(
-                    command,
-                    cwd=ROOT,
-                    env={**os.environ, "OUT": str(out)},  # gpu_tests.py writes to $OUT
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    timeout=min(limit, left),
-                    check=False,
-                )
-                status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+                code = proc.wait(timeout=min(limit, left))
+                status = "ok" if code == 0 else f"exit {code}"
             except subprocess.TimeoutExpired:
                 status = f"timed out after {min(limit, left):.0f} s"
+            finally:  # no child of a step outlives it to hold GPU memory in the next one
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         failed += status != "ok"
         summary["steps"][name] = {
             "status": status,

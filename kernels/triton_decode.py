@@ -395,19 +395,21 @@ def decode_config(head_dim: int, dtype: torch.dtype, fp8_dequant: str = "") -> t
 #: How the decode kernel turns fp8 codes into dot operands (see docs/fp8.md, "Decode speed"):
 #:
 #: * ``"convert"``: ``k.to(q.dtype)``; for bf16 queries Triton converts e4m3 -> fp16 -> bf16, one
-#:   conversion instruction per element plus one per pair (the default);
+#:   conversion instruction per element plus one per pair;
 #: * ``"f16"``: the hardware fp8x2 -> fp16x2 conversion and fp16 dots (bf16 q rounded to fp16);
 #: * ``"bits"``: K/V loaded as 32-bit words of four codes and placed into the bits of q's dtype
 #:   with integer operations (two ``prmt`` per word on the GPU): for bf16, then one exact bf16x2
 #:   multiply by a power of two, giving the same values and dots as ``"convert"``; for fp16, the
-#:   e4m3 factor ``2^-8`` folded into the scales;
+#:   e4m3 factor ``2^-8`` folded into the scales (the default);
 #: * ``"bits_f16"``: as ``"bits"`` into fp16 for any q, fp16 dots (bf16 q rounded to fp16).
 #:
 #: All but ``"convert"`` need fp16 or bf16 queries, and the ``"bits"`` modes rows that are 4-byte
 #: aligned; otherwise ``"convert"`` runs.
 FP8_DEQUANT_MODES = ("convert", "f16", "bits", "bits_f16")
-#: The mode an fp8 cache gets when the caller names none (the H200 comparison is pending).
-DEFAULT_FP8_DEQUANT = "convert"
+#: The mode an fp8 cache gets when the caller names none: on the H200, "bits" decodes at
+#: 1.13-1.15x the bf16 kernel's speed at 64x4096, 128x1024 and 16x2048 where "convert" runs at
+#: 0.76-0.90x (benchmarks/results/fp8_h200.json).
+DEFAULT_FP8_DEQUANT = "bits"
 
 
 def fp8_dequant_mode(
