@@ -116,12 +116,14 @@ def check_tiny_fp32(enforce_eager: bool) -> dict[str, Any]:
     }
 
 
-#: engine variants: (prefix caching, chunked prefill, fused_ops)
-CONFIGS = {
-    "default": (True, True, False),
-    "no_prefix_caching": (False, True, False),
-    "neither": (False, False, False),
-    "fused": (True, True, True),  # the defaults with kernels.fused (EngineConfig.fused_ops)
+#: engine variants: (prefix caching, chunked prefill, fused_ops; None: the engine's default,
+#: which is the fused kernels on one GPU)
+CONFIGS: dict[str, tuple[bool, bool, bool | None]] = {
+    "default": (True, True, None),
+    "unfused": (True, True, False),  # the defaults without kernels.fused
+    "no_prefix_caching": (False, True, None),
+    "neither": (False, False, None),
+    "fused": (True, True, True),
 }
 
 
@@ -199,7 +201,7 @@ def throughput(
         "config": config,
         "enable_prefix_caching": CONFIGS[config][0],
         "enable_chunked_prefill": CONFIGS[config][1],
-        "fused_ops": CONFIGS[config][2],
+        "fused_ops": engine.fused_ops,  # as the engine resolved it
         "prefix_cache_hits": engine.stats.prefix_cache_hits,
         "prefix_cache_queries": engine.stats.prefix_cache_queries,
         "requests": n,

@@ -70,7 +70,7 @@ STEPS: dict[str, tuple[int, list[str], str]] = {
             "--out",
             "{out}/engine_gpu.json",
             "--configs",
-            "default,fused",
+            "default,unfused",
             "--skip-eager",
             "--peer-requests",
             "32",

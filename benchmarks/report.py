@@ -127,11 +127,12 @@ def engine_tables() -> list[str]:
             ]
         else:
             out += ["| system | output tok/s |", "|---|---:|"]
-        labels = {
-            "default": "prefix caching + chunked prefill (the defaults)",
+        labels = {  # the kernels (fused_ops as the run resolved it) are named after these
+            "default": "prefix caching + chunked prefill",
+            "fused": "prefix caching + chunked prefill",
+            "unfused": "prefix caching + chunked prefill",
             "no_prefix_caching": "chunked prefill, no prefix caching",
             "neither": "neither",
-            "fused": "the defaults with fused kernels (fused_ops)",
         }
         seen: set[str] = set()
         for r in g["runs"]:
@@ -140,6 +141,8 @@ def engine_tables() -> list[str]:
             mode = "eager" if r["enforce_eager"] else "decode CUDA graphs"
             config = r.get("config", "default")
             mode += f", {labels.get(config, config)}"
+            if "fused_ops" in r:
+                mode += ", fused kernels" if r["fused_ops"] else ", unfused kernels"
             if config not in seen and r["breakdown"]["slowest"][0]["ms"] > 1000:
                 first = r["breakdown"]["slowest"][0]["ms"] / 1000
                 mode += f" (first run of its kind in the process: a {first:.1f} s first step)"

@@ -53,8 +53,10 @@ class EngineConfig:
     (docs/tensor-parallel.md).
 
     ``fused_ops`` runs each layer's rotary embedding + KV write, residual add + RMSNorm and
-    gated activation as the fused kernels of ``kernels.fused`` (docs/kernels.md); off by default
-    until measured on a GPU, and single-device for now.
+    gated activation as the fused kernels of ``kernels.fused`` (docs/kernels.md); None (the
+    default) turns them on for a single CUDA device, where they take 0.5-1.1 ms off each decode
+    step of the Llama-3-8B shape (benchmarks/results/step_floor_h200.json), and off elsewhere
+    (:meth:`resolved_fused_ops`); single-device for now.
     """
 
     block_size: int = 16
@@ -81,7 +83,7 @@ class EngineConfig:
     v_scale: float | tuple[float, ...] | None = None
     tensor_parallel_size: int = 1
     distributed_timeout_s: float = 300.0
-    fused_ops: bool = False
+    fused_ops: bool | None = None
 
     def __post_init__(self) -> None:
         self._check_kv_cache()
@@ -98,8 +100,8 @@ class EngineConfig:
                 raise InvalidArgumentError(name, value, "must be >= 0")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
             raise InvalidArgumentError("num_gpu_blocks", self.num_gpu_blocks, "must be >= 1")
-        if not isinstance(self.fused_ops, bool):
-            raise InvalidArgumentError("fused_ops", self.fused_ops, "must be a bool")
+        if self.fused_ops is not None and not isinstance(self.fused_ops, bool):
+            raise InvalidArgumentError("fused_ops", self.fused_ops, "must be a bool or None")
         if self.fused_ops and self.tensor_parallel_size > 1:
             raise InvalidArgumentError(
                 "fused_ops",
@@ -108,6 +110,20 @@ class EngineConfig:
             )
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise InvalidArgumentError("dtype", self.dtype, f"one of auto, {sorted(_DTYPES)}")
+
+    def resolved_fused_ops(self, device_type: str) -> bool:
+        """``fused_ops`` for an engine on ``device_type``: as given, or None -> on for one CUDA
+        device (the kernels' measured gain), off on the CPU (their torch fallbacks run the same
+        operations) and with tensor parallelism (not supported yet).
+
+        >>> EngineConfig().resolved_fused_ops("cuda"), EngineConfig().resolved_fused_ops("cpu")
+        (True, False)
+        >>> EngineConfig(fused_ops=False).resolved_fused_ops("cuda")
+        False
+        """
+        if self.fused_ops is not None:
+            return self.fused_ops
+        return device_type == "cuda" and self.tensor_parallel_size == 1
 
     def _check_kv_cache(self) -> None:
         """kv_cache_dtype a known name; scales positive, both or neither, fp8 only."""

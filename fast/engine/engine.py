@@ -135,6 +135,7 @@ class LLMEngine:
         self.config = cfg
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.fused_ops = cfg.resolved_fused_ops(self.device.type)
         torch.manual_seed(cfg.seed)
         tp = cfg.tensor_parallel_size
         loaded = (
@@ -702,8 +703,8 @@ class LLMEngine:
         """Set the model's layers to this engine's ``fused_ops``: a loaded model may be shared
         by engines of different settings, so each engine sets it before it runs the model
         (free when it already is; captured graphs keep what they captured)."""
-        if getattr(self.model, "fused_ops", self.config.fused_ops) != self.config.fused_ops:
-            self.model.use_fused_ops(self.config.fused_ops)
+        if getattr(self.model, "fused_ops", self.fused_ops) != self.fused_ops:
+            self.model.use_fused_ops(self.fused_ops)
 
     def _run_model(
         self, out: SchedulerOutput
