@@ -42,6 +42,8 @@ STEPS: dict[str, tuple[int, list[str], str]] = {
             "--ignore=tests/fast/api",
             "-n",
             "6",
+            "--dist",
+            "worksteal",  # an idle worker takes queued tests from one busy with a slow test
             "-p",
             "no:cacheprovider",
         ],

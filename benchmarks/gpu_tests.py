@@ -11,7 +11,8 @@ outcome and duration, the tests started and never finished, the commit, GPU and 
 
 Each test's outcome is appended to a log the moment pytest reports it (this file is also the
 pytest plugin that does it, loaded with ``-p gpu_tests``), so a run stopped by ``--budget-s``
-still records every test it finished and names the ones it was in the middle of; the whole
+still records every test it finished and names the ones it was in the middle of and the ones it
+never started (against the collected list); the whole
 process group (pytest-xdist's workers included) is killed then, so no orphan keeps the GPU. A
 test running longer than ``--hang-s`` has its stacks dumped into the output (pytest's
 ``faulthandler_timeout``). The exit status is pytest's (124 when the budget ran out).
@@ -31,6 +32,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import ROOT, provenance  # noqa: E402
 
@@ -46,6 +49,16 @@ def _append(record: dict[str, Any]) -> None:
     if path and not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller records once
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def pytest_collection_finish(session: Any) -> None:
+    if session.items:  # without xdist the controller collects (with it, the hook below)
+        _append({"event": "collected", "ids": [item.nodeid for item in session.items]})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
+    _append({"event": "collected", "ids": list(ids)})  # every worker collects the same list
 
 
 def pytest_runtest_logstart(nodeid: str, location: Any) -> None:
@@ -76,7 +89,11 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     reports: dict[str, str] = {}
     started: list[str] = []
+    collected: dict[str, None] = {}
     for r in records:
+        if r["event"] == "collected":
+            collected.update(dict.fromkeys(r["ids"]))
+            continue
         node = r["nodeid"]
         if r["event"] == "start":
             started.append(node)
@@ -88,10 +105,13 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         elif outcomes.get(node) != "failed":
             outcomes[node] = r["outcome"]
     unfinished = [n for n in started if n not in outcomes]
+    never_started = [n for n in collected if n not in outcomes and n not in unfinished]
     counts = {k: sum(v == k for v in outcomes.values()) for k in ("passed", "failed", "skipped")}
     return {
         **counts,
+        "collected": len(collected),
         "unfinished": unfinished,
+        "never_started": never_started,
         "failures": sorted(n for n, v in outcomes.items() if v == "failed"),
         "failure_reports": reports,
         "outcomes": outcomes,
@@ -142,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "benchmarks/results"
     (out_dir / "gpu_tests.json").write_text(json.dumps(result, indent=2) + "\n")
-    brief = ("passed", "failed", "skipped", "unfinished", "failures", "slowest")
+    brief = ("collected", "passed", "failed", "skipped", "unfinished", "never_started", "failures")
     print(json.dumps({k: result[k] for k in brief}, indent=1))
     return status
 
