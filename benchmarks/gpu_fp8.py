@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sections", default=",".join(SECTIONS), help=f"comma-separated, of {SECTIONS}"
     )
     parser.add_argument("--kv-gb", type=float, default=4.0, help="KV budget of the engine run")
+    parser.add_argument(
+        "--results-name", default="fp8_h200.json", help="file name of the results in --out"
+    )
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--max-num-seqs", type=int, default=128)
     args = parser.parse_args(argv)
@@ -250,6 +253,7 @@ def tune(res: dict[str, Any]) -> None:
                     )  # fmt: skip
 
                 key = prefix + "x".join(map(str, cfg))
+                print(f"tune {batch}x{length} {key}", flush=True)  # the last one a crash reached
                 try:
                     row[key] = round(bench_graph_ms(run) * 1e3, 1)
                 except Exception as e:
@@ -303,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "fp8_h200.json"
+    path = out_dir / args.results_name
     res: dict[str, Any] = {**provenance(), "sections": args.sections}
     if torch.cuda.is_available():
         res["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
