@@ -56,8 +56,7 @@ class EngineProcessError(RuntimeError):
 class _CompletionDelta:
     index: int
     new_token_ids: list[int]
-    text: str  # the new text, or the whole text when ``replace_text``
-    replace_text: bool  # the text is not an extension of what was sent (a stop string cut it)
+    text: str  # the new text (the engine never takes back text it reported)
     new_logprobs: list[Any] | None
     cumulative_logprob: float | None
     finish_reason: str | None
@@ -77,13 +76,10 @@ class _OutputDelta:
 
 
 class DeltaEncoder:
-    """Turns engine outputs into deltas (the child's side; one per engine): cumulative outputs
-    by comparing them with what was sent (:meth:`encode`), the engine's own ``DELTA`` outputs
-    as they are (:meth:`encode_delta`, what the child asks its engine for)."""
+    """Turns the engine's own ``DELTA`` outputs (what the child asks its engine for) into
+    deltas, as they are (the child's side; one per engine)."""
 
     def __init__(self) -> None:
-        # request id -> (prompt logprobs sent, {index: (tokens sent, text sent, logprobs sent)})
-        self._sent: dict[str, tuple[int, dict[int, tuple[int, str, int]]]] = {}
         # DELTA requests that reported: request id -> length of its prompt logprobs (-1: none)
         self._prompt_lps: dict[str, int] = {}
 
@@ -103,7 +99,6 @@ class DeltaEncoder:
                     c.index,
                     c.token_ids,
                     c.text,
-                    False,
                     c.logprobs,
                     c.cumulative_logprob,
                     c.finish_reason,
@@ -121,45 +116,7 @@ class DeltaEncoder:
 
     def forget(self, request_id: str) -> None:
         """Drop a request the engine no longer knows."""
-        self._sent.pop(request_id, None)
         self._prompt_lps.pop(request_id, None)
-
-    def encode(self, out: RequestOutput) -> _OutputDelta:
-        first = out.request_id not in self._sent
-        n_prompt_lp, comps = self._sent.get(out.request_id, (-1, {}))
-        deltas = []
-        for c in out.outputs:
-            n_tok, text, n_lp = comps.get(c.index, (0, "", 0))
-            extends = c.text.startswith(text)
-            deltas.append(
-                _CompletionDelta(
-                    c.index,
-                    c.token_ids[n_tok:],
-                    c.text[len(text) :] if extends else c.text,
-                    not extends,
-                    None if c.logprobs is None else c.logprobs[n_lp:],
-                    c.cumulative_logprob,
-                    c.finish_reason,
-                    c.stop_reason,
-                )
-            )
-            comps[c.index] = (len(c.token_ids), c.text, len(c.logprobs or ()))
-        plp = out.prompt_logprobs
-        plp_len = -1 if plp is None else len(plp)
-        if out.finished:
-            self._sent.pop(out.request_id, None)
-        else:
-            self._sent[out.request_id] = (plp_len, comps)
-        return _OutputDelta(
-            out.request_id,
-            deltas,
-            out.finished,
-            out.metrics,
-            out.num_cached_tokens,
-            (out.prompt, out.prompt_token_ids) if first else None,
-            list(plp) if plp is not None and plp_len != n_prompt_lp else None,
-            plp_len,
-        )
 
 
 class DeltaDecoder:
@@ -176,7 +133,7 @@ class DeltaDecoder:
         merged = dict(before)  # a delta carries only the completions with something new
         for cd in d.completions:
             p = before.get(cd.index)
-            text = cd.text if cd.replace_text or p is None else p.text + cd.text
+            text = cd.text if p is None else p.text + cd.text
             logprobs = cd.new_logprobs
             if logprobs is not None and p is not None and p.logprobs is not None:
                 logprobs = p.logprobs + logprobs

@@ -21,32 +21,66 @@ ENGINE = dict(block_size=4, num_gpu_blocks=96, max_model_len=128)
 
 
 def test_deltas_rebuild_every_output(char_model: Path) -> None:
-    """Every output of every step, sent as a delta and rebuilt, equals the engine's own:
-    n = 2 with logprobs, a stop string that cuts text already produced, prompt logprobs under
-    chunked prefill, an abort in the middle."""
-    engine = LLM(str(char_model), **ENGINE, max_num_seqs=4, max_num_batched_tokens=8).llm_engine
+    """Every DELTA output of every step, encoded, sent and rebuilt as the engine process does,
+    equals a twin engine's cumulative output but for what the delta withholds (the last
+    ``text_holdback`` characters of a running sequence's text; the metrics' times are each
+    engine's own): n = 2 with logprobs, a stop string that cuts text already produced, prompt
+    logprobs under chunked prefill, an abort in the middle."""
+    from dataclasses import replace
+
+    from fast.engine.sampling_params import RequestOutputKind
+
+    def engine() -> Any:
+        return LLM(str(char_model), **ENGINE, max_num_seqs=4, max_num_batched_tokens=8).llm_engine
+
+    plain, delta = engine(), engine()
+    sampled = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=9, logprobs=2)
+    requests = [
+        ("a", "hello there", sampled),
+        ("b", "the cat sat on", SamplingParams(temperature=0, max_tokens=12, stop=["e", "BBw"])),
+        ("c", "abcdefghijklmnop", SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=1)),
+        ("d", "zzz", SamplingParams(temperature=0, max_tokens=50)),
+    ]  # fmt: skip
+    for rid, prompt, params in requests:
+        plain.add_request(rid, prompt, params)
+        delta.add_request(rid, prompt, replace(params, output_kind=RequestOutputKind.DELTA))
+    hold = {rid: params.text_holdback for rid, _, params in requests}
     enc, dec = DeltaEncoder(), DeltaDecoder()
-    engine.add_request(
-        "a", "hello there", SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=9, logprobs=2)
-    )
-    engine.add_request(
-        "b", "the cat sat on", SamplingParams(temperature=0, max_tokens=12, stop=["e"])
-    )
-    engine.add_request(
-        "c", "abcdefghijklmnop", SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=1)
-    )
-    engine.add_request("d", "zzz", SamplingParams(temperature=0, max_tokens=50))
-    seen = 0
-    steps = 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            assert dec.decode(enc.encode(out)) == out
+    sent: dict[tuple[str, int], int] = {}  # (request, index) -> characters of text sent
+
+    def check(got: Any, want: Any, raw: Any) -> None:
+        """``got`` (rebuilt from ``raw``) is ``want`` with each running text held back."""
+        assert got.metrics == raw.metrics
+        comps = []
+        for c in want.outputs:
+            end = len(c.text) if c.finish_reason else len(c.text) - hold[want.request_id]
+            end = sent[want.request_id, c.index] = max(end, sent.get((want.request_id, c.index), 0))
+            comps.append(replace(c, text=c.text[:end]))
+        assert replace(got, metrics=None) == replace(want, outputs=comps, metrics=None)
+
+    seen = held = steps = 0
+    stops: list[Any] = []
+    while plain.has_unfinished_requests():
+        want, raw = plain.step(), delta.step()
+        assert [o.request_id for o in raw] == [o.request_id for o in want]
+        for w, r in zip(want, raw):
+            got = dec.decode(enc.encode_delta(r))
+            check(got, w, r)
+            stops += [c.stop_reason for c in got.outputs if c.finish_reason == "stop"]
+            held += sum(len(c.text) for c in w.outputs) - sum(
+                sent[w.request_id, c.index] for c in w.outputs
+            )
             seen += 1
         steps += 1
-        if steps == 3:
-            final = engine.abort_request("d")
-            assert final is not None and dec.decode(enc.encode(final)) == final
-    assert seen > 10 and not enc._sent and not dec._last  # finished requests are forgotten
+        if steps == 3:  # as the engine process answers an abort
+            final, raw_final = plain.abort_request("d"), delta.abort_request("d")
+            enc.forget("d")
+            assert final is not None and raw_final is not None
+            check(dec.decode(enc.encode_delta(raw_final)), final, raw_final)
+    assert not delta.has_unfinished_requests()
+    assert seen > 10 and held > 0  # characters were withheld at some step
+    assert stops == ["BBw"]  # and the stop string found later cut them
+    assert not enc._prompt_lps and not dec._last  # finished requests are forgotten
 
 
 def test_delta_outputs_rebuild_the_cumulative_ones(char_model: Path) -> None:
