@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ from fast.engine.outputs import (
 from fast.engine.sampler import Sampler, SamplerOutput, token_logprobs
 from fast.engine.sampling_params import RequestOutputKind, SamplingParams
 from fast.engine.scheduler import Scheduler, SchedulerCheckpoint, checkpoint, restore
-from fast.engine.sequence import Sequence, SequenceStatus
+from fast.engine.sequence import Sequence, SequenceStatus, all_finished
 from fast.engine.stop import StopChecker
 from fast.loader import LoadedModel, load_model
 from fast.model.kv_scales import LayerKVScales, install_kv_scales
@@ -451,11 +451,12 @@ class LLMEngine:
                     seq.logprobs.append(lp)
                 metrics[seq.request_id].token(now)
                 stopped = check(seq)
-                if seq.seq_id in children:  # not scheduled: the scheduler learns by fork
+                seq_id = seq.seq_id
+                if children and seq_id in children:  # not scheduled: learnt by fork
                     continue
-                sampled[seq.seq_id] = token
+                sampled[seq_id] = token
                 if stopped:
-                    finished.add(seq.seq_id)
+                    finished.add(seq_id)
             for parent, child in forks:  # before update() may free the parent
                 if not child.is_finished:
                     self._fork(parent, child)
@@ -469,9 +470,9 @@ class LLMEngine:
         self.scheduler.update(StepOutcome(sampled, frozenset(finished)))
         outputs = []
         # With finished_only, only a request with a sequence finishing now can be done now.
-        for request_id in dict.fromkeys(seq.request_id for seq in touched):
+        for request_id in dict.fromkeys([seq.request_id for seq in touched]):
             group = self._requests[request_id]
-            done = all(seq.is_finished for seq in group)
+            done = all_finished(group)
             if done:
                 del self._requests[request_id]
                 for seq in group:
@@ -492,7 +493,7 @@ class LLMEngine:
             CompletionOutput(
                 index=seq.index,
                 text=seq.output_text,
-                token_ids=seq.output_token_ids,
+                token_ids=seq.token_ids[len(seq.prompt_token_ids) :],  # seq.output_token_ids
                 cumulative_logprob=seq.cumulative_logprob,
                 logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
                 finish_reason=seq.finish_reason,
@@ -503,13 +504,13 @@ class LLMEngine:
         first = group[0]
         rid = first.request_id
         metrics = self._metrics.get(rid)
-        prompt_lps = self._prompt_logprobs.get(rid)
+        prompt_lps = self._prompt_logprobs.get(rid) if self._prompt_logprobs else None
         return RequestOutput(
             rid,
             first.prompt,
             list(first.prompt_token_ids),
             completions,
-            all(seq.is_finished for seq in group),
+            all_finished(group),
             prompt_logprobs=list(prompt_lps) if prompt_lps is not None else None,
             metrics=metrics.snapshot() if metrics is not None else None,
             num_cached_tokens=self._num_cached.get(rid),
@@ -531,14 +532,18 @@ class LLMEngine:
             sent = _Sent(list(first.prompt_token_ids), True, {}, holdback)
         marks = dict(sent.marks)
         completions = []
+        all_finished = True
         for seq in group:
-            n_tok, n_chars, n_lps, ended = marks.get(seq.index, (0, 0, 0, False))
+            n_tok, n_chars, n_lps, ended = marks.get(seq.index, _NOTHING_SENT)
             new_ids = seq.token_ids[len(seq.prompt_token_ids) + n_tok :]
             text = seq.output_text
-            end = len(text) if seq.is_finished else len(text) - sent.holdback
+            reason = seq.finish_reason  # None while it runs
+            if reason is None:
+                all_finished = False
+            end = len(text) if reason is not None else len(text) - sent.holdback
             end = max(end, n_chars)
             lps = None if seq.logprobs is None else seq.logprobs[n_lps:]
-            if not (new_ids or end > n_chars or lps or (seq.is_finished and not ended)):
+            if not (new_ids or end > n_chars or lps or (reason is not None and not ended)):
                 continue  # as vLLM: a completion appears when it has something new
             completions.append(
                 CompletionOutput(
@@ -547,7 +552,7 @@ class LLMEngine:
                     token_ids=new_ids,
                     cumulative_logprob=seq.cumulative_logprob,
                     logprobs=lps,
-                    finish_reason=seq.finish_reason,
+                    finish_reason=reason,
                     stop_reason=seq.stop_reason,
                 )
             )
@@ -555,7 +560,7 @@ class LLMEngine:
                 n_tok + len(new_ids),
                 end,
                 n_lps + len(lps or ()),
-                seq.is_finished,
+                reason is not None,
             )
         self._sent[rid] = _Sent(sent.prompt_token_ids, False, marks, sent.holdback)
         prompt_lps = self._prompt_logprobs.get(rid) if sent.first else None
@@ -565,7 +570,7 @@ class LLMEngine:
             first.prompt,
             sent.prompt_token_ids,
             completions,
-            all(seq.is_finished for seq in group),
+            all_finished,
             prompt_logprobs=list(prompt_lps) if prompt_lps is not None else None,
             metrics=metrics.snapshot() if metrics is not None else None,
             num_cached_tokens=self._num_cached.get(rid),
@@ -611,16 +616,16 @@ class LLMEngine:
         """Flatten the scheduled tokens into numpy arrays (no torch, no device work)."""
         seqs, bs, sched = self.scheduler.seqs, self.config.block_size, out.scheduled
         n = len(sched)
-        ids = np.fromiter((s.seq_id for s in sched), np.int64, n)  # [B]
-        starts = np.fromiter((s.start for s in sched), np.int64, n)  # [B]
-        nums = np.fromiter((s.num_tokens for s in sched), np.int64, n)  # [B]
+        ids = np.array([s.seq_id for s in sched], dtype=np.int64)  # [B]
+        starts = np.array([s.start for s in sched], dtype=np.int64)  # [B]
+        nums = np.array([s.num_tokens for s in sched], dtype=np.int64)  # [B]
         cu = np.zeros(n + 1, dtype=np.int64)  # [B + 1]
         np.cumsum(nums, out=cu[1:])
         total = int(cu[-1])
         decode = total == n  # one new token per sequence
         if decode:
-            tokens = np.fromiter(
-                (seqs[s.seq_id].token_ids[s.start] for s in sched), np.int64, n
+            tokens = np.array(
+                [seqs[s.seq_id].token_ids[s.start] for s in sched], dtype=np.int64
             )  # [T]
             positions = starts  # [T]
             row = np.arange(n)  # [T]
@@ -636,7 +641,7 @@ class LLMEngine:
             row = np.repeat(np.arange(n), nums)  # [T]
         tables = self._tables(ids)  # [B, W]
         slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs  # [T]
-        sample = np.fromiter((s.sample for s in sched), np.bool_, n)  # [B]
+        sample = np.array([s.sample for s in sched], dtype=np.bool_)  # [B]
         return HostBatch(
             tokens,
             positions,
@@ -739,14 +744,12 @@ class LLMEngine:
             seqs, logits, forks = self._with_children(seqs, logits)  # [N', V]
         gens = [self._generators.get(q.seq_id) for q in seqs] if self._generators else None
         params = [q.sampling_params for q in seqs]
-        histories = (
-            [
+        histories = None
+        if any(p.needs_history for p in params):
+            histories = [
                 (q.prompt_token_ids, q.output_token_ids) if p.needs_history else None
                 for q, p in zip(seqs, params)
             ]
-            if any(p.needs_history for p in params)
-            else None
-        )
         if self._undo is not None:
             self._undo.save_rng(gens, params, self.device)
         banned = self._banned(seqs, params, int(logits.shape[-1]))
@@ -896,7 +899,7 @@ class LLMEngine:
                 None if seq.logprobs is None else len(seq.logprobs),
                 seq.output_text,
                 seq.stop_reason,
-                _detok_state(detok.get(seq.seq_id)),
+                _detok_state(detok.get(seq.seq_id)) if detok else None,
             )
             for seq in seqs
         ]
@@ -978,8 +981,7 @@ _TABLES = (
 )
 
 
-@dataclass(frozen=True)
-class _Sent:
+class _Sent(NamedTuple):
     """What the ``DELTA`` outputs of one request have reported (replaced, never mutated)."""
 
     prompt_token_ids: list[int]  # the request's prompt, copied once, shared by its outputs
@@ -987,6 +989,10 @@ class _Sent:
     # sequence index -> (tokens, text characters, logprobs, finish) reported
     marks: dict[int, tuple[int, int, int, bool]]
     holdback: int  # characters withheld at the end of a running sequence's text
+
+
+#: a ``_Sent.marks`` entry for a sequence nothing was reported of yet
+_NOTHING_SENT = (0, 0, 0, False)
 
 
 def _cached_mask(manager: Any) -> np.ndarray:

@@ -157,7 +157,7 @@ def _logprobs(
     chosen = logits.gather(1, tokens[:, None]).squeeze(1) - norm  # [N]
     # [2, N] float64: token ids (exact below 2^53) and float32 log-probs (exact in float64)
     packed = torch.stack((tokens.to(torch.float64), chosen.to(torch.float64))).tolist()
-    token_list = [int(t) for t in packed[0]]
+    token_list = list(map(int, packed[0]))
     sampled: list[float] = packed[1]
     rows = [i for i, k in enumerate(wanted) if k is not None]
     if not rows:

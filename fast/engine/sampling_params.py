@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -225,9 +226,10 @@ class SamplingParams:
                     name, value, f"larger than the vocabulary ({vocab_size} tokens)"
                 )
 
-    @property
+    @functools.cached_property
     def is_greedy(self) -> bool:
-        """True when the temperature makes sampling an argmax."""
+        """True when the temperature makes sampling an argmax (cached: the engine asks once per
+        row per step, and the fields are frozen)."""
         return self.temperature < GREEDY_EPS
 
     @property
@@ -254,9 +256,10 @@ class SamplingParams:
             return 0
         return max(len(s) for s in self.stop) - 1
 
-    @property
+    @functools.cached_property
     def needs_history(self) -> bool:
-        """Sampling reads the prompt and output tokens (penalties or logits processors)."""
+        """Sampling reads the prompt and output tokens (penalties or logits processors); cached
+        as ``is_greedy``."""
         return self.has_penalties or self.logits_processors is not None
 
 

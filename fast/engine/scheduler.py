@@ -73,8 +73,20 @@ class _Step:
         self.budget -= n
         self.done.add(seq.seq_id)
         self.scheduled.append(
-            ScheduledSequence(seq.seq_id, start, n, seq.num_computed == len(seq.token_ids))
+            _scheduled(seq.seq_id, start, n, seq.num_computed == len(seq.token_ids))
         )
+
+    def add_decodes(self, seqs: list[Sequence]) -> None:
+        """``add(seq, 1)`` for each of ``seqs``, all pending decodes (their sampled token
+        appended to the pool): the same records, made in one pass."""
+        done, scheduled = self.done, self.scheduled
+        for seq in seqs:
+            seq.pending = False
+            start = seq.num_computed
+            seq.num_computed = start + 1
+            done.add(seq.seq_id)
+            scheduled.append(_scheduled(seq.seq_id, start, 1, start + 1 == len(seq.token_ids)))
+        self.budget -= len(seqs)
 
     def output(self) -> SchedulerOutput:
         return SchedulerOutput(
@@ -86,6 +98,19 @@ class _Step:
             tuple(self.swap_in_map),
             tuple(self.copies),
         )
+
+
+def _scheduled(seq_id: int, start: int, num_tokens: int, sample: bool) -> ScheduledSequence:
+    """``ScheduledSequence(seq_id, start, num_tokens, sample)`` without the frozen dataclass's
+    generic ``__init__`` (one ``object.__setattr__`` per field; this runs once per sequence per
+    step): the same fields, equal and hashed the same."""
+    new = object.__new__(ScheduledSequence)
+    fields = new.__dict__
+    fields["seq_id"] = seq_id
+    fields["start"] = start
+    fields["num_tokens"] = num_tokens
+    fields["sample"] = sample
+    return new
 
 
 class SchedulerCheckpoint(NamedTuple):
@@ -206,9 +231,12 @@ class Scheduler:
             self._schedule_swapped(step)
             if not self.swapped:
                 self._schedule_waiting(step)
-        self._in_flight = {s.seq_id: self.seqs[s.seq_id] for s in step.scheduled if s.sample}
-        self._in_step = {s.seq_id for s in step.scheduled} | set(step.swapped_out)
-        self._step_order = [s.seq_id for s in step.scheduled]
+        order = [s.seq_id for s in step.scheduled]
+        seqs = self.seqs
+        self._in_flight = {s.seq_id: seqs[s.seq_id] for s in step.scheduled if s.sample}
+        self._in_step = set(order)
+        self._in_step.update(step.swapped_out)
+        self._step_order = order
         return step.output()
 
     def update(self, outcome: StepOutcome) -> list[Sequence]:
@@ -220,11 +248,11 @@ class Scheduler:
         if self._in_flight is None:
             raise SchedulerOrderError("update", "no step was scheduled")
         in_flight = self._in_flight
-        if set(outcome.sampled) != set(in_flight):
+        if set(outcome.sampled) != in_flight.keys():
             raise InvalidArgumentError(
                 "outcome.sampled", sorted(outcome.sampled), f"expected {sorted(in_flight)}"
             )
-        extra = outcome.finished - set(in_flight)
+        extra = outcome.finished.difference(in_flight)
         if extra:
             raise InvalidArgumentError("outcome.finished", sorted(extra), "these sampled nothing")
         for seq_id, seq in in_flight.items():
@@ -247,8 +275,8 @@ class Scheduler:
         ]
         if done:
             self.block_manager.mark_computed_batch(
-                np.fromiter((q.seq_id for q in done), np.int64, len(done)),
-                np.fromiter((q.num_computed for q in done), np.int64, len(done)),
+                np.array([q.seq_id for q in done], dtype=np.int64),  # [D]
+                np.array([q.num_computed for q in done], dtype=np.int64),  # [D]
             )
         self._step_order = []
         self._in_step = set()
@@ -269,16 +297,14 @@ class Scheduler:
     def _schedule_running(self, step: _Step) -> None:
         bm = self.block_manager
         decodes = [seq for seq in self.running if seq.pending]
-        if decodes and bm.can_append([seq.seq_id for seq in decodes]):
+        ids = [seq.seq_id for seq in decodes]
+        if decodes and bm.can_append(ids):
             # Every decode fits: no preemption, and one batched append makes the same
             # decisions (same blocks, same copy-on-write pairs, same order) as one by one.
-            ids = np.fromiter((seq.seq_id for seq in decodes), np.int64, len(decodes))
-            toks = np.fromiter((seq.token_ids[-1] for seq in decodes), np.int64, len(decodes))
-            _, pairs = bm.append_batch(ids, toks)
+            toks = np.array([seq.token_ids[-1] for seq in decodes], dtype=np.int64)  # [B]
+            _, pairs = bm.append_batch(np.array(ids, dtype=np.int64), toks)
             step.copies.extend((int(a), int(b)) for a, b in pairs.tolist())
-            for seq in decodes:
-                seq.pending = False
-                step.add(seq, 1)
+            step.add_decodes(decodes)
             decodes = []
         for seq in decodes:
             if seq.status is not _RUNNING:

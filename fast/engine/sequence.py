@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fast.engine.outputs import Logprob
+
+if TYPE_CHECKING:
+    from fast.engine.stop import StopPlan
 
 
 class SequenceStatus(enum.Enum):
@@ -69,6 +72,7 @@ class Sequence:
     stop_reason: int | str | None = None
     index: int = 0  # which of the request's n sequences this is
     cache_key: str | None = None  # the block manager's extra key (None: shared prefix cache)
+    stop_plan: StopPlan | None = None  # StopChecker.plan(self), made by the first check
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -92,10 +96,20 @@ class Sequence:
     @property
     def finish_reason(self) -> str | None:
         """``"stop"`` or ``"length"`` (``"abort"`` when aborted) once finished, else None."""
-        return self.status.value if self.status.is_finished else None
+        value = self.status._value_
+        return value if value in _FINISHED else None
 
     def append_token(self, token_id: int, logprob: float | None = None) -> None:
         """Record one sampled token (the scheduler learns of it through ``update``)."""
         self.token_ids.append(int(token_id))
         if logprob is not None:
             self.cumulative_logprob += float(logprob)
+
+
+def all_finished(group: list[Sequence]) -> bool:
+    """Every sequence of ``group`` is finished: ``all(seq.is_finished for seq in group)``
+    without a property call per sequence (the engine asks once per request per step)."""
+    for seq in group:
+        if seq.status._value_ not in _FINISHED:
+            return False
+    return True

@@ -8,11 +8,23 @@ After each sampled token, in this order (vLLM's): end of sequence (unless ``igno
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from fast.engine.sequence import Sequence, SequenceStatus
 from fast.model.config import ModelConfig
 from fast.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer
 
-__all__ = ["StopChecker"]
+__all__ = ["StopChecker", "StopPlan"]
+
+
+class StopPlan(NamedTuple):
+    """One sequence's stop rules in the terms of its total length (prompt + output tokens)."""
+
+    min_len: int  # below this length (min_tokens not reached) no token or string stops it
+    stop_ids: frozenset[int]  # ids that stop it: EOS (unless ignore_eos), stop_token_ids
+    eos: frozenset[int]  # those of stop_ids that are EOS (stop_reason None); empty: ignore_eos
+    stop_strings: bool  # it has stop strings to look for in the new text
+    length: int  # at this length it stops with "length" (max_tokens or max_model_len)
 
 
 class StopChecker:
@@ -47,28 +59,46 @@ class StopChecker:
         """Forget ``seq``."""
         self._detok.pop(seq.seq_id, None)
 
+    def plan(self, seq: Sequence) -> StopPlan:
+        """``seq``'s stop rules as :meth:`check` reads them: a function of its prompt length,
+        its sampling parameters and ``max_model_len``, none of which change, so it is made once
+        per sequence (kept on it) instead of re-read from the parameters every token."""
+        params = seq.sampling_params
+        prompt_len = len(seq.prompt_token_ids)
+        eos = frozenset() if params.ignore_eos else self.eos_token_ids
+        max_tokens = params.max_tokens
+        limit = self.max_model_len
+        if max_tokens is not None:
+            limit = min(limit, prompt_len + max_tokens)
+        return StopPlan(
+            prompt_len + (getattr(params, "min_tokens", 0) or 0),
+            eos | frozenset(params.stop_token_ids or ()),
+            eos,
+            bool(params.stop),
+            limit,
+        )
+
     def check(self, seq: Sequence) -> bool:
         """Account for ``seq``'s newest token; set its status and return True when it stops."""
-        params = seq.sampling_params
+        plan = seq.stop_plan
+        if plan is None:
+            plan = seq.stop_plan = self.plan(seq)
         ids = seq.token_ids
         token = ids[-1]
         detok = self._detok.get(seq.seq_id) if self._detok else None
         delta = detok.add(token) if detok is not None else ""
         if delta:
             seq.output_text += delta
-        n_out = len(ids) - len(seq.prompt_token_ids)
-        if n_out >= (getattr(params, "min_tokens", 0) or 0):
-            if not params.ignore_eos and token in self.eos_token_ids:
-                return self._stop(seq, SequenceStatus.FINISHED_STOPPED, None)
-            if params.stop_token_ids and token in params.stop_token_ids:
-                return self._stop(seq, SequenceStatus.FINISHED_STOPPED, token)
-            if delta:
+        n = len(ids)
+        if n >= plan.min_len:
+            if token in plan.stop_ids:  # eos first (no stop reason), then stop_token_ids
+                reason = None if token in plan.eos else token
+                return self._stop(seq, SequenceStatus.FINISHED_STOPPED, reason)
+            if delta and plan.stop_strings:
                 stop = self._find_stop_string(seq, len(delta))
                 if stop is not None:
                     return self._stop(seq, SequenceStatus.FINISHED_STOPPED, stop)
-        if params.max_tokens is not None and n_out >= params.max_tokens:
-            return self._stop(seq, SequenceStatus.FINISHED_LENGTH, None)
-        if len(ids) >= self.max_model_len:
+        if n >= plan.length:  # max_tokens, or max_model_len
             return self._stop(seq, SequenceStatus.FINISHED_LENGTH, None)
         return False
 
