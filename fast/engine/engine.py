@@ -1040,9 +1040,14 @@ class _StepUndo:
     ) -> None:
         """Before sampling: the state of every generator the sampler may draw from (a row's
         own, or the device's default one for unseeded random rows)."""
-        rows = [(g, not p.is_greedy) for g, p in zip(gens or [None] * len(params), params)]
-        self.generators = [(g, g.get_state()) for g, r in rows if g is not None and r]
-        if any(r and g is None for g, r in rows):
+        if not gens:  # no seeded row: only the default generator can be drawn from
+            self.generators = []
+            unseeded_random = not all(p.is_greedy for p in params)
+        else:
+            rows = [(g, not p.is_greedy) for g, p in zip(gens, params)]
+            self.generators = [(g, g.get_state()) for g, r in rows if g is not None and r]
+            unseeded_random = any(r and g is None for g, r in rows)
+        if unseeded_random:
             if device.type == "cuda":
                 self.cuda_rng, self.cuda_device = torch.cuda.get_rng_state(device), device
             else:

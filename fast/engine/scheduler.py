@@ -255,8 +255,9 @@ class Scheduler:
         extra = outcome.finished.difference(in_flight)
         if extra:
             raise InvalidArgumentError("outcome.finished", sorted(extra), "these sampled nothing")
+        limit = self.config.max_model_len
         for seq_id, seq in in_flight.items():
-            if seq_id not in outcome.finished and len(seq.token_ids) > self.config.max_model_len:
+            if len(seq.token_ids) > limit and seq_id not in outcome.finished:
                 raise InvalidArgumentError(
                     "outcome.finished",
                     sorted(outcome.finished),
