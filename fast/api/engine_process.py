@@ -119,6 +119,16 @@ class DeltaEncoder:
         self._prompt_lps.pop(request_id, None)
 
 
+def abort_answer(engine: LLMEngine, encoder: DeltaEncoder, request_id: str) -> _OutputDelta | None:
+    """The child's answer to an abort: the request's final output as a delta (None when the
+    engine no longer knew it). Encoded before the encoder forgets the request, so a request
+    that already reported keeps what it sent then (its prompt and prompt logprobs)."""
+    final = engine.abort_request(request_id)
+    delta = None if final is None else encoder.encode_delta(final)
+    encoder.forget(request_id)  # (a finished delta forgets its request itself)
+    return delta
+
+
 class DeltaDecoder:
     """Rebuilds cumulative outputs from deltas (the parent's side)."""
 
@@ -296,11 +306,7 @@ def _child_main(
                             engine.add_request(*_as_delta(*arg))
                             answers.append((True, None))
                         elif name == "abort":
-                            final = engine.abort_request(arg)
-                            encoder.forget(arg)
-                            answers.append(
-                                (True, None if final is None else encoder.encode_delta(final))
-                            )
+                            answers.append((True, abort_answer(engine, encoder, arg)))
                         else:
                             raise EngineProcessError(f"unknown command {name!r}")
                     except Exception as exc:

@@ -12,7 +12,13 @@ from typing import Any
 
 import pytest
 
-from fast.api.engine_process import DeltaDecoder, DeltaEncoder, EngineProcess, EngineProcessError
+from fast.api.engine_process import (
+    DeltaDecoder,
+    DeltaEncoder,
+    EngineProcess,
+    EngineProcessError,
+    abort_answer,
+)
 from fast.api.llm import LLM
 from fast.engine.inputs import InvalidPromptError
 from fast.engine.sampling_params import SamplingParams
@@ -39,7 +45,8 @@ def test_deltas_rebuild_every_output(char_model: Path) -> None:
         ("a", "hello there", sampled),
         ("b", "the cat sat on", SamplingParams(temperature=0, max_tokens=12, stop=["e", "BBw"])),
         ("c", "abcdefghijklmnop", SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=1)),
-        ("d", "zzz", SamplingParams(temperature=0, max_tokens=50)),
+        ("d", "zzz", SamplingParams(temperature=0, max_tokens=50, prompt_logprobs=1)),
+        ("e", "zz", SamplingParams(temperature=0, max_tokens=50)),
     ]  # fmt: skip
     for rid, prompt, params in requests:
         plain.add_request(rid, prompt, params)
@@ -60,6 +67,7 @@ def test_deltas_rebuild_every_output(char_model: Path) -> None:
 
     seen = held = steps = 0
     stops: list[Any] = []
+    aborted: list[str] = []
     while plain.has_unfinished_requests():
         want, raw = plain.step(), delta.step()
         assert [o.request_id for o in raw] == [o.request_id for o in want]
@@ -72,14 +80,18 @@ def test_deltas_rebuild_every_output(char_model: Path) -> None:
             )
             seen += 1
         steps += 1
-        if steps == 3:  # as the engine process answers an abort
-            final, raw_final = plain.abort_request("d"), delta.abort_request("d")
-            enc.forget("d")
-            assert final is not None and raw_final is not None
-            check(dec.decode(enc.encode_delta(raw_final)), final, raw_final)
+        # aborts, answered as the engine process answers them: "e" before its first output,
+        # "d" after its first (its prompt logprobs were sent then)
+        for rid in ["e"] * (steps == 3) + ["d"] * any(o.request_id == "d" for o in raw):
+            final, answer = plain.abort_request(rid), abort_answer(delta, enc, rid)
+            assert final is not None and answer is not None
+            got = dec.decode(answer)
+            check(got, final, replace(got, metrics=answer.metrics))
+            aborted.append(rid)
     assert not delta.has_unfinished_requests()
     assert seen > 10 and held > 0  # characters were withheld at some step
     assert stops == ["BBw"]  # and the stop string found later cut them
+    assert aborted == ["e", "d"]
     assert not enc._prompt_lps and not dec._last  # finished requests are forgotten
 
 
