@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 from fast.engine.outputs import Logprob
-
-if TYPE_CHECKING:
-    from fast.engine.stop import StopPlan
 
 
 class SequenceStatus(enum.Enum):
@@ -35,6 +32,16 @@ class SequenceStatus(enum.Enum):
 
 #: the FINISHED_* members' values (compared by value: str hashes are cached, Enum's are not)
 _FINISHED = frozenset(s.value for s in SequenceStatus if s.name.startswith("FINISHED_"))
+
+
+class StopPlan(NamedTuple):
+    """One sequence's stop rules in the terms of its total length (prompt + output tokens)."""
+
+    min_len: int  # below this length (min_tokens not reached) no token or string stops it
+    stop_ids: frozenset[int]  # ids that stop it: EOS (unless ignore_eos), stop_token_ids
+    eos: frozenset[int]  # those of stop_ids that are EOS (stop_reason None); empty: ignore_eos
+    stop_strings: bool  # it has stop strings to look for in the new text
+    length: int  # at this length it stops with "length" (max_tokens or max_model_len)
 
 
 @dataclass(eq=False)

@@ -8,23 +8,11 @@ After each sampled token, in this order (vLLM's): end of sequence (unless ``igno
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-from fast.engine.sequence import Sequence, SequenceStatus
+from fast.engine.sequence import Sequence, SequenceStatus, StopPlan
 from fast.model.config import ModelConfig
 from fast.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 __all__ = ["StopChecker", "StopPlan"]
-
-
-class StopPlan(NamedTuple):
-    """One sequence's stop rules in the terms of its total length (prompt + output tokens)."""
-
-    min_len: int  # below this length (min_tokens not reached) no token or string stops it
-    stop_ids: frozenset[int]  # ids that stop it: EOS (unless ignore_eos), stop_token_ids
-    eos: frozenset[int]  # those of stop_ids that are EOS (stop_reason None); empty: ignore_eos
-    stop_strings: bool  # it has stop strings to look for in the new text
-    length: int  # at this length it stops with "length" (max_tokens or max_model_len)
 
 
 class StopChecker:
