@@ -8,25 +8,15 @@ from typing import Any
 
 import pytest
 import torch
+from test_engine_batch import CFG  # the small engine model the batch tests use
 
 from fast.engine.config import EngineConfig
 from fast.engine.engine import LLMEngine
 from fast.engine.sampling_params import SamplingParams
 from fast.loader import random_model
-from fast.model.config import ModelConfig
 from fast.model.layers import Attention
 from spec.errors import InvalidArgumentError
 
-CFG = ModelConfig(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=112,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=256,
-)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 
