@@ -361,6 +361,8 @@ class AsyncEngine:
                     t.first_token = now
                     if obs is not None:
                         obs.first_token(now - t.arrival, len(out.prompt_token_ids))
+                        for _ in range(n - 1):  # tokens that came with the first one (an
+                            obs.token_gap(0.0)  # engine process's merged steps): no time between
                 elif obs is not None and t.last_token is not None:
                     gap = (now - t.last_token) / (n - t.tokens)
                     for _ in range(n - t.tokens):

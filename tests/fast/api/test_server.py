@@ -184,6 +184,24 @@ def test_stop_strings_sync_and_streamed(client: Any, reference: LLM) -> None:
     assert "".join(pieces) == expected.outputs[0].text  # no prefix of the stop string leaked
 
 
+def test_a_stream_holds_back_a_stop_string_once(client: Any, reference: LLM) -> None:
+    """While it runs, a stream lags the text by ``len(stop) - 1`` characters, no more: in both
+    arrangements (the engine process's outputs are already held back; the server must not
+    withhold the same characters again)."""
+    stop = "\u20ac" * 6  # never produced by the character model: holdback 5
+    full = _generate(reference, "hello", max_tokens=12, temperature=0)[0].outputs[0].text
+    before_last = _generate(reference, "hello", max_tokens=11, temperature=0)[0].outputs[0]
+    assert stop not in full and len(before_last.text) > 5
+    pieces = [
+        chunk.choices[0].text
+        for chunk in client.completions.create(
+            model=NAME, prompt="hello", max_tokens=12, temperature=0, stop=[stop], stream=True
+        )
+    ]
+    assert "".join(pieces) == full
+    assert len("".join(pieces[:-1])) == len(before_last.text) - 5
+
+
 def test_logprobs_equal_generate(client: Any, reference: LLM) -> None:
     r = client.completions.create(model=NAME, prompt="hey", max_tokens=6, temperature=0, logprobs=2)
     out = _generate(reference, "hey", max_tokens=6, temperature=0, logprobs=2)[0].outputs[0]
@@ -330,6 +348,35 @@ def test_metrics_count_requests(server: BackgroundServer, client: Any, reference
     assert d("vllm:inter_token_latency_seconds_count") == 4
     assert d("vllm:e2e_request_latency_seconds_count") == 1
     assert value(after, "pagedkv:num_free_gpu_blocks") == ENGINE["num_gpu_blocks"]
+
+
+def test_every_token_after_the_first_is_one_inter_token_observation(reference: LLM) -> None:
+    """Tokens that arrive together (an engine process merges the steps the server has not read
+    yet) are still one inter-token observation each, those that came with the first token with
+    no time between them: the count is the tokens less one whatever the grouping."""
+    from fast.api.async_engine import AsyncEngine, RequestStream, _Tracked
+
+    seen: dict[str, list[float]] = {"ttft": [], "gaps": []}
+
+    class Observer:
+        def first_token(self, ttft: float, prompt_tokens: int) -> None:
+            seen["ttft"].append(ttft)
+
+        def token_gap(self, seconds: float) -> None:
+            seen["gaps"].append(seconds)
+
+        def finished(self, *args: Any) -> None:
+            pass
+
+    front = AsyncEngine(reference.llm_engine, 4)
+    front.observer = Observer()
+    front._tracked["r"] = _Tracked(time.monotonic(), time.time(), RequestStream(front, ["r"]))
+    first = _generate(reference, "abcd", max_tokens=2, temperature=0)[0]
+    final = _generate(reference, "abcd", max_tokens=5, temperature=0)[0]
+    front._deliver([first.__class__(**{**first.__dict__, "request_id": "r", "finished": False})])
+    front._deliver([final.__class__(**{**final.__dict__, "request_id": "r"})])
+    assert len(seen["ttft"]) == 1 and len(seen["gaps"]) == 4
+    assert seen["gaps"][0] == 0.0 and all(g > 0 for g in seen["gaps"][1:])
 
 
 # -- errors ---------------------------------------------------------------------------------
