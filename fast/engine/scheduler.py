@@ -76,18 +76,6 @@ class _Step:
             _scheduled(seq.seq_id, start, n, seq.num_computed == len(seq.token_ids))
         )
 
-    def add_decodes(self, seqs: list[Sequence]) -> None:
-        """``add(seq, 1)`` for each of ``seqs``, all pending decodes (their sampled token
-        appended to the pool): the same records, made in one pass."""
-        done, scheduled = self.done, self.scheduled
-        for seq in seqs:
-            seq.pending = False
-            start = seq.num_computed
-            seq.num_computed = start + 1
-            done.add(seq.seq_id)
-            scheduled.append(_scheduled(seq.seq_id, start, 1, start + 1 == len(seq.token_ids)))
-        self.budget -= len(seqs)
-
     def output(self) -> SchedulerOutput:
         return SchedulerOutput(
             tuple(self.scheduled),
@@ -305,7 +293,9 @@ class Scheduler:
             toks = np.array([seq.token_ids[-1] for seq in decodes], dtype=np.int64)  # [B]
             _, pairs = bm.append_batch(np.array(ids, dtype=np.int64), toks)
             step.copies.extend((int(a), int(b)) for a, b in pairs.tolist())
-            step.add_decodes(decodes)
+            for seq in decodes:
+                seq.pending = False
+                step.add(seq, 1)
             decodes = []
         for seq in decodes:
             if seq.status is not _RUNNING:
