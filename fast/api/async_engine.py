@@ -210,6 +210,13 @@ class AsyncEngine:
         return self.snapshot.waiting + self._pending
 
     @property
+    def text_held_back(self) -> bool:
+        """The running texts of this front's outputs already lack what a stop string may still
+        cut (an engine process sends ``DELTA`` outputs, which hold it back), so a stream must not
+        hold the same characters back again."""
+        return isinstance(self.engine, EngineProcess)
+
+    @property
     def overloaded(self) -> bool:
         """A new request would exceed :attr:`max_waiting`."""
         return self.num_waiting >= self.max_waiting

@@ -98,9 +98,6 @@ class _State:
             llm.default_sampling_fields,
         )
         self.front = AsyncEngine(engine, config.max_waiting_requests)
-        # An engine process sends DELTA outputs, whose running text already lacks what a stop
-        # string may still cut: the streams must not hold the same characters back again.
-        self.held_back = isinstance(llm, EngineProcess)
         self.metrics = ServerMetrics(self.name, lambda: self.front.snapshot)
         self.front.observer = self.metrics
         self.created = int(time.time())
@@ -290,7 +287,7 @@ async def _completion_events(
 ) -> AsyncIterator[str]:
     n = req.params.n
     index_of = {r: i for i, r in enumerate(stream.request_ids)}
-    hold = 0 if st.held_back else req.params.text_holdback
+    hold = 0 if st.front.text_held_back else req.params.text_holdback
     choices: dict[int, _Choice] = {}
     prompt_tokens = completion_tokens = 0
     extra = {"usage": None} if req.include_usage else {}
@@ -382,7 +379,7 @@ async def chat_completions(request: Request, st: _State) -> Response:
 async def _chat_events(
     stream: RequestStream, req: proto.ChatRequest, rid: str, created: int, st: _State
 ) -> AsyncIterator[str]:
-    hold = 0 if st.held_back else req.params.text_holdback
+    hold = 0 if st.front.text_held_back else req.params.text_holdback
     extra = {"usage": None} if req.include_usage else {}
     choices = {j: _Choice(proto.TextStreamer(hold)) for j in range(req.params.n)}
     prompt_tokens = completion_tokens = 0
