@@ -15,8 +15,9 @@ Writes ``DIR/fp8_h200.json`` (``--out DIR``), saved after every section.
   the unquantized K/V.
   ``fp8bits`` is the same fp8 cache through the ``"bits"`` dequantization at
   :data:`BITS_CONFIG` (``speedup_bits``).
-* ``tune``: the fp8 decode kernel's (BLOCK_N, num_warps, num_stages) at the long shapes, for each
-  fp8 dequantization (``convert``, ``f16``, ``bits``, ``bits_f16``).
+* ``tune``: the decode kernel's (BLOCK_N, num_warps, num_stages) at the long shapes and 16 x 2048,
+  for the bf16 cache (``bf16_*``) and each fp8 dequantization (``convert``, ``f16``, ``bits``,
+  ``bits_f16``), with one and two shared buffers per K/V (stages 3 vs 5).
 * ``capacity``: KV blocks (16 tokens) per GiB for Llama-3-8B in bf16 and fp8 (from the engine's
   own sizing, ``fast.engine.config.kv_bytes_per_block``).
 * ``engine``: benchmarks/gpu_engine.py's ShareGPT-like trace (128 requests, Llama-3-8B-shaped
@@ -50,22 +51,27 @@ DECODE_SHAPES = (
     (8, 32768),
     (4, 65536),
 )
-LONG_SHAPES = ((64, 4096), (32, 16384), (8, 32768))
-#: (BLOCK_N, warps, stages) for "convert". Stages 3 and 4 compile to the same loop (one shared
-#: buffer per K/V), and configs of 1-2 programs per SM (128x8, 256x8) lose by construction
-#: (benchmarks/sass_fp8_decode.py), so the sweep keeps to about 90 s: 14 configs, each compiled
-#: for the 3 split counts of :data:`LONG_SHAPES`.
-TUNE_CONFIGS = ((64, 4, 3), (64, 4, 2), (128, 4, 3), (64, 8, 4))
-#: The "bits" dequantization's sweep.
-BITS_CONFIGS = ((64, 4, 3), (64, 4, 2), (128, 4, 3), (128, 8, 3))
+LONG_SHAPES = ((64, 4096), (32, 16384), (8, 32768), (16, 2048))
+#: (BLOCK_N, warps, stages). Triton 3.6 gives K and V one shared buffer each at stages 2-4 (the
+#: block-table load takes a pipeline stage of its own, leaving the K/V copy one stage ahead of
+#: its dots and issued after them) and two at stages 5-6; benchmarks/sass_fp8_decode.py shows
+#: the buffers, registers and programs per SM of each. The sweeps keep to what can win:
+#: "convert" only at its default (0.74x bf16 at d44c413), "bits" at one and two buffers.
+TUNE_CONFIGS = ((64, 4, 3),)
+#: The "bits" dequantization's sweep: 64x4x5 (2 buffers, 3 programs per SM), 32x4x5 (2 buffers,
+#: 5 per SM), 64x8x5, 128x8x5 (twice the keys per copy), beside the one-buffer default.
+BITS_CONFIGS = ((64, 4, 3), (64, 4, 5), (32, 4, 5), (64, 8, 5), (128, 8, 5), (128, 4, 3))
 #: The fp16-dot variants ("f16", "bits_f16").
-F16_CONFIGS = ((64, 4, 3), (128, 4, 3), (128, 8, 3))
+F16_CONFIGS = ((64, 4, 3),)
+BITS_F16_CONFIGS = ((64, 4, 3), (64, 4, 5), (32, 4, 5))
+#: The bf16 kernel's own sweep (the 16 x 2048 decode target): one and two buffers.
+BF16_CONFIGS = ((64, 4, 3), (64, 4, 5), (32, 4, 5), (32, 4, 3))
 #: mode -> (key prefix in the tune rows, configs).
 TUNE_MODES = {
     "convert": ("bf16dq_", TUNE_CONFIGS),
     "f16": ("f16dq_", F16_CONFIGS),
     "bits": ("bits_", BITS_CONFIGS),
-    "bits_f16": ("bitsf16_", F16_CONFIGS),
+    "bits_f16": ("bitsf16_", BITS_F16_CONFIGS),
 }
 #: The config the decode table's ``fp8bits`` column runs (``decode_config``'s for "bits").
 BITS_CONFIG = (64, 4, 3)
@@ -242,6 +248,20 @@ def tune(res: dict[str, Any]) -> None:
         row["bf16_us"] = round(bench_graph_ms(lambda: triton_paged_decode(
             q, kp, vp, bt, lens, bdims, scale=D**-0.5, sliding_window=None, softcap=None,
             num_splits=None, out=None)) * 1e3, 1)  # fmt: skip
+        for cfg in BF16_CONFIGS:
+
+            def run_bf16(c: tuple[int, int, int] = cfg) -> Any:
+                return triton_paged_decode(
+                    q, kp, vp, bt, lens, bdims, scale=D**-0.5, sliding_window=None,
+                    softcap=None, num_splits=None, out=None, config=c,
+                )  # fmt: skip
+
+            key = "bf16_" + "x".join(map(str, cfg))
+            print(f"tune {batch}x{length} {key}", flush=True)
+            try:
+                row[key] = round(bench_graph_ms(run_bf16) * 1e3, 1)
+            except Exception as e:
+                row[key] = repr(e)[:120]
         for mode, (prefix, configs) in TUNE_MODES.items():
             for cfg in configs:
 
