@@ -3,7 +3,7 @@
 On the GPU machine, from the repository root::
 
     PAGEDKV_GIT_DESCRIBE=<describe> PYTHONPATH=. python3 benchmarks/gpu_tests.py \
-        [--budget-s SECONDS] [PYTEST ARGS]
+        [--budget-s SECONDS] [PYTEST ARGS] [tests/... FILES OR TEST IDS]
 
 writes ``$OUT/gpu_tests.json`` (or ``benchmarks/results/gpu_tests.json`` without ``$OUT``):
 passed / failed / skipped, each failure's test id and the head of its report, every test's
@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             LOG_ENV: str(log),
             "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]),
         }
-        cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests", "-p", "gpu_tests"]
+        named = any(a.startswith("tests/") for a in extra)  # test files or ids: only those
+        cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", *([] if named else ["tests"])]
+        cmd += ["-p", "gpu_tests"]
         cmd += ["-o", f"faulthandler_timeout={args.hang_s:g}", *extra]
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
         try:
