@@ -229,29 +229,134 @@ async def poll_running(h: Any, url: str, seen: list[float], stop: asyncio.Event)
             pass
 
 
+def process_cpu_s(pid: int) -> dict[str, float] | None:
+    """CPU seconds (user + system) of process ``pid`` and, summed, of its live child processes
+    (the engine process under ``--engine-process``), from /proc; None where there is no /proc."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def own(p: int) -> float:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+    try:
+        children = [
+            int(c)
+            for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()
+        ]
+        return {"self": own(pid), "children": sum(own(c) for c in children)}
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+async def _send_part(
+    url: str,
+    name: str,
+    prompts: list[list[int]],
+    n_out: list[int],
+    offsets: list[float],
+    start_at: float,
+) -> list[dict[str, Any]]:
+    """Send request ``i`` at ``start_at + offsets[i]`` (``time.perf_counter``, which is
+    CLOCK_MONOTONIC on Linux: one clock for every client process) and collect the answers."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as h:
+        tasks = []
+        for p, k, offset in zip(prompts, n_out, offsets):
+            delay = start_at + offset - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one_request(h, url, name, p, k)))
+        return list(await asyncio.gather(*tasks))
+
+
+def _client_process(part: dict[str, Any], ready: Any, go: Any, start_at: Any, out: Any) -> None:
+    """One client process: import, say ready, wait for the common start, send its part."""
+    import httpx  # noqa: F401  (imported before the start, not during it)
+
+    ready.put(os.getpid())
+    go.wait()
+    cpu0 = time.process_time()
+    results = asyncio.run(
+        _send_part(
+            part["url"], part["name"], part["prompts"], part["n_out"], part["offsets"],
+            start_at.value,
+        )
+    )  # fmt: skip
+    out.put({"index": part["index"], "results": results, "cpu_s": time.process_time() - cpu0})
+
+
 async def at_rate(
-    url: str, name: str, prompts: list[list[int]], n_out: list[int], rate: float, seed: int
+    url: str,
+    name: str,
+    prompts: list[list[int]],
+    n_out: list[int],
+    rate: float,
+    seed: int,
+    server_pid: int | None = None,
+    clients: int = 1,
 ) -> dict[str, Any]:
+    """Requests at Poisson arrivals of ``rate`` per second (all at once for ``inf``), sent by
+    ``clients`` processes: request ``i`` by process ``i % clients``, at the same times as one
+    process would send them. A single asyncio client with httpx spends about 0.3 ms of CPU per
+    streamed chunk on a 2-core box: at the GPU's thousands of tokens per second one process
+    would measure itself, not the server (``cpu_busy`` records each side's CPU per second)."""
+    import multiprocessing
+
     import httpx
 
     rng = np.random.default_rng(seed)
     gaps = np.zeros(len(prompts)) if math.isinf(rate) else rng.exponential(1.0 / rate, len(prompts))
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as h:
-        seen: list[float] = []
-        stop = asyncio.Event()
-        poller = asyncio.ensure_future(poll_running(h, url, seen, stop))
-        tasks = []
-        t0 = time.perf_counter()
-        for p, k, gap in zip(prompts, n_out, gaps):
-            if gap > 0:
-                await asyncio.sleep(gap)
-            tasks.append(asyncio.ensure_future(one_request(h, url, name, p, k)))
-        results = await asyncio.gather(*tasks)
-        wall = time.perf_counter() - t0
-        stop.set()
-        await poller
-    return {"rate": rate, "wall_s": wall, "results": results, "running": seen}
+    offsets = [float(x) for x in np.cumsum(gaps)]
+    ctx = multiprocessing.get_context("spawn")
+    ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    start_at = ctx.Value("d", 0.0)
+    procs = []
+    for c in range(clients):
+        idx = list(range(c, len(prompts), clients))
+        part = {
+            "index": c, "url": url, "name": name, "prompts": [prompts[i] for i in idx],
+            "n_out": [n_out[i] for i in idx], "offsets": [offsets[i] for i in idx],
+        }  # fmt: skip
+        procs.append(
+            ctx.Process(target=_client_process, args=(part, ready, go, start_at, out), daemon=True)
+        )
+    loop = asyncio.get_running_loop()
+    try:
+        for proc in procs:
+            proc.start()
+        pids = [await loop.run_in_executor(None, ready.get, True, 120) for _ in procs]
+        async with httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as h:
+            seen: list[float] = []
+            stop = asyncio.Event()
+            poller = asyncio.ensure_future(poll_running(h, url, seen, stop))
+            server0 = process_cpu_s(server_pid) if server_pid is not None else None
+            start_at.value = time.perf_counter() + 0.05
+            go.set()
+            parts = [await loop.run_in_executor(None, out.get) for _ in procs]
+            server1 = process_cpu_s(server_pid) if server_pid is not None else None
+            stop.set()
+            await poller
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    parts.sort(key=lambda part: part["index"])
+    results = [r for part in parts for r in part["results"]]
+    wall = max(r["end"] for r in results) - start_at.value if results else 0.0
+    cpu = {f"client{part['index']}": part["cpu_s"] for part in parts}
+    if server0 is not None and server1 is not None:
+        cpu["server"] = server1["self"] - server0["self"]
+        cpu["server_children"] = server1["children"] - server0["children"]
+    # CPU seconds per wall second of each process: a process near 1.0 is what limits the run
+    busy = {k: round(v / max(wall, 1e-9), 3) for k, v in cpu.items()}
+    return {
+        "rate": rate, "wall_s": wall, "results": results, "running": seen, "cpu_busy": busy,
+        "clients": len(pids),
+    }  # fmt: skip
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -287,6 +392,8 @@ def summarize(run: dict[str, Any], slo_ttft_ms: float, slo_tpot_ms: float) -> di
             "p99": _pct([r["e2e"] for r in ok], 99),
         },
         "goodput_req_s": round(len(good) / wall, 3),
+        "clients": run.get("clients"),
+        "cpu_busy": run.get("cpu_busy"),
         "running": {
             "mean": round(float(np.mean(running)), 1) if running else None,
             "max": max(running) if running else None,
@@ -332,6 +439,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--scale", type=int, default=1, help="divide the trace's lengths")
     parser.add_argument("--rates", default="inf,1,2,4")
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+        help="client processes sending the requests (default: half the CPUs, at most 8)",
+    )
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -390,7 +503,19 @@ def main() -> None:
         }
         for i, text in enumerate(args.rates.split(",")):
             rate = math.inf if text.strip() == "inf" else float(text)
-            run = asyncio.run(at_rate(info["url"], info["name"], prompts, n_out, rate, seed=i))
+            pid = proc.pid if proc is not None else None
+            run = asyncio.run(
+                at_rate(
+                    info["url"],
+                    info["name"],
+                    prompts,
+                    n_out,
+                    rate,
+                    seed=i,
+                    server_pid=pid,
+                    clients=args.clients,
+                )  # fmt: skip
+            )
             row = summarize(run, slo_ttft, slo_tpot)
             result["runs"].append(row)
             print(json.dumps(row), flush=True)
