@@ -41,7 +41,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-SECTIONS = ("decode", "tune", "capacity", "engine")
+SECTIONS = ("decode", "tune", "splits", "capacity", "engine")
 DECODE_SHAPES = (
     (1, 4096),
     (16, 2048),
@@ -284,6 +284,60 @@ def tune(res: dict[str, Any]) -> None:
     res["tune"] = rows
 
 
+#: (BLOCK_N, warps, stages) x split counts of the ``splits`` section. At b4af701's tune the
+#: two-buffer configs lost (64x4x5: 323 vs 221 us at 64 x 4096) while fitting 3 programs per SM:
+#: 512 programs then take 1.29 waves, the tail running one program per SM. More splits make
+#: more, shorter programs and shrink that tail (at the cost of the merge).
+SPLIT_CONFIGS = ((64, 4, 3), (64, 4, 5), (32, 4, 5), (128, 8, 5))
+SPLIT_COUNTS = {(64, 4096): (1, 2, 3, 4, 6), (32, 16384): (1, 2, 3, 4, 6),
+                (8, 32768): (1, 2, 3, 4, 6), (16, 2048): (2, 4, 6, 8)}  # fmt: skip
+
+
+def splits_sweep(res: dict[str, Any]) -> None:
+    """``"bits"`` fp8 decode time per (config, split count) at :data:`SPLIT_COUNTS`' shapes,
+    beside the bf16 kernel's default, for the choice of splits per config."""
+    import torch
+    from gpu_attention import DT, HKV, HQ, D, bench_graph_ms, paged_pool
+
+    from kernels.checks import check_decode
+    from kernels.triton_decode import triton_paged_decode
+
+    rows = []
+    for (batch, length), counts in SPLIT_COUNTS.items():
+        q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
+        k = torch.randn(batch, HKV, length, D, device="cuda", dtype=DT)
+        kp, vp, bt = paged_pool(k, torch.randn_like(k), 16)
+        del k
+        k8, v8, ks, vs = _fp8_pool(kp, vp)
+        lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+        dims = check_decode(q, k8, v8, bt, lens)
+        bdims = check_decode(q, kp, vp, bt, lens)
+        row: dict[str, Any] = {"B": batch, "L": length}
+        row["bf16_us"] = round(bench_graph_ms(lambda: triton_paged_decode(
+            q, kp, vp, bt, lens, bdims, scale=D**-0.5, sliding_window=None, softcap=None,
+            num_splits=None, out=None)) * 1e3, 1)  # fmt: skip
+        for cfg in SPLIT_CONFIGS:
+            for n in counts:
+
+                def run(c: tuple[int, int, int] = cfg, s: int = n) -> Any:
+                    return triton_paged_decode(
+                        q, k8, v8, bt, lens, dims, scale=D**-0.5, sliding_window=None,
+                        softcap=None, num_splits=s, out=None, config=c, kv_scales=(ks, vs),
+                        fp8_dequant="bits",
+                    )  # fmt: skip
+
+                key = "bits_" + "x".join(map(str, cfg)) + f"_s{n}"
+                print(f"splits {batch}x{length} {key}", flush=True)
+                try:
+                    row[key] = round(bench_graph_ms(run) * 1e3, 1)
+                except Exception as e:
+                    row[key] = repr(e)[:120]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
+    res["splits"] = rows
+
+
 def engine_runs(res: dict[str, Any], args: argparse.Namespace) -> None:
     """The ShareGPT-like trace at a KV budget of ``args.kv_gb`` GiB, bf16 vs fp8 cache."""
     import torch
@@ -338,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = {
         "decode": lambda: decode_table(res),
         "tune": lambda: tune(res),
+        "splits": lambda: splits_sweep(res),
         "capacity": lambda: res.__setitem__("capacity", blocks_per_gib()),
         "engine": lambda: engine_runs(res, args),
     }

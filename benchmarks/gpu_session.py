@@ -70,6 +70,19 @@ STEPS: dict[str, tuple[int, list[str], str]] = {
         ],
         "fp8_tune_h200.json",
     ),
+    "fp8splits": (
+        150,
+        [
+            "benchmarks/gpu_fp8.py",
+            "--out",
+            "{out}",
+            "--sections",
+            "splits",
+            "--results-name",
+            "fp8_splits_h200.json",
+        ],
+        "fp8_splits_h200.json",
+    ),
     # The end-to-end trace with an fp8 cache at a KV budget where bf16 preempts.
     "fp8engine": (
         240,
