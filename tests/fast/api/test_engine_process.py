@@ -21,6 +21,7 @@ from fast.api.engine_process import (
 )
 from fast.api.llm import LLM
 from fast.engine.inputs import InvalidPromptError
+from fast.engine.outputs import RequestMetrics
 from fast.engine.sampling_params import SamplingParams
 
 ENGINE = dict(block_size=4, num_gpu_blocks=96, max_model_len=128)
@@ -86,7 +87,7 @@ def test_deltas_rebuild_every_output(char_model: Path) -> None:
             final, answer = plain.abort_request(rid), abort_answer(delta, enc, rid)
             assert final is not None and answer is not None
             got = dec.decode(answer)
-            check(got, final, replace(got, metrics=answer.metrics))
+            check(got, final, replace(got, metrics=RequestMetrics(*answer[3])))  # as sent
             aborted.append(rid)
     assert not delta.has_unfinished_requests()
     assert seen > 10 and held > 0  # characters were withheld at some step
@@ -288,3 +289,17 @@ def test_the_engine_process_is_started_with_sigint_ignored(monkeypatch: pytest.M
         EngineProcess("unused")
     assert seen == [signal.SIG_IGN]
     assert signal.getsignal(signal.SIGINT) is before  # restored in the parent
+
+
+def test_metrics_cross_the_pipe_field_by_field() -> None:
+    """The deltas carry a request's metrics as a tuple of its fields in order: every field
+    (distinct values) comes back in its place, and a field added to RequestMetrics without
+    the wire format fails here."""
+    from dataclasses import fields
+
+    from fast.api.engine_process import _metrics_fields
+
+    values = [float(i + 1) for i in range(len(fields(RequestMetrics)))]
+    m = RequestMetrics(*values)
+    assert _metrics_fields(m) == tuple(values)
+    assert RequestMetrics(*(_metrics_fields(m) or ())) == m
