@@ -21,7 +21,8 @@ Writes ``DIR/fp8_h200.json`` (``--out DIR``), saved after every section.
 * ``capacity``: KV blocks (16 tokens) per GiB for Llama-3-8B in bf16 and fp8 (from the engine's
   own sizing, ``fast.engine.config.kv_bytes_per_block``).
 * ``engine``: benchmarks/gpu_engine.py's ShareGPT-like trace (128 requests, Llama-3-8B-shaped
-  random bf16) at a KV budget of ``--kv-gb`` GiB (default 4, where the bf16 cache preempts),
+  random bf16) at a KV budget of ``--kv-gb`` GiB (default 2: 1024 bf16 blocks, where the bf16
+  cache preempts; at 4 GiB, 2048 blocks, neither cache preempted at ec5eb27),
   bf16 cache against fp8 (calibrated per tensor on the warm-up requests): output tokens/s,
   preemptions, blocks.
 """
@@ -84,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sections", default=",".join(SECTIONS), help=f"comma-separated, of {SECTIONS}"
     )
-    parser.add_argument("--kv-gb", type=float, default=4.0, help="KV budget of the engine run")
+    parser.add_argument("--kv-gb", type=float, default=2.0, help="KV budget of the engine run")
     parser.add_argument(
         "--results-name", default="fp8_h200.json", help="file name of the results in --out"
     )

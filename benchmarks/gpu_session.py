@@ -142,6 +142,26 @@ STEPS: dict[str, tuple[int, list[str], str]] = {
         ],
         "serve_load_h200_engine_process.json",
     ),
+    # The same load on the one-process arrangement (the engine in a thread of the server).
+    "servethread": (
+        300,
+        [
+            "benchmarks/serve_load.py",
+            "--model",
+            "random-llama3-8b",
+            "--device",
+            "cuda",
+            "--requests",
+            "384",
+            "--rates",
+            "inf,32",
+            "--max-num-seqs",
+            "256",
+            "--out",
+            "{out}/serve_load_h200.json",
+        ],
+        "serve_load_h200.json",
+    ),
     "attention": (
         300,
         [
