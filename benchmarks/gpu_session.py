@@ -157,6 +157,7 @@ STEPS: dict[str, tuple[int, list[str], str]] = {
             "inf,32",
             "--max-num-seqs",
             "256",
+            "--no-engine-process",
             "--out",
             "{out}/serve_load_h200.json",
         ],

@@ -418,8 +418,7 @@ def start_child(args: argparse.Namespace) -> tuple[subprocess.Popen[str], dict[s
             cmd += [f"--{key.replace('_', '-')}", str(value)]
     if args.skip_offline:
         cmd.append("--skip-offline")
-    if args.engine_process:
-        cmd.append("--engine-process")
+    cmd.append("--engine-process" if args.engine_process else "--no-engine-process")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     assert proc.stdout is not None
@@ -454,8 +453,10 @@ def main() -> None:
     parser.add_argument("--skip-offline", action="store_true")
     parser.add_argument(
         "--engine-process",
-        action="store_true",
-        help="serve with the engine in its own process (pagedkv serve --engine-process)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the engine in its own process (pagedkv serve's default) or, with "
+        "--no-engine-process, in a thread of the server",
     )
     parser.add_argument("--out", default=None)
     parser.add_argument("--svg-from", default=None, help="print the SVG curve of a results JSON")

@@ -137,7 +137,8 @@ def _add_serve_parser(sub: Any) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="run the engine in a process of its own, beside the HTTP server's, so the "
-        "server's work does not slow the engine's steps (docs/serving.md; default: off)",
+        "server's work does not slow the engine's steps (docs/serving.md; default: on, off with "
+        "--tensor-parallel-size above 1; --no-engine-process: the engine in a thread)",
     )
     eng = srv.add_argument_group("engine options (as LLM(...)'s)")
     eng.add_argument("--device", default="auto", choices=DEVICES)
@@ -222,7 +223,10 @@ def _serve(args: argparse.Namespace) -> int:
         shutdown_timeout_s=args.shutdown_timeout,
     )
     llm: Any
-    if args.engine_process and (args.tensor_parallel_size or 1) > 1:  # before loading anything
+    tensor_parallel = (args.tensor_parallel_size or 1) > 1
+    if args.engine_process is None:  # measured ahead of one process on the H200 and this CPU
+        args.engine_process = not tensor_parallel
+    if args.engine_process and tensor_parallel:  # before loading anything
         raise UsageError(
             f"--engine-process cannot be combined with --tensor-parallel-size "
             f"{args.tensor_parallel_size}: the engine process is a daemon, which cannot start the "

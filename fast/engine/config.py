@@ -55,8 +55,8 @@ class EngineConfig:
     ``fused_ops`` runs each layer's rotary embedding + KV write, residual add + RMSNorm and
     gated activation as the fused kernels of ``kernels.fused`` (docs/kernels.md); None (the
     default) turns them on for a single CUDA device, where they take 0.5-1.1 ms off each decode
-    step of the Llama-3-8B shape (benchmarks/results/step_floor_h200.json), and off elsewhere
-    (:meth:`resolved_fused_ops`); single-device for now.
+    step of the Llama-3-8B shape (benchmarks/results/step_floor_h200_b4af701.json), and off
+    elsewhere (:meth:`resolved_fused_ops`); single-device for now.
     """
 
     block_size: int = 16

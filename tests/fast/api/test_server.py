@@ -692,3 +692,35 @@ def test_cli_serve_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*args, "--tensor-parallel-size", "2"]) == 2
     err = capsys.readouterr().err
     assert "--engine-process" in err and "--tensor-parallel-size 2" in err
+
+
+def test_cli_serve_runs_the_engine_in_its_own_process_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``pagedkv serve`` builds an EngineProcess unless told ``--no-engine-process`` or run with
+    tensor parallelism (whose workers a daemon process cannot start); the constructors are
+    replaced by stand-ins that record which one ran and stop the command there."""
+    import fast.api.engine_process
+    import fast.api.llm
+    from fast.api.cli import main
+
+    made: list[str] = []
+
+    class Built(Exception):
+        pass
+
+    def stand_in(kind: str) -> Any:
+        def build(*args: Any, **kwargs: Any) -> Any:
+            made.append(kind)
+            raise Built
+
+        return build
+
+    monkeypatch.setattr(fast.api.engine_process, "EngineProcess", stand_in("process"))
+    monkeypatch.setattr(fast.api.llm, "LLM", stand_in("thread"))
+    cases = [([], "process"), (["--no-engine-process"], "thread")]
+    cases += [(["--engine-process"], "process"), (["--tensor-parallel-size", "2"], "thread")]
+    for extra, want in cases:
+        with pytest.raises(Built):
+            main(["serve", "--model", "m.gguf", "--device", "cpu", "--port", "0", *extra])
+        assert made.pop() == want, extra
