@@ -223,64 +223,85 @@ def decode_table(res: dict[str, Any]) -> None:
     res["decode"] = rows
 
 
+class _DecodeShape:
+    """One decode shape's inputs on the GPU (Llama-3-8B heads, page 16): the bf16 pool and its
+    fp8 copy (per-head scales), and :meth:`time_us` of one kernel variant on either."""
+
+    def __init__(self, batch: int, length: int) -> None:
+        import torch
+        from gpu_attention import DT, HKV, HQ, D, paged_pool
+
+        from kernels.checks import check_decode
+
+        self.q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
+        k = torch.randn(batch, HKV, length, D, device="cuda", dtype=DT)
+        self.kp, self.vp, self.bt = paged_pool(k, torch.randn_like(k), 16)
+        del k
+        self.k8, self.v8, self.ks, self.vs = _fp8_pool(self.kp, self.vp)
+        self.lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+        self.dims = check_decode(self.q, self.k8, self.v8, self.bt, self.lens)
+        self.bdims = check_decode(self.q, self.kp, self.vp, self.bt, self.lens)
+        self.name = f"{batch}x{length}"
+        self.scale = D**-0.5
+
+    def time_us(
+        self,
+        fp8_dequant: str | None,
+        config: tuple[int, int, int] | None = None,
+        num_splits: int | None = None,
+    ) -> float | str:
+        """CUDA-graph time of the decode kernel (``fp8_dequant`` None: the bf16 cache), or the
+        error it raised (recorded, not fatal)."""
+        from gpu_attention import bench_graph_ms
+
+        from kernels.triton_decode import triton_paged_decode
+
+        fp8 = fp8_dequant is not None
+        k, v, dims = (self.k8, self.v8, self.dims) if fp8 else (self.kp, self.vp, self.bdims)
+
+        def run() -> Any:
+            return triton_paged_decode(
+                self.q, k, v, self.bt, self.lens, dims, scale=self.scale, sliding_window=None,
+                softcap=None, num_splits=num_splits, out=None, config=config,
+                kv_scales=(self.ks, self.vs) if fp8 else None, fp8_dequant=fp8_dequant,
+            )  # fmt: skip
+
+        try:
+            return round(bench_graph_ms(run) * 1e3, 1)
+        except Exception as e:
+            return repr(e)[:120]
+
+
+def _cfg_name(cfg: tuple[int, int, int]) -> str:
+    return "x".join(map(str, cfg))
+
+
 def tune(res: dict[str, Any]) -> None:
-    """The fp8 decode kernel's (BLOCK_N, warps, stages) per dequantization at
-    :data:`LONG_SHAPES`, beside the bf16 kernel's time (:data:`TUNE_MODES`): ``bf16dq``
-    (``"convert"``, the default), ``f16dq`` (``"f16"``: hardware cvt to fp16, fp16 dots),
+    """The decode kernel's (BLOCK_N, warps, stages) at :data:`LONG_SHAPES`: the bf16 cache's
+    (``bf16_*``, :data:`BF16_CONFIGS`) and per fp8 dequantization (:data:`TUNE_MODES`):
+    ``bf16dq`` (``"convert"``), ``f16dq`` (``"f16"``: hardware cvt to fp16, fp16 dots),
     ``bits`` (``"bits"``: word loads, prmt to bf16 bits and an exact bf16 scale multiply, bf16
     dots) and ``bitsf16`` (``"bits_f16"``: prmt to fp16, fp16 dots)."""
     import torch
-    from gpu_attention import DT, HKV, HQ, D, bench_graph_ms, paged_pool
+    from gpu_attention import DT, D
 
-    from kernels.checks import check_decode
-    from kernels.triton_decode import decode_config, triton_paged_decode
+    from kernels.triton_decode import decode_config
 
     rows = []
     for batch, length in LONG_SHAPES:
-        q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
-        k = torch.randn(batch, HKV, length, D, device="cuda", dtype=DT)
-        kp, vp, bt = paged_pool(k, torch.randn_like(k), 16)
-        del k
-        k8, v8, ks, vs = _fp8_pool(kp, vp)
-        lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
-        dims = check_decode(q, k8, v8, bt, lens)
+        shape = _DecodeShape(batch, length)
         row: dict[str, Any] = {"B": batch, "L": length, "default": list(decode_config(D, DT))}
-        bdims = check_decode(q, kp, vp, bt, lens)
-        row["bf16_us"] = round(bench_graph_ms(lambda: triton_paged_decode(
-            q, kp, vp, bt, lens, bdims, scale=D**-0.5, sliding_window=None, softcap=None,
-            num_splits=None, out=None)) * 1e3, 1)  # fmt: skip
-        for cfg in BF16_CONFIGS:
-
-            def run_bf16(c: tuple[int, int, int] = cfg) -> Any:
-                return triton_paged_decode(
-                    q, kp, vp, bt, lens, bdims, scale=D**-0.5, sliding_window=None,
-                    softcap=None, num_splits=None, out=None, config=c,
-                )  # fmt: skip
-
-            key = "bf16_" + "x".join(map(str, cfg))
-            print(f"tune {batch}x{length} {key}", flush=True)
-            try:
-                row[key] = round(bench_graph_ms(run_bf16) * 1e3, 1)
-            except Exception as e:
-                row[key] = repr(e)[:120]
-        for mode, (prefix, configs) in TUNE_MODES.items():
-            for cfg in configs:
-
-                def run(c: tuple[int, int, int] = cfg, m: str = mode) -> Any:
-                    return triton_paged_decode(
-                        q, k8, v8, bt, lens, dims, scale=D**-0.5, sliding_window=None,
-                        softcap=None, num_splits=None, out=None, config=c, kv_scales=(ks, vs),
-                        fp8_dequant=m,
-                    )  # fmt: skip
-
-                key = prefix + "x".join(map(str, cfg))
-                print(f"tune {batch}x{length} {key}", flush=True)  # the last one a crash reached
-                try:
-                    row[key] = round(bench_graph_ms(run) * 1e3, 1)
-                except Exception as e:
-                    row[key] = repr(e)[:120]
+        row["bf16_us"] = shape.time_us(None)
+        plan: list[tuple[str, str | None, tuple[int, int, int]]]
+        plan = [("bf16_", None, cfg) for cfg in BF16_CONFIGS]
+        plan += [(pre, mode, cfg) for mode, (pre, cfgs) in TUNE_MODES.items() for cfg in cfgs]
+        for prefix, mode, cfg in plan:
+            key = prefix + _cfg_name(cfg)
+            print(f"tune {shape.name} {key}", flush=True)  # the last one a crash reached
+            row[key] = shape.time_us(mode, cfg)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        del shape
         torch.cuda.empty_cache()
     res["tune"] = rows
 
@@ -298,43 +319,19 @@ def splits_sweep(res: dict[str, Any]) -> None:
     """``"bits"`` fp8 decode time per (config, split count) at :data:`SPLIT_COUNTS`' shapes,
     beside the bf16 kernel's default, for the choice of splits per config."""
     import torch
-    from gpu_attention import DT, HKV, HQ, D, bench_graph_ms, paged_pool
-
-    from kernels.checks import check_decode
-    from kernels.triton_decode import triton_paged_decode
 
     rows = []
     for (batch, length), counts in SPLIT_COUNTS.items():
-        q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
-        k = torch.randn(batch, HKV, length, D, device="cuda", dtype=DT)
-        kp, vp, bt = paged_pool(k, torch.randn_like(k), 16)
-        del k
-        k8, v8, ks, vs = _fp8_pool(kp, vp)
-        lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
-        dims = check_decode(q, k8, v8, bt, lens)
-        bdims = check_decode(q, kp, vp, bt, lens)
-        row: dict[str, Any] = {"B": batch, "L": length}
-        row["bf16_us"] = round(bench_graph_ms(lambda: triton_paged_decode(
-            q, kp, vp, bt, lens, bdims, scale=D**-0.5, sliding_window=None, softcap=None,
-            num_splits=None, out=None)) * 1e3, 1)  # fmt: skip
+        shape = _DecodeShape(batch, length)
+        row: dict[str, Any] = {"B": batch, "L": length, "bf16_us": shape.time_us(None)}
         for cfg in SPLIT_CONFIGS:
             for n in counts:
-
-                def run(c: tuple[int, int, int] = cfg, s: int = n) -> Any:
-                    return triton_paged_decode(
-                        q, k8, v8, bt, lens, dims, scale=D**-0.5, sliding_window=None,
-                        softcap=None, num_splits=s, out=None, config=c, kv_scales=(ks, vs),
-                        fp8_dequant="bits",
-                    )  # fmt: skip
-
-                key = "bits_" + "x".join(map(str, cfg)) + f"_s{n}"
-                print(f"splits {batch}x{length} {key}", flush=True)
-                try:
-                    row[key] = round(bench_graph_ms(run) * 1e3, 1)
-                except Exception as e:
-                    row[key] = repr(e)[:120]
+                key = f"bits_{_cfg_name(cfg)}_s{n}"
+                print(f"splits {shape.name} {key}", flush=True)
+                row[key] = shape.time_us("bits", cfg, n)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        del shape
         torch.cuda.empty_cache()
     res["splits"] = rows
 

@@ -32,6 +32,15 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
+
+def _serve_load(arrangement: str, results: str) -> tuple[list[str], str]:
+    """serve_load.py's H200 run (384 requests of the trace at infinite rate and 32 req/s) with
+    the engine in its own process or in a thread of the server."""
+    args = ["--model", "random-llama3-8b", "--device", "cuda", "--requests", "384"]
+    args += ["--rates", "inf,32", "--max-num-seqs", "256", arrangement]
+    return ["benchmarks/serve_load.py", *args, "--out", "{out}/" + results], results
+
+
 #: name -> (seconds it may take, command after ``python``, the results file it writes in OUT)
 STEPS: dict[str, tuple[int, list[str], str]] = {
     "tests": (
@@ -122,47 +131,9 @@ STEPS: dict[str, tuple[int, list[str], str]] = {
         ],
         "engine_gpu.json",
     ),
-    "serve": (
-        300,
-        [
-            "benchmarks/serve_load.py",
-            "--model",
-            "random-llama3-8b",
-            "--device",
-            "cuda",
-            "--requests",
-            "384",
-            "--rates",
-            "inf,32",
-            "--max-num-seqs",
-            "256",
-            "--engine-process",
-            "--out",
-            "{out}/serve_load_h200_engine_process.json",
-        ],
-        "serve_load_h200_engine_process.json",
-    ),
+    "serve": (300, *_serve_load("--engine-process", "serve_load_h200_engine_process.json")),
     # The same load on the one-process arrangement (the engine in a thread of the server).
-    "servethread": (
-        300,
-        [
-            "benchmarks/serve_load.py",
-            "--model",
-            "random-llama3-8b",
-            "--device",
-            "cuda",
-            "--requests",
-            "384",
-            "--rates",
-            "inf,32",
-            "--max-num-seqs",
-            "256",
-            "--no-engine-process",
-            "--out",
-            "{out}/serve_load_h200.json",
-        ],
-        "serve_load_h200.json",
-    ),
+    "servethread": (300, *_serve_load("--no-engine-process", "serve_load_h200.json")),
     "attention": (
         300,
         [

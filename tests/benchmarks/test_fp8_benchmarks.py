@@ -26,7 +26,7 @@ def _load(name: str) -> ModuleType:
 def test_gpu_fp8_arguments() -> None:
     g = _load("gpu_fp8")
     args = g.parse_args(["--out", "/tmp/x"])
-    assert args.out == "/tmp/x" and args.sections == list(g.SECTIONS) and args.kv_gb == 4.0
+    assert args.out == "/tmp/x" and args.sections == list(g.SECTIONS) and args.kv_gb == 2.0
     args = g.parse_args(["--out", "d", "--sections", "capacity,decode", "--kv-gb", "2.5"])
     assert args.sections == ["capacity", "decode"] and args.kv_gb == 2.5
     with pytest.raises(SystemExit):
