@@ -196,9 +196,11 @@ def planned_decode(
     batch, hq, d = q.shape
     nb, bs, hkv, _ = k_cache.shape
     cdt = _compute_dtype(q.dtype)
-    slots = plan.slots
-    k = k_cache.view(nb * bs, hkv, d)[slots].transpose(1, 2)  # [B, Hkv, N, D]
-    v = v_cache.view(nb * bs, hkv, d)[slots].transpose(1, 2)
+    n = plan.slots.shape[1]
+    flat = plan.slots.reshape(-1)  # [B * N]; index_select gathers rows 4-6x faster than indexing
+    k = k_cache.view(nb * bs, hkv, d).index_select(0, flat).view(batch, n, hkv, d)
+    v = v_cache.view(nb * bs, hkv, d).index_select(0, flat).view(batch, n, hkv, d)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, N, D]
     qf = q.view(batch, hkv, hq // hkv, d)  # [B, Hkv, G, D]: G plays the query rows
     if cdt != q.dtype:
         k, v, qf = k.to(cdt), v.to(cdt), qf.to(cdt)

@@ -187,19 +187,26 @@ def test_stop_strings_sync_and_streamed(client: Any, reference: LLM) -> None:
 def test_a_stream_holds_back_a_stop_string_once(client: Any, reference: LLM) -> None:
     """While it runs, a stream lags the text by ``len(stop) - 1`` characters, no more: in both
     arrangements (the engine process's outputs are already held back; the server must not
-    withhold the same characters again)."""
+    withhold the same characters again). Each chunk's logprobs name the tokens it covers, so the
+    lag is checked at every chunk whatever steps an engine process merged into one."""
     stop = "\u20ac" * 6  # never produced by the character model: holdback 5
     full = _generate(reference, "hello", max_tokens=12, temperature=0)[0].outputs[0].text
-    before_last = _generate(reference, "hello", max_tokens=11, temperature=0)[0].outputs[0]
-    assert stop not in full and len(before_last.text) > 5
-    pieces = [
-        chunk.choices[0].text
-        for chunk in client.completions.create(
-            model=NAME, prompt="hello", max_tokens=12, temperature=0, stop=[stop], stream=True
-        )
-    ]
-    assert "".join(pieces) == full
-    assert len("".join(pieces[:-1])) == len(before_last.text) - 5
+    assert stop not in full
+    sent = seen = ""  # text streamed so far; text of the tokens streamed so far
+    lags = []
+    chunks = client.completions.create(
+        model=NAME, prompt="hello", max_tokens=12, temperature=0, stop=[stop], stream=True,
+        logprobs=0,
+    )  # fmt: skip
+    for chunk in chunks:
+        c = chunk.choices[0]
+        sent += c.text
+        seen += "".join(c.logprobs.tokens) if c.logprobs is not None else ""
+        lags.append((len(seen), len(seen) - len(sent)))
+    assert sent == full == seen
+    running = lags[:-1]  # the last chunk finishes the stream and sends the rest
+    assert running and all(lag == min(n, 5) for n, lag in running), lags
+    assert any(n > 5 for n, _ in running), lags  # a chunk where a double holdback would show
 
 
 def test_logprobs_equal_generate(client: Any, reference: LLM) -> None:
