@@ -126,8 +126,9 @@ def torch_paged_decode(
     if softcap is None:
         return _sdpa_decode(q, k_cache, v_cache, block_tables, lens, scale, sliding_window)
     bt = block_tables[:, :nblk].long().clamp(0, nb - 1)  # entries past a length: any valid id
-    k = k_cache[bt].reshape(batch, nblk * bs, hkv, d).to(cdt)  # [B, N, Hkv, D]
-    v = v_cache[bt].reshape(batch, nblk * bs, hkv, d).to(cdt)
+    ids = bt.reshape(-1)  # [B * nblk]; index_select, as planned_decode gathers
+    k = k_cache.index_select(0, ids).view(batch, nblk * bs, hkv, d).to(cdt)  # [B, N, Hkv, D]
+    v = v_cache.index_select(0, ids).view(batch, nblk * bs, hkv, d).to(cdt)
     qf = q.to(cdt).reshape(batch, hkv, g, d)  # [B, Hkv, G, D]
     s = torch.einsum("bhgd,bnhd->bhgn", qf, k) * scale  # [B, Hkv, G, N]
     pos = torch.arange(nblk * bs, device=q.device)[None, :]  # [1, N]

@@ -29,6 +29,7 @@ import multiprocessing.connection
 import multiprocessing.process
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -162,7 +163,7 @@ class DeltaDecoder:
         before = prev.outputs if prev is not None else []
         if len(completions) == 1 and (
             not before or (len(before) == 1 and before[0].index == completions[0][0])
-        ):  # the common case, n = 1
+        ):  # the common case, n = 1, without the dict (0.5 vs 0.75 ms per 200 outputs, CPU)
             outputs = [_merged(before[0] if before else None, completions[0])]
         else:  # a delta carries only the completions with something new
             merged = {c.index: c for c in before}
@@ -326,7 +327,7 @@ class _Sender:
                 return
             try:
                 self._conn.send(message)
-            except (OSError, BrokenPipeError, ValueError):  # the parent is gone
+            except (OSError, ValueError):  # the parent is gone (BrokenPipeError is an OSError)
                 return
 
     def close(self, timeout: float = 30.0) -> None:
@@ -339,7 +340,7 @@ def _serve_commands(
     engine: LLMEngine,
     encoder: DeltaEncoder,
     conn: multiprocessing.connection.Connection,
-    send: Any,
+    send: Callable[[Any], None],
 ) -> None:
     """The child's loop: take the server's commands between steps, step while there is work."""
     # The engine runs ahead: it steps whenever it has work and sends each step's outputs
