@@ -327,7 +327,8 @@ async def at_rate(
     try:
         for proc in procs:
             proc.start()
-        pids = [await loop.run_in_executor(None, ready.get, True, 120) for _ in procs]
+        for _ in procs:  # every client has imported httpx before the common start
+            await loop.run_in_executor(None, ready.get, True, 120)
         async with httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as h:
             seen: list[float] = []
             stop = asyncio.Event()
@@ -355,7 +356,7 @@ async def at_rate(
     busy = {k: round(v / max(wall, 1e-9), 3) for k, v in cpu.items()}
     return {
         "rate": rate, "wall_s": wall, "results": results, "running": seen, "cpu_busy": busy,
-        "clients": len(pids),
+        "clients": clients,
     }  # fmt: skip
 
 
@@ -462,6 +463,8 @@ def main() -> None:
     parser.add_argument("--svg-from", default=None, help="print the SVG curve of a results JSON")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.clients < 1:
+        parser.error(f"--clients must be >= 1, got {args.clients}")
     if args.svg_from:
         print(svg(json.loads(Path(args.svg_from).read_text())))
         return
