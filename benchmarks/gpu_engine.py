@@ -124,7 +124,10 @@ CONFIGS: dict[str, tuple[bool, bool, bool | None]] = {
     "no_prefix_caching": (False, True, None),
     "neither": (False, False, None),
     "fused": (True, True, True),
+    "no_mixed_graphs": (True, True, None),  # the defaults, steps with prefill tokens eager
 }
+#: further EngineConfig fields of a variant
+CONFIG_FIELDS: dict[str, dict[str, Any]] = {"no_mixed_graphs": {"cuda_graph_token_sizes": ()}}
 
 
 def throughput(
@@ -159,7 +162,7 @@ def throughput(
             enable_prefix_caching=CONFIGS[config][0],
             enable_chunked_prefill=CONFIGS[config][1],
             fused_ops=CONFIGS[config][2],
-            **engine_overrides,
+            **{**CONFIG_FIELDS.get(config, {}), **engine_overrides},
         ),
     )
     setup_s = time.perf_counter() - t0

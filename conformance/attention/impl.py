@@ -5,6 +5,8 @@ and ``"triton"`` call :mod:`kernels` with that backend. A third party registers 
 :func:`register_attention`. :func:`check_decode` and :func:`check_prefill` run an implementation
 on a built case with a NaN-poisoned ``out`` and compare with the float64 spec by relative
 Frobenius error, against ``spec.tolerances.TOLERANCES`` for the case's dtype.
+:func:`check_mixed` runs a prefill case as an engine runs a mixed step: decode on the
+single-token sequences, prefill on the others, each into its rows of one ``out``.
 
 On an fp8 case they also pass the scales, and check the output against exact float64 attention
 over the *unquantized* K/V: per element within ``spec.kv_quant_bound.attention_error_bound``
@@ -38,6 +40,7 @@ __all__ = [
     "attention_names",
     "check_decode",
     "check_prefill",
+    "check_mixed",
     "fp8_bound_check",
 ]
 
@@ -324,3 +327,70 @@ def check_prefill(impl: AttentionImpl, built: BuiltCase) -> float:
     if c.fp8:
         fp8_bound_check(out, ref, built, built.cu_seqlens_q.cpu().tolist())
     return err
+
+
+def check_mixed(impl: AttentionImpl, built: BuiltCase) -> float:
+    """A prefill case as a mixed step runs it: ``paged_decode`` on the sequences with one new
+    token, ``paged_prefill`` on the rest (each with its own tables, lengths and prefix sums),
+    both writing their rows of one NaN-filled ``out``; held to the spec's prefill over the
+    whole batch. Relies on decode being the last row of a prefill chunk (the spec's
+    ``prop_decode_is_last_prefill_row``). Returns the relative error."""
+    c = built.case
+    if c.q_lens is None:
+        raise ValueError("check_mixed needs a prefill case (q_lens)")
+    cu = built.cu_seqlens_q.cpu().tolist()
+    ones = [b for b, n in enumerate(c.q_lens) if n == 1]
+    rest = [b for b, n in enumerate(c.q_lens) if n != 1]
+    dev = built.q.device
+    out = torch.full_like(built.q, float("nan"))  # [T, Hq, D]
+    scales = _kernel_scales(built)
+    if ones:
+        rows = torch.tensor([cu[b] for b in ones], dtype=torch.int64, device=dev)  # [B1]
+        pick = torch.tensor(ones, dtype=torch.int64, device=dev)
+        q = built.q.index_select(0, rows)  # [B1, Hq, D]
+        got = impl.paged_decode(
+            q,
+            built.k_cache,
+            built.v_cache,
+            built.block_tables.index_select(0, pick).contiguous(),
+            built.seq_lens.index_select(0, pick).contiguous(),
+            scale=c.scale,
+            sliding_window=c.sliding_window,
+            softcap=c.softcap,
+            out=torch.full_like(q, float("nan")),
+            **scales,
+        )
+        out.index_copy_(0, rows, got)
+    if rest:
+        spans = [list(range(cu[b], cu[b + 1])) for b in rest]
+        rows = torch.tensor([r for span in spans for r in span], dtype=torch.int64, device=dev)
+        pick = torch.tensor(rest, dtype=torch.int64, device=dev)
+        sub_cu = np.concatenate([[0], np.cumsum([len(span) for span in spans])])
+        q = built.q.index_select(0, rows)  # [T2, Hq, D]
+        got = impl.paged_prefill(
+            q,
+            built.k_cache,
+            built.v_cache,
+            built.block_tables.index_select(0, pick).contiguous(),
+            torch.tensor(sub_cu, dtype=torch.int32, device=dev),
+            built.seq_lens.index_select(0, pick).contiguous(),
+            scale=c.scale,
+            sliding_window=c.sliding_window,
+            softcap=c.softcap,
+            out=torch.full_like(q, float("nan")),
+            **scales,
+        )
+        out.index_copy_(0, rows, got)
+    ref = spec_paged_prefill(
+        built.spec_q,
+        built.spec_k,
+        built.spec_v,
+        built.spec_tables,
+        built.cu_seqlens_q.cpu().numpy(),
+        list(c.seq_lens),
+        scale=c.scale,
+        sliding_window=c.sliding_window,
+        softcap=c.softcap,
+        **_spec_scales(built),
+    )
+    return _compare(out, ref, built, f"{impl.name} mixed decode + prefill")

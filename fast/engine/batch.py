@@ -18,7 +18,7 @@ import torch
 
 from fast.model.attention_context import AttentionContext
 
-__all__ = ["HostBatch", "HostStaging", "padded_width"]
+__all__ = ["HostBatch", "HostStaging", "leading_decodes", "padded_width"]
 
 
 def padded_width(width: int, max_width: int) -> int:
@@ -34,6 +34,19 @@ def padded_width(width: int, max_width: int) -> int:
     (10, 12)
     """
     return max(width, min(max_width, max(16, 1 << max(0, (width - 1).bit_length()))))
+
+
+def leading_decodes(cu_seqlens_q: np.ndarray) -> int:
+    """How many of the first sequences have one new token each (all of them: 0, a decode step
+    needs no split).
+
+    >>> leading_decodes(np.array([0, 1, 2, 7, 8])), leading_decodes(np.array([0, 1, 2]))
+    (2, 0)
+    """
+    single = np.diff(cu_seqlens_q) == 1  # [B]
+    if single.all():
+        return 0
+    return int(single.argmin())
 
 
 @dataclass(frozen=True)
@@ -54,10 +67,15 @@ class HostBatch:
 class HostStaging:
     """Uploads :class:`HostBatch` arrays; on CUDA through two reused pinned buffers."""
 
-    def __init__(self, device: torch.device, pack: bool | None = None) -> None:
+    def __init__(
+        self, device: torch.device, pack: bool | None = None, split: bool | None = None
+    ) -> None:
         self.device = device
         self._cuda = device.type == "cuda"
         self._pack = self._cuda if pack is None else pack  # tests pack on the CPU too
+        # a mixed step's leading single-token sequences go to the decode kernel (on CUDA;
+        # tests split on the CPU too): AttentionContext.num_decodes
+        self.split = self._cuda if split is None else split
         self._host: dict[torch.dtype, torch.Tensor] = {}
         self._events: dict[torch.dtype, torch.cuda.Event] = {}
 
@@ -69,7 +87,12 @@ class HostStaging:
         longs = self.put(
             torch.int64, [batch.tokens, batch.positions, batch.slots, batch.sample_rows]
         )
-        ints = self.put(torch.int32, [batch.tables.reshape(-1), batch.seq_lens, batch.cu_seqlens_q])
+        int_arrays = [batch.tables.reshape(-1), batch.seq_lens, batch.cu_seqlens_q]
+        n = leading_decodes(batch.cu_seqlens_q) if self.split and not batch.decode else 0
+        if n:
+            cu = batch.cu_seqlens_q[n:] - batch.cu_seqlens_q[n]  # [B - n + 1]
+            int_arrays += [batch.seq_lens[n:], cu]
+        ints = self.put(torch.int32, int_arrays)
         ctx = AttentionContext(
             slot_mapping=longs[2],
             block_tables=ints[0].view(b, w),
@@ -77,6 +100,9 @@ class HostStaging:
             cu_seqlens_q=ints[2],
             max_seqlen_q=batch.max_seqlen_q,
             is_decode=batch.decode,
+            num_decodes=n,
+            prefill_seq_lens=ints[3] if n else None,
+            prefill_cu_seqlens_q=ints[4] if n else None,
         )
         return longs[0], longs[1], ctx, longs[3]
 

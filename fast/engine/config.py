@@ -57,6 +57,12 @@ class EngineConfig:
     default) turns them on for a single CUDA device, where they take 0.5-1.1 ms off each decode
     step of the Llama-3-8B shape (benchmarks/results/step_floor_h200_b4af701.json), and off
     elsewhere (:meth:`resolved_fused_ops`); single-device for now.
+
+    ``cuda_graph_batch_sizes`` are the decode steps captured whole; ``cuda_graph_token_sizes``
+    the token counts at which steps with prefill tokens are captured piecewise, cut at each
+    layer's attention (``fast.engine.cuda_graphs.MixedGraphs``): None takes powers of two from
+    128 up to the token budget (at most 8192), ``()`` runs those steps eagerly. Neither is
+    captured with ``enforce_eager``.
     """
 
     block_size: int = 16
@@ -75,6 +81,7 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool | None = None
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    cuda_graph_token_sizes: tuple[int, ...] | None = None
     kv_cache_dtype: str = "auto"
     calculate_kv_scales: bool = True
     kv_scale_granularity: Literal["tensor", "head"] = "tensor"
@@ -107,6 +114,17 @@ class EngineConfig:
                 "fused_ops",
                 self.fused_ops,
                 f"single-device for now; tensor_parallel_size is {self.tensor_parallel_size}",
+            )
+        for name in ("cuda_graph_batch_sizes", "cuda_graph_token_sizes"):
+            sizes = getattr(self, name)
+            if sizes is not None and (
+                not isinstance(sizes, tuple)
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes)
+            ):
+                raise InvalidArgumentError(name, sizes, "must be a tuple of ints >= 1")
+        if not self.cuda_graph_batch_sizes:
+            raise InvalidArgumentError(
+                "cuda_graph_batch_sizes", self.cuda_graph_batch_sizes, "must not be empty"
             )
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise InvalidArgumentError("dtype", self.dtype, f"one of auto, {sorted(_DTYPES)}")

@@ -21,6 +21,7 @@ the static inputs without a host synchronization, so it replays too.
 from __future__ import annotations
 
 import bisect
+from typing import Any, cast
 
 import torch
 
@@ -30,7 +31,7 @@ from fast.model.llama import LlamaForCausalLM
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k_cache, v_cache)
 
-__all__ = ["DecodeGraphs", "GraphInputs", "warm_up"]
+__all__ = ["DecodeGraphs", "GraphInputs", "MixedGraphs", "piecewise_ok", "token_sizes", "warm_up"]
 
 
 def _dummy_ctx(b: int, width: int, device: torch.device) -> AttentionContext:
@@ -204,3 +205,157 @@ class DecodeGraphs:
         self.inputs.upload()
         self.graphs[size].replay()
         return self.outputs[size][:b]
+
+
+def piecewise_ok(model: LlamaForCausalLM, kv_caches: KVCaches) -> bool:
+    """Whether :class:`MixedGraphs` can run ``model``: the base forward and rope (Phi-3's
+    LongRoPE reads the step's lengths), plain decoder layers on the fused path (no per-head
+    Q/K norm), and caches of the activations' dtype (an fp8 cache calibrates on the host)."""
+    from fast.model.layers import DecoderLayer
+
+    cls = type(model)
+    if cls.forward is not LlamaForCausalLM.forward or cls.rope is not LlamaForCausalLM.rope:
+        return False
+    dtype = model.model.embed_tokens.weight.dtype
+    for layer in model.model.layers:
+        if type(layer) is not DecoderLayer or not (layer.fused and layer.self_attn.fused):
+            return False
+        if layer.self_attn.q_norm is not None or layer.self_attn.kv_scales is not None:
+            return False
+    return all(k.dtype == dtype for k, _ in kv_caches)
+
+
+def token_sizes(max_batched_tokens: int, largest: int = 8192) -> list[int]:
+    """The token counts :class:`MixedGraphs` captures by default: powers of two from 128 up to
+    the step's token budget (at most ``largest``).
+
+    >>> token_sizes(8192)[:3], token_sizes(8192)[-1], token_sizes(300)
+    ([128, 256, 512], 8192, [128, 256, 512])
+    """
+    top = min(largest, 1 << max(7, (max_batched_tokens - 1).bit_length()))
+    return [1 << k for k in range(7, top.bit_length())]
+
+
+class MixedGraphs:
+    """Steps with prefill tokens from CUDA graphs, captured piecewise around the attention.
+
+    A step with prefill tokens varies in what its attention sees (sequences, chunk lengths,
+    block tables), but every other kernel of the forward depends only on its token count. So
+    for each captured count ``S`` the forward is cut at its attention calls into ``L + 1``
+    graphs: the embedding and rope tables with layer 0's norm, QKV projection and rope + KV
+    write; then for each layer the output projection, residual + norm, MLP and the next
+    layer's input half; the last ends with the final norm. Between two graphs the layer's
+    attention runs eagerly on the step's ``t <= S`` real tokens, with the step's own metadata
+    (decode kernel on the leading single-token rows, prefill kernel on the rest). The graphs
+    talk through static buffers: residual ``x [S, H]``, queries ``q [S, Hq, D]``, attention
+    output ``o [S, Hq, D]``, rope tables; rows ``t..S-1`` are padding (slot ``-1``: no KV write;
+    their values are never read back). A step replays ``L + 1`` graphs and launches ``L``
+    attention calls instead of about ten kernels per layer from Python (a 288-token step of
+    the Llama-3-8B shape took 24.6 ms of host time to issue eagerly against 9.9 ms from one
+    graph on an H200: benchmarks/results/mixed_step_h200.json).
+    """
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: KVCaches,
+        device: torch.device,
+        sizes: list[int],
+    ) -> None:
+        cfg = model.config
+        from fast.model.layers import DecoderLayer
+
+        self.model, self.kv_caches, self.sizes = model, kv_caches, sorted(sizes)
+        self.layers = [cast(DecoderLayer, layer) for layer in model.model.layers]
+        top, dtype = self.sizes[-1], model.model.embed_tokens.weight.dtype
+        hq, d = cfg.num_attention_heads, cfg.head_dim
+        self.ids = torch.zeros(top, dtype=torch.int64, device=device)  # [S]
+        self.pos = torch.zeros(top, dtype=torch.int64, device=device)  # [S]
+        self.slots = torch.full((top,), -1, dtype=torch.int64, device=device)  # [S]
+        self.x = torch.zeros(top, cfg.hidden_size, dtype=dtype, device=device)  # [S, H]
+        self.q = torch.zeros(top, hq, d, dtype=dtype, device=device)  # [S, Hq, D]
+        self.o = torch.zeros(top, hq, d, dtype=dtype, device=device)  # [S, Hq, D]
+        self.out = torch.zeros(top, cfg.hidden_size, dtype=dtype, device=device)  # [S, H]
+        self.ropes: list[tuple[torch.Tensor, torch.Tensor]] = []  # per table [S, 1, R]
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.replays = 0  # steps run from the graphs
+        pool = None
+        with torch.inference_mode():
+            _, ropes = model.embed(self.ids[:1], self.pos[:1], self._ctx(1))  # their shapes
+            self.ropes = [
+                (
+                    torch.zeros(top, *c.shape[1:], dtype=c.dtype, device=device),
+                    torch.zeros(top, *s.shape[1:], dtype=s.dtype, device=device),
+                )
+                for c, s in ropes
+            ]
+            for size in reversed(self.sizes):  # largest first: the smaller reuse its pool
+                graphs = []
+                for piece in range(len(kv_caches) + 1):
+                    graph, pool = self._capture(lambda: self._piece(piece, size), pool)
+                    graphs.append(graph)
+                self.graphs[size] = graphs
+        torch.cuda.synchronize()
+
+    def _ctx(self, size: int) -> AttentionContext:
+        """What a piece's KV write reads: the static slots (the rest is never used there)."""
+        dev = self.slots.device
+        none = torch.zeros(1, 1, dtype=torch.int32, device=dev)
+        return AttentionContext(self.slots[:size], none, none[0], none[0], 1, False)
+
+    def _piece(self, piece: int, size: int) -> None:
+        """Run piece ``piece`` of the forward on the first ``size`` rows of the buffers."""
+        layers, ctx = self.layers, self._ctx(size)
+        x = self.x[:size]  # [S, H]
+        if piece == 0:
+            x0, ropes = self.model.embed(self.ids[:size], self.pos[:size], ctx)
+            x.copy_(x0)
+            for (cos, sin), (c, s) in zip(self.ropes, ropes):
+                cos[:size].copy_(c)
+                sin[:size].copy_(s)
+        else:
+            x.copy_(layers[piece - 1].attention_output(x, self.o[:size]))
+        if piece == len(layers):
+            self.out[:size].copy_(self.model.model.norm(x))
+            return
+        table = self.model._layer_rope[piece]
+        rope = (self.ropes[table][0][:size], self.ropes[table][1][:size])
+        k_cache, v_cache = self.kv_caches[piece]
+        self.q[:size].copy_(layers[piece].attention_input(x, ctx, k_cache, v_cache, rope))
+
+    @staticmethod
+    def _capture(run: Any, pool: Any) -> tuple[torch.cuda.CUDAGraph, Any]:
+        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run()  # compiles what it needs, outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            run()
+        return graph, graph.pool()
+
+    def run(
+        self, ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
+    ) -> torch.Tensor | None:
+        """The forward of a step's ``t`` tokens (ids, positions [t] and ctx on the device)
+        from the smallest captured size that holds them; None when none does. -> [t, H]"""
+        t = int(ids.shape[0])
+        i = bisect.bisect_left(self.sizes, t)
+        if i == len(self.sizes):
+            return None
+        size = self.sizes[i]
+        self.replays += 1
+        self.ids[:t].copy_(ids)
+        self.pos[:t].copy_(positions)
+        self.slots[:t].copy_(ctx.slot_mapping)
+        if t < size:
+            self.slots[t:size].fill_(-1)
+        graphs = self.graphs[size]
+        graphs[0].replay()
+        q, o = self.q[:t], self.o[:t]
+        with torch.inference_mode():
+            for layer, (k_cache, v_cache), graph in zip(self.layers, self.kv_caches, graphs[1:]):
+                layer.self_attn.attend(q, ctx, k_cache, v_cache, out=o)
+                graph.replay()
+        return self.out[:t]

@@ -232,7 +232,8 @@ class LLMEngine:
         self._undo: _StepUndo | None = None  # the step in flight's saved state
         self._max_width = -(-max_len // cfg.block_size)  # blocks of the longest sequence
         self._staging = HostStaging(self.device)
-        self._graphs: Any = None
+        self._graphs: Any = None  # decode steps, captured whole
+        self._mixed: Any = None  # steps with prefill tokens, captured piecewise
         self._own_fused_ops()  # before warm-up: the graphs capture what the config chose
         self.kv_scales: list[LayerKVScales] = []  # fp8 cache: per layer (docs/fp8.md)
         if is_fp8(self.kv_cache_dtype):
@@ -262,6 +263,7 @@ class LLMEngine:
                 self._graphs = DecodeGraphs(
                     self.model, self.kv_caches, self.device, self._max_width, sizes
                 )
+                self._mixed = self._mixed_graphs(cfg)
         if cfg.calculate_kv_scales and not cfg.kv_scales_given:
             for layer_scales in self.kv_scales:  # after the warm-up: the first real step
                 layer_scales.arm()
@@ -704,6 +706,20 @@ class LLMEngine:
         index = torch.tensor(rows, dtype=torch.int64, device=logits.device)  # [N']
         return order, logits.index_select(0, index), forks
 
+    def _mixed_graphs(self, cfg: EngineConfig) -> Any:
+        """The piecewise graphs of steps with prefill tokens (``cuda_graph_token_sizes``), or
+        None: none asked for, tensor parallelism, or a model they cannot cut (``piecewise_ok``)."""
+        from fast.engine.cuda_graphs import MixedGraphs, piecewise_ok, token_sizes
+
+        sizes = cfg.cuda_graph_token_sizes
+        if sizes is None:
+            sizes = tuple(token_sizes(self.scheduler_config.max_num_batched_tokens))
+        if not sizes or self.tensor_parallel is not None:
+            return None
+        if not piecewise_ok(self.model, self.kv_caches):
+            return None
+        return MixedGraphs(self.model, self.kv_caches, self.device, list(sizes))
+
     def _own_fused_ops(self) -> None:
         """Set the model's layers to this engine's ``fused_ops``: a loaded model may be shared
         by engines of different settings, so each engine sets it before it runs the model
@@ -718,6 +734,8 @@ class LLMEngine:
         the (parent, child) pairs to fork: the children's first tokens are among those sampled).
         """
         self._own_fused_ops()
+        if self._staging.split:  # on CUDA: mixed steps' attention runs two kernels
+            out = _decodes_first(out)
         batch = self._build_batch(out)
         if self.tensor_parallel is not None:  # the workers run the same step on their shards
             self.tensor_parallel.forward(batch)
@@ -727,7 +745,10 @@ class LLMEngine:
             hidden = self._graphs.run(batch)  # [T, H] or None
         if hidden is None:
             input_ids, positions, ctx, rows = self._staging.upload(batch)
-            hidden = self.model(input_ids, positions, ctx, self.kv_caches)  # [T, H]
+            if self._mixed is not None and not batch.decode:
+                hidden = self._mixed.run(input_ids, positions, ctx)  # [T, H] or None
+            if hidden is None:
+                hidden = self.model(input_ids, positions, ctx, self.kv_caches)  # [T, H]
         if self._prompt_logprobs:
             self._collect_prompt_logprobs(out, batch, hidden)
         num_rows = int(batch.sample_rows.shape[0])
@@ -947,6 +968,17 @@ class LLMEngine:
             restore_kv_blocks(self.kv_caches, undo.kv)
             if self.tensor_parallel is not None:
                 self.tensor_parallel.restore_kv()
+
+
+def _decodes_first(out: SchedulerOutput) -> SchedulerOutput:
+    """``out`` with its single-token sequences first (stable): a mixed step's attention then
+    runs the decode kernel on a prefix of rows (``AttentionContext.num_decodes``)."""
+    sched = out.scheduled
+    ones = [s for s in sched if s.num_tokens == 1]
+    if not ones or len(ones) == len(sched):
+        return out
+    rest = [s for s in sched if s.num_tokens != 1]
+    return dataclasses.replace(out, scheduled=(*ones, *rest))
 
 
 def _start_tensor_parallel(

@@ -24,6 +24,15 @@ class AttentionContext:
         cu_seqlens_q: ``[B + 1]`` int32, prefix sums of the new-token counts.
         max_seqlen_q: the largest new-token count of any sequence.
         is_decode: every sequence has exactly one new token (the decode kernel is used).
+        num_decodes: in a step that is not all decode, how many of the first sequences have
+            one new token each (0: none, or not split). The layers then run the decode kernel
+            on those rows and the prefill kernel on the rest (the prefill kernel spends a
+            whole tile of query rows on a single token: on an H200, 11.6 vs 5.3 ms per step
+            for 256 decode rows beside 256 prefill tokens, benchmarks/gpu_mixed_step.py).
+        prefill_seq_lens: ``[B - num_decodes]`` int32, ``seq_lens[num_decodes:]`` in a tensor
+            of its own (a slice at an odd offset would compile another kernel variant).
+        prefill_cu_seqlens_q: ``[B - num_decodes + 1]`` int32, the prefill rows' prefix sums
+            (``cu_seqlens_q[num_decodes:] - num_decodes``).
     """
 
     slot_mapping: torch.Tensor
@@ -32,6 +41,9 @@ class AttentionContext:
     cu_seqlens_q: torch.Tensor
     max_seqlen_q: int
     is_decode: bool
+    num_decodes: int = 0
+    prefill_seq_lens: torch.Tensor | None = None
+    prefill_cu_seqlens_q: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

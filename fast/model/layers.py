@@ -125,12 +125,12 @@ class Attention(nn.Module):
         # x [T, H], caches [N, bs, Hkv, D], rope (cos, sin) [T, 1, D] of the positions -> [T, H]
         # plan: the step validated once (CPU decode): unchecked torch paths, shared indices
         t = x.shape[0]
-        qkv = self.qkv_proj(x)  # [T, Q + 2 KV]
         if self.fused and plan is None and self.q_norm is None and self.kv_scales is None:
-            q = rope_write_kv(qkv, *rope, k_cache, v_cache, ctx.slot_mapping, self.num_heads)
-            o_fused = self._attend(q, ctx, k_cache, v_cache, 1.0, 1.0)  # [T, Hq, D]
+            q = self.fused_query(x, ctx, k_cache, v_cache, rope)  # [T, Hq, D]
+            o_fused = self.attend(q, ctx, k_cache, v_cache)  # [T, Hq, D]
             fused_out: torch.Tensor = self.o_proj(o_fused.reshape(t, self.q_size))  # [T, H]
             return fused_out
+        qkv = self.qkv_proj(x)  # [T, Q + 2 KV]
         qk = qkv[:, : self.q_size + self.kv_size].unflatten(
             -1, (self.num_heads + self.num_kv_heads, self.head_dim)
         )  # [T, Hq + Hkv, D]
@@ -154,6 +154,34 @@ class Attention(nn.Module):
             o = self._checked_attention(q, k, v, ctx, k_cache, v_cache)
         out: torch.Tensor = self.o_proj(o.reshape(t, self.q_size))  # [T, H]
         return out
+
+    def fused_query(
+        self,
+        x: torch.Tensor,
+        ctx: AttentionContext,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """The fused path up to the attention: the QKV projection, then rope + KV write in one
+        kernel. x [T, H] -> q [T, Hq, D] (rotated); K/V of the new tokens written."""
+        qkv = self.qkv_proj(x)  # [T, Q + 2 KV]
+        q: torch.Tensor = rope_write_kv(
+            qkv, *rope, k_cache, v_cache, ctx.slot_mapping, self.num_heads
+        )
+        return q
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        ctx: AttentionContext,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """q [T, Hq, D] over a cache of the model's dtype, the step's K/V already written ->
+        [T, Hq, D] (into ``out`` when given)."""
+        return self._attend(q, ctx, k_cache, v_cache, 1.0, 1.0, out)
 
     def _checked_attention(
         self,
@@ -181,37 +209,73 @@ class Attention(nn.Module):
         v_cache: torch.Tensor,
         ks: float | torch.Tensor,
         vs: float | torch.Tensor,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # q [T, Hq, D] over the cache, the step's K/V already written -> [T, Hq, D]
+        n, caches, scales = ctx.num_decodes, (k_cache, v_cache), (ks, vs)
         if ctx.is_decode:
-            o = kernels.paged_decode(
-                q,
-                k_cache,
-                v_cache,
-                ctx.block_tables,
-                ctx.seq_lens,
-                scale=self.scale,
-                sliding_window=self.sliding_window,
-                softcap=self.softcap,
-                k_scale=ks,
-                v_scale=vs,
+            return self._decode(q, caches, ctx.block_tables, ctx.seq_lens, scales, out)
+        lens, cu = ctx.prefill_seq_lens, ctx.prefill_cu_seqlens_q
+        if n == 0 or lens is None or cu is None:
+            return self._prefill(
+                q, caches, ctx.block_tables, ctx.cu_seqlens_q, ctx.seq_lens, ctx, scales, out
             )
-        else:
-            o = kernels.paged_prefill(
-                q,
-                k_cache,
-                v_cache,
-                ctx.block_tables,
-                ctx.cu_seqlens_q,
-                ctx.seq_lens,
-                scale=self.scale,
-                sliding_window=self.sliding_window,
-                softcap=self.softcap,
-                k_scale=ks,
-                v_scale=vs,
-                max_seqlen_q=ctx.max_seqlen_q,
-            )
+        # a mixed step, its n single-token sequences first: the decode kernel on those rows,
+        # the prefill kernel on the rest
+        o = torch.empty_like(q) if out is None else out  # [T, Hq, D]
+        self._decode(q[:n], caches, ctx.block_tables[:n], ctx.seq_lens[:n], scales, o[:n])
+        self._prefill(q[n:], caches, ctx.block_tables[n:], cu, lens, ctx, scales, o[n:])
         return o
+
+    def _decode(
+        self,
+        q: torch.Tensor,
+        caches: tuple[torch.Tensor, torch.Tensor],
+        tables: torch.Tensor,
+        lens: torch.Tensor,
+        scales: tuple[float | torch.Tensor, float | torch.Tensor],
+        out: torch.Tensor | None,
+    ) -> torch.Tensor:
+        # q [B, Hq, D], tables [B, W], lens [B] -> [B, Hq, D]
+        return kernels.paged_decode(
+            q,
+            *caches,
+            tables,
+            lens,
+            scale=self.scale,
+            sliding_window=self.sliding_window,
+            softcap=self.softcap,
+            k_scale=scales[0],
+            v_scale=scales[1],
+            out=out,
+        )
+
+    def _prefill(
+        self,
+        q: torch.Tensor,
+        caches: tuple[torch.Tensor, torch.Tensor],
+        tables: torch.Tensor,
+        cu: torch.Tensor,
+        lens: torch.Tensor,
+        ctx: AttentionContext,
+        scales: tuple[float | torch.Tensor, float | torch.Tensor],
+        out: torch.Tensor | None,
+    ) -> torch.Tensor:
+        # q [T, Hq, D] packed by cu [B + 1], tables [B, W], lens [B] -> [T, Hq, D]
+        return kernels.paged_prefill(
+            q,
+            *caches,
+            tables,
+            cu,
+            lens,
+            scale=self.scale,
+            sliding_window=self.sliding_window,
+            softcap=self.softcap,
+            k_scale=scales[0],
+            v_scale=scales[1],
+            max_seqlen_q=ctx.max_seqlen_q,
+            out=out,
+        )
 
 
 class MLP(nn.Module):
@@ -282,10 +346,32 @@ class DecoderLayer(nn.Module):
             self.input_layernorm(x), ctx, k_cache, v_cache, rope, plan
         )
         if self.fused:
-            norm = self.post_attention_layernorm
-            x, h = add_rms_norm(x, attn, norm.weight, norm.eps, norm.offset)  # [T, H] each
-            fused_mlp: torch.Tensor = self.mlp(h)
-            return x + fused_mlp
+            return self._fused_tail(x, attn)
         x = x + attn
         mlp: torch.Tensor = self.mlp(self.post_attention_layernorm(x))
         return x + mlp
+
+    def _fused_tail(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        # x, attn [T, H] -> [T, H]: residual add + second norm in one kernel, then the MLP
+        norm = self.post_attention_layernorm
+        x, h = add_rms_norm(x, attn, norm.weight, norm.eps, norm.offset)  # [T, H] each
+        mlp: torch.Tensor = self.mlp(h)
+        return x + mlp
+
+    # The fused layer cut at its attention, for graphs captured around it
+    # (fast.engine.cuda_graphs.MixedGraphs): forward = attention_output(x, attend(attention_input)).
+    def attention_input(
+        self,
+        x: torch.Tensor,
+        ctx: AttentionContext,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """x [T, H] -> q [T, Hq, D]: norm, QKV projection, rope + KV write (fused path)."""
+        return self.self_attn.fused_query(self.input_layernorm(x), ctx, k_cache, v_cache, rope)
+
+    def attention_output(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """x [T, H], the attention's o [T, Hq, D] -> the layer's output [T, H] (fused path)."""
+        attn: torch.Tensor = self.self_attn.o_proj(o.reshape(x.shape[0], -1))  # [T, H]
+        return self._fused_tail(x, attn)

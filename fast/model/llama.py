@@ -137,15 +137,22 @@ class LlamaForCausalLM(nn.Module):
                 f"need one (k, v) cache per layer: {len(kv_caches)} given, "
                 f"{self.config.num_hidden_layers} layers"
             )
-        x = self.model.embed_tokens(input_ids)  # [T, H]
-        if self.config.embedding_multiplier != 1.0:  # rounded to the activation dtype first
-            x = x * float(torch.tensor(self.config.embedding_multiplier, dtype=x.dtype))
-        ropes = self.rope(positions, ctx, x.dtype)  # per table: (cos, sin) [T, 1, R]
+        x, ropes = self.embed(input_ids, positions, ctx)  # [T, H]; per table (cos, sin)
         plan = plan_decode_step(self.config, ctx, x.dtype, kv_caches)  # once per step
         for layer, table, (k_cache, v_cache) in zip(self.model.layers, self._layer_rope, kv_caches):
             x = layer(x, ctx, k_cache, v_cache, ropes[table], plan)
         out: torch.Tensor = self.model.norm(x)
         return out
+
+    def embed(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """input_ids [T], positions [T] -> (x [T, H], per rope table (cos, sin) [T, 1, R]): what
+        the forward computes before its first layer."""
+        x = self.model.embed_tokens(input_ids)  # [T, H]
+        if self.config.embedding_multiplier != 1.0:  # rounded to the activation dtype first
+            x = x * float(torch.tensor(self.config.embedding_multiplier, dtype=x.dtype))
+        return x, self.rope(positions, ctx, x.dtype)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> logits [N, V] float32 (soft-capped, in the model dtype, if the

@@ -3,6 +3,7 @@ that covers every GQA ratio, page size and head dim at least once (conformance/a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -17,7 +18,7 @@ from conformance.attention.cases import (
     attention_cases,
     build_case,
 )
-from conformance.attention.impl import attention_impl, check_decode, check_prefill
+from conformance.attention.impl import attention_impl, check_decode, check_mixed, check_prefill
 
 CI = settings(
     deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None
@@ -34,6 +35,21 @@ def test_torch_decode_matches_spec(case: AttentionCase) -> None:
 @given(case=attention_cases(CPU_LIMITS, prefill=True))
 def test_torch_prefill_matches_spec(case: AttentionCase) -> None:
     check_prefill(attention_impl("torch"), build_case(case))
+
+
+def _with_single_tokens(case: AttentionCase) -> AttentionCase:
+    """Every other sequence with one new token: a mixed step's decodes among its chunks."""
+    assert case.q_lens is not None
+    q_lens = tuple(
+        1 if i % 2 == 0 and n else q for i, (n, q) in enumerate(zip(case.seq_lens, case.q_lens))
+    )
+    return dataclasses.replace(case, q_lens=q_lens)
+
+
+@settings(CI, max_examples=40)
+@given(case=attention_cases(CPU_LIMITS, prefill=True))
+def test_torch_mixed_decode_and_prefill_matches_spec(case: AttentionCase) -> None:
+    check_mixed(attention_impl("torch"), build_case(_with_single_tokens(case)))
 
 
 _SMALL = CPU_LIMITS.__class__(
@@ -144,3 +160,10 @@ def test_gpu_triton_decode_matches_spec(case: AttentionCase) -> None:
 @given(case=attention_cases(GPU_PREFILL_LIMITS, prefill=True))
 def test_gpu_triton_prefill_matches_spec(case: AttentionCase) -> None:
     check_prefill(attention_impl("triton"), build_case(case, "cuda"))
+
+
+@pytest.mark.gpu
+@GPU_CI
+@given(case=attention_cases(GPU_PREFILL_LIMITS, prefill=True))
+def test_gpu_triton_mixed_decode_and_prefill_matches_spec(case: AttentionCase) -> None:
+    check_mixed(attention_impl("triton"), build_case(_with_single_tokens(case), "cuda"))

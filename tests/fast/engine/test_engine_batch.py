@@ -7,6 +7,7 @@ into one buffer, the padding of graph inputs, and the warm-up forwards.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -179,3 +180,84 @@ def test_step_batch_matches_the_block_manager(chunked: bool) -> None:
     assert sorted(len(o.outputs[0].token_ids) for o in outs) == [6, 6, 6]
     assert True in kinds and False in kinds
     assert engine.num_free_gpu_blocks == 64
+
+
+def _mixed_batch() -> HostBatch:
+    """Two single-token sequences, then a 5-token chunk and a 3-token prompt."""
+    cu = np.array([0, 1, 2, 7, 10], dtype=np.int32)
+    return HostBatch(
+        tokens=np.arange(10),
+        positions=np.array([9, 20, 3, 4, 5, 6, 7, 0, 1, 2]),
+        slots=np.arange(10) + 40,
+        tables=np.arange(16, dtype=np.int32).reshape(4, 4),
+        seq_lens=np.array([10, 21, 8, 3], dtype=np.int32),
+        cu_seqlens_q=cu,
+        max_seqlen_q=5,
+        decode=False,
+        sample_rows=cu[1:] - 1,
+    )
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_split_upload_gives_the_prefill_rows_their_own_metadata(pack: bool) -> None:
+    batch = _mixed_batch()
+    _, _, ctx, _ = HostStaging(torch.device("cpu"), pack=pack, split=True).upload(batch)
+    assert ctx.num_decodes == 2 and not ctx.is_decode
+    assert ctx.prefill_seq_lens is not None and ctx.prefill_cu_seqlens_q is not None
+    assert ctx.prefill_seq_lens.tolist() == [8, 3]
+    assert ctx.prefill_cu_seqlens_q.tolist() == [0, 5, 8]
+    assert ctx.seq_lens.tolist() == [10, 21, 8, 3]  # the whole batch's, unchanged
+    _, _, plain, _ = HostStaging(torch.device("cpu"), pack=pack, split=False).upload(batch)
+    assert plain.num_decodes == 0 and plain.prefill_seq_lens is None
+    # a decode step and a step whose first sequence is a chunk are not split
+    for cu in ([0, 1, 2, 3], [0, 4, 5, 6]):
+        other = dataclasses.replace(_batch(3, 4), cu_seqlens_q=np.array(cu, dtype=np.int32))
+        other = dataclasses.replace(other, decode=cu == [0, 1, 2, 3])
+        assert HostStaging(torch.device("cpu"), split=True).upload(other)[2].num_decodes == 0
+
+
+def test_decodes_first_is_a_stable_partition() -> None:
+    from fast.engine.engine import _decodes_first
+    from spec.scheduler import ScheduledSequence
+
+    sched = tuple(
+        ScheduledSequence(seq_id=i, start=s, num_tokens=n, sample=True)
+        for i, (s, n) in enumerate([(0, 7), (9, 1), (0, 3), (4, 1), (2, 1)])
+    )
+    out = _decodes_first(SchedulerOutput(scheduled=sched, preempted=(5,)))
+    assert [s.seq_id for s in out.scheduled] == [1, 3, 4, 0, 2]
+    assert out.preempted == (5,)
+    same = SchedulerOutput(scheduled=sched[1:2] + sched[3:])  # all single tokens
+    assert _decodes_first(same) is same
+
+
+def test_split_mixed_steps_generate_the_unsplit_tokens() -> None:
+    """On the CPU with the split forced on: steps that mix decodes and prompt chunks run the
+    decode path on the leading rows and give the tokens of the unsplit engine."""
+    results = []
+    for split in (False, True):
+        engine = _engine(max_num_batched_tokens=16)
+        engine._staging = HostStaging(torch.device("cpu"), split=split)
+        seen: list[int] = []
+        upload = engine._staging.upload
+
+        def counted(batch: HostBatch, _upload: Any = upload, _seen: list[int] = seen) -> Any:
+            got = _upload(batch)
+            _seen.append(got[2].num_decodes)
+            return got
+
+        engine._staging.upload = counted  # type: ignore[method-assign]
+        outs = []
+        for i, n in enumerate((5, 23, 9, 30)):  # arrivals between steps: decodes meet chunks
+            engine.add_request(
+                str(i),
+                [(7 * i + j) % 90 + 1 for j in range(n)],
+                SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+            )
+            outs += engine.step(finished_only=True)
+        while engine.has_unfinished_requests():
+            outs += engine.step(finished_only=True)
+        assert engine.num_free_gpu_blocks == 64
+        assert (max(seen) > 0) == split
+        results.append({o.request_id: o.outputs[0].token_ids for o in outs})
+    assert results[0] == results[1]

@@ -61,6 +61,7 @@ def test_greedy_on_gpu_equals_transformers(tmp_path: Path, enforce_eager: bool) 
         enforce_eager=enforce_eager,
     )
     assert (llm.llm_engine._graphs is None) == enforce_eager
+    assert (llm.llm_engine._mixed is None) == enforce_eager
     outs = llm.generate(
         [{"prompt_token_ids": p} for p in prompts],
         SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
@@ -112,3 +113,52 @@ def test_no_triton_compilation_after_warm_up(dtype: str) -> None:
         llm.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))
         llm.generate(prompts[:3], SamplingParams(max_tokens=5, n=2, temperature=1.0, seed=1))
     assert watch.count == 0, watch.kernels
+
+
+@pytest.mark.gpu
+def test_mixed_steps_from_piecewise_graphs_equal_eager_mixed_steps() -> None:
+    """Steps that mix decodes with prompt chunks, replayed from the piecewise graphs (decode
+    kernel on the leading rows, prefill kernel on the rest), give the eager engine's tokens
+    (float32: the graphs' matmuls run on the padded token count, which in bf16 may round
+    differently from the eager run's)."""
+    from fast.loader import random_model
+    from fast.model.config import ModelConfig
+
+    cfg = ModelConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=1024,
+    )
+    model = random_model(cfg, seed=0, dtype=torch.float32, device="cuda")
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (9, 150, 40, 301, 7, 90)]
+    results = []
+    for sizes in (None, ()):
+        llm = LLM(
+            model,
+            device="cuda",
+            num_gpu_blocks=256,
+            block_size=16,
+            max_model_len=512,
+            max_num_seqs=8,
+            max_num_batched_tokens=64,
+            cuda_graph_token_sizes=sizes,
+        )
+        engine = llm.llm_engine
+        assert (engine._mixed is None) == (sizes == ())
+        outs = []
+        for i, p in enumerate(prompts):  # one arrival per step: decodes meet prompt chunks
+            engine.add_request(str(i), p, SamplingParams(temperature=0.0, max_tokens=12))
+            outs += engine.step(finished_only=True)
+        while engine.has_unfinished_requests():
+            outs += engine.step(finished_only=True)
+        assert engine.num_free_gpu_blocks == 256
+        if engine._mixed is not None:
+            assert engine._mixed.replays > 5
+        results.append({o.request_id: o.outputs[0].token_ids for o in outs})
+    assert results[0] == results[1]

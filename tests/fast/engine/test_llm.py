@@ -188,6 +188,11 @@ def test_engine_configuration_errors(model_dir: Path) -> None:
         LLM(str(model_dir), preemption_mode="drop")
     with pytest.raises(InvalidArgumentError):
         LLM(str(model_dir), block_size=0)
+    for sizes in ([128], (0, 128), (128.0,), (True,)):
+        with pytest.raises(InvalidArgumentError, match="cuda_graph_token_sizes"):
+            LLM(str(model_dir), cuda_graph_token_sizes=sizes)
+    with pytest.raises(InvalidArgumentError, match="cuda_graph_batch_sizes"):
+        LLM(str(model_dir), cuda_graph_batch_sizes=())
 
 
 def test_tqdm_bar_counts_requests(llm: LLM, capsys: pytest.CaptureFixture[str]) -> None:
