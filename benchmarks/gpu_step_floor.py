@@ -104,7 +104,12 @@ def matmul_floor_graph(model: Any, b: int, head: bool = True) -> torch.cuda.CUDA
 
 
 def measure(
-    model: Any, b: int, context: int, steps: int, fused_ops: bool = False
+    model: Any,
+    b: int,
+    context: int,
+    steps: int,
+    fused_ops: bool = False,
+    profile: str | None = None,
 ) -> dict[str, Any]:
     """floor, captured forward and whole step for ``b`` sequences decoding."""
     from fast.engine.config import EngineConfig
@@ -130,7 +135,9 @@ def measure(
         engine.add_request(
             str(i),
             rng.integers(100, 128000, size=context).tolist(),
-            SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True),
+            SamplingParams(
+                temperature=0.0, max_tokens=(3 if profile else 1) * steps + 8, ignore_eos=True
+            ),
         )
     while engine.stats.generated_tokens < 2 * b:  # every prompt in, every sequence decoding
         engine.step()
@@ -142,6 +149,23 @@ def measure(
         torch.cuda.synchronize()
         times.append(1000 * (time.perf_counter() - t0))
     forward = replay_ms(engine._graphs.graphs[b])  # the same inputs as the last step
+    if profile is not None:  # cProfile of further steps, each path: where the host time goes
+        import cProfile
+        import io
+        import pstats
+
+        report = io.StringIO()
+        for finished_only in (False, True):
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(steps):
+                engine.step(finished_only=finished_only)
+            torch.cuda.synchronize()
+            prof.disable()
+            report.write(f"\n===== batch {b}, {steps} steps, finished_only={finished_only}\n")
+            pstats.Stats(prof, stream=report).sort_stats("tottime").print_stats(35)
+        with open(profile, "a") as f:
+            f.write(report.getvalue())
     while engine.has_unfinished_requests():
         engine.step()
     row = {
@@ -247,6 +271,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--svg-from", default=None, help="print the SVG plot of a results JSON")
     parser.add_argument(
+        "--profile",
+        default=None,
+        help="append a cProfile of further steps (generate and streaming paths) to this file",
+    )
+    parser.add_argument(
         "--fused-ops",
         choices=("off", "on", "both"),
         default="both",
@@ -272,7 +301,7 @@ def main() -> None:
     rows = []
     for b in sizes:
         for fused in {"off": (False,), "on": (True,), "both": (False, True)}[args.fused_ops]:
-            rows.append(measure(loaded, b, args.context, args.steps, fused))
+            rows.append(measure(loaded, b, args.context, args.steps, fused, args.profile))
             print(rows[-1], flush=True)
         gc.collect()
         torch.cuda.empty_cache()
