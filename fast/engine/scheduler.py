@@ -59,7 +59,9 @@ class _Step:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.scheduled: list[ScheduledSequence] = []
-        self.done: set[int] = set()
+        self.done: set[int] = set()  # the ids in ``order``
+        self.order: list[int] = []  # scheduled ids, in scheduled order
+        self.sampling: dict[int, Sequence] = {}  # the scheduled sequences that sample, in order
         self.preempted: list[int] = []
         self.swapped_out: list[int] = []
         self.swapped_in: list[int] = []
@@ -68,13 +70,33 @@ class _Step:
         self.copies: list[tuple[int, int]] = []
 
     def add(self, seq: Sequence, n: int) -> None:
+        seq_id = seq.seq_id
         start = seq.num_computed
-        seq.num_computed = start + n
+        seq.num_computed = end = start + n
         self.budget -= n
-        self.done.add(seq.seq_id)
-        self.scheduled.append(
-            _scheduled(seq.seq_id, start, n, seq.num_computed == len(seq.token_ids))
-        )
+        self.done.add(seq_id)
+        self.order.append(seq_id)
+        sample = end == len(seq.token_ids)
+        if sample:
+            self.sampling[seq_id] = seq
+        self.scheduled.append(_scheduled(seq_id, start, n, sample))
+
+    def add_decodes(self, decodes: list[Sequence], ids: list[int]) -> None:
+        """``add(seq, 1)`` for each pending sequence of ``decodes`` (``ids``: their ids), whose
+        pending token the block manager has taken: one loop, no call per sequence."""
+        scheduled, sampling, new = self.scheduled, self.sampling, _scheduled
+        for seq in decodes:
+            seq.pending = False
+            seq_id = seq.seq_id
+            start = seq.num_computed
+            seq.num_computed = end = start + 1
+            sample = end == len(seq.token_ids)
+            if sample:
+                sampling[seq_id] = seq
+            scheduled.append(new(seq_id, start, 1, sample))
+        self.budget -= len(ids)
+        self.done.update(ids)
+        self.order.extend(ids)
 
     def output(self) -> SchedulerOutput:
         return SchedulerOutput(
@@ -219,12 +241,10 @@ class Scheduler:
             self._schedule_swapped(step)
             if not self.swapped:
                 self._schedule_waiting(step)
-        order = [s.seq_id for s in step.scheduled]
-        seqs = self.seqs
-        self._in_flight = {s.seq_id: seqs[s.seq_id] for s in step.scheduled if s.sample}
-        self._in_step = set(order)
+        self._in_flight = step.sampling
+        self._in_step = step.done
         self._in_step.update(step.swapped_out)
-        self._step_order = order
+        self._step_order = step.order
         return step.output()
 
     def update(self, outcome: StepOutcome) -> list[Sequence]:
@@ -236,7 +256,7 @@ class Scheduler:
         if self._in_flight is None:
             raise SchedulerOrderError("update", "no step was scheduled")
         in_flight = self._in_flight
-        if set(outcome.sampled) != in_flight.keys():
+        if outcome.sampled.keys() != in_flight.keys():
             raise InvalidArgumentError(
                 "outcome.sampled", sorted(outcome.sampled), f"expected {sorted(in_flight)}"
             )
@@ -293,9 +313,9 @@ class Scheduler:
             toks = np.array([seq.token_ids[-1] for seq in decodes], dtype=np.int64)  # [B]
             _, pairs = bm.append_batch(np.array(ids, dtype=np.int64), toks)
             step.copies.extend((int(a), int(b)) for a, b in pairs.tolist())
-            for seq in decodes:
-                seq.pending = False
-                step.add(seq, 1)
+            step.add_decodes(decodes, ids)
+            if len(decodes) == len(self.running):
+                return  # every running sequence decodes one token: none has a prefill left
             decodes = []
         for seq in decodes:
             if seq.status is not _RUNNING:
