@@ -70,7 +70,7 @@ def _same_device(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
 def _index_tensor(name: str, t: torch.Tensor, ndim: int) -> None:
     if t.dtype not in _INDEX_DTYPES:
         raise UnsupportedDTypeError(name, _dt(t), ("int32", "int64"))
-    if t.dim() != ndim:
+    if len(t.shape) != ndim:
         raise ShapeMismatchError(name, tuple(t.shape), f"{ndim} dimensions")
 
 
@@ -83,20 +83,23 @@ def check_cache_pair(
 
     Returns the pair unchanged (as ``spec.kv_cache.check_cache_pair`` returns its validated
     arrays)."""
-    if k_cache.dim() != 4:
+    shape = k_cache.shape  # each tensor attribute read once: these checks run on every call
+    if len(shape) != 4:
         raise ShapeMismatchError(
-            "k_cache", tuple(k_cache.shape), "[num_blocks, block_size, num_kv_heads, head_dim]"
+            "k_cache", tuple(shape), "[num_blocks, block_size, num_kv_heads, head_dim]"
         )
-    if v_cache.shape != k_cache.shape:
-        raise ShapeMismatchError("v_cache", tuple(v_cache.shape), f"{tuple(k_cache.shape)}")
-    if v_cache.dtype != k_cache.dtype:
+    if v_cache.shape != shape:
+        raise ShapeMismatchError("v_cache", tuple(v_cache.shape), f"{tuple(shape)}")
+    dtype = k_cache.dtype
+    if v_cache.dtype != dtype:
         raise DTypeMismatchError("v_cache", _dt(v_cache), _dt(k_cache))
     _same_device("v_cache", v_cache, k_cache)
-    if k_cache.dtype not in CACHE_DTYPES:
+    if dtype not in CACHE_DTYPES:
         raise UnsupportedDTypeError("k_cache", _dt(k_cache), tuple(map(str, CACHE_DTYPES)))
-    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+    stride = k_cache.stride()
+    if stride != v_cache.stride() or stride[-1] != 1:
         raise ShapeMismatchError(
-            "k_cache/v_cache strides", tuple(k_cache.stride()), "equal, last dimension contiguous"
+            "k_cache/v_cache strides", tuple(stride), "equal, last dimension contiguous"
         )
     return k_cache, v_cache
 
@@ -120,26 +123,28 @@ def check_attention_inputs(
 ) -> AttentionDims:
     """Checks shared by decode and prefill; returns the dimensions."""
     check_cache_pair(k_cache, v_cache)
-    if q.dim() != 3:
-        raise ShapeMismatchError("q", tuple(q.shape), "[tokens, num_q_heads, head_dim]")
-    if q.dtype != k_cache.dtype and not (k_cache.dtype in FP8_DTYPES and q.dtype in FLOAT_DTYPES):
+    q_shape, cache_dtype, device = q.shape, k_cache.dtype, q.device
+    if len(q_shape) != 3:
+        raise ShapeMismatchError("q", tuple(q_shape), "[tokens, num_q_heads, head_dim]")
+    if q.dtype != cache_dtype and not (cache_dtype in FP8_DTYPES and q.dtype in FLOAT_DTYPES):
         raise DTypeMismatchError("q", _dt(q), _dt(k_cache))
-    _same_device("k_cache", k_cache, q)
+    for name, t in (("k_cache", k_cache), ("block_tables", block_tables), ("seq_lens", seq_lens)):
+        if t.device != device:
+            raise DeviceMismatchError(name, str(t.device), str(device))
     num_blocks, block_size, hkv, d = k_cache.shape
-    if q.shape[2] != d:
-        raise ShapeMismatchError("q", tuple(q.shape), f"head_dim {d} as in k_cache")
-    hq = q.shape[1]
+    if q_shape[2] != d:
+        raise ShapeMismatchError("q", tuple(q_shape), f"head_dim {d} as in k_cache")
+    hq = q_shape[1]
     if hkv == 0 or hq % hkv != 0:
         raise GQARatioError(hq, hkv)
     _index_tensor("block_tables", block_tables, 2)
     _index_tensor("seq_lens", seq_lens, 1)
-    _same_device("block_tables", block_tables, q)
-    _same_device("seq_lens", seq_lens, q)
     batch = seq_lens.shape[0]
-    if block_tables.shape[0] != batch:
-        raise ShapeMismatchError("block_tables", tuple(block_tables.shape), f"[{batch}, W]")
-    width = block_tables.shape[1]
-    if q.device.type == "cpu" and batch > 0:
+    tables_shape = block_tables.shape
+    if tables_shape[0] != batch:
+        raise ShapeMismatchError("block_tables", tuple(tables_shape), f"[{batch}, W]")
+    width = tables_shape[1]
+    if device.type == "cpu" and batch > 0:
         lens_max, lens_min = int(seq_lens.max()), int(seq_lens.min())
         cap = width * block_size
         if lens_min < 0 or lens_max > cap:
@@ -150,7 +155,7 @@ def check_attention_inputs(
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
             bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
             raise IndexOutOfRangeError("block_tables", bad, 0, num_blocks - 1)
-    return AttentionDims(q.shape[0], hq, hkv, d, num_blocks, block_size, batch, width)
+    return AttentionDims(q_shape[0], hq, hkv, d, num_blocks, block_size, batch, width)
 
 
 def check_decode(
