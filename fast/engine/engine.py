@@ -863,12 +863,18 @@ class LLMEngine:
         undo = self._undo
         if undo is None:
             return
-        seqs = self.scheduler.seqs
-        rids = {seqs[s.seq_id].request_id for s in out.scheduled}
-        metrics = getattr(self, "_metrics", {})
-        undo.metrics = {rid: vars(metrics[rid]).copy() for rid in rids if rid in metrics}
+        # Sampling changes a request's token and finish times (_saved_sequences keeps those);
+        # only its first schedule changes more of its metrics.
+        unscheduled: set[str] = getattr(self, "_unscheduled", set())
         prompt_lps = getattr(self, "_prompt_logprobs", {})
-        undo.prompt_logprobs = {rid: len(prompt_lps[rid]) for rid in rids if rid in prompt_lps}
+        if unscheduled or prompt_lps:
+            seqs = self.scheduler.seqs
+            rids = {seqs[s.seq_id].request_id for s in out.scheduled}
+            metrics = getattr(self, "_metrics", {})
+            undo.metrics = {
+                rid: vars(metrics[rid]).copy() for rid in rids & unscheduled if rid in metrics
+            }
+            undo.prompt_logprobs = {rid: len(prompt_lps[rid]) for rid in rids if rid in prompt_lps}
         if out.preempted or out.swapped_out:
             undo.kv = self._save_overwritten_kv(out)
         elif self.config.enable_prefix_caching:
@@ -912,6 +918,7 @@ class LLMEngine:
         if undo is None:
             return
         detok = self._stop._detok
+        metrics = getattr(self, "_metrics", {})
         undo.sequences = [
             (
                 seq,
@@ -921,8 +928,11 @@ class LLMEngine:
                 seq.output_text,
                 seq.stop_reason,
                 _detok_state(detok.get(seq.seq_id)) if detok else None,
+                m,  # the request's metrics, and the times that sampling sets
+                None if m is None else (m.first_token_time, m.last_token_time, m.finished_time),
             )
             for seq in seqs
+            for m in [metrics.get(seq.request_id)]
         ]
 
     def _restore_step(self, undo: _StepUndo) -> None:
@@ -937,8 +947,10 @@ class LLMEngine:
                 False,
             )
         # sampled sequences: their statuses are back (running, or unforked children) above
-        for seq, n, cum, n_lps, text, reason, dstate in undo.sequences:
+        for seq, n, cum, n_lps, text, reason, dstate, m, times in undo.sequences:
             del seq.token_ids[n:]
+            if m is not None:
+                m.first_token_time, m.last_token_time, m.finished_time = times
             seq.cumulative_logprob, seq.output_text, seq.stop_reason = cum, text, reason
             if n_lps is not None and seq.logprobs is not None:
                 del seq.logprobs[n_lps:]
