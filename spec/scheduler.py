@@ -172,7 +172,8 @@ class SchedulerOutput:
     """The decisions of one step.
 
     The engine applies the cache operations in the order swap out, swap in, copy, then runs the
-    model over ``scheduled`` (in this order).
+    model over ``scheduled`` and samples in this order (on CUDA the model's batch puts the
+    single-token sequences first; the sampled rows are read back in this order).
     """
 
     scheduled: tuple[ScheduledSequence, ...] = ()

@@ -330,57 +330,60 @@ def check_prefill(impl: AttentionImpl, built: BuiltCase) -> float:
 
 
 def check_mixed(impl: AttentionImpl, built: BuiltCase) -> float:
-    """A prefill case as a mixed step runs it: ``paged_decode`` on the sequences with one new
-    token, ``paged_prefill`` on the rest (each with its own tables, lengths and prefix sums),
-    both writing their rows of one NaN-filled ``out``; held to the spec's prefill over the
-    whole batch. Relies on decode being the last row of a prefill chunk (the spec's
+    """A prefill case as the engine runs a mixed step: its sequences with one new token first,
+    ``paged_decode`` on their rows (the leading slices of the batch's tables and lengths),
+    ``paged_prefill`` on the rest (tables, lengths and prefix sums in tensors of their own),
+    each writing its slice of one NaN-filled ``out``; held to the spec's prefill over the whole
+    batch. Relies on decode being the last row of a prefill chunk (the spec's
     ``prop_decode_is_last_prefill_row``). Returns the relative error."""
     c = built.case
     if c.q_lens is None:
         raise ValueError("check_mixed needs a prefill case (q_lens)")
     cu = built.cu_seqlens_q.cpu().tolist()
-    ones = [b for b, n in enumerate(c.q_lens) if n == 1]
-    rest = [b for b, n in enumerate(c.q_lens) if n != 1]
+    order = [b for b, n in enumerate(c.q_lens) if n == 1]
+    n = len(order)
+    order += [b for b, q in enumerate(c.q_lens) if q != 1]
     dev = built.q.device
-    out = torch.full_like(built.q, float("nan"))  # [T, Hq, D]
+    rows = [r for b in order for r in range(cu[b], cu[b + 1])]  # batch row of each step row
+    index = torch.tensor(rows, dtype=torch.int64, device=dev)  # [T]
+    pick = torch.tensor(order, dtype=torch.int64, device=dev)  # [B]
+    q = built.q.index_select(0, index)  # [T, Hq, D], decode rows first
+    tables = built.block_tables.index_select(0, pick)  # [B, W]
+    lens = built.seq_lens.index_select(0, pick)  # [B]
+    q_lens = [c.q_lens[b] for b in order[n:]]
+    sub_cu = torch.tensor(np.concatenate([[0], np.cumsum(q_lens)]), dtype=torch.int32, device=dev)
+    out = torch.full_like(q, float("nan"))  # [T, Hq, D]
     scales = _kernel_scales(built)
-    if ones:
-        rows = torch.tensor([cu[b] for b in ones], dtype=torch.int64, device=dev)  # [B1]
-        pick = torch.tensor(ones, dtype=torch.int64, device=dev)
-        q = built.q.index_select(0, rows)  # [B1, Hq, D]
-        got = impl.paged_decode(
-            q,
+    window, cap = c.sliding_window, c.softcap
+    if n:
+        impl.paged_decode(
+            q[:n],
             built.k_cache,
             built.v_cache,
-            built.block_tables.index_select(0, pick).contiguous(),
-            built.seq_lens.index_select(0, pick).contiguous(),
+            tables[:n],
+            lens[:n],
             scale=c.scale,
-            sliding_window=c.sliding_window,
-            softcap=c.softcap,
-            out=torch.full_like(q, float("nan")),
+            sliding_window=window,
+            softcap=cap,
+            out=out[:n],
             **scales,
         )
-        out.index_copy_(0, rows, got)
-    if rest:
-        spans = [list(range(cu[b], cu[b + 1])) for b in rest]
-        rows = torch.tensor([r for span in spans for r in span], dtype=torch.int64, device=dev)
-        pick = torch.tensor(rest, dtype=torch.int64, device=dev)
-        sub_cu = np.concatenate([[0], np.cumsum([len(span) for span in spans])])
-        q = built.q.index_select(0, rows)  # [T2, Hq, D]
-        got = impl.paged_prefill(
-            q,
+    if n < len(order):
+        impl.paged_prefill(
+            q[n:],
             built.k_cache,
             built.v_cache,
-            built.block_tables.index_select(0, pick).contiguous(),
-            torch.tensor(sub_cu, dtype=torch.int32, device=dev),
-            built.seq_lens.index_select(0, pick).contiguous(),
+            tables[n:].contiguous(),
+            sub_cu,
+            lens[n:].contiguous(),
             scale=c.scale,
-            sliding_window=c.sliding_window,
-            softcap=c.softcap,
-            out=torch.full_like(q, float("nan")),
+            sliding_window=window,
+            softcap=cap,
+            out=out[n:],
             **scales,
         )
-        out.index_copy_(0, rows, got)
+    back = torch.empty_like(out)
+    back[index] = out  # batch order again
     ref = spec_paged_prefill(
         built.spec_q,
         built.spec_k,
@@ -393,4 +396,4 @@ def check_mixed(impl: AttentionImpl, built: BuiltCase) -> float:
         softcap=c.softcap,
         **_spec_scales(built),
     )
-    return _compare(out, ref, built, f"{impl.name} mixed decode + prefill")
+    return _compare(back, ref, built, f"{impl.name} mixed decode + prefill")

@@ -89,9 +89,10 @@ class HostStaging:
         )
         int_arrays = [batch.tables.reshape(-1), batch.seq_lens, batch.cu_seqlens_q]
         n = leading_decodes(batch.cu_seqlens_q) if self.split and not batch.decode else 0
-        if n:
+        if n:  # the prefill rows' metadata in arrays of their own (16-byte aligned: a slice
+            # at an odd offset would compile another kernel variant mid-run)
             cu = batch.cu_seqlens_q[n:] - batch.cu_seqlens_q[n]  # [B - n + 1]
-            int_arrays += [batch.seq_lens[n:], cu]
+            int_arrays += [batch.tables[n:].reshape(-1), batch.seq_lens[n:], cu]
         ints = self.put(torch.int32, int_arrays)
         ctx = AttentionContext(
             slot_mapping=longs[2],
@@ -101,8 +102,9 @@ class HostStaging:
             max_seqlen_q=batch.max_seqlen_q,
             is_decode=batch.decode,
             num_decodes=n,
-            prefill_seq_lens=ints[3] if n else None,
-            prefill_cu_seqlens_q=ints[4] if n else None,
+            prefill_block_tables=ints[3].view(b - n, w) if n else None,
+            prefill_seq_lens=ints[4] if n else None,
+            prefill_cu_seqlens_q=ints[5] if n else None,
         )
         return longs[0], longs[1], ctx, longs[3]
 

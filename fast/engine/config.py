@@ -129,6 +129,37 @@ class EngineConfig:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise InvalidArgumentError("dtype", self.dtype, f"one of auto, {sorted(_DTYPES)}")
 
+    def resolved_max_num_batched_tokens(self, max_model_len: int) -> int:
+        """The step's token budget: as given, or 8192 with chunked prefill and
+        ``max(max_model_len, 2048)`` without.
+
+        >>> EngineConfig().resolved_max_num_batched_tokens(4096)
+        8192
+        >>> EngineConfig(enable_chunked_prefill=False).resolved_max_num_batched_tokens(4096)
+        4096
+        """
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return 8192 if self.enable_chunked_prefill else max(max_model_len, 2048)
+
+    def resolved_graph_token_sizes(self, max_model_len: int) -> tuple[int, ...]:
+        """The token counts steps with prefill tokens are captured at (sorted, distinct):
+        ``cuda_graph_token_sizes`` as given, or powers of two from 128 up to the token budget
+        (at most 8192).
+
+        >>> EngineConfig(max_num_batched_tokens=300).resolved_graph_token_sizes(2048)
+        (128, 256, 512)
+        >>> EngineConfig().resolved_graph_token_sizes(2048)[-1]
+        8192
+        >>> EngineConfig(cuda_graph_token_sizes=(64, 16, 64)).resolved_graph_token_sizes(2048)
+        (16, 64)
+        """
+        if self.cuda_graph_token_sizes is not None:
+            return tuple(sorted(set(self.cuda_graph_token_sizes)))
+        budget = self.resolved_max_num_batched_tokens(max_model_len)
+        top = min(8192, 1 << max(7, (budget - 1).bit_length()))
+        return tuple(1 << k for k in range(7, top.bit_length()))
+
     def resolved_fused_ops(self, device_type: str) -> bool:
         """``fused_ops`` for an engine on ``device_type``: as given, or None -> on for one CUDA
         device (the kernels' measured gain), off on the CPU (their torch fallbacks run the same
@@ -236,6 +267,20 @@ def kv_bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) 
     )
 
 
+def graph_activation_bytes(model: ModelConfig, dtype: torch.dtype, tokens: int) -> int:
+    """What the piecewise graphs of steps with prefill tokens keep allocated for ``tokens``
+    tokens, about: their static buffers (residual, output, queries, attention output) and the
+    largest piece's intermediates (QKV projection, gate/up projection and activation, norm).
+
+    >>> round(graph_activation_bytes(ModelConfig.llama3_8b(), torch.bfloat16, 8192) / 2**30, 2)
+    1.12
+    """
+    h, f, d = model.hidden_size, model.intermediate_size, model.head_dim
+    hq, hkv = model.num_attention_heads, model.num_key_value_heads
+    per_token = 3 * h + 2 * hq * d + (hq + 2 * hkv) * d + 3 * f + h
+    return tokens * per_token * torch.empty((), dtype=dtype).element_size()
+
+
 def pool_sizes(
     cfg: EngineConfig,
     model: ModelConfig,
@@ -260,6 +305,9 @@ def pool_sizes(
     else:
         free, total = torch.cuda.mem_get_info(device)
         reserve = 2 * gib  # activations and logits of the largest step
+        sizes = () if cfg.enforce_eager else cfg.resolved_graph_token_sizes(max_model_len)
+        if sizes:  # the piecewise graphs hold their activations for good (MixedGraphs)
+            reserve += graph_activation_bytes(model, dtype, max(sizes))
         budget = free - (1.0 - cfg.gpu_memory_utilization) * total - reserve
         gpu = int(budget) // per_block
     if cfg.num_gpu_blocks is None:

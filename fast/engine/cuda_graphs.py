@@ -21,6 +21,7 @@ the static inputs without a host synchronization, so it replays too.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -31,7 +32,7 @@ from fast.model.llama import LlamaForCausalLM
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k_cache, v_cache)
 
-__all__ = ["DecodeGraphs", "GraphInputs", "MixedGraphs", "piecewise_ok", "token_sizes", "warm_up"]
+__all__ = ["DecodeGraphs", "GraphInputs", "MixedGraphs", "piecewise_ok", "warm_up"]
 
 
 def _dummy_ctx(b: int, width: int, device: torch.device) -> AttentionContext:
@@ -225,17 +226,6 @@ def piecewise_ok(model: LlamaForCausalLM, kv_caches: KVCaches) -> bool:
     return all(k.dtype == dtype for k, _ in kv_caches)
 
 
-def token_sizes(max_batched_tokens: int, largest: int = 8192) -> list[int]:
-    """The token counts :class:`MixedGraphs` captures by default: powers of two from 128 up to
-    the step's token budget (at most ``largest``).
-
-    >>> token_sizes(8192)[:3], token_sizes(8192)[-1], token_sizes(300)
-    ([128, 256, 512], 8192, [128, 256, 512])
-    """
-    top = min(largest, 1 << max(7, (max_batched_tokens - 1).bit_length()))
-    return [1 << k for k in range(7, top.bit_length())]
-
-
 class MixedGraphs:
     """Steps with prefill tokens from CUDA graphs, captured piecewise around the attention.
 
@@ -251,8 +241,8 @@ class MixedGraphs:
     output ``o [S, Hq, D]``, rope tables; rows ``t..S-1`` are padding (slot ``-1``: no KV write;
     their values are never read back). A step replays ``L + 1`` graphs and launches ``L``
     attention calls instead of about ten kernels per layer from Python (a 288-token step of
-    the Llama-3-8B shape took 24.6 ms of host time to issue eagerly against 9.9 ms from one
-    graph on an H200: benchmarks/results/mixed_step_h200.json).
+    the Llama-3-8B shape took 27.9 ms eagerly, 24.6 of them spent issuing it, against 9.9 ms
+    replayed from one graph on an H200: benchmarks/results/mixed_step_h200.json).
     """
 
     def __init__(
@@ -265,7 +255,7 @@ class MixedGraphs:
         cfg = model.config
         from fast.model.layers import DecoderLayer
 
-        self.model, self.kv_caches, self.sizes = model, kv_caches, sorted(sizes)
+        self.model, self.kv_caches, self.sizes = model, kv_caches, sorted(set(sizes))
         self.layers = [cast(DecoderLayer, layer) for layer in model.model.layers]
         top, dtype = self.sizes[-1], model.model.embed_tokens.weight.dtype
         hq, d = cfg.num_attention_heads, cfg.head_dim
@@ -324,11 +314,12 @@ class MixedGraphs:
         self.q[:size].copy_(layers[piece].attention_input(x, ctx, k_cache, v_cache, rope))
 
     @staticmethod
-    def _capture(run: Any, pool: Any) -> tuple[torch.cuda.CUDAGraph, Any]:
+    def _capture(run: Callable[[], None], pool: Any) -> tuple[torch.cuda.CUDAGraph, Any]:
+        # run once on a side stream (compiles, outside the capture), then capture it into pool
         stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            run()  # compiles what it needs, outside the capture
+            run()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
@@ -345,7 +336,6 @@ class MixedGraphs:
         if i == len(self.sizes):
             return None
         size = self.sizes[i]
-        self.replays += 1
         self.ids[:t].copy_(ids)
         self.pos[:t].copy_(positions)
         self.slots[:t].copy_(ctx.slot_mapping)
@@ -358,4 +348,5 @@ class MixedGraphs:
             for layer, (k_cache, v_cache), graph in zip(self.layers, self.kv_caches, graphs[1:]):
                 layer.self_attn.attend(q, ctx, k_cache, v_cache, out=o)
                 graph.replay()
+        self.replays += 1
         return self.out[:t]

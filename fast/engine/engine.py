@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -54,6 +54,9 @@ from fast.model.llama import allocate_kv_caches
 from kernels.fp8 import cache_dtype, is_fp8
 from spec.errors import InvalidArgumentError
 from spec.scheduler import SchedulerConfig, SchedulerOutput, StepOutcome
+
+if TYPE_CHECKING:  # imported where a CUDA engine captures them
+    from fast.engine.cuda_graphs import MixedGraphs
 
 __all__ = ["LLMEngine", "EngineStats", "BlockUsage", "PromptType"]
 
@@ -162,9 +165,7 @@ class LLMEngine:
                 f"{self.model_config.max_position_embeddings}",
             )
         self.max_model_len = max_len
-        budget = cfg.max_num_batched_tokens or (
-            8192 if cfg.enable_chunked_prefill else max(max_len, 2048)
-        )
+        budget = cfg.resolved_max_num_batched_tokens(max_len)
         self.scheduler_config = SchedulerConfig(
             max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=budget,
@@ -233,7 +234,7 @@ class LLMEngine:
         self._max_width = -(-max_len // cfg.block_size)  # blocks of the longest sequence
         self._staging = HostStaging(self.device)
         self._graphs: Any = None  # decode steps, captured whole
-        self._mixed: Any = None  # steps with prefill tokens, captured piecewise
+        self._mixed: MixedGraphs | None = None  # steps with prefill tokens, piecewise
         self._own_fused_ops()  # before warm-up: the graphs capture what the config chose
         self.kv_scales: list[LayerKVScales] = []  # fp8 cache: per layer (docs/fp8.md)
         if is_fp8(self.kv_cache_dtype):
@@ -706,14 +707,12 @@ class LLMEngine:
         index = torch.tensor(rows, dtype=torch.int64, device=logits.device)  # [N']
         return order, logits.index_select(0, index), forks
 
-    def _mixed_graphs(self, cfg: EngineConfig) -> Any:
+    def _mixed_graphs(self, cfg: EngineConfig) -> MixedGraphs | None:
         """The piecewise graphs of steps with prefill tokens (``cuda_graph_token_sizes``), or
         None: none asked for, tensor parallelism, or a model they cannot cut (``piecewise_ok``)."""
-        from fast.engine.cuda_graphs import MixedGraphs, piecewise_ok, token_sizes
+        from fast.engine.cuda_graphs import MixedGraphs, piecewise_ok
 
-        sizes = cfg.cuda_graph_token_sizes
-        if sizes is None:
-            sizes = tuple(token_sizes(self.scheduler_config.max_num_batched_tokens))
+        sizes = cfg.resolved_graph_token_sizes(self.max_model_len)
         if not sizes or self.tensor_parallel is not None:
             return None
         if not piecewise_ok(self.model, self.kv_caches):
@@ -734,9 +733,13 @@ class LLMEngine:
         the (parent, child) pairs to fork: the children's first tokens are among those sampled).
         """
         self._own_fused_ops()
-        if self._staging.split:  # on CUDA: mixed steps' attention runs two kernels
-            out = _decodes_first(out)
-        batch = self._build_batch(out)
+        # On CUDA a mixed step's single-token sequences go first, so that its attention runs
+        # the decode kernel on a prefix of rows; the sampled rows stay in the scheduler's order
+        # (sampling, forks and outputs see the order the CPU and the spec see).
+        model_out = _decodes_first(out) if self._staging.split else out
+        batch = self._build_batch(model_out)
+        if model_out is not out:
+            batch = dataclasses.replace(batch, sample_rows=_rows_of(out, model_out, batch))
         if self.tensor_parallel is not None:  # the workers run the same step on their shards
             self.tensor_parallel.forward(batch)
         hidden = None
@@ -750,7 +753,7 @@ class LLMEngine:
             if hidden is None:
                 hidden = self.model(input_ids, positions, ctx, self.kv_caches)  # [T, H]
         if self._prompt_logprobs:
-            self._collect_prompt_logprobs(out, batch, hidden)
+            self._collect_prompt_logprobs(model_out, batch, hidden)
         num_rows = int(batch.sample_rows.shape[0])
         if not num_rows:
             return [], SamplerOutput([], [], []), []
@@ -991,6 +994,14 @@ def _decodes_first(out: SchedulerOutput) -> SchedulerOutput:
         return out
     rest = [s for s in sched if s.num_tokens != 1]
     return dataclasses.replace(out, scheduled=(*ones, *rest))
+
+
+def _rows_of(out: SchedulerOutput, model_out: SchedulerOutput, batch: HostBatch) -> np.ndarray:
+    """[N] int64: the batch rows (the batch built from ``model_out``, the same sequences in
+    another order) of the last tokens of ``out``'s sampled sequences, in ``out``'s order."""
+    cu = batch.cu_seqlens_q
+    last = {s.seq_id: int(cu[i + 1]) - 1 for i, s in enumerate(model_out.scheduled)}
+    return np.array([last[s.seq_id] for s in out.scheduled if s.sample], dtype=np.int64)
 
 
 def _start_tensor_parallel(

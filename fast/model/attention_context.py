@@ -29,8 +29,10 @@ class AttentionContext:
             on those rows and the prefill kernel on the rest (the prefill kernel spends a
             whole tile of query rows on a single token: on an H200, 11.6 vs 5.3 ms per step
             for 256 decode rows beside 256 prefill tokens, benchmarks/gpu_mixed_step.py).
-        prefill_seq_lens: ``[B - num_decodes]`` int32, ``seq_lens[num_decodes:]`` in a tensor
-            of its own (a slice at an odd offset would compile another kernel variant).
+        prefill_block_tables: ``[B - num_decodes, W]`` int32, ``block_tables[num_decodes:]``
+            in a tensor of its own (a slice at an offset that is not a multiple of 16 bytes
+            would compile another kernel variant in the middle of a run).
+        prefill_seq_lens: ``[B - num_decodes]`` int32, ``seq_lens[num_decodes:]``, likewise.
         prefill_cu_seqlens_q: ``[B - num_decodes + 1]`` int32, the prefill rows' prefix sums
             (``cu_seqlens_q[num_decodes:] - num_decodes``).
     """
@@ -42,6 +44,7 @@ class AttentionContext:
     max_seqlen_q: int
     is_decode: bool
     num_decodes: int = 0
+    prefill_block_tables: torch.Tensor | None = None
     prefill_seq_lens: torch.Tensor | None = None
     prefill_cu_seqlens_q: torch.Tensor | None = None
 

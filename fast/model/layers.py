@@ -215,16 +215,16 @@ class Attention(nn.Module):
         n, caches, scales = ctx.num_decodes, (k_cache, v_cache), (ks, vs)
         if ctx.is_decode:
             return self._decode(q, caches, ctx.block_tables, ctx.seq_lens, scales, out)
-        lens, cu = ctx.prefill_seq_lens, ctx.prefill_cu_seqlens_q
-        if n == 0 or lens is None or cu is None:
+        tables, lens, cu = ctx.prefill_block_tables, ctx.prefill_seq_lens, ctx.prefill_cu_seqlens_q
+        if n == 0 or tables is None or lens is None or cu is None:
             return self._prefill(
                 q, caches, ctx.block_tables, ctx.cu_seqlens_q, ctx.seq_lens, ctx, scales, out
             )
         # a mixed step, its n single-token sequences first: the decode kernel on those rows,
-        # the prefill kernel on the rest
+        # the prefill kernel on the rest (q, o [T, Hq, D]; rows n.. are the prefill tokens)
         o = torch.empty_like(q) if out is None else out  # [T, Hq, D]
         self._decode(q[:n], caches, ctx.block_tables[:n], ctx.seq_lens[:n], scales, o[:n])
-        self._prefill(q[n:], caches, ctx.block_tables[n:], cu, lens, ctx, scales, o[n:])
+        self._prefill(q[n:], caches, tables, cu, lens, ctx, scales, o[n:])
         return o
 
     def _decode(

@@ -205,6 +205,8 @@ def test_split_upload_gives_the_prefill_rows_their_own_metadata(pack: bool) -> N
     assert ctx.num_decodes == 2 and not ctx.is_decode
     assert ctx.prefill_seq_lens is not None and ctx.prefill_cu_seqlens_q is not None
     assert ctx.prefill_seq_lens.tolist() == [8, 3]
+    assert ctx.prefill_block_tables is not None
+    assert ctx.prefill_block_tables.tolist() == batch.tables[2:].tolist()
     assert ctx.prefill_cu_seqlens_q.tolist() == [0, 5, 8]
     assert ctx.seq_lens.tolist() == [10, 21, 8, 3]  # the whole batch's, unchanged
     _, _, plain, _ = HostStaging(torch.device("cpu"), pack=pack, split=False).upload(batch)
@@ -231,9 +233,22 @@ def test_decodes_first_is_a_stable_partition() -> None:
     assert _decodes_first(same) is same
 
 
-def test_split_mixed_steps_generate_the_unsplit_tokens() -> None:
-    """On the CPU with the split forced on: steps that mix decodes and prompt chunks run the
-    decode path on the leading rows and give the tokens of the unsplit engine."""
+def test_split_mixed_steps_generate_the_unsplit_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU with the split forced on: steps that mix decodes and prompt chunks put their
+    single-token sequences first (1-token prompts behind a running chunk are moved), run the
+    decode path on those rows, and give the unsplit engine's tokens, forks (n = 2) and prompt
+    logprobs, sampled in the scheduler's order."""
+    import fast.engine.engine as engine_module
+
+    real = engine_module._decodes_first
+    moved: list[int] = []
+
+    def counting(out: SchedulerOutput) -> SchedulerOutput:
+        got = real(out)
+        moved.append(int(got is not out and got.scheduled != out.scheduled))
+        return got
+
+    monkeypatch.setattr(engine_module, "_decodes_first", counting)
     results = []
     for split in (False, True):
         engine = _engine(max_num_batched_tokens=16)
@@ -248,16 +263,26 @@ def test_split_mixed_steps_generate_the_unsplit_tokens() -> None:
 
         engine._staging.upload = counted  # type: ignore[method-assign]
         outs = []
-        for i, n in enumerate((5, 23, 9, 30)):  # arrivals between steps: decodes meet chunks
+        arrivals = [(30, {}), (1, {}), (5, {"n": 2, "temperature": 1.0, "seed": 7}), (1, {})]
+        arrivals += [(23, {"prompt_logprobs": 1}), (9, {})]
+        for i, (n, extra) in enumerate(arrivals):  # one arrival per step
+            params = {"temperature": 0.0, "max_tokens": 8, "ignore_eos": True, **extra}
             engine.add_request(
-                str(i),
-                [(7 * i + j) % 90 + 1 for j in range(n)],
-                SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                str(i), [(7 * i + j) % 90 + 1 for j in range(n)], SamplingParams(**params)
             )
             outs += engine.step(finished_only=True)
         while engine.has_unfinished_requests():
             outs += engine.step(finished_only=True)
         assert engine.num_free_gpu_blocks == 64
         assert (max(seen) > 0) == split
-        results.append({o.request_id: o.outputs[0].token_ids for o in outs})
+        results.append(
+            {
+                o.request_id: (
+                    [c.token_ids for c in o.outputs],
+                    [sorted(e) if e else e for e in (o.prompt_logprobs or [])],
+                )
+                for o in outs
+            }
+        )
+    assert sum(moved) > 0  # some step had a single-token sequence behind a chunk
     assert results[0] == results[1]

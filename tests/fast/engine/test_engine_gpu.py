@@ -138,7 +138,7 @@ def test_mixed_steps_from_piecewise_graphs_equal_eager_mixed_steps() -> None:
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (9, 150, 40, 301, 7, 90)]
     results = []
-    for sizes in (None, ()):
+    for sizes in ((16, 32, 64), ()):  # several sizes in one pool, t == S among the steps
         llm = LLM(
             model,
             device="cuda",
