@@ -441,8 +441,6 @@ class LLMEngine:
         if out.scheduled:
             seqs, (tokens, logprobs, sampled_lps), forks = self._run_model(out)
             self._saved_sequences(seqs)
-            check = self._stop.check
-            children = {child.seq_id for _, child in forks}
             now = time.time()
             metrics, tokenizer = self._metrics, self.tokenizer
             for seq, token, lp, token_lp in zip(seqs, tokens, logprobs, sampled_lps):
@@ -453,18 +451,16 @@ class LLMEngine:
                         decode_logprobs((lp,), tokenizer)
                     seq.logprobs.append(lp)
                 metrics[seq.request_id].token(now)
-                stopped = check(seq)
-                seq_id = seq.seq_id
-                if children and seq_id in children:  # not scheduled: learnt by fork
-                    continue
-                sampled[seq_id] = token
-                if stopped:
-                    finished.add(seq_id)
+            stopped = self._stop.check_all(seqs)
+            sampled = {seq.seq_id: token for seq, token in zip(seqs, tokens)}
+            finished = {seq.seq_id for seq in stopped}
             for parent, child in forks:  # before update() may free the parent
+                del sampled[child.seq_id]  # not scheduled: the scheduler learns it by fork
+                finished.discard(child.seq_id)
                 if not child.is_finished:
                     self._fork(parent, child)
             self.stats.generated_tokens += len(tokens)
-            touched = [s for s in seqs if s.is_finished] if finished_only else seqs
+            touched = stopped if finished_only else seqs
         elif self.scheduler.has_unfinished_requests() and not self.scheduler.running:
             raise RuntimeError(
                 "the scheduler made no progress with requests waiting: "

@@ -66,6 +66,23 @@ class StopChecker:
             limit,
         )
 
+    def check_all(self, seqs: list[Sequence]) -> list[Sequence]:
+        """:meth:`check` each of ``seqs`` (each has one new token), in order; return those
+        that stop. Without detokenizers, a sequence whose new token stops nothing and whose
+        length is below its limit skips the call (what :meth:`check` would find)."""
+        stopped = []
+        check = self.check
+        fast = not self._detok
+        for seq in seqs:
+            plan = seq.stop_plan
+            if fast and plan is not None:
+                n = len(seq.token_ids)
+                if n < plan.length and (n < plan.min_len or seq.token_ids[-1] not in plan.stop_ids):
+                    continue
+            if check(seq):
+                stopped.append(seq)
+        return stopped
+
     def check(self, seq: Sequence) -> bool:
         """Account for ``seq``'s newest token; set its status and return True when it stops."""
         plan = seq.stop_plan
