@@ -131,6 +131,30 @@ STEPS: dict[str, tuple[int, list[str], str]] = {
         ],
         "engine_gpu.json",
     ),
+    # 1,000 requests with up to 256 running, mixed steps from graphs and eager (no peers)
+    "engine1000": (
+        240,
+        [
+            "benchmarks/gpu_engine.py",
+            "--out",
+            "{out}/engine_gpu_1000.json",
+            "--requests",
+            "1000",
+            "--max-num-seqs",
+            "256",
+            "--configs",
+            "default,no_mixed_graphs",
+            "--skip-eager",
+            "--skip-peers",
+        ],
+        "engine_gpu_1000.json",
+    ),
+    # the model alone on mixed steps: eager, issue time, one graph, floor, split attention
+    "mixed": (
+        200,
+        ["benchmarks/gpu_mixed_step.py", "--out", "{out}/mixed_step_h200.json"],
+        "mixed_step_h200.json",
+    ),
     "serve": (300, *_serve_load("--engine-process", "serve_load_h200_engine_process.json")),
     # The same load on the one-process arrangement (the engine in a thread of the server).
     "servethread": (300, *_serve_load("--no-engine-process", "serve_load_h200.json")),
