@@ -280,6 +280,7 @@ def _child_main(
     # aborts the running requests, then sends "stop"), so the engine must not die first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
+        from fast.api.gc_policy import freeze_startup_heap
         from fast.api.llm import LLM
 
         llm = LLM(model() if callable(model) else model, **kwargs)
@@ -291,6 +292,7 @@ def _child_main(
             llm.max_logprobs,
             llm.default_sampling_fields,
         )
+        freeze_startup_heap()  # this process holds this engine for its life (gc_policy)
         conn.send(("ready", info, engine_counts(engine)))
     except BaseException as exc:
         conn.send(("raise", _portable(exc), traceback.format_exc()))

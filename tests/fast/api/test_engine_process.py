@@ -303,3 +303,28 @@ def test_metrics_cross_the_pipe_field_by_field() -> None:
     m = RequestMetrics(*values)
     assert _metrics_fields(m) == tuple(values)
     assert RequestMetrics(*(_metrics_fields(m) or ())) == m
+
+
+def test_the_engine_process_freezes_its_start_up_heap(char_model: Path) -> None:
+    """The child freezes what exists once its engine is built (fast.api.gc_policy), before it
+    reports ready, so the cyclic collector's full passes stop walking the model and torch. Run
+    in this process with the stop command already queued; the freeze is undone afterwards."""
+    import gc
+    import multiprocessing
+    import signal
+
+    from fast.api.engine_process import _child_main
+
+    parent, child = multiprocessing.Pipe()
+    parent.send(("stop", 0, None))
+    sigint = signal.getsignal(signal.SIGINT)
+    assert gc.get_freeze_count() == 0
+    try:
+        _child_main(child, str(char_model), {"device": "cpu"}, 1)
+        frozen = gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
+        signal.signal(signal.SIGINT, sigint)
+    assert frozen > 10_000
+    assert parent.recv()[0] == "ready"
+    assert parent.recv()[:2] == ("reply", 0)
