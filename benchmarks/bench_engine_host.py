@@ -11,7 +11,7 @@ GPU's work, and always adds before the first kernel starts. This script measures
 part on the CPU: the engine runs a Llama-3-8B-*shaped* configuration on the CPU whose model is
 replaced by a stub (``forward`` returns zeros ``[T, H]``, ``compute_logits`` a fixed ``[N, V]``
 block of a small vocabulary), so the step time is the engine's own host work. ``seqs`` requests
-with ShareGPT-like prompts (docs/workloads.md, seed 0) and ``steps + 8`` output tokens each are
+with ShareGPT-like prompts (docs/workloads.md, seed 0) and ``steps + 64`` output tokens each are
 prefilled; then ``steps`` decode steps of all of them are timed. Both the batch-generation path
 (``step(finished_only=True)``, what ``LLM.generate`` uses) and the streaming path (``step()``,
 one output per request per step, ``CUMULATIVE`` and ``DELTA`` outputs alternately) are reported.
@@ -105,7 +105,7 @@ def run(
             p,
             SamplingParams(
                 temperature=0.0,
-                max_tokens=steps + 8,
+                max_tokens=steps + 64,  # the first admitted decode while the rest prefill
                 ignore_eos=True,
                 output_kind=RequestOutputKind[kind],
             ),
