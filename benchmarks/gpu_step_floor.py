@@ -62,15 +62,9 @@ def replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 30) -> float:
 
 def capture(run: Any) -> torch.cuda.CUDAGraph:
     """``run`` once on a side stream (warm-up), then captured in a CUDA graph."""
-    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    return graph
+    from fast.engine.cuda_graphs import capture_graph
+
+    return capture_graph(run)
 
 
 def logits_graph(model: Any, b: int) -> torch.cuda.CUDAGraph:

@@ -253,6 +253,24 @@ def fp8_bound_check(
     return worst
 
 
+def _spec_prefill(built: BuiltCase) -> NDArray[np.float64]:
+    """The float64 spec's prefill of a built case (over its dequantized cache when fp8)."""
+    c = built.case
+    ref: NDArray[np.float64] = spec_paged_prefill(
+        built.spec_q,
+        built.spec_k,
+        built.spec_v,
+        built.spec_tables,
+        built.cu_seqlens_q.cpu().numpy(),
+        list(c.seq_lens),
+        scale=c.scale,
+        sliding_window=c.sliding_window,
+        softcap=c.softcap,
+        **_spec_scales(built),
+    )
+    return ref
+
+
 def check_decode(impl: AttentionImpl, built: BuiltCase) -> float:
     """Run decode into a NaN-filled ``out``; assert it is within tolerance; return the error.
 
@@ -311,18 +329,7 @@ def check_prefill(impl: AttentionImpl, built: BuiltCase) -> float:
     )
     if got.data_ptr() != out.data_ptr():
         raise AssertionError(f"{impl.name}: paged_prefill did not return out")
-    ref = spec_paged_prefill(
-        built.spec_q,
-        built.spec_k,
-        built.spec_v,
-        built.spec_tables,
-        built.cu_seqlens_q.cpu().numpy(),
-        list(c.seq_lens),
-        scale=c.scale,
-        sliding_window=c.sliding_window,
-        softcap=c.softcap,
-        **_spec_scales(built),
-    )
+    ref = _spec_prefill(built)
     err = _compare(out, ref, built, f"{impl.name} paged_prefill")
     if c.fp8:
         fp8_bound_check(out, ref, built, built.cu_seqlens_q.cpu().tolist())
@@ -384,16 +391,5 @@ def check_mixed(impl: AttentionImpl, built: BuiltCase) -> float:
         )
     back = torch.empty_like(out)
     back[index] = out  # batch order again
-    ref = spec_paged_prefill(
-        built.spec_q,
-        built.spec_k,
-        built.spec_v,
-        built.spec_tables,
-        built.cu_seqlens_q.cpu().numpy(),
-        list(c.seq_lens),
-        scale=c.scale,
-        sliding_window=c.sliding_window,
-        softcap=c.softcap,
-        **_spec_scales(built),
-    )
+    ref = _spec_prefill(built)
     return _compare(back, ref, built, f"{impl.name} mixed decode + prefill")

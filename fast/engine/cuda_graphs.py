@@ -32,7 +32,14 @@ from fast.model.llama import LlamaForCausalLM
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k_cache, v_cache)
 
-__all__ = ["DecodeGraphs", "GraphInputs", "MixedGraphs", "piecewise_ok", "warm_up"]
+__all__ = [
+    "DecodeGraphs",
+    "GraphInputs",
+    "MixedGraphs",
+    "capture_graph",
+    "piecewise_ok",
+    "warm_up",
+]
 
 
 def _dummy_ctx(b: int, width: int, device: torch.device) -> AttentionContext:
@@ -208,6 +215,21 @@ class DecodeGraphs:
         return self.outputs[size][:b]
 
 
+def capture_graph(run: Callable[[], object], pool: Any = None) -> torch.cuda.CUDAGraph:
+    """``run`` once on a side stream (it compiles and allocates there, outside the capture),
+    then captured into a CUDA graph, in memory pool ``pool`` when given (``graph.pool()`` of
+    an earlier capture: graphs replayed one at a time may share one)."""
+    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        run()
+    return graph
+
+
 def piecewise_ok(model: LlamaForCausalLM, kv_caches: KVCaches) -> bool:
     """Whether :class:`MixedGraphs` can run ``model``: the base forward and rope (Phi-3's
     LongRoPE reads the step's lengths), plain decoder layers on the fused path (no per-head
@@ -282,7 +304,8 @@ class MixedGraphs:
             for size in reversed(self.sizes):  # largest first: the smaller reuse its pool
                 graphs = []
                 for piece in range(len(kv_caches) + 1):
-                    graph, pool = self._capture(lambda: self._piece(piece, size), pool)
+                    graph = capture_graph(lambda: self._piece(piece, size), pool)
+                    pool = graph.pool()
                     graphs.append(graph)
                 self.graphs[size] = graphs
         torch.cuda.synchronize()
@@ -312,19 +335,6 @@ class MixedGraphs:
         rope = (self.ropes[table][0][:size], self.ropes[table][1][:size])
         k_cache, v_cache = self.kv_caches[piece]
         self.q[:size].copy_(layers[piece].attention_input(x, ctx, k_cache, v_cache, rope))
-
-    @staticmethod
-    def _capture(run: Callable[[], None], pool: Any) -> tuple[torch.cuda.CUDAGraph, Any]:
-        # run once on a side stream (compiles, outside the capture), then capture it into pool
-        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            run()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            run()
-        return graph, graph.pool()
 
     def run(
         self, ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
