@@ -336,7 +336,7 @@ async def at_rate(
             server0 = process_cpu_s(server_pid) if server_pid is not None else None
             start_at.value = time.perf_counter() + 0.05
             go.set()
-            parts = [await loop.run_in_executor(None, out.get) for _ in procs]
+            parts = await loop.run_in_executor(None, gather_reports, out, procs)
             server1 = process_cpu_s(server_pid) if server_pid is not None else None
             stop.set()
             await poller
@@ -358,6 +358,43 @@ async def at_rate(
         "rate": rate, "wall_s": wall, "results": results, "running": seen, "cpu_busy": busy,
         "clients": clients,
     }  # fmt: skip
+
+
+class ClientDiedError(RuntimeError):
+    """A client process exited without reporting its results (its requests are unaccounted)."""
+
+
+def gather_reports(out: Any, procs: list[Any], poll_s: float = 1.0) -> list[dict[str, Any]]:
+    """One report per client process from queue ``out`` (each a dict with its ``index``, the
+    process's place in ``procs``). A process that has exited without one raises
+    :class:`ClientDiedError` naming it and its exit status, instead of waiting forever; the
+    queue is drained once more first, since a report can still be in the pipe of a process
+    that put it and exited."""
+    import queue
+
+    parts: list[dict[str, Any]] = []
+    while len(parts) < len(procs):
+        try:
+            parts.append(out.get(timeout=poll_s))
+            continue
+        except queue.Empty:
+            pass
+        got = {part["index"] for part in parts}
+        dead = [
+            (i, p.exitcode) for i, p in enumerate(procs) if i not in got and p.exitcode is not None
+        ]
+        if not dead:
+            continue
+        try:  # one more look: its report may have been in flight
+            parts.append(out.get(timeout=poll_s))
+            continue
+        except queue.Empty:
+            i, code = dead[0]
+            raise ClientDiedError(
+                f"client process {i} exited with status {code} before reporting "
+                f"({len(parts)} of {len(procs)} clients reported)"
+            ) from None
+    return parts
 
 
 def _pct(values: list[float], q: float) -> float | None:
