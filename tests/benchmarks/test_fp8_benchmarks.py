@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(name: str) -> ModuleType:
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from benchmark_module import load_benchmark
 
 
 def test_gpu_fp8_arguments() -> None:
-    g = _load("gpu_fp8")
+    g = load_benchmark("gpu_fp8")
     args = g.parse_args(["--out", "/tmp/x"])
     assert args.out == "/tmp/x" and args.sections == list(g.SECTIONS) and args.kv_gb == 2.0
     args = g.parse_args(["--out", "d", "--sections", "capacity,decode", "--kv-gb", "2.5"])
@@ -35,14 +18,14 @@ def test_gpu_fp8_arguments() -> None:
 
 
 def test_fp8_doubles_the_blocks_per_gib() -> None:
-    cap = _load("gpu_fp8").blocks_per_gib()
+    cap = load_benchmark("gpu_fp8").blocks_per_gib()
     assert cap["bfloat16"]["bytes_per_block"] == 2 * 32 * 16 * 8 * 128 * 2  # 2 MiB
     assert cap["fp8_e4m3"]["blocks_per_gib"] == 2 * cap["bfloat16"]["blocks_per_gib"] == 1024
     assert cap["ratio"] == 2.0
 
 
 def test_fp8_quality_arguments_and_agreement() -> None:
-    q = _load("fp8_quality")
+    q = load_benchmark("fp8_quality")
     args = q.parse_args(["--tokens", "8", "--configs", "fp32,fp8_e4m3_per_tensor"])
     assert args.tokens == 8 and args.configs.split(",")[0] == q.CONFIGS[0][0] == "fp32"
     assert len(q.PROMPTS) == 8

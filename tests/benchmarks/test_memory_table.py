@@ -1,34 +1,16 @@
 """benchmarks/bench_memory.py on tiny traces: the properties its table rests on.
 
-The benchmark lives outside the packages, so it is loaded from its file.
+The benchmark lives outside the packages: benchmark_module.load_benchmark loads it from its file.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
+from benchmark_module import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load() -> ModuleType:
-    name = "bench_memory"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "bench_memory.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bm = _load()
+bm = load_benchmark("bench_memory")
 
 
 def test_traces_follow_workloads_md() -> None:

@@ -1,33 +1,15 @@
 """benchmarks/serve_load.py's client bookkeeping: a client process that dies is an error.
 
-The benchmark lives outside the packages, so it is loaded from its file.
+The benchmark lives outside the packages: benchmark_module.load_benchmark loads it from its file.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import multiprocessing
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load() -> ModuleType:
-    name = "serve_load"
-    if name in sys.modules:
-        return sys.modules[name]
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # its own imports (provenance)
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "serve_load.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from benchmark_module import load_benchmark
 
 
 def _report(index: int, out: Any) -> None:
@@ -39,7 +21,7 @@ def _die(index: int, out: Any) -> None:
 
 
 def test_reports_are_gathered_and_a_dead_client_is_named() -> None:
-    serve_load = _load()
+    serve_load = load_benchmark("serve_load")
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=_report, args=(i, out)) for i in range(2)]
