@@ -213,18 +213,19 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         # q [T, Hq, D] over the cache, the step's K/V already written -> [T, Hq, D]
         n, caches, scales = ctx.num_decodes, (k_cache, v_cache), (ks, vs)
+        max_q = ctx.max_seqlen_q
         if ctx.is_decode:
             return self._decode(q, caches, ctx.block_tables, ctx.seq_lens, scales, out)
         tables, lens, cu = ctx.prefill_block_tables, ctx.prefill_seq_lens, ctx.prefill_cu_seqlens_q
         if n == 0 or tables is None or lens is None or cu is None:
             return self._prefill(
-                q, caches, ctx.block_tables, ctx.cu_seqlens_q, ctx.seq_lens, ctx, scales, out
+                q, caches, ctx.block_tables, ctx.cu_seqlens_q, ctx.seq_lens, max_q, scales, out
             )
         # a mixed step, its n single-token sequences first: the decode kernel on those rows,
         # the prefill kernel on the rest (q, o [T, Hq, D]; rows n.. are the prefill tokens)
         o = torch.empty_like(q) if out is None else out  # [T, Hq, D]
         self._decode(q[:n], caches, ctx.block_tables[:n], ctx.seq_lens[:n], scales, o[:n])
-        self._prefill(q[n:], caches, tables, cu, lens, ctx, scales, o[n:])
+        self._prefill(q[n:], caches, tables, cu, lens, max_q, scales, o[n:])
         return o
 
     def _decode(
@@ -257,7 +258,7 @@ class Attention(nn.Module):
         tables: torch.Tensor,
         cu: torch.Tensor,
         lens: torch.Tensor,
-        ctx: AttentionContext,
+        max_q: int,
         scales: tuple[float | torch.Tensor, float | torch.Tensor],
         out: torch.Tensor | None,
     ) -> torch.Tensor:
@@ -273,7 +274,7 @@ class Attention(nn.Module):
             softcap=self.softcap,
             k_scale=scales[0],
             v_scale=scales[1],
-            max_seqlen_q=ctx.max_seqlen_q,
+            max_seqlen_q=max_q,
             out=out,
         )
 
