@@ -26,6 +26,7 @@ from fast.api.errors import (
     DeviceUnavailableError,
     InvalidMessageError,
 )
+from fast.api.gc_policy import frozen_heap
 from fast.api.vllm_args import engine_kwargs
 from fast.engine.beam_params import BeamSearchOutput, BeamSearchParams
 from fast.engine.beam_search import run_beam_search
@@ -160,12 +161,14 @@ class LLM:
 
             bar = tqdm(total=len(ids), desc="Processed prompts", unit="req")
         try:
-            while self.llm_engine.has_unfinished_requests():
-                for out in self.llm_engine.step(finished_only=True):
-                    if out.finished:
-                        final[out.request_id] = out
-                        if bar is not None:
-                            bar.update(1)
+            # collections during the loop skip what existed before it (model, torch, caller)
+            with frozen_heap():
+                while self.llm_engine.has_unfinished_requests():
+                    for out in self.llm_engine.step(finished_only=True):
+                        if out.finished:
+                            final[out.request_id] = out
+                            if bar is not None:
+                                bar.update(1)
         except BaseException:  # Ctrl-C, or a step that raised: this call's requests end here
             self._abort_all(ids)
             raise
