@@ -143,6 +143,7 @@ def throughput(
 
     ``engine_overrides`` are further EngineConfig fields (benchmarks/gpu_fp8.py: the KV cache's
     dtype and a KV budget)."""
+    from fast.api.gc_policy import frozen_heap
     from fast.engine.compile_watch import CompileWatch
     from fast.engine.config import EngineConfig
     from fast.engine.engine import LLMEngine
@@ -187,14 +188,15 @@ def throughput(
             )
         produced = 0
         log: list[tuple[float, int, bool]] = []  # (seconds, sampled seqs, decode) per step
-        while engine.has_unfinished_requests():
-            c0, g0 = engine.stats.computed_tokens, engine.stats.generated_tokens
-            s0 = time.perf_counter()
-            outs = engine.step(finished_only=True)
-            dt = time.perf_counter() - s0
-            dc, dg = engine.stats.computed_tokens - c0, engine.stats.generated_tokens - g0
-            log.append((dt, dg, dc == dg))  # decode: one computed token per sampled sequence
-            produced += sum(len(o.outputs[0].token_ids) for o in outs)
+        with frozen_heap():  # as LLM.generate runs its steps (fast.api.gc_policy)
+            while engine.has_unfinished_requests():
+                c0, g0 = engine.stats.computed_tokens, engine.stats.generated_tokens
+                s0 = time.perf_counter()
+                outs = engine.step(finished_only=True)
+                dt = time.perf_counter() - s0
+                dc, dg = engine.stats.computed_tokens - c0, engine.stats.generated_tokens - g0
+                log.append((dt, dg, dc == dg))  # decode: one computed token per sampled seq
+                produced += sum(len(o.outputs[0].token_ids) for o in outs)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     expected = sum(n_out)
