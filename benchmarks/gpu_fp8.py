@@ -16,8 +16,10 @@ Writes ``DIR/fp8_h200.json`` (``--out DIR``), saved after every section.
   ``fp8bits`` is the same fp8 cache through the ``"bits"`` dequantization at
   :data:`BITS_CONFIG` (``speedup_bits``).
 * ``tune``: the decode kernel's (BLOCK_N, num_warps, num_stages) at the long shapes and 16 x 2048,
-  for the bf16 cache (``bf16_*``) and each fp8 dequantization (``convert``, ``f16``, ``bits``,
-  ``bits_f16``), with one and two shared buffers per K/V (stages 3 vs 5).
+  for the bf16 cache (``bf16_*``) and the fp8 dequantizations that can win (``bits``,
+  ``bits_f16`` and the swapped-operand ``bits_swap``, ``bits_f16_swap``, ``f16_swap``), with
+  one and two shared buffers per K/V (stages 3 vs 5), each fp8 output checked against
+  ``"bits"``. About 90 s on an H200; ``--results-name`` keeps it apart from the full run.
 * ``capacity``: KV blocks (16 tokens) per GiB for Llama-3-8B in bf16 and fp8 (from the engine's
   own sizing, ``fast.engine.config.kv_bytes_per_block``).
 * ``engine``: benchmarks/gpu_engine.py's ShareGPT-like trace (128 requests, Llama-3-8B-shaped
@@ -56,23 +58,26 @@ LONG_SHAPES = ((64, 4096), (32, 16384), (8, 32768), (16, 2048))
 #: (BLOCK_N, warps, stages). Triton 3.6 gives K and V one shared buffer each at stages 2-4 (the
 #: block-table load takes a pipeline stage of its own, leaving the K/V copy one stage ahead of
 #: its dots and issued after them) and two at stages 5-6; benchmarks/sass_fp8_decode.py shows
-#: the buffers, registers and programs per SM of each. The sweeps keep to what can win:
-#: "convert" only at its default (0.74x bf16 at d44c413), "bits" at one and two buffers.
-TUNE_CONFIGS = ((64, 4, 3),)
-#: The "bits" dequantization's sweep: 64x4x5 (2 buffers, 3 programs per SM), 32x4x5 (2 buffers,
-#: 5 per SM), 64x8x5, 128x8x5 (twice the keys per copy), beside the one-buffer default.
-BITS_CONFIGS = ((64, 4, 3), (64, 4, 5), (32, 4, 5), (64, 8, 5), (128, 8, 5), (128, 4, 3))
-#: The fp16-dot variants ("f16", "bits_f16").
-F16_CONFIGS = ((64, 4, 3),)
-BITS_F16_CONFIGS = ((64, 4, 3), (64, 4, 5), (32, 4, 5))
-#: The bf16 kernel's own sweep (the 16 x 2048 decode target): one and two buffers.
-BF16_CONFIGS = ((64, 4, 3), (64, 4, 5), (32, 4, 5), (32, 4, 3))
+#: the buffers, registers and programs per SM of each. The sweeps keep to what can win. Measured
+#: before (fp8_tune_h200.json at e79a68b): "convert" and "f16" (0.74x and 0.81x bf16) and the
+#: "bits" configs other than 64x4x3 (all slower); they are left out now. The swapped-operand
+#: modes (docs/fp8.md, "Swapped operands") run at one buffer (64x4x3) and two (64x4x5: 115-120
+#: registers, still 4 programs per SM); 128-key tiles (183 registers, 2 per SM) and 8 warps
+#: (the tiles back through shared memory) are ruled out by the offline counts.
+BITS_CONFIGS = ((64, 4, 3),)
+BITS_F16_CONFIGS = ((64, 4, 3),)
+SWAP_CONFIGS = ((64, 4, 3), (64, 4, 5))
+#: "f16_swap" (the fewest instructions, 471 per tile) also at 32 keys (5 programs per SM).
+F16_SWAP_CONFIGS = ((64, 4, 3), (64, 4, 5), (32, 4, 3))
+#: The bf16 kernel's own configs (the reference; its sweep at e79a68b: 64x4x3 and 32x4x5 best).
+BF16_CONFIGS = ((64, 4, 3), (32, 4, 5))
 #: mode -> (key prefix in the tune rows, configs).
 TUNE_MODES = {
-    "convert": ("bf16dq_", TUNE_CONFIGS),
-    "f16": ("f16dq_", F16_CONFIGS),
     "bits": ("bits_", BITS_CONFIGS),
     "bits_f16": ("bitsf16_", BITS_F16_CONFIGS),
+    "bits_swap": ("bitsswap_", SWAP_CONFIGS),
+    "bits_f16_swap": ("bitsf16swap_", SWAP_CONFIGS),
+    "f16_swap": ("f16swap_", F16_SWAP_CONFIGS),
 }
 #: The config the decode table's ``fp8bits`` column runs (``decode_config``'s for "bits").
 BITS_CONFIG = (64, 4, 3)
@@ -244,6 +249,23 @@ class _DecodeShape:
         self.name = f"{batch}x{length}"
         self.scale = D**-0.5
 
+    def run(
+        self,
+        fp8_dequant: str | None,
+        config: tuple[int, int, int] | None = None,
+        num_splits: int | None = None,
+    ) -> Any:
+        """One call of the decode kernel (``fp8_dequant`` None: the bf16 cache)."""
+        from kernels.triton_decode import triton_paged_decode
+
+        fp8 = fp8_dequant is not None
+        k, v, dims = (self.k8, self.v8, self.dims) if fp8 else (self.kp, self.vp, self.bdims)
+        return triton_paged_decode(
+            self.q, k, v, self.bt, self.lens, dims, scale=self.scale, sliding_window=None,
+            softcap=None, num_splits=num_splits, out=None, config=config,
+            kv_scales=(self.ks, self.vs) if fp8 else None, fp8_dequant=fp8_dequant,
+        )  # fmt: skip
+
     def time_us(
         self,
         fp8_dequant: str | None,
@@ -254,20 +276,8 @@ class _DecodeShape:
         error it raised (recorded, not fatal)."""
         from gpu_attention import bench_graph_ms
 
-        from kernels.triton_decode import triton_paged_decode
-
-        fp8 = fp8_dequant is not None
-        k, v, dims = (self.k8, self.v8, self.dims) if fp8 else (self.kp, self.vp, self.bdims)
-
-        def run() -> Any:
-            return triton_paged_decode(
-                self.q, k, v, self.bt, self.lens, dims, scale=self.scale, sliding_window=None,
-                softcap=None, num_splits=num_splits, out=None, config=config,
-                kv_scales=(self.ks, self.vs) if fp8 else None, fp8_dequant=fp8_dequant,
-            )  # fmt: skip
-
         try:
-            return round(bench_graph_ms(run) * 1e3, 1)
+            return round(bench_graph_ms(lambda: self.run(fp8_dequant, config, num_splits)) * 1e3, 1)
         except Exception as e:
             return repr(e)[:120]
 
@@ -279,11 +289,15 @@ def _cfg_name(cfg: tuple[int, int, int]) -> str:
 def tune(res: dict[str, Any]) -> None:
     """The decode kernel's (BLOCK_N, warps, stages) at :data:`LONG_SHAPES`: the bf16 cache's
     (``bf16_*``, :data:`BF16_CONFIGS`) and per fp8 dequantization (:data:`TUNE_MODES`):
-    ``bf16dq`` (``"convert"``), ``f16dq`` (``"f16"``: hardware cvt to fp16, fp16 dots),
     ``bits`` (``"bits"``: word loads, prmt to bf16 bits and an exact bf16 scale multiply, bf16
-    dots) and ``bitsf16`` (``"bits_f16"``: prmt to fp16, fp16 dots)."""
+    dots; the default), ``bitsf16`` (``"bits_f16"``: prmt to fp16, fp16 dots), ``bitsswap``,
+    ``bitsf16swap`` (the same maps with swapped operands, K and V^T dequantized into wgmma's
+    register operand) and ``f16swap`` (swapped, hardware fp8x2 -> fp16x2 conversion).
+    ``err_<key>``: the relative difference of that kernel's output from ``"bits"`` at 64x4x3
+    (both dequantize exactly: only rounding in the dots and softmax differs, ~1e-3; a wrong map
+    would show as O(1)); ``best`` / ``best_speedup``: the fastest fp8 entry against ``bf16_us``."""
     import torch
-    from gpu_attention import DT, D
+    from gpu_attention import DT, D, rel_err
 
     from kernels.triton_decode import decode_config
 
@@ -292,6 +306,7 @@ def tune(res: dict[str, Any]) -> None:
         shape = _DecodeShape(batch, length)
         row: dict[str, Any] = {"B": batch, "L": length, "default": list(decode_config(D, DT))}
         row["bf16_us"] = shape.time_us(None)
+        ref = shape.run("bits", (64, 4, 3)).float()
         plan: list[tuple[str, str | None, tuple[int, int, int]]]
         plan = [("bf16_", None, cfg) for cfg in BF16_CONFIGS]
         plan += [(pre, mode, cfg) for mode, (pre, cfgs) in TUNE_MODES.items() for cfg in cfgs]
@@ -299,6 +314,16 @@ def tune(res: dict[str, Any]) -> None:
             key = prefix + _cfg_name(cfg)
             print(f"tune {shape.name} {key}", flush=True)  # the last one a crash reached
             row[key] = shape.time_us(mode, cfg)
+            if mode is not None:
+                try:
+                    row[f"err_{key}"] = f"{rel_err(shape.run(mode, cfg).float(), ref):.1e}"
+                except Exception as e:
+                    row[f"err_{key}"] = repr(e)[:120]
+        fp8 = {k: v for k, v in row.items() if isinstance(v, float) and not k.startswith("bf16")}
+        if fp8 and isinstance(row["bf16_us"], float):
+            best = min(fp8, key=lambda k: fp8[k])
+            row["best"] = best
+            row["best_speedup"] = round(row["bf16_us"] / fp8[best], 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
         del shape

@@ -12,8 +12,9 @@ that version first on the path, e.g. ``pip install --target /tmp/t36 triton==3.6
 
 Shapes are Llama-3-8B's heads (Hq 32, Hkv 8, D 128), page 16, one split, bf16 queries. For each
 variant it prints the main loop's length in SASS instructions per warp and per BLOCK_N tile,
-the counts that matter (HMMA, conversions F2F/F2FP, byte loads LDS.U8, PRMT, HMUL2, LDSM, cp.async
-LDGSTS, register moves), registers per thread, local memory (spills), shared memory, the K/V
+the counts that matter (HMMA and Hopper's HGMMA, shared stores STS / STSM and loads LDS / LDSM,
+conversions F2F/F2FP, byte loads LDS.U8, PRMT, HMUL2, cp.async LDGSTS, register moves), registers
+per thread, local memory (spills), shared memory, the K/V
 shared buffers, programs per SM (and the waves that the long shapes' 512 programs take on 132
 SMs: a fraction past 1 leaves a tail of one program per SM), and a per-tile budget: the
 cycles the tile's K/V bytes take at 4.4 TB/s over 132 SMs at 1.98 GHz (16.8 B/cycle/SM) against the
@@ -42,10 +43,18 @@ VARIANTS = (  # (name, cache dtype in Triton's signature, fp8 dequantization)
     ("fp8 f16", "fp8e4nv", "f16"),
     ("fp8 bits", "fp8e4nv", "bits"),
     ("fp8 bits_f16", "fp8e4nv", "bits_f16"),
+    ("fp8 bits + V pairs (flag, no mode)", "fp8e4nv", "bits+vpairs"),
+    ("fp8 bits_swap", "fp8e4nv", "bits_swap"),
+    ("fp8 bits_f16_swap", "fp8e4nv", "bits_f16_swap"),
+    ("fp8 f16_swap", "fp8e4nv", "f16_swap"),
 )
 DEFAULT_CONFIGS = ((64, 4, 3), (64, 8, 4), (128, 4, 3), (128, 8, 3), (256, 8, 3))
 KEYS = (
     "HMMA",
+    "HGMMA",
+    "STS",
+    "STSM",
+    "LDS",
     "F2F.",
     "F2FP.F16.E4M3",
     "LDS.U8",
@@ -98,11 +107,14 @@ def compile_variant(cache: str, mode: str | None, block_n: int, warps: int, stag
         "PRECISION": "tf32",
         "DOT_F32": False,
         "FP8": fp8,
-        "FP8_F16": mode in ("f16", "bits_f16"),
-        "FP8_BITS": mode in ("bits", "bits_f16"),
-        "BITS_BF16": mode == "bits",
+        "FP8_F16": mode in ("f16", "bits_f16", "bits_f16_swap", "f16_swap"),
+        "FP8_BITS": mode is not None and (mode.startswith("bits") or mode.endswith("_swap")),
+        "BITS_BF16": mode in ("bits", "bits_swap", "bits+vpairs"),
         "E5M2": False,
         "PRMT_ASM": True,
+        "SWAP_AB": mode is not None and mode.endswith("_swap"),
+        "V_PAIRS": mode is not None and (mode.endswith("_swap") or mode.endswith("vpairs")),
+        "HW_CVT": mode == "f16_swap",
     }
     signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
     aligned = [n for n in types if n.endswith("_ptr")] + ["stride_kb"]  # multiples of 16
@@ -146,6 +158,16 @@ def main_loop(sass: str) -> list[str]:
     return ins[best[0] : best[1] + 1]
 
 
+def _matches(op: str, key: str) -> bool:
+    """``op`` counts under ``key``: a prefix match, except that ``STS`` (shared stores) leaves out
+    ``STSM`` and ``LDS`` (shared loads) leaves out ``LDSM`` and ``LDS.U8``, counted apart."""
+    if key == "STS":
+        return op.startswith("STS") and not op.startswith("STSM")
+    if key == "LDS":
+        return op.startswith("LDS") and not op.startswith(("LDSM", "LDS.U8"))
+    return op.startswith(key)
+
+
 def opcode(text: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
 
@@ -170,7 +192,7 @@ def analyse(
     buffers = re.findall(r"local_alloc : \(\) -> !ttg.memdesc<(\d+)x\d+x\d+x", ttgir)
     loop = main_loop(sass)
     ops = collections.Counter(opcode(t) for t in loop)
-    counts = {k: sum(v for o, v in ops.items() if o.startswith(k)) for k in KEYS}
+    counts = {k: sum(v for o, v in ops.items() if _matches(o, k)) for k in KEYS}
     regs_alloc = -(-regs // 8) * 8
     per_sm = min(
         REGS_PER_SM // (regs_alloc * 32 * warps),

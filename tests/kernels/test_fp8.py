@@ -119,7 +119,7 @@ def test_torch_fp8_prefill_meets_spec_and_bound(case: AttentionCase) -> None:
     check_prefill(attention_impl("torch"), build_case(case))
 
 
-FP8_DEQUANT = ["convert", "f16", "bits", "bits_f16"]  # triton_decode.FP8_DEQUANT_MODES
+FP8_DEQUANT = ["convert", "f16", "bits", "bits_f16", "bits_swap", "bits_f16_swap", "f16_swap"]
 
 
 @pytest.mark.parametrize("mode", FP8_DEQUANT)
@@ -160,14 +160,17 @@ def test_triton_fp8_decode_variants_run_and_meet_the_spec(
     check_decode(attention_impl("triton"), built)
 
 
-def _check_bits_map(name: str, dtype: torch.dtype, device: str) -> None:
+def _check_bits_map(
+    name: str, dtype: torch.dtype, device: str, layout: str = "words", hw_cvt: bool = False
+) -> None:
     from kernels.triton_decode import fp8_bits_dequant
 
     codes = torch.arange(256, dtype=torch.uint8).repeat(4).view(FP8[name]).reshape(16, 64)
-    got = fp8_bits_dequant(codes.to(device), dtype)
+    codes = codes[torch.randperm(16, generator=torch.Generator().manual_seed(1))]  # rows differ
+    got = fp8_bits_dequant(codes.to(device), dtype, layout, hw_cvt)
     assert got.dtype == dtype
     got = got.cpu().double()
-    scale = 2.0**-8 if name == "fp8_e4m3" and dtype == torch.float16 else 1.0
+    scale = 2.0**-8 if name == "fp8_e4m3" and dtype == torch.float16 and not hw_cvt else 1.0
     want = codes.double() * scale
     finite = torch.isfinite(want)
     assert int(finite.sum()) == 4 * (254 if name == "fp8_e4m3" else 248)
@@ -189,8 +192,31 @@ def test_bits_dequantization_is_exact_on_every_code(name: str, dtype: torch.dtyp
     assert fp8_dequant_mode("bits", q.float(), kc, kc) == "convert"  # fp32 q
     odd = torch.zeros(3 * 8 * 64 + 1, dtype=FP8[name])[1:].view(3, 8, 1, 64)  # 1-byte offset
     assert fp8_dequant_mode("bits_f16", q, odd, odd) == "convert"
-    with pytest.raises(ValueError, match="one of convert, f16, bits, bits_f16"):
+    assert fp8_dequant_mode("f16_swap", q, odd, odd) == "convert"
+    with pytest.raises(ValueError, match="one of convert, f16, bits, bits_f16, bits_swap"):
         fp8_dequant_mode("int8", q, kc, kc)
+
+
+#: (layout, hw_cvt, dtypes) of the maps the swapped kernels run.
+SWAP_MAPS = [
+    ("swap_k", False, torch.bfloat16),
+    ("swap_k", False, torch.float16),
+    ("swap_v", False, torch.bfloat16),
+    ("swap_v", False, torch.float16),
+    ("swap_k", True, torch.float16),
+    ("swap_v", True, torch.float16),
+    ("words", True, torch.float16),
+]
+
+
+@pytest.mark.parametrize("name", sorted(FP8))
+@pytest.mark.parametrize(("layout", "hw_cvt", "dtype"), SWAP_MAPS)
+def test_swap_maps_are_exact_on_every_code(
+    name: str, layout: str, hw_cvt: bool, dtype: torch.dtype
+) -> None:
+    """The swapped kernels' maps (K with permuted lanes, V^T from key pairs, the hardware
+    conversion's form), put back in order, give every code's value (Triton operations here)."""
+    _check_bits_map(name, dtype, "cpu", layout, hw_cvt)
 
 
 def _bf16x2(word: int) -> list[float]:
@@ -198,16 +224,25 @@ def _bf16x2(word: int) -> list[float]:
     return [float(x) for x in halves.view(np.float32)]
 
 
-def _run_ptx(asm: str, word: int) -> tuple[int, int]:
-    """The kernel's prmt/shl/and/mov/fma.rn.bf16x2 PTX on one 32-bit word (PTX ISA semantics),
-    -> ($0, $1)."""
-    regs: dict[str, int] = {"$2": word}
+def _run_ptx(asm: str, word: int, word2: int | None = None) -> tuple[int, ...]:
+    """The kernel's prmt/shl/and/mov/fma.rn.bf16x2/cvt PTX on one 32-bit word (PTX ISA
+    semantics), -> ($0, $1); with ``word2``, the key-pair maps on words ($4, $5) -> ($0 .. $3)."""
+    regs: dict[str, int] = {"$2": word} if word2 is None else {"$4": word, "$5": word2}
     for line in asm.replace("{", "").replace("}", "").split(";"):
         parts = line.replace(",", " ").split()
         if not parts or parts[0] == ".reg":
             continue
         op, dst, *src = parts
+        if op == "mov.b32" and len(src) == 2:  # mov.b32 {lo, hi}, word: unpack
+            regs[dst], regs[src[0]] = regs[src[1]] & 0xFFFF, regs[src[1]] >> 16
+            continue
         val = [regs[x] if x in regs else int(x, 0) for x in src]
+        if op.startswith("cvt.rn.f16x2."):  # e4m3x2 / e5m2x2 -> f16x2: the exact values
+            fmt = FP8["fp8_e4m3" if "e4m3" in op else "fp8_e5m2"]
+            pair = torch.tensor([val[0] & 0xFF, val[0] >> 8], dtype=torch.uint8).view(fmt)
+            half = pair.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+            regs[dst] = int(half[0]) | (int(half[1]) << 16)
+            continue
         if op == "prmt.b32":  # bytes 0-3 of a, 4-7 of b; selector nibble: bit 3 = replicate sign
             pool = (val[1] << 32) | val[0]
             out = 0
@@ -233,11 +268,11 @@ def _run_ptx(asm: str, word: int) -> tuple[int, int]:
         else:
             raise AssertionError(f"unmodelled PTX {op}")
         regs[dst] = out
-    return regs["$0"], regs["$1"]
+    return tuple(regs[f"${i}"] for i in range(2 if word2 is None else 4))
 
 
 @pytest.mark.parametrize("name", sorted(FP8))
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "cvt"])
 def test_bits_prmt_ptx_gives_the_same_bits_on_every_code(name: str, dtype: str) -> None:
     """The GPU's PTX for the "bits" maps, run through a model of prmt/shl/and (and the bf16
     scale multiply), puts every code in every byte position at the value the interpreter's
@@ -248,6 +283,7 @@ def test_bits_prmt_ptx_gives_the_same_bits_on_every_code(name: str, dtype: str) 
     asms = {
         "float16": td._E4M3_F16 if e4 else td._E5M2_F16,
         "bfloat16": td._E4M3_BF16 if e4 else td._E5M2_BF16,
+        "cvt": td._E4M3_CVT if e4 else td._E5M2_CVT,  # "f16_swap"'s hardware conversion
     }
     asm = asms[dtype].value
     scale = 2.0**-8 if e4 and dtype == "float16" else 1.0
@@ -257,13 +293,50 @@ def test_bits_prmt_ptx_gives_the_same_bits_on_every_code(name: str, dtype: str) 
     for word in words:
         lo, hi = _run_ptx(asm, int(word))
         halves = np.array([lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16], dtype=np.uint16)
-        if dtype == "float16":
+        if dtype in ("float16", "cvt"):
             got = halves.view(np.float16).astype(np.float64)
         else:
             got = (halves.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
         want = values[[(int(word) >> (8 * i)) & 0xFF for i in range(4)]].numpy()
         finite = np.isfinite(want)
         assert np.array_equal(got[finite], want[finite]), hex(int(word))
+        assert np.array_equal(np.signbit(got[finite]), np.signbit(want[finite]))
+
+
+def _halves_values(words: list[int], dtype: str) -> np.ndarray:
+    halves = np.array([[w & 0xFFFF, w >> 16] for w in words], dtype=np.uint16).reshape(-1)
+    if dtype == "float16":
+        return halves.view(np.float16).astype(np.float64)
+    return (halves.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("name", sorted(FP8))
+@pytest.mark.parametrize("form", ["bfloat16", "float16", "cvt"])
+def test_pair_ptx_gives_each_lane_its_two_keys(name: str, form: str) -> None:
+    """The key-pair PTX of the swapped kernels (prmt gathering byte j of the even and the odd
+    key's words, then the "bits" map or the hardware conversion) gives, in its output j, the
+    values of lane j of the even key (low half) and of the odd key (high half)."""
+    from kernels import triton_decode as td
+
+    e4 = name == "fp8_e4m3"
+    asm = {
+        "float16": td._E4M3_F16_PAIRS if e4 else td._E5M2_F16_PAIRS,
+        "bfloat16": td._E4M3_BF16_PAIRS if e4 else td._E5M2_BF16_PAIRS,
+        "cvt": td._E4M3_CVT_PAIRS if e4 else td._E5M2_CVT_PAIRS,
+    }[form].value
+    scale = 2.0**-8 if e4 and form == "float16" else 1.0
+    values = torch.arange(256, dtype=torch.uint8).view(FP8[name]).double() * scale
+    rng = np.random.default_rng(1)
+    pairs = [(c * 0x01010101, (255 - c) * 0x01010101) for c in range(256)]
+    pairs += list(zip(rng.integers(0, 2**32, 1000).tolist(), rng.integers(0, 2**32, 1000).tolist()))
+    for we, wo in pairs:
+        got = _halves_values(
+            list(_run_ptx(asm, int(we), int(wo))), "bfloat16" if form == "bfloat16" else "float16"
+        )
+        codes = [(w >> (8 * j)) & 0xFF for j in range(4) for w in (int(we), int(wo))]
+        want = values[codes].numpy()
+        finite = np.isfinite(want)
+        assert np.array_equal(got[finite], want[finite]), (hex(int(we)), hex(int(wo)))
         assert np.array_equal(np.signbit(got[finite]), np.signbit(want[finite]))
 
 
@@ -392,6 +465,16 @@ def test_gpu_triton_fp8_decode_meets_spec_and_bound(case: AttentionCase) -> None
 def test_gpu_bits_prmt_dequantization_is_exact_on_every_code(name: str, dtype: torch.dtype) -> None:
     """The "bits" PTX (prmt, and the bf16x2 scale multiply with subnormal inputs) on the GPU."""
     _check_bits_map(name, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(FP8))
+@pytest.mark.parametrize(("layout", "hw_cvt", "dtype"), SWAP_MAPS)
+def test_gpu_swap_maps_are_exact_on_every_code(
+    name: str, layout: str, hw_cvt: bool, dtype: torch.dtype
+) -> None:
+    """The swapped kernels' PTX maps (key-pair prmt, cvt.rn.f16x2.e4m3x2) on the GPU."""
+    _check_bits_map(name, dtype, "cuda", layout, hw_cvt)
 
 
 @pytest.mark.gpu
