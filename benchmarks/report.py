@@ -155,7 +155,12 @@ def engine_tables() -> list[str]:
         for r in g["runs"]:
             if "error" in r:
                 continue
-            mode = "eager" if r["enforce_eager"] else "decode CUDA graphs"
+            if r["enforce_eager"]:
+                mode = "eager"
+            elif r.get("fused_ops", True):  # mixed-step graphs need the fused kernels
+                mode = "CUDA graphs (decode steps whole, mixed steps piecewise)"
+            else:
+                mode = "decode CUDA graphs (mixed steps eager)"
             config = r.get("config", "default")
             mode += f", {labels.get(config, config)}"
             if "fused_ops" in r:
