@@ -28,6 +28,7 @@ Run on the GPU machine from the repository root::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -188,15 +189,19 @@ def throughput(
             )
         produced = 0
         log: list[tuple[float, int, bool]] = []  # (seconds, sampled seqs, decode) per step
-        with frozen_heap():  # as LLM.generate runs its steps (fast.api.gc_policy)
+        stalls: list[dict[str, Any]] = []  # steps over 50 ms: what ran in them
+        with frozen_heap(), _GcClock() as gc_clock:  # as LLM.generate runs its steps
             while engine.has_unfinished_requests():
                 c0, g0 = engine.stats.computed_tokens, engine.stats.generated_tokens
+                gc0 = gc_clock.ms
                 s0 = time.perf_counter()
                 outs = engine.step(finished_only=True)
                 dt = time.perf_counter() - s0
                 dc, dg = engine.stats.computed_tokens - c0, engine.stats.generated_tokens - g0
                 log.append((dt, dg, dc == dg))  # decode: one computed token per sampled seq
                 produced += sum(len(o.outputs[0].token_ids) for o in outs)
+                if dt > 0.05 and dc == dg:  # a slow decode step: the collector, the allocator?
+                    stalls.append(_stall(len(log) - 1, dt, gc_clock.ms - gc0, engine))
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     expected = sum(n_out)
@@ -226,6 +231,44 @@ def throughput(
         "compilations_after_warm_up": watch.kernels,
         "mean_step_ms": round(1000 * float(np.mean(step_times)), 3),
         "breakdown": breakdown(log),
+        "slow_decode_steps": stalls[:16],
+    }
+
+
+class _GcClock:
+    """Milliseconds the cyclic collector ran (``gc.callbacks``) while the block is open."""
+
+    def __init__(self) -> None:
+        self.ms = 0.0
+        self._t0 = 0.0
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.ms += 1000 * (time.perf_counter() - self._t0)
+
+    def __enter__(self) -> _GcClock:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+
+def _stall(step: int, dt: float, gc_ms: float, engine: Any) -> dict[str, Any]:
+    """One slow decode step: its time, the collector's share, the caching allocator's
+    cumulative counters (a retry frees cached blocks and synchronizes), the free blocks."""
+    stats = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
+    return {
+        "step": step,
+        "ms": round(1000 * dt, 2),
+        "gc_ms": round(gc_ms, 2),
+        "alloc_retries_so_far": stats.get("num_alloc_retries"),
+        "device_allocs_so_far": stats.get("num_device_alloc"),
+        "device_frees_so_far": stats.get("num_device_free"),
+        "free_blocks": int(engine.num_free_gpu_blocks),
+        "running": len(engine.scheduler.running),
     }
 
 
