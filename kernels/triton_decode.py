@@ -645,12 +645,14 @@ def decode_config(head_dim: int, dtype: torch.dtype, fp8_dequant: str = "") -> t
     Tuned on an H200 for 64, 128 and 256; any other dim takes the config of its padded tile width
     (the next power of two: 80 and 96 that of 128, 160 to 240 that of 256), since the registers
     and shared memory a program holds scale with the padded width. The fp8 dequantizations
-    take the same (``"bits"`` at 64 keys keeps 128 registers: 4 programs per SM, one wave for
-    the 512 programs of the long shapes; offline analysis, docs/fp8.md, not yet timed).
+    take the same, except the swapped-operand modes, which keep 4 programs per SM with two
+    K/V buffers (5 stages) and run fastest so on the H200 (docs/fp8.md).
     """
     if interpreting():
         return 16, 1, 1
     width = padded_head_dim(head_dim)
+    if fp8_dequant in _SWAP_MODES:  # two K/V buffers, still 4 programs per SM at D 128
+        return (64, 4, 5) if width <= 128 else (32, 4, 2)
     if fp8_dequant in _WORD_MODES:  # as bf16's (4 programs per SM at D 128)
         return (64, 4, 3) if width <= 128 else (32, 4, 2)
     if dtype == torch.float32:
@@ -685,10 +687,13 @@ FP8_DEQUANT_MODES = ("convert", "f16", "bits", "bits_f16", "bits_swap", "bits_f1
 _WORD_MODES = ("bits", "bits_f16", "bits_swap", "bits_f16_swap", "f16_swap")
 #: The modes with fp16 dots (bf16 queries rounded to fp16).
 _FP16_DOT_MODES = ("f16", "bits_f16", "bits_f16_swap", "f16_swap")
-#: The mode an fp8 cache gets when the caller names none: on the H200, "bits" decodes at
-#: 1.13-1.15x the bf16 kernel's speed at 64x4096, 128x1024 and 16x2048 where "convert" runs at
-#: 0.76-0.90x (benchmarks/results/fp8_h200.json).
-DEFAULT_FP8_DEQUANT = "bits"
+#: The modes with the products swapped (the dequantized tiles in wgmma's register operand).
+_SWAP_MODES = ("bits_swap", "bits_f16_swap", "f16_swap")
+#: The mode an fp8 cache gets when the caller names none: the fastest whose dots take q as it
+#: is (no rounding of bf16 queries to fp16). On the H200 (benchmarks/results/fp8_tune_h200.json,
+#: 420ee91), "bits_swap" at 64x4x5 decodes at 1.35-1.48x the bf16 kernel's speed at 16 x 2048
+#: to 8 x 32768, where "bits" runs at 1.12-1.13x; "f16_swap" (opt-in) at 1.42-1.61x.
+DEFAULT_FP8_DEQUANT = "bits_swap"
 
 
 def fp8_dequant_mode(
