@@ -5,6 +5,8 @@ Run from the repository root (any machine; Triton's bundled ptxas/nvdisasm/cuobj
 work)::
 
     PYTHONPATH=. python benchmarks/sass_fp8_decode.py [--configs 64x4x3,128x8x3] [--json F]
+    PYTHONPATH=. python benchmarks/sass_fp8_decode.py --modes f16_swap,f16_swap+deferl \
+        --configs 64x4x5,64x4x7,128x4x3x128     # a 4th number: maxnreg; +deferl: DEFER_L
 
 To see what another Triton version makes of the same source (the H200 machine has 3.6), put
 that version first on the path, e.g. ``pip install --target /tmp/t36 triton==3.6.0`` then
@@ -69,8 +71,19 @@ HBM_BYTES_PER_CYCLE = 4.4e12 / 132 / 1.98e9  # per SM
 REGS_PER_SM, SMEM_PER_SM, MAX_WARPS = 65536, 227 * 1024, 64
 
 
-def compile_variant(cache: str, mode: str | None, block_n: int, warps: int, stages: int) -> Any:
-    """triton.compile of ``_decode_kernel`` for sm_90 with the launcher's specialization."""
+def compile_variant(
+    cache: str,
+    mode: str | None,
+    block_n: int,
+    warps: int,
+    stages: int,
+    maxnreg: int | None = None,
+) -> Any:
+    """triton.compile of ``_decode_kernel`` for sm_90 with the launcher's specialization. A mode
+    ending in ``+deferl`` sets ``DEFER_L`` (the swapped loop's deferred sum of p); ``maxnreg``
+    caps the registers per thread (the launcher's ``maxnreg``)."""
+    defer_l = mode is not None and mode.endswith("+deferl")
+    mode = mode.removesuffix("+deferl") if mode is not None else None
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -115,6 +128,7 @@ def compile_variant(cache: str, mode: str | None, block_n: int, warps: int, stag
         "SWAP_AB": mode is not None and mode.endswith("_swap"),
         "V_PAIRS": mode is not None and (mode.endswith("_swap") or mode.endswith("vpairs")),
         "HW_CVT": mode == "f16_swap",
+        "DEFER_L": defer_l,
     }
     signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
     aligned = [n for n in types if n.endswith("_ptr")] + ["stride_kb"]  # multiples of 16
@@ -125,11 +139,10 @@ def compile_variant(cache: str, mode: str | None, block_n: int, warps: int, stag
         constexprs={k: v for k, v in consts.items() if k in kernel.arg_names},
         attrs=attrs,
     )
-    return triton.compile(
-        src,
-        target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": warps, "num_stages": stages},
-    )
+    options: dict[str, Any] = {"num_warps": warps, "num_stages": stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def _tool(name: str) -> str:
@@ -173,10 +186,11 @@ def opcode(text: str) -> str:
 
 
 def analyse(
-    name: str, cache: str, mode: str | None, cfg: tuple[int, int, int], tmp: Path
+    name: str, cache: str, mode: str | None, cfg: tuple[int, ...], tmp: Path
 ) -> dict[str, Any]:
-    block_n, warps, stages = cfg
-    compiled = compile_variant(cache, mode, block_n, warps, stages)
+    block_n, warps, stages = cfg[:3]
+    maxnreg = cfg[3] if len(cfg) > 3 else None  # BLOCK_NxWARPSxSTAGESxMAXNREG
+    compiled = compile_variant(cache, mode, block_n, warps, stages, maxnreg)
     cubin = tmp / "k.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     sass = subprocess.run(
@@ -225,17 +239,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--configs",
         default=",".join("x".join(map(str, c)) for c in DEFAULT_CONFIGS),
-        help="BLOCK_NxWARPSxSTAGES, comma-separated (bf16 runs the first only)",
+        help="BLOCK_NxWARPSxSTAGES[xMAXNREG], comma-separated (bf16 runs the first only)",
     )
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument(
+        "--modes",
+        default="",
+        help="only these fp8 modes (comma-separated; a '+deferl' suffix sets DEFER_L), no bf16",
+    )
     args = parser.parse_args(argv)
     import triton
 
     configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",") if c]
+    variants: tuple[tuple[str, str, str | None], ...] = VARIANTS
+    if args.modes:
+        variants = tuple((f"fp8 {m}", "fp8e4nv", m) for m in args.modes.split(",") if m)
     rows = []
     print(f"triton {triton.__version__}, sm_90, Hq 32 Hkv 8 D 128 page 16, bf16 q")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, cache, mode in VARIANTS:
+        for name, cache, mode in variants:
             for cfg in configs[:1] if mode is None else configs:
                 row = analyse(name, cache, mode, cfg, Path(tmp))  # type: ignore[arg-type]
                 rows.append(row)

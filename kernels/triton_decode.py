@@ -47,6 +47,7 @@ __all__ = [
     "num_sms",
     "FP8_DEQUANT_MODES",
     "DEFAULT_FP8_DEQUANT",
+    "DEFAULT_FP8_DEQUANT_F16",
     "fp8_dequant_mode",
     "fp8_bits_dequant",
 ]
@@ -449,6 +450,7 @@ def _decode_kernel(
     SWAP_AB: tl.constexpr = False,
     V_PAIRS: tl.constexpr = False,
     HW_CVT: tl.constexpr = False,
+    DEFER_L: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -497,6 +499,8 @@ def _decode_kernel(
         qt = tl.trans(q)  # [BLOCK_D, G_PAD]
         mt_i = tl.full([G_PAD], float("-inf"), tl.float32)
         lt_i = tl.zeros([G_PAD], tl.float32)
+        if DEFER_L:  # per-key partial sums of p: summed over the keys once, after the loop
+            ltn = tl.zeros([BLOCK_N, G_PAD], tl.float32)
         acct = tl.zeros([BLOCK_D, G_PAD], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
     head_off = kvh.to(tl.int64) * D
@@ -552,7 +556,10 @@ def _decode_kernel(
             mt_new = tl.maximum(mt_i, tl.max(st, 0))
             alphat = tl.exp2(mt_i - mt_new)
             pt = tl.exp2(st - mt_new[None, :])  # [BLOCK_N, G_PAD]
-            lt_i = lt_i * alphat + tl.sum(pt, 0)
+            if DEFER_L:  # no cross-warp reduction per tile (the keys span the 4 warps)
+                ltn = ltn * alphat[None, :] + pt
+            else:
+                lt_i = lt_i * alphat + tl.sum(pt, 0)
             ptv = pt.to(v.dtype)
             if DOT_F32:
                 ptv = ptv.to(tl.float32)
@@ -580,7 +587,7 @@ def _decode_kernel(
             m_i = m_new
     if SWAP_AB:
         m_i = mt_i
-        l_i = lt_i
+        l_i = tl.sum(ltn, 0) if DEFER_L else lt_i
         acc = tl.trans(acct)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty split: l = 0, acc = 0 -> 0
     if FP8:
@@ -689,26 +696,36 @@ _WORD_MODES = ("bits", "bits_f16", "bits_swap", "bits_f16_swap", "f16_swap")
 _FP16_DOT_MODES = ("f16", "bits_f16", "bits_f16_swap", "f16_swap")
 #: The modes with the products swapped (the dequantized tiles in wgmma's register operand).
 _SWAP_MODES = ("bits_swap", "bits_f16_swap", "f16_swap")
-#: The mode an fp8 cache gets when the caller names none: the fastest whose dots take q as it
-#: is (no rounding of bf16 queries to fp16). On the H200 (benchmarks/results/fp8_tune_h200.json,
-#: 420ee91), "bits_swap" at 64x4x5 decodes at 1.35-1.48x the bf16 kernel's speed at 16 x 2048
-#: to 8 x 32768, where "bits" runs at 1.12-1.13x; "f16_swap" (opt-in) at 1.42-1.61x.
+#: The mode an fp8 cache gets with bf16 queries when the caller names none: the fastest whose
+#: dots take q as it is (no rounding of bf16 queries to fp16). On the H200
+#: (benchmarks/results/fp8_tune_h200.json, 420ee91), "bits_swap" at 64x4x5 decodes at
+#: 1.35-1.48x the bf16 kernel's speed at 16 x 2048 to 8 x 32768, where "bits" runs at
+#: 1.12-1.13x; "f16_swap" (opt-in for bf16 q) at 1.42-1.61x.
 DEFAULT_FP8_DEQUANT = "bits_swap"
+#: The default with fp16 queries: "f16_swap", whose fp16 dots then take q as it is (nothing is
+#: rounded: the hardware fp8x2 -> fp16x2 conversion is exact and q is already fp16), so it is
+#: as exact as "bits_swap" and the fastest mode measured (1.41-1.61x with bf16 q at 420ee91).
+DEFAULT_FP8_DEQUANT_F16 = "f16_swap"
 
 
 def fp8_dequant_mode(
     mode: str | None, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 ) -> str:
-    """The fp8 dequantization that runs: ``mode`` (default :data:`DEFAULT_FP8_DEQUANT`) where the
-    inputs allow it, else ``"convert"``: all but ``"convert"`` need fp16 or bf16 queries, the
-    ``"bits"`` modes also a block stride and base addresses that keep every row 4-byte aligned.
+    """The fp8 dequantization that runs: ``mode`` (default :data:`DEFAULT_FP8_DEQUANT` for bf16
+    queries, :data:`DEFAULT_FP8_DEQUANT_F16` for fp16 ones: each the fastest mode whose dots take
+    q as it is) where the inputs allow it, else ``"convert"``: all but ``"convert"`` need fp16 or
+    bf16 queries, the ``"bits"`` modes also a block stride and base addresses that keep every
+    row 4-byte aligned.
 
     >>> q = torch.zeros(1, 4, 64, dtype=torch.bfloat16)
     >>> kc = torch.zeros(2, 16, 1, 64, dtype=torch.float8_e4m3fn)
     >>> fp8_dequant_mode("bits", q, kc, kc), fp8_dequant_mode("bits", q.float(), kc, kc)
     ('bits', 'convert')
+    >>> fp8_dequant_mode(None, q, kc, kc), fp8_dequant_mode(None, q.half(), kc, kc)
+    ('bits_swap', 'f16_swap')
     """
-    mode = DEFAULT_FP8_DEQUANT if mode is None else mode
+    if mode is None:
+        mode = DEFAULT_FP8_DEQUANT_F16 if q.dtype == torch.float16 else DEFAULT_FP8_DEQUANT
     if mode not in FP8_DEQUANT_MODES:
         raise ValueError(f"fp8_dequant={mode!r}: one of {', '.join(FP8_DEQUANT_MODES)}")
     if mode != "convert" and q.dtype not in (torch.float16, torch.bfloat16):
@@ -742,12 +759,19 @@ def triton_paged_decode(
     config: tuple[int, int, int] | None = None,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     fp8_dequant: str | None = None,
+    defer_l: bool = False,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Launch the decode kernel (and the merge when split). Shapes as ``kernels.paged_decode``;
     ``config`` overrides (BLOCK_N, num_warps, num_stages) for tuning; ``kv_scales`` are the
     ``[Hkv]`` float32 (k_scale, v_scale) of an fp8 cache (None otherwise); ``fp8_dequant`` one
-    of :data:`FP8_DEQUANT_MODES` (None: :data:`DEFAULT_FP8_DEQUANT`; see
-    :func:`fp8_dequant_mode`)."""
+    of :data:`FP8_DEQUANT_MODES` (None: :func:`fp8_dequant_mode`'s default for q's dtype).
+
+    Tuning options (off by default; docs/fp8.md, "Closing the gap"): ``defer_l``, for the
+    swapped-operand modes, keeps the softmax denominator as per-key partial sums and sums them
+    over the keys once after the loop, instead of a cross-warp reduction per tile (the same
+    values, summed in another order); ``maxnreg`` caps the registers per thread (Triton's
+    launch option), e.g. 128 to keep 4 programs per SM at 128-key tiles."""
     check_triton_dims(dims, q.dtype)
     check_inner_contiguous(k_cache)
     batch, hq, d = q.shape
@@ -807,8 +831,10 @@ def triton_paged_decode(
         SWAP_AB=mode.endswith("_swap"),
         V_PAIRS=mode.endswith("_swap"),
         HW_CVT=mode == "f16_swap",
+        DEFER_L=defer_l and mode.endswith("_swap"),
         num_warps=warps,
         num_stages=stages,
+        **({} if maxnreg is None else {"maxnreg": int(maxnreg)}),
     )
     if splits > 1:
         _merge_kernel[(batch * hq,)](

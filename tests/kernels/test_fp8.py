@@ -120,6 +120,24 @@ def test_torch_fp8_prefill_meets_spec_and_bound(case: AttentionCase) -> None:
 
 
 FP8_DEQUANT = ["convert", "f16", "bits", "bits_f16", "bits_swap", "bits_f16_swap", "f16_swap"]
+SWAP_MODES = ["bits_swap", "bits_f16_swap", "f16_swap"]
+
+
+def _default_mode(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """Make ``mode`` the default fp8 dequantization for bf16 and fp16 queries alike."""
+    monkeypatch.setattr("kernels.triton_decode.DEFAULT_FP8_DEQUANT", mode)
+    monkeypatch.setattr("kernels.triton_decode.DEFAULT_FP8_DEQUANT_F16", mode)
+
+
+def _launch_with(monkeypatch: pytest.MonkeyPatch, **options: Any) -> None:
+    """Every Triton decode launch of the test gets these tuning options (``defer_l``, ...)."""
+    import functools
+
+    import kernels.triton_decode as td
+
+    monkeypatch.setattr(
+        td, "triton_paged_decode", functools.partial(td.triton_paged_decode, **options)
+    )
 
 
 @pytest.mark.parametrize("mode", FP8_DEQUANT)
@@ -128,7 +146,7 @@ FP8_DEQUANT = ["convert", "f16", "bits", "bits_f16", "bits_swap", "bits_f16_swap
 def test_triton_fp8_decode_meets_spec_and_bound(
     case: AttentionCase, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("kernels.triton_decode.DEFAULT_FP8_DEQUANT", mode)
+    _default_mode(monkeypatch, mode)
     check_decode(attention_impl("triton"), build_case(case))
 
 
@@ -142,7 +160,7 @@ def test_triton_fp8_decode_variants_run_and_meet_the_spec(
     dim padded to 64 lanes) and meets the spec and the bound."""
     from kernels.triton_decode import fp8_dequant_mode
 
-    monkeypatch.setattr("kernels.triton_decode.DEFAULT_FP8_DEQUANT", mode)
+    _default_mode(monkeypatch, mode)
     case = AttentionCase(
         num_kv_heads=2,
         group=2,
@@ -158,6 +176,65 @@ def test_triton_fp8_decode_variants_run_and_meet_the_spec(
     built = build_case(case)
     assert fp8_dequant_mode(None, built.q, built.k_cache, built.v_cache) == mode
     check_decode(attention_impl("triton"), built)
+
+
+@pytest.mark.parametrize("mode", SWAP_MODES)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_deferred_denominator_meets_the_spec(
+    mode: str, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``defer_l`` (the swapped loop's per-key partial sums of p, summed after the loop) and a
+    ``maxnreg`` launch option: the same spec and bound, with several tiles per split (the
+    interpreter's tiles are 16 keys), a softcap, a padded head dim and an empty split."""
+    _default_mode(monkeypatch, mode)
+    _launch_with(monkeypatch, defer_l=True, maxnreg=128)
+    for name in sorted(FP8):
+        case = AttentionCase(
+            num_kv_heads=2,
+            group=2,
+            head_dim=48,
+            block_size=8,
+            seq_lens=(70, 9),
+            q_lens=None,
+            dtype=dtype,
+            kv_cache_dtype=name,
+            kv_exponent=2,
+            softcap=30.0,
+        )
+        check_decode(attention_impl("triton"), build_case(case))
+
+
+@settings(CI, max_examples=8)
+@given(case=fp8_attention_cases(_SMALL))
+def test_deferred_denominator_meets_spec_and_bound_on_drawn_cases(
+    case: AttentionCase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _default_mode(monkeypatch, "bits_swap")
+    _launch_with(monkeypatch, defer_l=True)
+    check_decode(attention_impl("triton"), build_case(case))
+
+
+def test_default_mode_follows_the_query_dtype() -> None:
+    """With fp16 queries the default is "f16_swap", whose dots then take q unrounded (the
+    conversion of the codes is exact): as exact as "bits_swap", the bf16 default; the
+    "f16_swap" kernel gets no q rounding flag for fp16 q (FP8_F16 is for bf16 q only)."""
+    from kernels.triton_decode import (
+        DEFAULT_FP8_DEQUANT,
+        DEFAULT_FP8_DEQUANT_F16,
+        decode_config,
+        fp8_dequant_mode,
+    )
+
+    kc = torch.zeros(3, 8, 1, 64, dtype=torch.float8_e4m3fn)
+    q = torch.zeros(1, 2, 64, dtype=torch.bfloat16)
+    assert (DEFAULT_FP8_DEQUANT, DEFAULT_FP8_DEQUANT_F16) == ("bits_swap", "f16_swap")
+    assert fp8_dequant_mode(None, q, kc, kc) == "bits_swap"
+    assert fp8_dequant_mode(None, q.half(), kc, kc) == "f16_swap"
+    assert fp8_dequant_mode(None, q.float(), kc, kc) == "convert"
+    assert fp8_dequant_mode("bits_swap", q.half(), kc, kc) == "bits_swap"  # a named mode stays
+    odd = torch.zeros(3 * 8 * 64 + 1, dtype=torch.float8_e4m3fn)[1:].view(3, 8, 1, 64)
+    assert fp8_dequant_mode(None, q.half(), odd, odd) == "convert"
+    assert decode_config(128, torch.float16, "f16_swap") == decode_config(128, q.dtype, "bits_swap")
 
 
 def _check_bits_map(
@@ -484,7 +561,28 @@ def test_gpu_swap_maps_are_exact_on_every_code(
 def test_gpu_triton_fp8_decode_variants_meet_spec_and_bound(
     case: AttentionCase, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("kernels.triton_decode.DEFAULT_FP8_DEQUANT", mode)
+    _default_mode(monkeypatch, mode)
+    check_decode(attention_impl("triton"), build_case(case, "cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", SWAP_MODES)
+@pytest.mark.parametrize(
+    ("config", "maxnreg"), [(None, None), ((64, 4, 7), None), ((128, 4, 3), 128)]
+)
+@GPU_CI
+@given(case=fp8_attention_cases(GPU_LIMITS))
+def test_gpu_deferred_denominator_and_tune2_configs_meet_spec_and_bound(
+    case: AttentionCase,
+    mode: str,
+    config: tuple[int, int, int] | None,
+    maxnreg: int | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``defer_l`` on the GPU at the default config and at the tune2 section's three-buffer and
+    128-key (``maxnreg`` 128) configs."""
+    _default_mode(monkeypatch, mode)
+    _launch_with(monkeypatch, defer_l=True, config=config, maxnreg=maxnreg)
     check_decode(attention_impl("triton"), build_case(case, "cuda"))
 
 
