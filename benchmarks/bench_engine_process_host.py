@@ -11,14 +11,18 @@ three things more per step: its engine builds one ``DELTA`` :class:`RequestOutpu
 request, :class:`~fast.api.engine_process.DeltaEncoder` turns each into a tuple, and the step's
 message is pickled for the pipe (by the sender thread, under the same interpreter lock). This
 script times exactly those on ``benchmarks/bench_engine_host.py``'s stub model (the
-Llama-3-8B-shaped engine whose model returns zeros, so a step is the engine's host work): four
+Llama-3-8B-shaped engine whose model returns zeros, so a step is the engine's host work): five
 engines with the same ``seqs`` running requests, stepped in turn, one step each per round, so a
 noisy host slows them alike:
 
 1. ``generate``: ``step(finished_only=True)``;
 2. ``delta step``: ``step()`` with ``DELTA`` requests;
 3. ``+ encode``: the same, each output encoded;
-4. ``engine process``: the same, and the message pickled as ``_serve_commands`` sends it.
+4. ``engine process``: the same, and the message pickled as ``_serve_commands`` sent it
+   before compact reports;
+5. ``compact``: what ``_serve_commands`` sends now (``step_deltas``: ``step_compact()``, a
+   running request with one sequence and no logprobs reporting a plain tuple after its first
+   output, the rest encoded), pickled.
 
 The collector's startup heap is frozen first, as the engine process does (``fast.api.gc_policy``).
 Prints the median milliseconds per step of each, and each one's excess over ``generate``.
@@ -62,13 +66,18 @@ def _engine(seqs: int, steps: int, kind: str) -> Any:
 
 
 def measure(seqs: int, steps: int) -> dict[str, float]:
-    """Median ms per step of each arrangement (the module docstring's four)."""
+    """Median ms per step of each arrangement (the module docstring's five)."""
     from multiprocessing.reduction import ForkingPickler
 
-    from fast.api.engine_process import DeltaEncoder, engine_counts
+    from fast.api.engine_process import DeltaEncoder, engine_counts, step_deltas
 
-    gen, delta, encoded, full = (_engine(seqs, steps, k) for k in ("FINAL_ONLY",) + ("DELTA",) * 3)
-    enc_a, enc_b = DeltaEncoder(), DeltaEncoder()
+    gen, delta, encoded, full, compact = (
+        _engine(seqs, steps, k) for k in ("FINAL_ONLY",) + ("DELTA",) * 4
+    )
+    enc_a, enc_b, enc_c = DeltaEncoder(), DeltaEncoder(), DeltaEncoder()
+    for engine, enc in ((encoded, enc_a), (full, enc_b), (compact, enc_c)):
+        for rid in engine._sent:  # their first outputs (prefill steps) were not encoded
+            enc._prompt_lps[rid] = -1
 
     def encode_only() -> None:
         [enc_a.encode_delta(o) for o in encoded.step()]
@@ -77,11 +86,15 @@ def measure(seqs: int, steps: int) -> dict[str, float]:
         deltas = [enc_b.encode_delta(o) for o in full.step()]
         ForkingPickler.dumps(("step", None, deltas, engine_counts(full)))
 
+    def compact_step() -> None:
+        ForkingPickler.dumps(("step", None, step_deltas(compact, enc_c), engine_counts(compact)))
+
     runs: dict[str, Callable[[], Any]] = {
         "generate": lambda: gen.step(finished_only=True),
         "delta step": delta.step,
         "+ encode": encode_only,
         "engine process": engine_process,
+        "compact": compact_step,
     }
     gc.collect()
     gc.freeze()  # as the engine process does after building its engine

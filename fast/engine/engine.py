@@ -58,10 +58,16 @@ from spec.scheduler import SchedulerConfig, SchedulerOutput, StepOutcome
 if TYPE_CHECKING:  # imported where a CUDA engine captures them
     from fast.engine.cuda_graphs import MixedGraphs
 
-__all__ = ["LLMEngine", "EngineStats", "BlockUsage", "PromptType"]
+__all__ = ["LLMEngine", "EngineStats", "BlockUsage", "CompactReport", "PromptType"]
 
 #: A prompt: text, token ids, or ``{"prompt_token_ids": [...]}`` / ``{"prompt": "..."}``.
 PromptType = str | Seq[int] | Mapping[str, Any]
+
+#: :meth:`LLMEngine.step_compact`'s report of a running ``DELTA`` request with one sequence and
+#: no logprobs after its first output: ``(request_id, new_token_ids, new_text,
+#: cumulative_logprob)``, what its ``DELTA`` output would hold besides what its earlier outputs
+#: already said (the metrics: only ``last_token_time`` changed, to the step's time).
+CompactReport = tuple[str, list[int], str, float]
 
 
 def _block_manager(config: Any) -> Any:
@@ -409,9 +415,34 @@ class LLMEngine:
         records, seeded generators) and the exception propagates. Stepping again retries the
         same step; ``abort_request`` drops a request that cannot run.
         """
+        outputs = self._transaction(finished_only, False)[1]
+        return outputs  # type: ignore[return-value]  # (no compact report without compact)
+
+    @torch.inference_mode()
+    def step_compact(self) -> tuple[float, list[RequestOutput | CompactReport]]:
+        """:meth:`step` for the engine process (``fast.api.engine_process``): ``(time, outputs)``
+        where a running ``DELTA`` request with one sequence, no logprobs and no prompt logprobs
+        that reported before reports a :data:`CompactReport` tuple instead of its ``DELTA``
+        :class:`RequestOutput`; every other output is :meth:`step`'s, in the same order.
+        ``time`` is the step's token time: each compact request's ``last_token_time``, its only
+        metric that changed since its previous output (the others are set at its first
+        schedule, first token and finish, and those outputs are full ones).
+
+        The tuple carries exactly the new ids and text a ``DELTA`` output would (the same
+        ``text_holdback`` rule), built from the sequence with no output, completion or metrics
+        object; the request's ``_sent`` record is replaced as :meth:`_delta_output` replaces
+        it, so the step's undo (which restores the ``_sent`` table) covers both alike. Here in
+        the engine rather than in the engine process reading sequences after a step: only the
+        engine knows which requests a step sampled and what their outputs reported, and the
+        undo journal already owns that record. All or nothing, as :meth:`step`."""
+        return self._transaction(False, True)
+
+    def _transaction(
+        self, finished_only: bool, compact: bool
+    ) -> tuple[float, list[RequestOutput | CompactReport]]:
         undo = self._undo = self._save_step()
         try:
-            outputs = self._step(finished_only)
+            result = self._step(finished_only, compact)
         except BaseException as exc:
             self._undo = None
             self._restore_step(undo)
@@ -421,9 +452,11 @@ class LLMEngine:
             raise
         self._undo = None
         self.block_manager.commit()
-        return outputs
+        return result
 
-    def _step(self, finished_only: bool) -> list[RequestOutput]:
+    def _step(
+        self, finished_only: bool, compact: bool
+    ) -> tuple[float, list[RequestOutput | CompactReport]]:
         out = self.scheduler.schedule()
         self._saved_schedule(out)
         self.stats.record(out)
@@ -467,10 +500,15 @@ class LLMEngine:
                 f"{self.num_free_gpu_blocks} free blocks"
             )
         self.scheduler.update(StepOutcome(sampled, frozenset(finished)))
-        outputs = []
+        outputs: list[RequestOutput | CompactReport] = []
         # With finished_only, only a request with a sequence finishing now can be done now.
         for request_id in dict.fromkeys([seq.request_id for seq in touched]):
             group = self._requests[request_id]
+            if compact and len(group) == 1:
+                report = self._compact_report(group[0])
+                if report is not None:
+                    outputs.append(report)
+                    continue
             done = all_finished(group)
             if done:
                 del self._requests[request_id]
@@ -484,7 +522,35 @@ class LLMEngine:
                 outputs.append(self._delta_output(group) if delta else self.request_output(group))
             if done:
                 self._forget(request_id)
-        return outputs
+        return now, outputs
+
+    def _compact_report(self, seq: Sequence) -> CompactReport | None:
+        """:meth:`step_compact`'s report of a request's only sequence, or None where its
+        ``DELTA`` output must be a full one: not ``DELTA``, first output (prompt, prompt
+        logprobs, first metrics), finished (finish reason, finish time), logprobs, or nothing
+        new. Records what it reported in ``_sent`` as :meth:`_delta_output` does."""
+        rid = seq.request_id
+        sent = self._sent.get(rid)  # None: no output yet, or not a DELTA request
+        if (
+            sent is None
+            or seq.is_finished
+            or seq.logprobs is not None
+            or rid in self._prompt_logprobs
+        ):
+            return None
+        n_tok, n_chars, n_lps, ended = sent.marks.get(seq.index, _NOTHING_SENT)
+        new_ids = seq.token_ids[len(seq.prompt_token_ids) + n_tok :]
+        if not new_ids:
+            return None
+        text = seq.output_text
+        end = len(text) - sent.holdback
+        if end < n_chars:
+            end = n_chars
+        self._sent[rid] = _Sent(
+            sent.prompt_token_ids, False, {seq.index: (n_tok + len(new_ids), end, n_lps, ended)},
+            sent.holdback,
+        )  # fmt: skip
+        return rid, new_ids, text[n_chars:end], seq.cumulative_logprob
 
     def request_output(self, group: list[Sequence]) -> RequestOutput:
         """The current :class:`RequestOutput` of a request (its sequences, in index order)."""

@@ -96,6 +96,109 @@ def test_deltas_rebuild_every_output(char_model: Path) -> None:
     assert not enc._prompt_lps and not dec._last  # finished requests are forgotten
 
 
+def test_compact_and_full_reportsrebuild_every_output(
+    char_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the engine process sends now (``step_deltas``: compact tuples for running n = 1
+    requests without logprobs after their first output, full deltas for the rest), pickled and
+    rebuilt by ``DeltaDecoder.decode_step``, equals at every step both a twin engine's
+    cumulative outputs (each running text held back by ``text_holdback``) and what the full
+    delta path (``step()`` + ``encode_delta``) rebuilds, metrics included (the compact engine's
+    own); in a run with n = 1 and n = 2, logprobs on some requests, prompt logprobs under
+    chunked prefill, stop strings with holdback, an abort in the middle, and a step that fails
+    after recording compact reports and is rolled back (its ``_sent`` marks restored)."""
+    import pickle
+    from dataclasses import replace
+
+    from fast.api.engine_process import _as_delta, step_deltas
+
+    def engine() -> Any:
+        return LLM(str(char_model), **ENGINE, max_num_seqs=8, max_num_batched_tokens=8).llm_engine
+
+    plain, full, compact = engine(), engine(), engine()
+    sampled = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=9, logprobs=2)
+    requests = [
+        ("a", "hello there", sampled),
+        ("b", "the cat sat on", SamplingParams(temperature=0, max_tokens=12, stop=["e", "BBw"])),
+        ("c", "abcdefghijklmnop", SamplingParams(temperature=0, max_tokens=6, prompt_logprobs=1)),
+        ("d", "zzz", SamplingParams(temperature=0, max_tokens=50)),
+        ("e", "one two", SamplingParams(temperature=0, max_tokens=10, logprobs=1)),
+        ("f", "abc", SamplingParams(temperature=1.0, seed=5, max_tokens=20, stop=["xyz"])),
+        ("g", "dog", SamplingParams(n=2, temperature=1.0, seed=7, max_tokens=7)),
+        ("h", "the", SamplingParams(temperature=0, max_tokens=15, stop=["he", "e t"])),
+    ]  # fmt: skip
+    for rid, prompt, params in requests:
+        plain.add_request(rid, prompt, params)
+        full.add_request(*_as_delta(rid, prompt, params))
+        compact.add_request(*_as_delta(rid, prompt, params))
+    hold = {rid: params.text_holdback for rid, _, params in requests}
+    enc_full, dec_full, enc, dec = DeltaEncoder(), DeltaDecoder(), DeltaEncoder(), DeltaDecoder()
+    sent: dict[tuple[str, int], int] = {}  # (request, index) -> characters of text sent
+
+    def check(got: Any, want: Any, old: Any) -> None:
+        """``got`` is ``want`` with each running text held back, and ``old`` but for times."""
+        assert replace(got, metrics=None) == replace(old, metrics=None)
+        comps = []
+        for c in want.outputs:
+            end = len(c.text) if c.finish_reason else len(c.text) - hold[want.request_id]
+            end = sent[want.request_id, c.index] = max(end, sent.get((want.request_id, c.index), 0))
+            comps.append(replace(c, text=c.text[:end]))
+        assert replace(got, metrics=None) == replace(want, outputs=comps, metrics=None)
+
+    real = compact._compact_report
+    made = {"n": 0}
+
+    def fails_after_reporting(seq: Any) -> Any:
+        report = real(seq)  # records what it reported in _sent ...
+        if report is not None:
+            made["n"] += 1
+            if made["n"] == 12:  # ... then the step fails: the marks must be rolled back
+                raise RuntimeError("injected")
+        return report
+
+    monkeypatch.setattr(compact, "_compact_report", fails_after_reporting)
+    kinds = {"compact": 0, "full": 0}
+    failures = steps = 0
+    stops: list[Any] = []
+    aborted: list[str] = []
+    while plain.has_unfinished_requests():
+        marks = dict(compact._sent)
+        try:
+            message = step_deltas(compact, enc)
+        except RuntimeError:
+            failures += 1
+            assert compact._sent == marks  # the step's reports were taken back
+            message = step_deltas(compact, enc)  # the same step again
+        now, reports = pickle.loads(pickle.dumps(message))
+        want, old = plain.step(), full.step()
+        got = dec.decode_step(now, reports)
+        assert [o.request_id for o in got] == [o.request_id for o in want]
+        for g, w, o, r in zip(got, want, old, reports, strict=True):
+            check(g, w, dec_full.decode(enc_full.encode_delta(o)))
+            if len(r) == 4:
+                kinds["compact"] += 1
+                assert g.metrics == compact._metrics[g.request_id]  # what a full one carries
+                assert g.outputs[0].logprobs is None and not g.finished
+            else:
+                kinds["full"] += 1
+                assert g.metrics == RequestMetrics(*r[3])
+            stops += [c.stop_reason for c in g.outputs if c.finish_reason == "stop"]
+        steps += 1
+        if steps >= 6 and "d" in compact._requests and "d" not in aborted:
+            finals = plain.abort_request("d"), full.abort_request("d")
+            answer = abort_answer(compact, enc, "d")
+            assert finals[0] is not None and finals[1] is not None and answer is not None
+            got_d = dec.decode(answer)
+            check(got_d, finals[0], dec_full.decode(enc_full.encode_delta(finals[1])))
+            assert got_d.outputs[0].finish_reason == "abort"
+            aborted.append("d")
+    assert failures == 1 and aborted == ["d"]
+    assert kinds["compact"] > 20 and kinds["full"] > 10
+    assert "BBw" in stops or "e" in stops
+    assert not compact.has_unfinished_requests() and not full.has_unfinished_requests()
+    assert not enc._prompt_lps and not dec._last and not compact._sent
+
+
 def test_delta_outputs_rebuild_the_cumulative_ones(char_model: Path) -> None:
     """What the engine process does: its engine reports DELTA outputs (only completions with
     something new; a stop string's prefix withheld), encoded as they are and rebuilt by the
@@ -134,7 +237,7 @@ def test_delta_outputs_rebuild_the_cumulative_ones(char_model: Path) -> None:
     assert not delta.has_unfinished_requests() and not enc._prompt_lps and not dec._last
 
 
-def test_engine_process_serves_and_reports_errors(char_model: Path) -> None:
+def test_engine_process_serves_and_reportserrors(char_model: Path) -> None:
     ref = LLM(str(char_model), **ENGINE)
     proc = EngineProcess(str(char_model), **ENGINE)
     try:

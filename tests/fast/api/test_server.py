@@ -209,6 +209,43 @@ def test_a_stream_holds_back_a_stop_string_once(client: Any, reference: LLM) -> 
     assert any(n > 5 for n, _ in running), lags  # a chunk where a double holdback would show
 
 
+def test_concurrent_streams_equal_generate(client: Any, reference: LLM) -> None:
+    """Streams running at once (the engine process sends the running n = 1 requests without
+    logprobs as compact reports, the rest as full deltas) join to LLM.generate's texts: greedy
+    and seeded, a stop string reached after its holdback began, n = 2, logprobs, and the usage
+    counts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = _generate(reference, "the cat", max_tokens=25, temperature=0)[0].outputs[0].text
+    cases = [
+        ("hello", dict(max_tokens=20, temperature=0, stop=["\u20ac" * 6])),
+        ("the cat", dict(max_tokens=25, temperature=0, stop=[base[8:11], "\u20ac" * 4])),
+        ("the cat", dict(max_tokens=25, temperature=0)),
+        ("once", dict(max_tokens=15, temperature=1.0, seed=5)),
+        ("abc", dict(max_tokens=10, temperature=1.0, seed=3, n=2)),
+        ("hey", dict(max_tokens=12, temperature=0, logprobs=1)),
+    ]
+
+    def stream(prompt: str, kw: dict[str, Any]) -> tuple[dict[int, str], Any]:
+        texts: dict[int, str] = {}
+        usage = None
+        chunks = client.completions.create(
+            model=NAME, prompt=prompt, stream=True, stream_options={"include_usage": True}, **kw
+        )
+        for chunk in chunks:
+            for c in chunk.choices:
+                texts[c.index] = texts.get(c.index, "") + c.text
+            usage = chunk.usage or usage
+        return texts, usage
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        results = list(pool.map(lambda case: stream(*case), cases))
+    for (prompt, kw), (texts, usage) in zip(cases, results, strict=True):
+        expected = _generate(reference, prompt, **kw)[0]
+        assert [texts[i] for i in sorted(texts)] == [o.text for o in expected.outputs], prompt
+        assert usage.completion_tokens == sum(len(o.token_ids) for o in expected.outputs)
+
+
 def test_logprobs_equal_generate(client: Any, reference: LLM) -> None:
     r = client.completions.create(model=NAME, prompt="hey", max_tokens=6, temperature=0, logprobs=2)
     out = _generate(reference, "hey", max_tokens=6, temperature=0, logprobs=2)[0].outputs[0]
