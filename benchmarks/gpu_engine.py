@@ -126,9 +126,13 @@ CONFIGS: dict[str, tuple[bool, bool, bool | None]] = {
     "neither": (False, False, None),
     "fused": (True, True, True),
     "no_mixed_graphs": (True, True, None),  # the defaults, steps with prefill tokens eager
+    "async": (True, True, None),  # the defaults with async_scheduling (overlapped decode)
 }
 #: further EngineConfig fields of a variant
-CONFIG_FIELDS: dict[str, dict[str, Any]] = {"no_mixed_graphs": {"cuda_graph_token_sizes": ()}}
+CONFIG_FIELDS: dict[str, dict[str, Any]] = {
+    "no_mixed_graphs": {"cuda_graph_token_sizes": ()},
+    "async": {"async_scheduling": True},
+}
 
 
 def throughput(

@@ -27,7 +27,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fast.blocks import kernels as K
-from fast.blocks.freelist import COUNT, EVICTED, REF, new_pool, queue_order
+from fast.blocks.freelist import COUNT, EVICTED, HEAD, NEXT, REF, new_pool, queue_order
 from fast.blocks.hash import chain_hashes as chain_hashes_numba
 from fast.blocks.hash import scratch_for
 from fast.blocks.integrity import check_integrity
@@ -564,6 +564,49 @@ class BlockManager:
                     break
             toks = np.array(vals + [0] * (len(token_ids) - len(vals)), dtype=np.int64)
         return self._append(sids, toks, bad, token_ids, "append_batch", seq_ids, "token_ids")
+
+    def peek_append(
+        self, seq_ids: Sequence[int] | NDArray[np.int64]
+    ) -> tuple[NDArray[np.int64], NDArray[np.int64]] | None:
+        """The slots ``[N]`` that ``append_batch(seq_ids, tokens)`` would return now, whatever
+        the tokens, and the free blocks ``[K]`` it would take (queue head first), without
+        changing anything; None when that append would copy-on-write, run out of blocks, or a
+        sequence is unknown, swapped out or repeated.
+
+        The slot of an append does not depend on its token: a sequence whose length is a
+        multiple of the block size takes the next block from the free queue's head, any other
+        writes into its last block. The engine's overlapped scheduling launches a step with
+        these slots before the tokens are known, then appends the tokens (which the block
+        manager hashes into the prefix cache) with nothing changed in between.
+        """
+        a, bs = self._a, self._bs
+        rows: list[int] = []
+        for seq_id in np.asarray(seq_ids, dtype=np.int64).tolist():
+            row = self._rows.get(seq_id)
+            if row is None or a.swapped[row]:
+                return None
+            rows.append(row)
+        if len(set(rows)) != len(rows):
+            return None
+        r = np.array(rows, dtype=np.int64)  # [N]
+        t = a.num_tokens[r].astype(np.int64)  # [N]
+        new = t % bs == 0  # [N] the appends that take a fresh block
+        k = int(new.sum())
+        if k > int(a.gpu_ends[COUNT]):
+            return None
+        old = ~new
+        last = a.tables[r[old], t[old] // bs].astype(np.int64)  # [N - K]
+        if last.size and int(a.gpu_pool[REF, last].max()) > 1:  # shared: copy-on-write
+            return None
+        fresh = np.empty(k, dtype=np.int64)  # [K]
+        b = int(a.gpu_ends[HEAD])
+        for j in range(k):
+            fresh[j] = b
+            b = int(a.gpu_pool[NEXT, b])
+        slots = np.empty(r.shape[0], dtype=np.int64)  # [N]
+        slots[old] = last * bs + t[old] % bs
+        slots[new] = fresh * bs
+        return slots, fresh
 
     def _append(
         self,

@@ -63,6 +63,13 @@ class EngineConfig:
     layer's attention (``fast.engine.cuda_graphs.MixedGraphs``): None takes powers of two from
     128 up to the token budget (at most 8192), ``()`` runs those steps eagerly. Neither is
     captured with ``enforce_eager``.
+
+    ``async_scheduling`` (vLLM's name; off by default) overlaps the host's work with the
+    device's: consecutive pure-decode steps over the same running sequences are scheduled and
+    launched before the previous step's sampled tokens reach the host, its input ids read from
+    that step's sampled-token tensor on the device; ``step()`` then returns the outputs of the
+    step launched by the call before (one step of lag). Everything else drains to the
+    synchronous step (docs/engine.md, "Overlapped scheduling"). Single-device for now.
     """
 
     block_size: int = 16
@@ -91,6 +98,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     distributed_timeout_s: float = 300.0
     fused_ops: bool | None = None
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         self._check_kv_cache()
@@ -109,6 +117,14 @@ class EngineConfig:
             raise InvalidArgumentError("num_gpu_blocks", self.num_gpu_blocks, "must be >= 1")
         if self.fused_ops is not None and not isinstance(self.fused_ops, bool):
             raise InvalidArgumentError("fused_ops", self.fused_ops, "must be a bool or None")
+        if not isinstance(self.async_scheduling, bool):
+            raise InvalidArgumentError("async_scheduling", self.async_scheduling, "must be a bool")
+        if self.async_scheduling and self.tensor_parallel_size > 1:
+            raise InvalidArgumentError(
+                "async_scheduling",
+                self.async_scheduling,
+                f"single-device for now; tensor_parallel_size is {self.tensor_parallel_size}",
+            )
         if self.fused_ops and self.tensor_parallel_size > 1:
             raise InvalidArgumentError(
                 "fused_ops",

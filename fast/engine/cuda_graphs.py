@@ -201,9 +201,13 @@ class DecodeGraphs:
                 self.graphs[b] = graph
         torch.cuda.synchronize()
 
-    def run(self, batch: HostBatch) -> torch.Tensor | None:
+    def run(self, batch: HostBatch, ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Replay the smallest graph that fits the batch's ``b`` sequences; None when none
-        does (too many sequences, or a table wider than captured). -> hidden [b, H]"""
+        does (too many sequences, or a table wider than captured). -> hidden [b, H]
+
+        ``ids`` [b] (on the device) replaces ``batch.tokens``: the overlapped scheduling's
+        input ids are the previous step's sampled tokens, still on the device; they are
+        copied into the static input after the upload, in stream order."""
         b, w = batch.tables.shape
         i = bisect.bisect_left(self.sizes, b)
         if i == len(self.sizes) or w > self.inputs.width:
@@ -211,6 +215,8 @@ class DecodeGraphs:
         size = self.sizes[i]
         self.inputs.write(batch, size)
         self.inputs.upload()
+        if ids is not None:
+            self.inputs.dev64[0, :b].copy_(ids)
         self.graphs[size].replay()
         return self.outputs[size][:b]
 

@@ -106,6 +106,10 @@ class EngineStats:
     forked: int = 0  # children started from a parent's first token (n > 1)
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (vLLM's name)
     prefix_cache_hits: int = 0  # of those, tokens served from cached blocks
+    # async_scheduling: steps launched before the previous step's tokens reached the host,
+    # and calls that processed a step in flight without launching the next (a drain)
+    overlapped: int = 0
+    drained: int = 0
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -237,6 +241,7 @@ class LLMEngine:
         self._sent: dict[str, _Sent] = {}  # DELTA requests: what their outputs reported
         self.stats = EngineStats()
         self._undo: _StepUndo | None = None  # the step in flight's saved state
+        self._flight: _Flight | None = None  # async_scheduling: launched, not yet processed
         self._max_width = -(-max_len // cfg.block_size)  # blocks of the longest sequence
         self._staging = HostStaging(self.device)
         self._graphs: Any = None  # decode steps, captured whole
@@ -344,7 +349,17 @@ class LLMEngine:
         Returns the request's final output (``finish_reason="abort"`` on the sequences that
         were still running; for a ``DELTA`` request, what is new since its last output), or
         None for an unknown id.
+
+        With ``async_scheduling``, a request in the step in flight gives its blocks back when
+        that step is processed (the device still writes them); the abort processes it at once
+        when no other sequence is in it.
         """
+        final = self._abort_request(request_id)
+        if self._flight is not None and not self.scheduler.in_flight():
+            self._async_step(False)  # nothing left in flight: process it, free the blocks
+        return final
+
+    def _abort_request(self, request_id: str) -> RequestOutput | None:
         group = self._requests.pop(request_id, [])
         for seq in group:
             self._children.pop(seq.seq_id, None)
@@ -371,8 +386,8 @@ class LLMEngine:
         self._sent.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        """Some request is waiting, running or swapped."""
-        return self.scheduler.has_unfinished_requests()
+        """Some request is waiting, running or swapped, or a step is in flight."""
+        return self.scheduler.has_unfinished_requests() or self._flight is not None
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any (idempotent); a later step raises
@@ -414,9 +429,14 @@ class LLMEngine:
         the step (queues, block manager, KV of blocks the step overwrote, sequences, request
         records, seeded generators) and the exception propagates. Stepping again retries the
         same step; ``abort_request`` drops a request that cannot run.
+
+        With ``EngineConfig.async_scheduling`` a call may launch the next step before it
+        processes the one in flight, and return that one's outputs: see
+        :meth:`_async_step`.
         """
-        outputs = self._transaction(finished_only, False)[1]
-        return outputs  # type: ignore[return-value]  # (no compact report without compact)
+        if self.config.async_scheduling:
+            return self._async_step(finished_only)
+        return self._full_outputs(self._transaction(finished_only, False)[1])
 
     @torch.inference_mode()
     def step_compact(self) -> tuple[float, list[RequestOutput | CompactReport]]:
@@ -434,7 +454,12 @@ class LLMEngine:
         it, so the step's undo (which restores the ``_sent`` table) covers both alike. Here in
         the engine rather than in the engine process reading sequences after a step: only the
         engine knows which requests a step sampled and what their outputs reported, and the
-        undo journal already owns that record. All or nothing, as :meth:`step`."""
+        undo journal already owns that record. All or nothing, as :meth:`step`. With
+        ``async_scheduling`` every output is a full one (the overlapped path builds no compact
+        report yet), and the time is the call's."""
+        if self.config.async_scheduling:
+            outputs: list[RequestOutput | CompactReport] = list(self._async_step(False))
+            return time.time(), outputs
         return self._transaction(False, True)
 
     def _transaction(
@@ -500,6 +525,13 @@ class LLMEngine:
                 f"{self.num_free_gpu_blocks} free blocks"
             )
         self.scheduler.update(StepOutcome(sampled, frozenset(finished)))
+        return now, self._outputs(touched, finished_only, now, compact)
+
+    def _outputs(
+        self, touched: list[Sequence], finished_only: bool, now: float, compact: bool = False
+    ) -> list[RequestOutput | CompactReport]:
+        """The outputs of the requests of the sequences a step sampled (``touched``), and the
+        records of those that finished dropped (``compact``: see :meth:`step_compact`)."""
         outputs: list[RequestOutput | CompactReport] = []
         # With finished_only, only a request with a sequence finishing now can be done now.
         for request_id in dict.fromkeys([seq.request_id for seq in touched]):
@@ -522,7 +554,7 @@ class LLMEngine:
                 outputs.append(self._delta_output(group) if delta else self.request_output(group))
             if done:
                 self._forget(request_id)
-        return now, outputs
+        return outputs
 
     def _compact_report(self, seq: Sequence) -> CompactReport | None:
         """:meth:`step_compact`'s report of a request's only sequence, or None where its
@@ -910,13 +942,262 @@ class LLMEngine:
             for owner, entry in zip(owners[i : i + chunk], entries):
                 owner.append(entry)
 
+    # -- overlapped ("asynchronous") scheduling ---------------------------------------------
+    def _async_step(self, finished_only: bool) -> list[RequestOutput]:
+        """One call of ``step()`` with ``async_scheduling``, as one transaction.
+
+        Without a step in flight: a step that could be overlapped (pure decode of every
+        running sequence, see :meth:`_can_overlap`) is scheduled and launched and left in
+        flight (the call returns nothing); any other step runs synchronously. With a step
+        ``n`` in flight: if ``n + 1`` can be overlapped it is launched first, its input ids
+        read from ``n``'s sampled tokens on the device, then ``n`` is processed (its tokens
+        reach the host, stop checks, scheduler update, outputs) while ``n + 1`` runs; else
+        ``n`` is processed alone (a drain) and the next call runs as without a flight.
+
+        A call that raises leaves the engine as it was before the call, with the step that
+        was in flight still in flight (its sampled tokens are on the device, unchanged); the
+        step the call launched is forgotten (its K/V went to slots past every sequence's
+        computed tokens, or to fresh blocks whose cached K/V the undo puts back).
+        """
+        flight = self._flight
+        undo = self._undo = self._save_step(in_flight=flight is not None)
+        try:
+            outputs = self._async_body(flight, finished_only)
+        except BaseException as exc:
+            self._undo = None
+            self._restore_step(undo)
+            self._flight = flight
+            note = getattr(exc, "add_note", None)  # Python >= 3.11
+            if note is not None:
+                note(f"pagedkv: step {self.stats.steps + 1} was rolled back (engine as before)")
+            raise
+        self._undo = None
+        self.block_manager.commit()
+        return outputs
+
+    def _async_body(self, flight: _Flight | None, finished_only: bool) -> list[RequestOutput]:
+        if flight is None:
+            if not self._can_start_flight():
+                return self._full_outputs(self._step(finished_only, False)[1])
+            self._flight = self._start_flight()
+            return []
+        plan = self._overlap_plan(flight)
+        if plan is None:
+            self._flight = None
+            self.stats.drained += 1
+            return self._finish_flight(flight, finished_only, None)
+        launched = self._launch_next(flight, plan)
+        self._flight = None
+        outputs = self._finish_flight(flight, finished_only, (launched, plan))
+        self._flight = launched
+        return outputs
+
+    def _can_overlap(self, seqs: list[Sequence], ahead: int) -> bool:
+        """Whether a decode step of exactly ``seqs`` (the whole running queue) can run with
+        its sampled tokens left on the device: nothing waiting or swapped out, no child to
+        fork, no prompt logprobs, one device, and no row that needs host state to sample
+        (logits processors or penalties, ``logprobs``, a ``min_tokens`` ban still active
+        ``ahead`` tokens from now)."""
+        sched = self.scheduler
+        if (
+            not seqs
+            or sched.waiting
+            or sched.swapped
+            or self._children
+            or self._prompt_logprobs
+            or self.tensor_parallel is not None
+            or self.kv_scales
+            or len(seqs) != len(sched.running)
+        ):
+            return False
+        for seq in seqs:
+            p = seq.sampling_params
+            if p.needs_history or p.logprobs is not None:
+                return False
+            if p.min_tokens and seq.num_output_tokens + ahead < p.min_tokens:
+                return False
+        return True
+
+    def _can_start_flight(self) -> bool:
+        """The next ``schedule()`` is one decode token for every running sequence (all
+        pending, no preemption) and :meth:`_can_overlap` holds for them."""
+        running = self.scheduler.running
+        if not all(seq.pending for seq in running) or not self._can_overlap(running, 0):
+            return False
+        return bool(self.block_manager.can_append([seq.seq_id for seq in running]))
+
+    def _start_flight(self) -> _Flight:
+        """Schedule and launch a pure-decode step; leave its tokens on the device."""
+        out = self.scheduler.schedule()
+        self._saved_schedule(out)
+        self.stats.record(out)
+        if (
+            out.preempted
+            or out.swapped_out
+            or out.swapped_in
+            or not all(s.num_tokens == 1 and s.sample for s in out.scheduled)
+        ):  # pragma: no cover - _can_start_flight rules these out
+            raise RuntimeError("async_scheduling: the step to launch is not a pure decode")
+        self._apply_cache_ops(out)  # copy-on-write of a forked child's first append
+        seqs = [self.scheduler.seqs[s.seq_id] for s in out.scheduled]
+        return self._launch(seqs, self._build_batch(out), None)
+
+    def _overlap_plan(self, flight: _Flight) -> _Plan | None:
+        """How step ``n + 1`` would run over the live rows of ``flight`` (step ``n``), or None
+        when it must not be overlapped: the rows' slots for their pending tokens, as the
+        block manager will give them (``peek_append``; None on copy-on-write or too few
+        blocks: the synchronous step preempts)."""
+        live = self.scheduler.in_flight()
+        if not live:
+            return None
+        rows = [i for i, q in enumerate(flight.seqs) if q.seq_id in live]
+        seqs = [flight.seqs[i] for i in rows]
+        if len(rows) != len(live) or not self._can_overlap(seqs, 1):
+            return None
+        peek = getattr(self.block_manager, "peek_append", None)
+        if peek is None:  # the spec's block manager: no peek
+            return None
+        ids = np.array([q.seq_id for q in seqs], dtype=np.int64)  # [N]
+        got = peek(ids)
+        if got is None:
+            return None
+        slots, fresh = got
+        return _Plan(rows, seqs, ids, slots, fresh)
+
+    def _launch_next(self, flight: _Flight, plan: _Plan) -> _Flight:
+        """Launch step ``n + 1`` of ``plan``: one token per sequence at position
+        ``num_computed`` (the token step ``n`` sampled, id still on the device), in the slot
+        ``peek_append`` gave."""
+        seqs, bs = plan.seqs, self.config.block_size
+        n = len(seqs)
+        positions = np.array([q.num_computed for q in seqs], dtype=np.int64)  # [N]
+        if any(len(q.token_ids) != p for q, p in zip(seqs, positions.tolist())):
+            raise RuntimeError("async_scheduling: a sequence of the step in flight has a token")
+        tables = self.block_manager.gather(plan.ids)[0]  # [N, w]
+        cols = positions // bs  # [N] the pending token's block
+        width = max(int(tables.shape[1]), int(cols.max()) + 1)
+        if width > tables.shape[1]:
+            wide = np.zeros((n, width), dtype=np.int32)
+            wide[:, : tables.shape[1]] = tables
+            tables = wide
+        tables[np.arange(n), cols] = plan.slots // bs  # fresh blocks (the others are there)
+        if self.device.type == "cuda":
+            padded = padded_width(width, self._max_width)
+            if padded != width:
+                wide = np.zeros((n, padded), dtype=np.int32)  # [N, W]
+                wide[:, :width] = tables
+                tables = wide
+        batch = HostBatch(
+            np.zeros(n, dtype=np.int64),  # the ids come from the device
+            positions,
+            plan.slots,
+            tables,
+            (positions + 1).astype(np.int32),
+            np.arange(n + 1, dtype=np.int32),
+            1,
+            True,
+            np.arange(n, dtype=np.int64),
+        )
+        if plan.fresh.size and self.config.enable_prefix_caching and self._undo is not None:
+            # fresh blocks still in the prefix cache: the step overwrites their K/V
+            cached = plan.fresh[_cached_mask(self.block_manager.live)[plan.fresh]]
+            self._undo.kv = save_kv_blocks(self.kv_caches, cached, self.device)
+        ids = flight.tokens
+        if len(plan.rows) != int(ids.shape[0]):  # rows of finished or aborted sequences
+            index = torch.tensor(plan.rows, dtype=torch.int64).to(ids.device)
+            ids = ids.index_select(0, index)  # [N]
+        self.stats.overlapped += 1
+        return self._launch(seqs, batch, ids)
+
+    def _launch(self, seqs: list[Sequence], batch: HostBatch, ids: torch.Tensor | None) -> _Flight:
+        """Run the forward and the sampling of a decode batch (``ids`` [N] on the device
+        replaces ``batch.tokens``) and start the sampled tokens' copy to the host."""
+        self._own_fused_ops()
+        hidden = None
+        if self._graphs is not None:
+            hidden = self._graphs.run(batch, ids)  # [N, H] or None
+        if hidden is None:
+            input_ids, positions, ctx, _ = self._staging.upload(batch)
+            hidden = self.model(input_ids if ids is None else ids, positions, ctx, self.kv_caches)
+        logits = self.model.compute_logits(hidden)  # [N, V] float32
+        gens = [self._generators.get(q.seq_id) for q in seqs] if self._generators else None
+        params = [q.sampling_params for q in seqs]
+        if self._undo is not None:
+            self._undo.save_rng(gens, params, self.device)
+        tokens, packed = self.sampler.sample_device(logits, params, gens)  # [N], [2, N]
+        event = None
+        if packed.device.type == "cuda":
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record()
+            packed = host
+        return _Flight(seqs, tokens, packed, event)
+
+    def _finish_flight(
+        self,
+        flight: _Flight,
+        finished_only: bool,
+        launched: tuple[_Flight, _Plan] | None,
+    ) -> list[RequestOutput]:
+        """Process step ``n`` (``flight``): its tokens on the host, appended, stop checks,
+        outputs. With ``launched`` (step ``n + 1``, running now), the block manager takes
+        ``n + 1``'s pending tokens (the ids just read: their slots are the ones ``n + 1``
+        writes, checked, and full blocks are hashed into the prefix cache with the real ids)
+        before ``n``'s update frees the finished sequences, whose ``n + 1`` rows are dropped;
+        then the scheduler records ``n + 1`` in flight."""
+        if flight.event is not None:
+            flight.event.synchronize()
+        packed = flight.host.tolist()  # [2, N]
+        live = self.scheduler.in_flight() or {}
+        rows = [i for i, q in enumerate(flight.seqs) if q.seq_id in live]
+        seqs = [flight.seqs[i] for i in rows]
+        tokens = [int(packed[0][i]) for i in rows]
+        self._saved_sequences(seqs)
+        now = time.time()
+        metrics = self._metrics
+        for seq, token, i in zip(seqs, tokens, rows):
+            seq.token_ids.append(token)
+            seq.cumulative_logprob += packed[1][i]
+            metrics[seq.request_id].token(now)
+        stopped = self._stop.check_all(seqs)
+        self.stats.generated_tokens += len(tokens)
+        if launched is not None:
+            nxt, plan = launched
+            if plan.rows and [q.seq_id for q in seqs] != plan.ids.tolist():
+                raise RuntimeError("async_scheduling: the launched step's rows changed")
+            slots, pairs = self.block_manager.append_batch(
+                plan.ids, np.array(tokens, dtype=np.int64)
+            )
+            if pairs.shape[0] or not np.array_equal(slots, plan.slots):
+                raise RuntimeError(
+                    "async_scheduling: the block manager gave other slots than peek_append"
+                )
+        sampled = {seq.seq_id: token for seq, token in zip(seqs, tokens)}
+        finished = frozenset(seq.seq_id for seq in stopped)
+        self.scheduler.update(StepOutcome(sampled, finished))
+        if launched is not None:
+            out = self.scheduler.continue_decodes(
+                [q for q in launched[0].seqs if not q.is_finished]
+            )
+            self.stats.record(out)
+        return self._full_outputs(
+            self._outputs(stopped if finished_only else seqs, finished_only, now)
+        )
+
+    @staticmethod
+    def _full_outputs(outputs: list[RequestOutput | CompactReport]) -> list[RequestOutput]:
+        """``outputs`` of a step built without ``compact``: every one a :class:`RequestOutput`."""
+        return outputs  # type: ignore[return-value]
+
     # -- the step as a transaction ----------------------------------------------------------
-    def _save_step(self) -> _StepUndo:
-        """What undoing the next step needs, as far as it is known before scheduling."""
+    def _save_step(self, in_flight: bool = False) -> _StepUndo:
+        """What undoing the next step needs, as far as it is known before scheduling
+        (``in_flight``: a step launched by the last call is in flight, async_scheduling)."""
         self.block_manager.begin()
         tables = {name: copy.copy(getattr(self, name)) for name in _TABLES if hasattr(self, name)}
         return _StepUndo(
-            checkpoint(self.scheduler),
+            checkpoint(self.scheduler, in_flight),
             dataclasses.replace(self.stats),
             tables,
             dict(self._stop._detok),
@@ -1129,6 +1410,27 @@ def _detok_state(detok: Any) -> tuple[int, int, int, str] | None:
     if detok is None:
         return None
     return len(detok.ids), detok.read_offset, detok.prefix_offset, detok.text
+
+
+@dataclass(frozen=True)
+class _Flight:
+    """A decode step launched by ``async_scheduling`` whose tokens the host has not read."""
+
+    seqs: list[Sequence]  # [N] its rows' sequences, in scheduled order
+    tokens: torch.Tensor  # [N] int64 on the device: the next step's input ids
+    host: torch.Tensor  # [2, N] float64 (ids, raw log-probs): pinned on CUDA, copy in flight
+    event: Any  # torch.cuda.Event recorded after the copy (None on the CPU)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Step ``n + 1`` over the live rows of step ``n`` in flight (``_overlap_plan``)."""
+
+    rows: list[int]  # [N'] rows of step n that continue (not aborted)
+    seqs: list[Sequence]  # [N'] their sequences
+    ids: np.ndarray  # [N'] int64 sequence ids
+    slots: np.ndarray  # [N'] int64 the pending tokens' slots (peek_append)
+    fresh: np.ndarray  # [K] int64 free blocks the appends take, queue order
 
 
 @dataclass

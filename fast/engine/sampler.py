@@ -104,6 +104,32 @@ class Sampler:
         token_list, sampled, lps = _logprobs(logits, tokens, [p.logprobs for p in params])
         return SamplerOutput(token_list, lps, sampled)
 
+    def sample_device(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`sample` without the host: logits [N, V] -> (tokens [N] int64, packed [2, N]
+        float64 of the token ids and their raw log-probabilities), both on the logits' device,
+        with no synchronization (the engine's overlapped scheduling feeds ``tokens`` to the
+        next step's forward and copies ``packed`` to the host while it runs). The same tokens
+        and log-probabilities as :meth:`sample` for rows without logits processors,
+        penalties, bans or ``logprobs`` (the engine runs those rows synchronously)."""
+        n = logits.shape[0]
+        gens: Sequence[torch.Generator | None] = (
+            generators if generators is not None else [None] * n
+        )
+        if len(params) != n or len(gens) != n:
+            raise SamplerInputError(f"{n} logit rows, {len(params)} params, {len(gens)} generators")
+        if any(p.needs_history or p.logprobs is not None for p in params):
+            raise SamplerInputError("sample_device takes no history or logprobs rows")
+        logits = logits.float()
+        tokens = self._choose(logits, params, gens)  # [N]
+        norm = torch.logsumexp(logits, dim=-1)  # [N]
+        chosen = logits.gather(1, tokens[:, None]).squeeze(1) - norm  # [N]
+        return tokens, torch.stack((tokens.to(torch.float64), chosen.to(torch.float64)))
+
     # -- token choice
     def _choose(
         self,

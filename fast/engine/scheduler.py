@@ -130,6 +130,9 @@ class SchedulerCheckpoint(NamedTuple):
     waiting: list[Sequence]
     running: list[tuple[Sequence, int, bool]]  # (sequence, num_computed, pending)
     swapped: list[tuple[Sequence, int]]  # (sequence, num_computed)
+    # a step in flight (the engine's overlapped scheduling saves between schedule() and
+    # update()): (sampling sequences, ids using blocks, scheduled order, deferred frees)
+    flight: tuple[dict[int, Sequence], set[int], list[int], list[int]] | None = None
 
 
 class Scheduler:
@@ -229,6 +232,38 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED_ABORTED
         if self._in_flight is not None:
             self._in_flight.pop(seq_id, None)
+
+    def in_flight(self) -> dict[int, Sequence] | None:
+        """The sequences that sample in the step in flight (scheduled, not yet updated), in
+        scheduled order; None between steps. Read it, never change it."""
+        return self._in_flight
+
+    def continue_decodes(self, seqs: list[Sequence]) -> SchedulerOutput:
+        """Schedule one decode token for each of ``seqs`` (running, pending), whose pending
+        token the caller has appended to the block manager already: the engine's overlapped
+        scheduling allocates those slots before the tokens are known (``peek_append``) and
+        appends them before :meth:`update` of the step that sampled them. The same
+        decisions as :meth:`schedule`'s decode fast path for a running queue of ``seqs``."""
+        if self._in_flight is not None:
+            raise SchedulerOrderError("schedule", "update() of the previous step is missing")
+        for seq in seqs:
+            if (
+                self.seqs.get(seq.seq_id) is not seq
+                or seq.status is not _RUNNING
+                or not (seq.pending and seq.in_pool)
+            ):
+                raise InvalidArgumentError(
+                    "seqs",
+                    seq.seq_id,
+                    "continue_decodes needs running sequences with a pending token",
+                )
+        step = _Step(self.config.max_num_batched_tokens)
+        self.allocations = []
+        step.add_decodes(seqs, [seq.seq_id for seq in seqs])
+        self._in_flight = step.sampling
+        self._in_step = step.done
+        self._step_order = step.order
+        return step.output()
 
     def schedule(self) -> SchedulerOutput:
         """One step of decisions: running decodes, running prefills, swapped, waiting."""
@@ -401,19 +436,30 @@ class Scheduler:
 
 
 # -- undoing a step (the engine's rollback) -----------------------------------------------------
-def checkpoint(scheduler: Scheduler) -> SchedulerCheckpoint:
+def checkpoint(scheduler: Scheduler, allow_in_flight: bool = False) -> SchedulerCheckpoint:
     """What :func:`restore` needs to undo ``scheduler``'s next step (call it between steps).
 
     Only running and swapped sequences carry fields a step changes and cannot re-derive: a
-    waiting sequence always has nothing computed and nothing in the pool.
+    waiting sequence always has nothing computed and nothing in the pool. With
+    ``allow_in_flight`` (the engine's overlapped scheduling) a step may be in flight: its
+    scheduler state is saved too, and :func:`restore` puts it back in flight.
     """
+    flight = None
     if scheduler._in_flight is not None:
-        raise SchedulerOrderError("checkpoint", "a step is in flight")
+        if not allow_in_flight:
+            raise SchedulerOrderError("checkpoint", "a step is in flight")
+        flight = (
+            dict(scheduler._in_flight),
+            set(scheduler._in_step),
+            list(scheduler._step_order),
+            list(scheduler._deferred),
+        )
     return SchedulerCheckpoint(
         dict(scheduler.seqs),
         list(scheduler.waiting),
         [(seq, seq.num_computed, seq.pending) for seq in scheduler.running],
         [(seq, seq.num_computed) for seq in scheduler.swapped],
+        flight,
     )
 
 
@@ -442,6 +488,13 @@ def restore(scheduler: Scheduler, saved: SchedulerCheckpoint) -> None:
             True,
         )
         scheduler.swapped.append(seq)
+    if saved.flight is not None:
+        in_flight, in_step, order, deferred = saved.flight
+        scheduler._in_flight = dict(in_flight)
+        scheduler._in_step = set(in_step)
+        scheduler._step_order = list(order)
+        scheduler._deferred = list(deferred)
+        return
     scheduler._in_flight = None
     scheduler._in_step = set()
     scheduler._deferred = []
