@@ -507,3 +507,31 @@ def test_fault_after_launch_gives_back_evicted_cached_kv() -> None:
                 assert torch.equal(k[blocks], k0) and torch.equal(v[blocks], v0)
     assert hit, "no fresh block came from the prefix cache"
     assert engine.num_free_gpu_blocks == engine.num_gpu_blocks
+
+
+def test_step_compact_with_async_scheduling_reports_full_outputs() -> None:
+    """The engine process calls ``step_compact()``; with ``async_scheduling`` it returns full
+    ``DELTA`` outputs (no compact tuple), whose new tokens add up to the synchronous engine's."""
+    prompts, n_out = trace(12, seed=3)
+    plain = mixed_params(n_out, False)
+    sync = run(make_engine(False), prompts, plain)
+    engine = make_engine(True)
+    for i, (p, sp) in enumerate(zip(prompts, plain, strict=True)):
+        delta = dataclasses.replace(sp, output_kind=RequestOutputKind.DELTA)
+        engine.add_request(str(i), {"prompt_token_ids": p}, delta)
+    got: dict[str, list[int]] = {}
+    finished: set[str] = set()
+    for _ in range(5000):
+        if not engine.has_unfinished_requests():
+            break
+        when, outs = engine.step_compact()
+        assert isinstance(when, float)
+        for out in outs:
+            assert isinstance(out, RequestOutput), out
+            for c in out.outputs:
+                got.setdefault(out.request_id, []).extend(c.token_ids)
+            if out.finished:
+                finished.add(out.request_id)
+    assert finished == set(sync)
+    assert {k: [v] for k, v in got.items()} == {k: v[0] for k, v in sync.items()}
+    assert engine.stats.overlapped > 20, engine.stats
