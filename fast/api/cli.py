@@ -159,6 +159,13 @@ def _add_serve_parser(sub: Any) -> None:
     )
     eng.add_argument("--preemption-mode", choices=("recompute", "swap"), default=None)
     eng.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None)
+    eng.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="launch each decode step before the previous one's tokens reach the host "
+        "(docs/engine.md, 'Overlapped scheduling'; off by default)",
+    )
     eng.add_argument("--max-logprobs", type=int, default=None)
     eng.add_argument("--seed", type=int, default=None, help="the engine's seed (default 0)")
     eng.add_argument(
@@ -190,6 +197,7 @@ SERVE_ENGINE_OPTIONS = (
     "enable_chunked_prefill",
     "preemption_mode",
     "enforce_eager",
+    "async_scheduling",
     "max_logprobs",
     "seed",
     "generation_config",

@@ -46,21 +46,23 @@ def reference(char_model: Path) -> LLM:
     return _llm(char_model)
 
 
-@pytest.fixture(scope="module", params=["engine-thread", "engine-process"])
+@pytest.fixture(scope="module", params=["engine-thread", "engine-process", "async-scheduling"])
 def server(char_model: Path, request: pytest.FixtureRequest) -> Iterator[BackgroundServer]:
     """The server with its engine in a thread of this process, then in a process of its own
-    (``pagedkv serve --engine-process``): every test runs on both."""
+    (``pagedkv serve --engine-process``), then there with overlapped scheduling
+    (``--async-scheduling``): every test runs on all three."""
     llm: Any
-    if request.param == "engine-process":
+    if request.param != "engine-thread":
         from fast.api.engine_process import EngineProcess
 
-        llm = EngineProcess(str(char_model), **ENGINE)
+        overlap = request.param == "async-scheduling"
+        llm = EngineProcess(str(char_model), **ENGINE, async_scheduling=overlap)
     else:
         llm = _llm(char_model)
     app = build_app(llm, ServerConfig(served_model_name=NAME))
     with BackgroundServer(app) as srv:
         yield srv
-    if request.param == "engine-process":
+    if request.param != "engine-thread":
         assert not llm._proc.is_alive()  # the shutdown stopped the engine process
 
 

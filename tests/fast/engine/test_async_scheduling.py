@@ -535,3 +535,14 @@ def test_step_compact_with_async_scheduling_reports_full_outputs() -> None:
     assert finished == set(sync)
     assert {k: [v] for k, v in got.items()} == {k: v[0] for k, v in sync.items()}
     assert engine.stats.overlapped > 20, engine.stats
+
+
+def test_serve_takes_async_scheduling() -> None:
+    """``pagedkv serve --async-scheduling`` passes ``async_scheduling=True`` to the engine; off
+    (the engine's default) when not given."""
+    from fast.api.cli import SERVE_ENGINE_OPTIONS, build_parser
+
+    assert "async_scheduling" in SERVE_ENGINE_OPTIONS
+    assert build_parser().parse_args(["serve", "--async-scheduling"]).async_scheduling is True
+    assert build_parser().parse_args(["serve"]).async_scheduling is None
+    assert build_parser().parse_args(["serve", "--no-async-scheduling"]).async_scheduling is False
