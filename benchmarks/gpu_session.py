@@ -34,10 +34,10 @@ ROOT = HERE.parent
 
 
 def _serve_load(arrangement: str, results: str) -> tuple[list[str], str]:
-    """serve_load.py's H200 run (384 requests of the trace at infinite rate and 32 req/s) with
+    """serve_load.py's H200 run (384 requests of the trace at infinite rate, 40 and 48 req/s) with
     the engine in its own process or in a thread of the server."""
     args = ["--model", "random-llama3-8b", "--device", "cuda", "--requests", "384"]
-    args += ["--rates", "inf,32", "--max-num-seqs", "256", arrangement]
+    args += ["--rates", "inf,40,48", "--max-num-seqs", "256", arrangement]
     return ["benchmarks/serve_load.py", *args, "--out", "{out}/" + results], results
 
 
