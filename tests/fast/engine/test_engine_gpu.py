@@ -167,3 +167,62 @@ def test_mixed_steps_from_piecewise_graphs_equal_eager_mixed_steps() -> None:
             assert engine._mixed.replays > 5
         results.append({o.request_id: o.outputs[0].token_ids for o in outs})
     assert results[0] == results[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_async_scheduling_on_gpu_equals_the_synchronous_engine(enforce_eager: bool) -> None:
+    """Overlapped decode steps (``async_scheduling``: the next step launched with its input ids
+    read from the previous step's sampled tokens on the device, the ids copied to pinned host
+    memory behind an event) give the synchronous engine's tokens on a GPU, from CUDA graphs and
+    eagerly: greedy and seeded requests, EOS and lengths finishing at different steps (float32,
+    so that the dropped rows of finished sequences cannot change a kept row's rounding)."""
+    from fast.loader import random_model
+    from fast.model.config import ModelConfig
+
+    cfg = ModelConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=1024,
+        eos_token_id=7,
+    )
+    model = random_model(cfg, seed=0, dtype=torch.float32, device="cuda")
+    g = torch.Generator().manual_seed(9)
+    lengths = [int(n) for n in torch.randint(3, 200, (24,), generator=g)]
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in lengths]
+    results = []
+    for flag in (False, True):
+        llm = LLM(
+            model,
+            device="cuda",
+            num_gpu_blocks=512,
+            block_size=16,
+            max_model_len=512,
+            max_num_seqs=16,
+            enforce_eager=enforce_eager,
+            async_scheduling=flag,
+        )
+        engine = llm.llm_engine
+        for i, p in enumerate(prompts):
+            params = SamplingParams(
+                temperature=0.0 if i % 2 else 0.9,
+                seed=None if i % 2 else 100 + i,
+                max_tokens=8 + 3 * i,
+                ignore_eos=i % 3 == 0,
+            )
+            engine.add_request(str(i), p, params)
+        outs = []
+        while engine.has_unfinished_requests():
+            outs += engine.step(finished_only=True)
+        assert engine.num_free_gpu_blocks == 512
+        if flag:
+            assert engine.stats.overlapped > 20, engine.stats
+        results.append(
+            {o.request_id: (o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs}
+        )
+    assert results[0] == results[1]
