@@ -3,10 +3,9 @@
 A process that has imported torch and built an engine tracks about 250,000 container objects
 before its first request (253,223 for a small random model on this repository's CPU), and every
 full collection of Python's cyclic collector walks all of them: 114 ms on that CPU at start-up,
-164 ms with 1,000 requests in flight. On the H200 such a collection stalled one decode step of
-the 1,000-request trace for 225 ms (``benchmarks/results/engine_gpu_1000.json``, step 1467; the
-same run with the collector disabled has no such step and ran at 11,980 against 11,583 tok/s,
-``engine_gpu_1000_gc_disabled.json``).
+164 ms with 1,000 requests in flight. (One decode step of the H200's 1,000-request trace takes
+213-225 ms; a run with the collector disabled had no such step, but a run with the heap frozen
+still had it, so that step is not explained by this walk: docs/performance.md, "End to end".)
 
 :func:`freeze_startup_heap` collects once, then moves every object alive into the collector's
 permanent generation (``gc.freeze``), so later collections walk only what requests create (a full
