@@ -18,7 +18,28 @@ import torch
 
 from fast.model.attention_context import AttentionContext
 
-__all__ = ["HostBatch", "HostStaging", "leading_decodes", "padded_width"]
+__all__ = ["HostBatch", "HostStaging", "leading_decodes", "padded_width", "to_device"]
+
+
+def to_device(values: object, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host array (a list or numpy array) as a 1-D tensor of ``dtype`` on ``device``,
+    without waiting for the device.
+
+    ``torch.tensor(values, device=cuda)`` and ``.to(cuda)`` of a pageable CPU tensor copy
+    synchronously: the host waits for every kernel queued on the stream before the copy, which
+    undoes overlapped scheduling (the step launched ahead is among them). On CUDA the values go
+    through pinned memory in an asynchronous copy (the pinned block is not reused before the
+    copy is done: torch's host allocator records the copy's stream); elsewhere a plain tensor.
+
+    >>> to_device([3, 1, 2], torch.int64, torch.device("cpu")).tolist()
+    [3, 1, 2]
+    >>> to_device(np.array([0.5, 2.0]), torch.float32, torch.device("cpu")).dtype
+    torch.float32
+    """
+    host = torch.as_tensor(np.asarray(values), dtype=dtype).reshape(-1)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def padded_width(width: int, max_width: int) -> int:

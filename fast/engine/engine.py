@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import kernels
-from fast.engine.batch import HostBatch, HostStaging, padded_width
+from fast.engine.batch import HostBatch, HostStaging, padded_width, to_device
 from fast.engine.config import EngineConfig, pool_sizes, resolve_device, resolve_dtype
 from fast.engine.inputs import ParsedPrompt, parse_prompt, parse_prompts
 from fast.engine.journal import (
@@ -1104,7 +1104,7 @@ class LLMEngine:
             self._undo.kv = save_kv_blocks(self.kv_caches, cached, self.device)
         ids = flight.tokens
         if len(plan.rows) != int(ids.shape[0]):  # rows of finished or aborted sequences
-            index = torch.tensor(plan.rows, dtype=torch.int64).to(ids.device)
+            index = to_device(plan.rows, torch.int64, ids.device)  # [N] (no stream sync)
             ids = ids.index_select(0, index)  # [N]
         self.stats.overlapped += 1
         return self._launch(seqs, batch, ids)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fast.engine.batch import to_device
 from kernels.cache_ops import as_bytes
 
 __all__ = [
@@ -51,7 +52,7 @@ def save_kv_blocks(
     """Copies of the K/V of ``blocks`` in every layer (None for no blocks)."""
     if len(blocks) == 0:
         return None
-    index = torch.as_tensor(np.asarray(blocks, dtype=np.int64)).to(device)  # [E]
+    index = to_device(np.asarray(blocks, dtype=np.int64), torch.int64, device)  # [E]
     return index, [(k.index_select(0, index), v.index_select(0, index)) for k, v in kv_caches]
 
 

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from fast.engine.batch import to_device
 from fast.engine.outputs import Logprob
 from fast.engine.sampling_params import LogitsProcessor, SamplingParams
 
@@ -142,18 +143,23 @@ class Sampler:
         rows = [i for i, p in enumerate(params) if not p.is_greedy]  # decided on the host
         if not rows:
             return tokens
-        sub = logits[rows]  # [M, V]
+        # (index tensors through to_device: a Python list as an index copies synchronously)
+        index = to_device(rows, torch.int64, logits.device)  # [M]
+        sub = logits.index_select(0, index)  # [M, V]
         probs = torch.softmax(warp_logits(sub, [params[r] for r in rows]), dim=-1)  # [M, V]
         race = torch.empty_like(probs)  # [M, V]
         unseeded = [i for i, r in enumerate(rows) if gens[r] is None]
         if unseeded:
-            race[unseeded] = torch.empty_like(probs[unseeded]).exponential_()
+            draws = torch.empty(
+                (len(unseeded), probs.shape[1]), dtype=probs.dtype, device=probs.device
+            ).exponential_()  # [U, V]
+            race.index_copy_(0, to_device(unseeded, torch.int64, probs.device), draws)
         for i, r in enumerate(rows):
             gen = gens[r]
             if gen is not None:
                 race[i].exponential_(generator=gen)
         race.clamp_(min=torch.finfo(race.dtype).tiny)  # an Exp(1) draw of exactly 0
-        tokens[rows] = (probs / race).argmax(dim=-1)
+        tokens.index_copy_(0, index, (probs / race).argmax(dim=-1))
         return tokens
 
 
@@ -281,7 +287,7 @@ def process_logits(
 def warp_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Step 4 for sampled rows: divide by the temperature, then the top-k, top-p and min-p
     masks (to -inf); logits [M, V] -> [M, V]. The rows must not be greedy."""
-    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
+    temps = to_device([p.temperature for p in params], logits.dtype, logits.device)  # [M]
     out = apply_top_k_top_p(
         logits / temps[:, None], [p.top_k_or_none for p in params], [p.top_p for p in params]
     )
@@ -340,13 +346,13 @@ def apply_top_k_top_p(
     rank = torch.arange(v, device=logits.device)[None, :]  # [1, V]
     remove = torch.zeros(m, v, dtype=torch.bool, device=logits.device)  # [M, V]
     if use_k:
-        ks = torch.tensor([k if k is not None else v for k in top_k], device=logits.device)
+        ks = to_device([k if k is not None else v for k in top_k], torch.int64, logits.device)
         remove |= rank >= ks[:, None]
     if use_p:
         masked = sorted_logits.masked_fill(remove, float("-inf"))
         probs = torch.softmax(masked, dim=-1)  # [M, V]
         before = probs.cumsum(dim=-1) - probs  # mass before i
-        ps = torch.tensor(list(top_p), dtype=probs.dtype, device=logits.device)
+        ps = to_device(list(top_p), probs.dtype, logits.device)  # [M]
         remove |= (before >= ps[:, None]) & (rank > 0)
     mask = torch.empty_like(remove).scatter_(1, order, remove)  # back to [M, V]
     return logits.masked_fill(mask, float("-inf"))
@@ -356,6 +362,6 @@ def apply_min_p(logits: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
     """Mask (to -inf) the tokens whose probability is below ``min_p`` times the row's largest;
     logits [M, V] -> [M, V]. The most likely token always stays; 0 keeps everything."""
     probs = torch.softmax(logits, dim=-1)  # [M, V]
-    ps = torch.tensor(list(min_p), dtype=probs.dtype, device=logits.device)[:, None]  # [M, 1]
+    ps = to_device(list(min_p), probs.dtype, logits.device)[:, None]  # [M, 1]
     remove = probs < ps * probs.max(dim=-1, keepdim=True).values
     return logits.masked_fill(remove, float("-inf"))

@@ -438,3 +438,44 @@ def test_gpu_penalties_warps_and_logprobs_equal_cpu() -> None:
             assert list(la) == list(lb) and [v.rank for v in la.values()] == [
                 v.rank for v in lb.values()
             ]
+
+
+@pytest.mark.gpu
+def test_gpu_sample_device_never_synchronizes() -> None:
+    """``Sampler.sample_device`` (overlapped scheduling's sampling) queues its work without a
+    synchronizing call: greedy, temperature, top-k, top-p and min-p rows, seeded and not, run
+    under ``torch.cuda.set_sync_debug_mode("error")`` (a copy from pageable memory, an
+    ``.item()`` or a list used as an index would raise); the tokens equal ``sample``'s."""
+    logits = torch.randn(6, 300, device="cuda", generator=None)
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.7, seed=3),
+        SamplingParams(temperature=1.0, top_k=20),
+        SamplingParams(temperature=0.9, top_p=0.8, seed=4),
+        SamplingParams(temperature=1.1, min_p=0.05),
+        SamplingParams(temperature=0.5, top_k=5, top_p=0.9, seed=5),
+    ]
+
+    def gens() -> list[torch.Generator | None]:
+        out: list[torch.Generator | None] = []
+        for p in params:
+            if p.seed is None:
+                out.append(None)
+            else:
+                g = torch.Generator(device="cuda")
+                g.manual_seed(p.seed)
+                out.append(g)
+        return out
+
+    sampler = Sampler()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens, packed = sampler.sample_device(logits, params, gens())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    seeded = [i for i, p in enumerate(params) if p.seed is not None or p.temperature == 0.0]
+    again = sampler.sample(logits, params, gens())
+    got = tokens.tolist()
+    assert [got[i] for i in seeded] == [again.tokens[i] for i in seeded]
+    assert packed.shape == (2, 6)
