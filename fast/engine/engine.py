@@ -18,10 +18,10 @@ import copy
 import dataclasses
 import itertools
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -59,6 +59,7 @@ if TYPE_CHECKING:  # imported where a CUDA engine captures them
     from fast.engine.cuda_graphs import MixedGraphs
 
 __all__ = ["LLMEngine", "EngineStats", "BlockUsage", "CompactReport", "PromptType"]
+_T = TypeVar("_T")  # what a step's body returns (LLMEngine._transaction)
 
 #: A prompt: text, token ids, or ``{"prompt_token_ids": [...]}`` / ``{"prompt": "..."}``.
 PromptType = str | Seq[int] | Mapping[str, Any]
@@ -436,7 +437,7 @@ class LLMEngine:
         """
         if self.config.async_scheduling:
             return self._async_step(finished_only)
-        return self._full_outputs(self._transaction(finished_only, False)[1])
+        return self._full_outputs(self._transaction(lambda: self._step(finished_only, False))[1])
 
     @torch.inference_mode()
     def step_compact(self) -> tuple[float, list[RequestOutput | CompactReport]]:
@@ -460,17 +461,20 @@ class LLMEngine:
         if self.config.async_scheduling:
             outputs: list[RequestOutput | CompactReport] = list(self._async_step(False))
             return time.time(), outputs
-        return self._transaction(False, True)
+        return self._transaction(lambda: self._step(False, True))
 
-    def _transaction(
-        self, finished_only: bool, compact: bool
-    ) -> tuple[float, list[RequestOutput | CompactReport]]:
-        undo = self._undo = self._save_step()
+    def _transaction(self, body: Callable[[], _T]) -> _T:
+        """Run ``body`` (the work of one ``step()`` call) all or nothing: if it raises, the
+        engine is put back as it was before the call (``async_scheduling``: the step in flight
+        too, still in flight) and the exception propagates with a note saying so."""
+        flight = self._flight
+        undo = self._undo = self._save_step(in_flight=flight is not None)
         try:
-            result = self._step(finished_only, compact)
+            result = body()
         except BaseException as exc:
             self._undo = None
             self._restore_step(undo)
+            self._flight = flight
             note = getattr(exc, "add_note", None)  # Python >= 3.11
             if note is not None:
                 note(f"pagedkv: step {self.stats.steps + 1} was rolled back (engine as before)")
@@ -960,20 +964,7 @@ class LLMEngine:
         computed tokens, or to fresh blocks whose cached K/V the undo puts back).
         """
         flight = self._flight
-        undo = self._undo = self._save_step(in_flight=flight is not None)
-        try:
-            outputs = self._async_body(flight, finished_only)
-        except BaseException as exc:
-            self._undo = None
-            self._restore_step(undo)
-            self._flight = flight
-            note = getattr(exc, "add_note", None)  # Python >= 3.11
-            if note is not None:
-                note(f"pagedkv: step {self.stats.steps + 1} was rolled back (engine as before)")
-            raise
-        self._undo = None
-        self.block_manager.commit()
-        return outputs
+        return self._transaction(lambda: self._async_body(flight, finished_only))
 
     def _async_body(self, flight: _Flight | None, finished_only: bool) -> list[RequestOutput]:
         if flight is None:
