@@ -31,26 +31,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from test_fault_injection import CONFIG as FAULT_CONFIG
 from test_fault_injection import check_consistent, state
 
 from fast.engine.engine import LLMEngine
 from fast.engine.outputs import RequestOutput
 from fast.engine.sampling_params import RequestOutputKind, SamplingParams
 from fast.loader import random_model
-from fast.model.config import ModelConfig
 
 EOS = 40  # about one token in thirty of the random model's samples
-CONFIG = ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=16,
-    max_position_embeddings=256,
-    eos_token_id=EOS,
-)
+# test_fault_injection's tiny model, with room for longer sequences and an EOS
+CONFIG = dataclasses.replace(FAULT_CONFIG, max_position_embeddings=256, eos_token_id=EOS)
 MODEL = random_model(CONFIG, seed=0, dtype=torch.float32)
 MAX_LEN = 160
 
