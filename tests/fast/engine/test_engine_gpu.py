@@ -7,6 +7,7 @@ same check on an H200 (``benchmarks/results/engine_gpu.json``, "correctness").
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -120,12 +121,8 @@ def test_no_triton_compilation_after_warm_up(dtype: str, max_len: int) -> None:
     assert watch.count == 0, watch.kernels
 
 
-@pytest.mark.gpu
-def test_mixed_steps_from_piecewise_graphs_equal_eager_mixed_steps() -> None:
-    """Steps that mix decodes with prompt chunks, replayed from the piecewise graphs (decode
-    kernel on the leading rows, prefill kernel on the rest), give the eager engine's tokens
-    (float32: the graphs' matmuls run on the padded token count, which in bf16 may round
-    differently from the eager run's)."""
+def _small_model(**fields: Any) -> Any:
+    """A 3-layer random float32 Llama on the GPU (``fields`` override its config)."""
     from fast.loader import random_model
     from fast.model.config import ModelConfig
 
@@ -138,8 +135,18 @@ def test_mixed_steps_from_piecewise_graphs_equal_eager_mixed_steps() -> None:
         num_key_value_heads=2,
         head_dim=64,
         max_position_embeddings=1024,
+        **fields,
     )
-    model = random_model(cfg, seed=0, dtype=torch.float32, device="cuda")
+    return random_model(cfg, seed=0, dtype=torch.float32, device="cuda")
+
+
+@pytest.mark.gpu
+def test_mixed_steps_from_piecewise_graphs_equal_eager_mixed_steps() -> None:
+    """Steps that mix decodes with prompt chunks, replayed from the piecewise graphs (decode
+    kernel on the leading rows, prefill kernel on the rest), give the eager engine's tokens
+    (float32: the graphs' matmuls run on the padded token count, which in bf16 may round
+    differently from the eager run's)."""
+    model = _small_model()
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (9, 150, 40, 301, 7, 90)]
     results = []
@@ -177,21 +184,7 @@ def test_async_scheduling_on_gpu_equals_the_synchronous_engine(enforce_eager: bo
     memory behind an event) give the synchronous engine's tokens on a GPU, from CUDA graphs and
     eagerly: greedy and seeded requests, EOS and lengths finishing at different steps (float32,
     so that the dropped rows of finished sequences cannot change a kept row's rounding)."""
-    from fast.loader import random_model
-    from fast.model.config import ModelConfig
-
-    cfg = ModelConfig(
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=1024,
-        eos_token_id=7,
-    )
-    model = random_model(cfg, seed=0, dtype=torch.float32, device="cuda")
+    model = _small_model(eos_token_id=7)
     g = torch.Generator().manual_seed(9)
     lengths = [int(n) for n in torch.randint(3, 200, (24,), generator=g)]
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in lengths]
