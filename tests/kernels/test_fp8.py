@@ -150,6 +150,23 @@ def test_triton_fp8_decode_meets_spec_and_bound(
     check_decode(attention_impl("triton"), build_case(case))
 
 
+def _softcap_case(name: str, dtype: str, seq_lens: tuple[int, ...]) -> AttentionCase:
+    """A decode case over an fp8 cache ``name``: two KV heads of two queries, head dim 48
+    (padded to 64 lanes), pages of 8, a softcap."""
+    return AttentionCase(
+        num_kv_heads=2,
+        group=2,
+        head_dim=48,
+        block_size=8,
+        seq_lens=seq_lens,
+        q_lens=None,
+        dtype=dtype,
+        kv_cache_dtype=name,
+        kv_exponent=2,
+        softcap=30.0,
+    )
+
+
 @pytest.mark.parametrize("mode", FP8_DEQUANT)
 @pytest.mark.parametrize("name", sorted(FP8))
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -161,19 +178,7 @@ def test_triton_fp8_decode_variants_run_and_meet_the_spec(
     from kernels.triton_decode import fp8_dequant_mode
 
     _default_mode(monkeypatch, mode)
-    case = AttentionCase(
-        num_kv_heads=2,
-        group=2,
-        head_dim=48,
-        block_size=8,
-        seq_lens=(37, 9),
-        q_lens=None,
-        dtype=dtype,
-        kv_cache_dtype=name,
-        kv_exponent=2,
-        softcap=30.0,
-    )
-    built = build_case(case)
+    built = build_case(_softcap_case(name, dtype, (37, 9)))
     assert fp8_dequant_mode(None, built.q, built.k_cache, built.v_cache) == mode
     check_decode(attention_impl("triton"), built)
 
@@ -189,19 +194,7 @@ def test_deferred_denominator_meets_the_spec(
     _default_mode(monkeypatch, mode)
     _launch_with(monkeypatch, defer_l=True, maxnreg=128)
     for name in sorted(FP8):
-        case = AttentionCase(
-            num_kv_heads=2,
-            group=2,
-            head_dim=48,
-            block_size=8,
-            seq_lens=(70, 9),
-            q_lens=None,
-            dtype=dtype,
-            kv_cache_dtype=name,
-            kv_exponent=2,
-            softcap=30.0,
-        )
-        check_decode(attention_impl("triton"), build_case(case))
+        check_decode(attention_impl("triton"), build_case(_softcap_case(name, dtype, (70, 9))))
 
 
 @settings(CI, max_examples=8)
