@@ -33,11 +33,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def _serve_load(arrangement: str, results: str) -> tuple[list[str], str]:
+def _serve_load(results: str, *arrangement: str) -> tuple[list[str], str]:
     """serve_load.py's H200 run (384 requests of the trace at infinite rate, 40 and 48 req/s) with
-    the engine in its own process or in a thread of the server."""
+    the engine in its own process or in a thread of the server (and overlapped scheduling or
+    not, in the offline run and the server alike)."""
     args = ["--model", "random-llama3-8b", "--device", "cuda", "--requests", "384"]
-    args += ["--rates", "inf,40,48", "--max-num-seqs", "256", arrangement]
+    args += ["--rates", "inf,40,48", "--max-num-seqs", "256", *arrangement]
     return ["benchmarks/serve_load.py", *args, "--out", "{out}/" + results], results
 
 
@@ -155,9 +156,15 @@ STEPS: dict[str, tuple[int, list[str], str]] = {
         ["benchmarks/gpu_mixed_step.py", "--out", "{out}/mixed_step_h200.json"],
         "mixed_step_h200.json",
     ),
-    "serve": (300, *_serve_load("--engine-process", "serve_load_h200_engine_process.json")),
+    "serve": (300, *_serve_load("serve_load_h200_engine_process.json", "--engine-process")),
+    "serveasync": (
+        300,
+        *_serve_load(
+            "serve_load_h200_engine_process_async.json", "--engine-process", "--async-scheduling"
+        ),
+    ),
     # The same load on the one-process arrangement (the engine in a thread of the server).
-    "servethread": (300, *_serve_load("--no-engine-process", "serve_load_h200.json")),
+    "servethread": (300, *_serve_load("serve_load_h200.json", "--no-engine-process")),
     "attention": (
         300,
         [

@@ -81,6 +81,8 @@ def _spec(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
     )
     if args.max_num_batched_tokens:
         engine["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.async_scheduling:  # the offline run and the server alike
+        engine["async_scheduling"] = True
     if args.model == "random-llama3-8b":
         from fast.loader import random_model
         from fast.model.config import ModelConfig
@@ -457,6 +459,8 @@ def start_child(args: argparse.Namespace) -> tuple[subprocess.Popen[str], dict[s
     if args.skip_offline:
         cmd.append("--skip-offline")
     cmd.append("--engine-process" if args.engine_process else "--no-engine-process")
+    if args.async_scheduling:
+        cmd.append("--async-scheduling")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     assert proc.stdout is not None
@@ -495,6 +499,11 @@ def main() -> None:
         default=True,
         help="the engine in its own process (pagedkv serve's default) or, with "
         "--no-engine-process, in a thread of the server",
+    )
+    parser.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="overlapped scheduling in the offline run and the server alike",
     )
     parser.add_argument("--out", default=None)
     parser.add_argument("--svg-from", default=None, help="print the SVG curve of a results JSON")
@@ -536,6 +545,7 @@ def main() -> None:
                 "max_num_batched_tokens": args.max_num_batched_tokens,
                 "torch_threads": args.threads if cpu else None,
                 "engine_process": args.engine_process,
+                "async_scheduling": args.async_scheduling,
             },
             "slo": {"ttft_ms": slo_ttft, "tpot_ms": slo_tpot},
             "load_average_1m_at_start": round(os.getloadavg()[0], 2),

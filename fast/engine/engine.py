@@ -357,7 +357,7 @@ class LLMEngine:
         """
         final = self._abort_request(request_id)
         if self._flight is not None and not self.scheduler.in_flight():
-            self._async_step(False)  # nothing left in flight: process it, free the blocks
+            self._async_step(False, False)  # nothing left in flight: process it, free the blocks
         return final
 
     def _abort_request(self, request_id: str) -> RequestOutput | None:
@@ -436,7 +436,7 @@ class LLMEngine:
         :meth:`_async_step`.
         """
         if self.config.async_scheduling:
-            return self._async_step(finished_only)
+            return self._full_outputs(self._async_step(finished_only, False)[1])
         return self._full_outputs(self._transaction(lambda: self._step(finished_only, False))[1])
 
     @torch.inference_mode()
@@ -456,11 +456,11 @@ class LLMEngine:
         the engine rather than in the engine process reading sequences after a step: only the
         engine knows which requests a step sampled and what their outputs reported, and the
         undo journal already owns that record. All or nothing, as :meth:`step`. With
-        ``async_scheduling`` every output is a full one (the overlapped path builds no compact
-        report yet), and the time is the call's."""
+        ``async_scheduling`` the reports are those of the step the call processed (the one in
+        flight, or a synchronous one) with that step's token time; a call that only launched a
+        step returns the call's time and no output."""
         if self.config.async_scheduling:
-            outputs: list[RequestOutput | CompactReport] = list(self._async_step(False))
-            return time.time(), outputs
+            return self._async_step(False, True)
         return self._transaction(lambda: self._step(False, True))
 
     def _transaction(self, body: Callable[[], _T]) -> _T:
@@ -947,8 +947,11 @@ class LLMEngine:
                 owner.append(entry)
 
     # -- overlapped ("asynchronous") scheduling ---------------------------------------------
-    def _async_step(self, finished_only: bool) -> list[RequestOutput]:
-        """One call of ``step()`` with ``async_scheduling``, as one transaction.
+    def _async_step(
+        self, finished_only: bool, compact: bool
+    ) -> tuple[float, list[RequestOutput | CompactReport]]:
+        """One call of ``step()`` (``compact``: ``step_compact()``) with ``async_scheduling``,
+        as one transaction: ``(token time, outputs)``.
 
         Without a step in flight: a step that could be overlapped (pure decode of every
         running sequence, see :meth:`_can_overlap`) is scheduled and launched and left in
@@ -964,22 +967,24 @@ class LLMEngine:
         computed tokens, or to fresh blocks whose cached K/V the undo puts back).
         """
         flight = self._flight
-        return self._transaction(lambda: self._async_body(flight, finished_only))
+        return self._transaction(lambda: self._async_body(flight, finished_only, compact))
 
-    def _async_body(self, flight: _Flight | None, finished_only: bool) -> list[RequestOutput]:
+    def _async_body(
+        self, flight: _Flight | None, finished_only: bool, compact: bool
+    ) -> tuple[float, list[RequestOutput | CompactReport]]:
         if flight is None:
             if not self._can_start_flight():
-                return self._full_outputs(self._step(finished_only, False)[1])
+                return self._step(finished_only, compact)
             self._flight = self._start_flight()
-            return []
+            return time.time(), []
         plan = self._overlap_plan(flight)
         if plan is None:
             self._flight = None
             self.stats.drained += 1
-            return self._finish_flight(flight, finished_only, None)
+            return self._finish_flight(flight, finished_only, compact, None)
         launched = self._launch_next(flight, plan)
         self._flight = None
-        outputs = self._finish_flight(flight, finished_only, (launched, plan))
+        outputs = self._finish_flight(flight, finished_only, compact, (launched, plan))
         self._flight = launched
         return outputs
 
@@ -1129,8 +1134,9 @@ class LLMEngine:
         self,
         flight: _Flight,
         finished_only: bool,
+        compact: bool,
         launched: tuple[_Flight, _Plan] | None,
-    ) -> list[RequestOutput]:
+    ) -> tuple[float, list[RequestOutput | CompactReport]]:
         """Process step ``n`` (``flight``): its tokens on the host, appended, stop checks,
         outputs. With ``launched`` (step ``n + 1``, running now), the block manager takes
         ``n + 1``'s pending tokens (the ids just read: their slots are the ones ``n + 1``
@@ -1172,9 +1178,7 @@ class LLMEngine:
                 [q for q in launched[0].seqs if not q.is_finished]
             )
             self.stats.record(out)
-        return self._full_outputs(
-            self._outputs(stopped if finished_only else seqs, finished_only, now)
-        )
+        return now, self._outputs(stopped if finished_only else seqs, finished_only, now, compact)
 
     @staticmethod
     def _full_outputs(outputs: list[RequestOutput | CompactReport]) -> list[RequestOutput]:

@@ -560,25 +560,17 @@ def test_gpu_triton_fp8_decode_variants_meet_spec_and_bound(
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", SWAP_MODES)
-@pytest.mark.parametrize(
-    # (64x4x7 failed on one drawn case on the H200 at 77dda2a, cause not yet known: see
-    # docs/fp8.md, "Closing the gap"; nothing in the library runs it)
-    ("config", "maxnreg"),
-    [(None, None), ((128, 4, 3), 128)],
-)
 @GPU_CI
 @given(case=fp8_attention_cases(GPU_LIMITS))
-def test_gpu_deferred_denominator_and_tune2_configs_meet_spec_and_bound(
-    case: AttentionCase,
-    mode: str,
-    config: tuple[int, int, int] | None,
-    maxnreg: int | None,
-    monkeypatch: pytest.MonkeyPatch,
+def test_gpu_deferred_denominator_meets_spec_and_bound(
+    case: AttentionCase, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``defer_l`` on the GPU at the default config and at the tune2 section's 128-key
-    (``maxnreg`` 128) config."""
+    """``defer_l`` on the GPU at the default config. (Not at the tune2 section's 128-key
+    configs: 128x4x3 needs 344,576 bytes of shared memory at head dim 256, over the H200's
+    232,448 (Triton's OutOfResources at bcf23a0); 64x4x7 failed one drawn case at 77dda2a, see
+    docs/fp8.md, "Closing the gap". Nothing in the library runs either.)"""
     _default_mode(monkeypatch, mode)
-    _launch_with(monkeypatch, defer_l=True, config=config, maxnreg=maxnreg)
+    _launch_with(monkeypatch, defer_l=True)
     check_decode(attention_impl("triton"), build_case(case, "cuda"))
 
 

@@ -363,10 +363,10 @@ def armed(engine: LLMEngine, where: str, after: bool, nth: int, fired: list[int]
             wrap(engine.block_manager, name)
     real_step = engine._async_step
 
-    def step(finished_only: bool) -> Any:
+    def step(finished_only: bool, compact: bool) -> Any:
         _in_flight_call[0] = engine._flight is not None
         try:
-            return real_step(finished_only)
+            return real_step(finished_only, compact)
         finally:
             _in_flight_call[0] = False
 
@@ -500,9 +500,10 @@ def test_fault_after_launch_gives_back_evicted_cached_kv() -> None:
     assert engine.num_free_gpu_blocks == engine.num_gpu_blocks
 
 
-def test_step_compact_with_async_scheduling_reports_full_outputs() -> None:
-    """The engine process calls ``step_compact()``; with ``async_scheduling`` it returns full
-    ``DELTA`` outputs (no compact tuple), whose new tokens add up to the synchronous engine's."""
+def test_step_compact_with_async_scheduling_adds_up_to_the_synchronous_engine() -> None:
+    """The engine process calls ``step_compact()``; with ``async_scheduling`` the overlapped
+    steps report compact tuples too, and the new tokens of the full ``DELTA`` outputs and the
+    tuples add up to the synchronous engine's, each tuple's time the step's token time."""
     prompts, n_out = trace(12, seed=3)
     plain = mixed_params(n_out, False)
     sync = run(make_engine(False), prompts, plain)
@@ -512,13 +513,21 @@ def test_step_compact_with_async_scheduling_reports_full_outputs() -> None:
         engine.add_request(str(i), {"prompt_token_ids": p}, delta)
     got: dict[str, list[int]] = {}
     finished: set[str] = set()
+    compact = 0
     for _ in range(5000):
         if not engine.has_unfinished_requests():
             break
+        before = engine.stats.overlapped
         when, outs = engine.step_compact()
         assert isinstance(when, float)
         for out in outs:
-            assert isinstance(out, RequestOutput), out
+            if isinstance(out, tuple):  # (request id, new ids, new text, cumulative logprob)
+                request_id, new_ids, _, _ = out
+                assert new_ids and request_id in got and request_id not in finished
+                assert engine._metrics[request_id].last_token_time == when
+                got[request_id].extend(new_ids)
+                compact += engine.stats.overlapped > before or bool(engine._flight)
+                continue
             for c in out.outputs:
                 got.setdefault(out.request_id, []).extend(c.token_ids)
             if out.finished:
@@ -526,6 +535,7 @@ def test_step_compact_with_async_scheduling_reports_full_outputs() -> None:
     assert finished == set(sync)
     assert {k: [v] for k, v in got.items()} == {k: v[0] for k, v in sync.items()}
     assert engine.stats.overlapped > 20, engine.stats
+    assert compact > 20, compact  # tuples from overlapped steps, not only synchronous ones
 
 
 def test_serve_takes_async_scheduling() -> None:
