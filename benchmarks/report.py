@@ -150,6 +150,8 @@ def engine_tables() -> list[str]:
             "unfused": "prefix caching + chunked prefill",
             "no_prefix_caching": "chunked prefill, no prefix caching",
             "neither": "neither",
+            "async": "prefix caching + chunked prefill, overlapped scheduling "
+            "(`async_scheduling=True`)",
         }
         seen: set[str] = set()
         for r in g["runs"]:
