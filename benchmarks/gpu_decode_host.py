@@ -1,0 +1,145 @@
+"""Where an eager decode call at B = 1 spends its time on the host (one H200).
+
+``kernels.paged_decode`` at B = 1, L = 4096 (Llama-3-8B heads, bf16, page 16) costs about
+130 us per call when called back to back (``gpu_attention.py``'s eager column at d2266f8),
+against 12 us replayed from a CUDA graph: the host is the bottleneck. This script splits that
+call into its parts, each timed as the host time of many back-to-back calls (the GPU queue never
+runs dry, so the figure is what the host spends per call), and writes ``decode_host_h200.json``::
+
+    PYTHONPATH=. python benchmarks/gpu_decode_host.py --out $OUT/decode_host_h200.json
+
+Parts: the public call; ``check_decode`` alone; ``triton_paged_decode`` (validation of the
+Triton limits, the split choice, two allocations, the decode kernel and the merge kernel);
+the same with one split (one launch, no merge, no allocation); the merge kernel's launch alone;
+and an empty ``torch.empty`` for the allocator's share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def host_us(fn: Callable[[], Any], calls: int = 2000) -> float:
+    """Host microseconds per call over ``calls`` back-to-back calls (synchronized at both ends;
+    best of three rounds)."""
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+    return round(best, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument(
+        "--out", default=os.path.join(os.environ.get("OUT", "."), "decode_host_h200.json")
+    )
+    parser.add_argument("--length", type=int, default=4096)
+    args = parser.parse_args()
+    from provenance import provenance
+
+    import kernels
+    from kernels.checks import check_decode
+    from kernels.triton_decode import _merge_kernel, padded_head_dim, triton_paged_decode
+
+    hq, hkv, d, page, length = 32, 8, 128, 16, args.length
+    dev = torch.device("cuda")
+    pages = length // page
+    q = torch.randn(1, hq, d, device=dev, dtype=torch.bfloat16)  # [1, Hq, D]
+    kc = torch.randn(pages, page, hkv, d, device=dev, dtype=torch.bfloat16)  # [P, page, Hkv, D]
+    vc = torch.randn_like(kc)
+    bt = torch.arange(pages, device=dev, dtype=torch.int32)[None]  # [1, pages]
+    lens = torch.tensor([length], device=dev, dtype=torch.int32)  # [1]
+    scale = d**-0.5
+    dims = check_decode(q, kc, vc, bt, lens)
+    out = torch.empty_like(q)
+    splits = 4
+    part = torch.empty(1, hq, splits, d, dtype=torch.float32, device=dev)
+    lse = torch.empty(1, hq, splits, dtype=torch.float32, device=dev)
+
+    def public() -> Any:
+        return kernels.paged_decode(q, kc, vc, bt, lens, scale=scale)
+
+    def direct(num_splits: int | None) -> Callable[[], Any]:
+        return lambda: triton_paged_decode(
+            q,
+            kc,
+            vc,
+            bt,
+            lens,
+            dims,
+            scale=scale,
+            sliding_window=None,
+            softcap=None,
+            num_splits=num_splits,
+            out=None,
+        )
+
+    def merge() -> Any:
+        _merge_kernel[(hq,)](
+            part,
+            lse,
+            out,
+            D=d,
+            BLOCK_D=padded_head_dim(d),
+            SPLITS=splits,
+            S_PAD=splits,
+            num_warps=4,
+        )
+
+    rows = {
+        "public_paged_decode": host_us(public),
+        "check_decode": host_us(lambda: check_decode(q, kc, vc, bt, lens)),
+        "triton_paged_decode_auto_splits": host_us(direct(None)),
+        "triton_paged_decode_1_split": host_us(direct(1)),
+        "merge_kernel_launch": host_us(merge),
+        "torch_empty": host_us(
+            lambda: torch.empty(1, hq, splits, d, dtype=torch.float32, device=dev)
+        ),
+    }
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(1000):
+        public()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        public()
+    rows["graph_replay"] = host_us(g.replay)
+    result = {
+        **provenance(),
+        "benchmark": "host time per eager decode call, B=1 (benchmarks/gpu_decode_host.py)",
+        "shape": {"B": 1, "L": length, "Hq": hq, "Hkv": hkv, "D": d, "page": page},
+        "us_per_call": rows,
+        "profile_public_1000_calls": text.getvalue().splitlines()[:60],
+    }
+    print(json.dumps(result["us_per_call"], indent=1))
+    with open(args.out, "w") as f:
+        f.write(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
