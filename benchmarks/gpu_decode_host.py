@@ -56,7 +56,8 @@ def main() -> None:
 
     import kernels
     from kernels.checks import check_decode
-    from kernels.triton_decode import _merge_kernel, padded_head_dim, triton_paged_decode
+    from kernels.triton_common import padded_head_dim
+    from kernels.triton_decode import _merge_kernel, triton_paged_decode
 
     hq, hkv, d, page, length = 32, 8, 128, 16, args.length
     dev = torch.device("cuda")
