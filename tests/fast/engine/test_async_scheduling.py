@@ -23,6 +23,7 @@ known, finished sequences' rows of the step launched after them are computed and
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -358,6 +359,8 @@ def armed(engine: LLMEngine, where: str, after: bool, nth: int, fired: list[int]
         wrap(engine.sampler, "sample_device")
     elif where == "stop":
         wrap(engine._stop, "check_all")
+    elif where == "report":  # step_compact's tuples: after some requests' marks were replaced
+        wrap(engine, "_compact_report")
     else:
         for name in ("append_batch", "free", "mark_computed_batch", "peek_append"):
             wrap(engine.block_manager, name)
@@ -446,6 +449,54 @@ def test_fault_with_a_step_in_flight(where: str, after: bool, then: str, nth: in
     assert engine.num_free_gpu_blocks == engine.num_gpu_blocks
     expected = {k: v for k, v in reference.items() if k != aborted}
     assert_same(expected, {k: v for k, v in done.items() if k != aborted})
+
+
+@pytest.mark.parametrize("where", ["model", "blocks", "stop", "report"])
+@pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
+def test_fault_in_step_compact_with_a_step_in_flight(where: str, after: bool) -> None:
+    """The engine process's ``step_compact()`` on the overlapped path, with a fault every third
+    call: a failed call changes nothing (the "already sent" marks included, which the compact
+    tuples replace), and the retried run's new tokens, compact or full, add up to the
+    synchronous engine's."""
+    prompts, n_out = trace(6, seed=11)
+    plain = mixed_params([min(k, 30) for k in n_out], sampled=True)
+    params = [dataclasses.replace(sp, output_kind=RequestOutputKind.DELTA) for sp in plain]
+    kw: dict[str, Any] = dict(num_gpu_blocks=90, max_num_seqs=8)
+    reference = run(make_engine(False, **kw), prompts, plain)
+    engine = make_engine(True, **kw)
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), {"prompt_token_ids": p}, sp)
+    fired: list[int] = []
+    got: dict[str, list[int]] = {}
+    finished: set[str] = set()
+    tuples = 0
+    with armed(engine, where, after, 3, fired):
+        for _ in range(2000):
+            if not engine.has_unfinished_requests():
+                break
+            before, sent = full_state(engine), copy.deepcopy(engine._sent)
+            try:
+                _, outs = engine.step_compact()
+            except Fault:
+                assert full_state(engine) == before, "the failed call left changes behind"
+                assert engine._sent == sent, "the failed call left its marks behind"
+                check_consistent(engine)
+                continue
+            for out in outs:
+                if isinstance(out, tuple):
+                    got[out[0]].extend(out[1])
+                    tuples += 1
+                    continue
+                for c in out.outputs:
+                    got.setdefault(out.request_id, []).extend(c.token_ids)
+                if out.finished:
+                    finished.add(out.request_id)
+            check_consistent(engine)
+    assert fired, "the fault never fired"
+    assert tuples > 10, tuples
+    assert engine.num_free_gpu_blocks == engine.num_gpu_blocks
+    assert finished == set(reference)
+    assert {k: [v] for k, v in got.items()} == {k: v[0] for k, v in reference.items()}
 
 
 def test_a_mutant_reading_host_ids_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
