@@ -192,8 +192,8 @@ def throughput(
                 str(i), p, SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True)
             )
         produced = 0
-        log: list[tuple[float, int, bool]] = []  # (seconds, sampled seqs, decode) per step
-        stalls: list[dict[str, Any]] = []  # steps over 50 ms: what ran in them
+        log: list[tuple[float, int, bool]] = []  # (seconds, sampled seqs, decode) per call
+        stalls: list[dict[str, Any]] = []  # calls over 50 ms after the first 8: what ran in them
         with frozen_heap(), _GcClock() as gc_clock:  # as LLM.generate runs its steps
             while engine.has_unfinished_requests():
                 c0, g0 = engine.stats.computed_tokens, engine.stats.generated_tokens
@@ -202,10 +202,14 @@ def throughput(
                 outs = engine.step(finished_only=True)
                 dt = time.perf_counter() - s0
                 dc, dg = engine.stats.computed_tokens - c0, engine.stats.generated_tokens - g0
-                log.append((dt, dg, dc == dg))  # decode: one computed token per sampled seq
+                # decode: no prompt token computed (one per sampled sequence; fewer with
+                # async_scheduling when a request finished, since the step the call launched
+                # has one row less than the step it processed)
+                log.append((dt, dg, 0 < dc <= dg))
                 produced += sum(len(o.outputs[0].token_ids) for o in outs)
-                if dt > 0.05 and dc == dg:  # a slow decode step: the collector, the allocator?
-                    stalls.append(_stall(len(log) - 1, dt, gc_clock.ms - gc0, engine))
+                if dt > 0.05 and len(log) > 8:  # past the first prefill steps: the collector,
+                    # the allocator, or what?
+                    stalls.append(_stall(len(log) - 1, dt, gc_clock.ms - gc0, engine, dc, dg))
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     expected = sum(n_out)
@@ -235,7 +239,7 @@ def throughput(
         "compilations_after_warm_up": watch.kernels,
         "mean_step_ms": round(1000 * float(np.mean(step_times)), 3),
         "breakdown": breakdown(log),
-        "slow_decode_steps": stalls[:16],
+        "slow_steps": stalls[:24],
     }
 
 
@@ -260,13 +264,18 @@ class _GcClock:
         gc.callbacks.remove(self._callback)
 
 
-def _stall(step: int, dt: float, gc_ms: float, engine: Any) -> dict[str, Any]:
-    """One slow decode step: its time, the collector's share, the caching allocator's
-    cumulative counters (a retry frees cached blocks and synchronizes), the free blocks."""
+def _stall(
+    step: int, dt: float, gc_ms: float, engine: Any, computed: int, generated: int
+) -> dict[str, Any]:
+    """One slow step call: its time, the tokens it computed and generated, the collector's
+    share, the caching allocator's cumulative counters (a retry frees cached blocks and
+    synchronizes), the free blocks."""
     stats = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
     return {
         "step": step,
         "ms": round(1000 * dt, 2),
+        "computed_tokens": computed,
+        "generated_tokens": generated,
         "gc_ms": round(gc_ms, 2),
         "alloc_retries_so_far": stats.get("num_alloc_retries"),
         "device_allocs_so_far": stats.get("num_device_alloc"),
