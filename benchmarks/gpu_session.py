@@ -118,6 +118,27 @@ STEPS: dict[str, tuple[int, list[str], str]] = {
         ],
         "step_floor_h200.json",
     ),
+    # the overlapped step by batch size, with a cProfile of its host side
+    "floorasync": (
+        200,
+        [
+            "benchmarks/gpu_step_floor.py",
+            "--out",
+            "{out}/step_floor_async_h200.json",
+            "--fused-ops",
+            "on",
+            "--async-scheduling",
+            "--profile",
+            "{out}/step_profile_async_h200.txt",
+        ],
+        "step_floor_async_h200.json",
+    ),
+    # where the host time of an eager decode call at B = 1 goes
+    "decodehost": (
+        90,
+        ["benchmarks/gpu_decode_host.py", "--out", "{out}/decode_host_h200.json"],
+        "decode_host_h200.json",
+    ),
     "engine": (
         330,
         [
@@ -132,7 +153,7 @@ STEPS: dict[str, tuple[int, list[str], str]] = {
         ],
         "engine_gpu.json",
     ),
-    # 1,000 requests with up to 256 running, mixed steps from graphs and eager (no peers)
+    # 1,000 requests with up to 256 running, with and without overlapped scheduling (no peers)
     "engine1000": (
         240,
         [
@@ -144,7 +165,7 @@ STEPS: dict[str, tuple[int, list[str], str]] = {
             "--max-num-seqs",
             "256",
             "--configs",
-            "default,no_mixed_graphs",
+            "async,default",
             "--skip-eager",
             "--skip-peers",
         ],
