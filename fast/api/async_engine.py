@@ -308,6 +308,11 @@ class AsyncEngine:
                 if isinstance(cmd, _Abort):
                     if cmd.request_id in self._tracked or cmd.request_id in adding:
                         ok, final = next(results)
+                        if ok and final is None and cmd.request_id in self._tracked:
+                            # the engine (in its own process, running ahead of this thread)
+                            # had finished it: its final output is on its way, behind this
+                            # answer, and counts it by its own finish reason then
+                            continue
                         self._finish(cmd.request_id, final if ok else None, aborted=True)
                     continue
                 try:

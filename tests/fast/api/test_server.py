@@ -425,6 +425,40 @@ def test_every_token_after_the_first_is_one_inter_token_observation(reference: L
     assert seen["gaps"][0] == 0.0 and all(g > 0 for g in seen["gaps"][1:])
 
 
+def test_an_abort_that_comes_after_the_engine_finished_counts_the_request_once(
+    reference: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine in its own process runs ahead of the server's engine thread: a client's abort
+    can reach it after the request finished there, and the engine answers None (unknown id)
+    while the request's final output waits, already decoded, behind that answer. The request
+    stays tracked until that output arrives and is counted once, by its own finish reason (it
+    was counted nowhere before: the abort forgot it and the final output found nothing)."""
+    from fast.api.async_engine import AsyncEngine, RequestStream, _Abort, _Tracked
+
+    seen: list[tuple[str, str | None, bool]] = []
+
+    class Observer:
+        def first_token(self, ttft: float, prompt_tokens: int) -> None:
+            pass
+
+        def token_gap(self, seconds: float) -> None:
+            pass
+
+        def finished(self, out: Any, e2e: float, queue: float | None, aborted: bool) -> None:
+            seen.append((out.request_id, out.outputs[0].finish_reason, aborted))
+
+    front = AsyncEngine(reference.llm_engine, 4)
+    front.observer = Observer()
+    monkeypatch.setattr(front, "_call_many", lambda calls: [(True, None) for _ in calls])
+    front._tracked["r"] = _Tracked(time.monotonic(), time.time(), RequestStream(front, ["r"]))
+    front._commands.append(_Abort("r"))
+    front._drain()
+    assert "r" in front._tracked and seen == []  # not forgotten, not counted yet
+    final = _generate(reference, "abcd", max_tokens=3, temperature=0)[0]
+    front._deliver([final.__class__(**{**final.__dict__, "request_id": "r"})])
+    assert seen == [("r", "length", False)] and "r" not in front._tracked
+
+
 # -- errors ---------------------------------------------------------------------------------
 
 
