@@ -57,7 +57,7 @@ class StubModel(torch.nn.Module):
         return self.logits[: hidden.shape[0]]  # [N, V]
 
 
-def make_engine(seqs: int, caching: bool = True) -> Any:
+def make_engine(seqs: int, caching: bool = True, overlap: bool = False) -> Any:
     """An engine with the Llama-3-8B shape (no weights: the stub replaces the model)."""
     from fast.engine.config import EngineConfig
     from fast.engine.engine import LLMEngine
@@ -80,6 +80,7 @@ def make_engine(seqs: int, caching: bool = True) -> Any:
             dtype="float32",
             enforce_eager=True,
             enable_prefix_caching=caching,
+            async_scheduling=overlap,
         ),
     )
 
@@ -91,13 +92,14 @@ def run(
     profile: bool,
     caching: bool = True,
     kind: str = "CUMULATIVE",
+    overlap: bool = False,
 ) -> dict[str, Any]:
     """Prefill ``seqs`` requests, then time ``steps`` decode steps of all of them (streaming
     requests report as ``SamplingParams.output_kind`` ``kind`` says)."""
     from benchmarks.gpu_engine import sharegpt_trace
     from fast.engine.sampling_params import RequestOutputKind, SamplingParams
 
-    engine = make_engine(seqs, caching)
+    engine = make_engine(seqs, caching, overlap)
     prompts, _ = sharegpt_trace(seqs)
     for i, p in enumerate(prompts):
         engine.add_request(
@@ -126,6 +128,8 @@ def run(
         if prof is not None:
             prof.disable()
     assert len(engine.scheduler.running) == seqs  # every step was a full decode step
+    if overlap:  # every timed call processed one step and launched the next
+        assert engine.stats.overlapped >= steps, engine.stats
     if prof is not None:
         pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
     ms = 1000 * np.asarray(times)
@@ -133,6 +137,7 @@ def run(
         "finished_only": finished_only,
         "output_kind": kind,
         "prefix_caching": caching,
+        "async_scheduling": overlap,
         "seqs": seqs,
         "steps": steps,
         "median_ms": round(float(np.median(ms)), 3),
@@ -153,16 +158,25 @@ def main() -> None:
         default="on",
         help="the engine's prefix caching (both: off and on alternately, generate path only)",
     )
+    parser.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="the generate path without and with overlapped scheduling, alternately (the "
+        "overlapped call's host work: process step n, plan and launch n + 1)",
+    )
     parser.add_argument("--out", default="benchmarks/results/engine_host.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     on = args.prefix_caching == "on"
-    if args.prefix_caching == "both":
-        plan = [(True, c, "CUMULATIVE") for _ in range(2) for c in (False, True)]
+    if args.async_scheduling:
+        plan = [(True, on, "CUMULATIVE", o) for _ in range(2) for o in (False, True)]
+    elif args.prefix_caching == "both":
+        plan = [(True, c, "CUMULATIVE", False) for _ in range(2) for c in (False, True)]
     else:  # generate, then streaming with each output kind, twice alternating
         kinds = ("CUMULATIVE", "DELTA")
-        plan = [(True, on, "CUMULATIVE")] + [(False, on, k) for _ in range(2) for k in kinds]
-    rows = [run(args.seqs, args.steps, fo, args.profile, c, k) for fo, c, k in plan]
+        plan = [(True, on, "CUMULATIVE", False)]
+        plan += [(False, on, k, False) for _ in range(2) for k in kinds]
+    rows = [run(args.seqs, args.steps, fo, args.profile, c, k, o) for fo, c, k, o in plan]
     for r in rows:
         path = (
             "generate (finished_only)"
@@ -170,7 +184,8 @@ def main() -> None:
             else f"streaming step(), {r['output_kind']} outputs"
         )
         print(
-            f"{args.label}: {path}, prefix caching {r['prefix_caching']}: {r['seqs']} seqs, "
+            f"{args.label}: {path}, prefix caching {r['prefix_caching']}, async_scheduling "
+            f"{r['async_scheduling']}: {r['seqs']} seqs, "
             f"median {r['median_ms']} ms/step, mean {r['mean_ms']}, p90 {r['p90_ms']}"
         )
     try:
