@@ -82,10 +82,15 @@ def make_engine(async_scheduling: bool, **kw: Any) -> LLMEngine:
 Result = dict[str, tuple[list[list[int]], list[str | None], list[Any], list[float]]]
 
 
-def run(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]) -> Result:
-    """Step the engine as a server does, checking it after every step; the final outputs."""
+def add_all(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+    """Add request ``str(i)`` for each prompt (token ids) with its parameters."""
     for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
         engine.add_request(str(i), {"prompt_token_ids": p}, sp)
+
+
+def run(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]) -> Result:
+    """Step the engine as a server does, checking it after every step; the final outputs."""
+    add_all(engine, prompts, params)
     done: Result = {}
     for _ in range(5000):
         if not engine.has_unfinished_requests():
@@ -231,8 +236,7 @@ def test_abort_while_in_flight() -> None:
     params = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True) for _ in n_out]
     reference = run(make_engine(False), prompts, params)
     engine = make_engine(True)
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        engine.add_request(str(i), {"prompt_token_ids": p}, sp)
+    add_all(engine, prompts, params)
     while engine._flight is None:
         engine.step()
     engine.step()
@@ -421,8 +425,7 @@ def test_fault_with_a_step_in_flight(where: str, after: bool, then: str, nth: in
     kw: dict[str, Any] = dict(num_gpu_blocks=90, max_num_seqs=8)
     reference = run(make_engine(False, **kw), prompts, params)
     engine = make_engine(True, **kw)
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        engine.add_request(str(i), {"prompt_token_ids": p}, sp)
+    add_all(engine, prompts, params)
     fired: list[int] = []
     done: Result = {}
     aborted: str | None = None
@@ -464,8 +467,7 @@ def test_fault_in_step_compact_with_a_step_in_flight(where: str, after: bool) ->
     kw: dict[str, Any] = dict(num_gpu_blocks=90, max_num_seqs=8)
     reference = run(make_engine(False, **kw), prompts, plain)
     engine = make_engine(True, **kw)
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        engine.add_request(str(i), {"prompt_token_ids": p}, sp)
+    add_all(engine, prompts, params)
     fired: list[int] = []
     got: dict[str, list[int]] = {}
     finished: set[str] = set()
@@ -559,9 +561,8 @@ def test_step_compact_with_async_scheduling_adds_up_to_the_synchronous_engine() 
     plain = mixed_params(n_out, False)
     sync = run(make_engine(False), prompts, plain)
     engine = make_engine(True)
-    for i, (p, sp) in enumerate(zip(prompts, plain, strict=True)):
-        delta = dataclasses.replace(sp, output_kind=RequestOutputKind.DELTA)
-        engine.add_request(str(i), {"prompt_token_ids": p}, delta)
+    delta = RequestOutputKind.DELTA
+    add_all(engine, prompts, [dataclasses.replace(sp, output_kind=delta) for sp in plain])
     got: dict[str, list[int]] = {}
     finished: set[str] = set()
     compact = 0
