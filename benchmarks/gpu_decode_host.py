@@ -8,7 +8,10 @@ runs dry, so the figure is what the host spends per call), and writes ``decode_h
 
     PYTHONPATH=. python benchmarks/gpu_decode_host.py --out $OUT/decode_host_h200.json
 
-Parts: the public call; ``check_decode`` alone; ``triton_paged_decode`` (validation of the
+Parts: the public call (kernels launched through ``kernels/triton_launch.py``'s kept compiled
+kernels, and through Triton's JIT entry point on every call, as before it), each also as issue
+time (the host time before waiting for the GPU); SDPA on contiguous K/V, the peer;
+``check_decode`` alone; ``triton_paged_decode`` (validation of the
 Triton limits, the split choice, two allocations, the decode kernel and the merge kernel);
 the same with one split (one launch, no merge, no allocation); the merge kernel's launch alone;
 and an empty ``torch.empty`` for the allocator's share.
@@ -45,6 +48,29 @@ def host_us(fn: Callable[[], Any], calls: int = 2000) -> float:
     return round(best, 2)
 
 
+def issue_us(fn: Callable[[], Any], calls: int = 200) -> float:
+    """Host microseconds per call to issue ``calls`` calls, before waiting for the GPU (too few
+    for the launch queue to fill; best of three rounds)."""
+    for _ in range(50):
+        fn()
+    best = float("inf")
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+    torch.cuda.synchronize()
+    return round(best, 2)
+
+
+class _NoMemo(dict[Any, Any]):
+    """A FastLaunch memo that keeps nothing: every launch goes through Triton's entry point."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
@@ -55,6 +81,7 @@ def main() -> None:
     from provenance import provenance
 
     import kernels
+    from kernels import triton_decode
     from kernels.checks import check_decode
     from kernels.triton_common import padded_head_dim
     from kernels.triton_decode import _merge_kernel, triton_paged_decode
@@ -104,8 +131,38 @@ def main() -> None:
             num_warps=4,
         )
 
+    def through_triton(fn: Callable[[], Any]) -> Callable[[], Any]:
+        """``fn`` with every kernel launched through Triton's JIT entry point (as before
+        kernels/triton_launch.py)."""
+
+        def call() -> Any:
+            saved = triton_decode._DECODE.compiled, triton_decode._MERGE.compiled
+            triton_decode._DECODE.compiled, triton_decode._MERGE.compiled = _NoMemo(), _NoMemo()
+            try:
+                return fn()
+            finally:
+                triton_decode._DECODE.compiled, triton_decode._MERGE.compiled = saved
+
+        return call
+
+    def contiguous(cache: torch.Tensor) -> torch.Tensor:  # [P, page, Hkv, D] -> [1, Hkv, L, D]
+        return cache.reshape(pages * page, hkv, d).transpose(0, 1)[None].contiguous()
+
+    kc_c, vc_c = contiguous(kc), contiguous(vc)
+    q4 = q[:, :, None, :]  # [1, Hq, 1, D]
+
+    def sdpa() -> Any:  # the peer: SDPA on contiguous K/V, its default dispatch
+        return torch.nn.functional.scaled_dot_product_attention(
+            q4, kc_c, vc_c, scale=scale, enable_gqa=True
+        )
+
     rows = {
         "public_paged_decode": host_us(public),
+        "public_paged_decode_issue": issue_us(public),
+        "public_paged_decode_through_triton": host_us(through_triton(public)),
+        "public_paged_decode_through_triton_issue": issue_us(through_triton(public)),
+        "sdpa_contiguous": host_us(sdpa),
+        "sdpa_contiguous_issue": issue_us(sdpa),
         "check_decode": host_us(lambda: check_decode(q, kc, vc, bt, lens)),
         "triton_paged_decode_auto_splits": host_us(direct(None)),
         "triton_paged_decode_1_split": host_us(direct(1)),

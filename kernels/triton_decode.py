@@ -40,6 +40,7 @@ from kernels.triton_common import (
     next_pow2,
     padded_head_dim,
 )
+from kernels.triton_launch import FastLaunch
 
 __all__ = [
     "triton_paged_decode",
@@ -645,6 +646,12 @@ def _merge_kernel(
     tl.store(o_ptr + bh * D + cols, o.to(o_ptr.dtype.element_ty), mask=col_ok)
 
 
+#: the two kernels, launched through the compiled kernel kept per specialization (eager calls at
+#: small batch are bound by Triton's per-call binding otherwise: kernels/triton_launch.py)
+_DECODE = FastLaunch(_decode_kernel)
+_MERGE = FastLaunch(_merge_kernel)
+
+
 def decode_config(head_dim: int, dtype: torch.dtype, fp8_dequant: str = "") -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) for a head dim and dtype (and, for an fp8 cache, the
     dequantization that runs).
@@ -795,7 +802,8 @@ def triton_paged_decode(
     else:
         part = torch.empty(batch, hq, splits, d, dtype=torch.float32, device=q.device)
         lse = torch.empty(batch, hq, splits, dtype=torch.float32, device=q.device)
-    _decode_kernel[(batch, dims.num_kv_heads, splits)](
+    _DECODE(
+        (batch, dims.num_kv_heads, splits),
         q,
         k_cache,
         v_cache,
@@ -837,7 +845,8 @@ def triton_paged_decode(
         **({} if maxnreg is None else {"maxnreg": int(maxnreg)}),
     )
     if splits > 1:
-        _merge_kernel[(batch * hq,)](
+        _MERGE(
+            (batch * hq, 1, 1),
             part,
             lse,
             result,

@@ -1,0 +1,110 @@
+"""Launching a Triton kernel without paying Triton's per-call binding again.
+
+``kernel[grid](*args, **constexprs)`` goes through Triton's JIT entry point on every call: it
+binds the arguments, reads its option knobs from the environment, turns the whole option set
+into a string to find the cache key, checks the kernel's global constants and only then calls
+the launcher. For a kernel with many compile-time parameters that is tens of microseconds of
+host time per call (``benchmarks/gpu_decode_host.py``: an eager B = 1 decode call spent about
+85 of its 98 us there on the H200 at 28b23a9), several times the device time of a short decode.
+
+:class:`FastLaunch` keeps, per specialization, the compiled kernel that the JIT entry point
+returned the first time, and launches it directly afterwards. The specialization key holds at
+least everything Triton specializes a compiled kernel on, so a kernel compiled for one class of
+arguments is never launched with another:
+
+* a tensor: its dtype, whether its address is a multiple of 16 (Triton assumes 16-byte
+  alignment in the compiled code when it was), and the device of the first tensor;
+* an int: whether it is a multiple of 16, whether it equals 1, whether it fits in 32 bits;
+* a float: nothing (floats are never specialized);
+* everything else (the compile-time parameters, the launch options): its value.
+
+A key seen for the first time goes through the JIT entry point, which compiles (or finds) the
+kernel and launches it; what it returns is kept. Under Triton's CPU interpreter the entry point
+returns nothing to keep, so every call takes it: the interpreter path is unchanged.
+
+The kept kernels are a memo of a pure function (the key determines the compiled kernel), like
+Triton's own cache, which they index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["FastLaunch", "specialization_key"]
+
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+
+
+def _arg_key(arg: object) -> object:
+    """The part of the key for one run-time argument (see the module docstring)."""
+    if isinstance(arg, torch.Tensor):
+        return (arg.dtype, arg.data_ptr() % 16 == 0)
+    if isinstance(arg, bool):  # before int: bool is an int
+        return ("b", arg)
+    if isinstance(arg, int):
+        return ("i", arg % 16 == 0, arg == 1, _I32_MIN <= arg <= _I32_MAX)
+    if isinstance(arg, float):
+        return "f"
+    return ("v", arg)
+
+
+def specialization_key(
+    args: tuple[object, ...], constants: tuple[object, ...]
+) -> tuple[object, ...]:
+    """The key :class:`FastLaunch` files a compiled kernel under.
+
+    >>> a = torch.zeros(8, dtype=torch.float32)
+    >>> specialization_key((a, 32, 1.5), (64,)) == specialization_key((a, 48, 0.5), (64,))
+    True
+    >>> specialization_key((a, 32), (64,)) == specialization_key((a, 33), (64,))
+    False
+    >>> specialization_key((a,), ()) == specialization_key((a[1:],), ())  # 4 bytes off
+    False
+    """
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    return (device, tuple(_arg_key(a) for a in args), constants)
+
+
+class FastLaunch:
+    """A ``@triton.jit`` kernel, launched through the compiled kernel kept for its
+    specialization (the module docstring says why and when that is safe).
+
+    ``launch(grid, *args, constexprs..., options...)``: ``args`` are the kernel's run-time
+    arguments in order; the keyword arguments name every remaining parameter of the kernel
+    (its compile-time parameters; a call site that names them in another order files its
+    kernels under other keys) and Triton's launch options (``num_warps``,
+    ``num_stages``, ``maxnreg``...), as for ``kernel[grid](...)``.
+    """
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self.arg_names: tuple[str, ...] = tuple(kernel.arg_names)
+        #: specialization key -> the compiled kernel Triton returned for it
+        self.compiled: dict[tuple[object, ...], Any] = {}
+        #: calls that went through Triton's JIT entry point (first sight of a key, interpreter)
+        self.jit_calls = 0
+
+    def __call__(self, grid: tuple[int, int, int], *args: object, **kwargs: object) -> None:
+        names = self.arg_names[len(args) :]
+        key = specialization_key(args, tuple(kwargs.items()))
+        compiled = self.compiled.get(key)
+        if compiled is None:
+            missing = [n for n in names if n not in kwargs]  # the same names on every hit
+            if missing:
+                raise TypeError(f"{self.kernel.__name__}: missing kernel arguments {missing}")
+            self.jit_calls += 1
+            compiled = self.kernel[grid](*args, **kwargs)
+            if _launchable(compiled):
+                self.compiled[key] = compiled
+            return
+        runner: Callable[..., None] = compiled[grid]
+        runner(*args, *(kwargs[n] for n in names))
+
+
+def _launchable(compiled: object) -> bool:
+    """Whether the JIT entry point returned a compiled kernel that can be launched directly
+    (not under the interpreter, which returns None)."""
+    return compiled is not None and callable(getattr(compiled, "__getitem__", None))
