@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import next_pow2
+from kernels.triton_launch import FastLaunch
 
 __all__ = ["triton_rope_write_kv", "triton_add_rms_norm", "triton_silu_mul"]
 
@@ -82,6 +83,9 @@ def _rope_write_kernel(
             tl.store(vc_ptr + dst + lanes, v.to(vc_ptr.dtype.element_ty), mask=ok)
 
 
+_ROPE_WRITE = FastLaunch(_rope_write_kernel)
+
+
 def triton_rope_write_kv(
     qkv: torch.Tensor,
     cos: torch.Tensor,
@@ -99,7 +103,8 @@ def triton_rope_write_kv(
     q = torch.empty(t, num_heads, d, dtype=qkv.dtype, device=qkv.device)
     if t == 0:
         return q
-    _rope_write_kernel[(t, num_heads + hkv)](
+    _ROPE_WRITE(
+        (t, num_heads + hkv, 1),
         qkv,
         cos2,
         sin2,
@@ -149,6 +154,9 @@ def _add_rms_norm_kernel(
     tl.store(out_ptr + r * H + cols, (sf * inv * w).to(out_ptr.dtype.element_ty), mask=ok)
 
 
+_ADD_RMS_NORM = FastLaunch(_add_rms_norm_kernel)
+
+
 def triton_add_rms_norm(
     x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, offset: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +166,8 @@ def triton_add_rms_norm(
     if t == 0:
         return total, out
     block = next_pow2(h)
-    _add_rms_norm_kernel[(t,)](
+    _ADD_RMS_NORM(
+        (t, 1, 1),
         x,
         delta,
         weight,
@@ -194,6 +203,9 @@ def _silu_mul_kernel(
     tl.store(out_ptr + r * F + cols, (a * u).to(out_ptr.dtype.element_ty), mask=ok)
 
 
+_SILU_MUL = FastLaunch(_silu_mul_kernel)
+
+
 def triton_silu_mul(gate_up: torch.Tensor, gelu: bool = False) -> torch.Tensor:
     """gate_up [T, 2F] contiguous -> act(gate) * up [T, F] (act: SiLU, or GELU-tanh)."""
     t, two_f = gate_up.shape
@@ -202,7 +214,5 @@ def triton_silu_mul(gate_up: torch.Tensor, gelu: bool = False) -> torch.Tensor:
     if t == 0:
         return out
     block = min(1024, next_pow2(f))
-    _silu_mul_kernel[(t, triton.cdiv(f, block))](
-        gate_up, out, F=f, BLOCK=block, GELU=gelu, num_warps=4
-    )
+    _SILU_MUL((t, triton.cdiv(f, block), 1), gate_up, out, F=f, BLOCK=block, GELU=gelu, num_warps=4)
     return out

@@ -34,6 +34,7 @@ from kernels.triton_common import (
     next_pow2,
     padded_head_dim,
 )
+from kernels.triton_launch import FastLaunch
 
 __all__ = ["triton_paged_prefill", "prefill_config", "search_steps"]
 
@@ -304,6 +305,9 @@ def _prefill_kernel(
         )
 
 
+_PREFILL = FastLaunch(_prefill_kernel)
+
+
 def prefill_config(head_dim: int, dtype: torch.dtype, group: int) -> tuple[int, int, int, int]:
     """(BLOCK_M rows, BLOCK_N keys, num_warps, num_stages) for a head dim, dtype and GQA ratio.
 
@@ -364,7 +368,8 @@ def triton_paged_prefill(
     rows, block_n, warps, stages = config or prefill_config(d, q.dtype, g)
     tok_m = rows // g
     precision, dot_f32 = dot_config(q.dtype)
-    _prefill_kernel[(t // tok_m + dims.batch, dims.num_kv_heads)](
+    _PREFILL(
+        (t // tok_m + dims.batch, dims.num_kv_heads, 1),
         q,
         k_cache,
         v_cache,

@@ -26,6 +26,7 @@ import triton.language as tl
 from kernels.errors import KernelInputError
 from kernels.fp8 import FP8_DTYPES
 from kernels.triton_common import next_pow2
+from kernels.triton_launch import FastLaunch
 from spec.kv_quant import FP8_FORMATS
 
 __all__ = ["triton_write_kv"]
@@ -99,6 +100,9 @@ def _write_kv_kernel(
         tl.store(vc_ptr + dst, v, mask=ok)
 
 
+_WRITE_KV = FastLaunch(_write_kv_kernel)
+
+
 def triton_write_kv(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -117,7 +121,8 @@ def triton_write_kv(
     fmt = FP8_FORMATS[FP8_DTYPES[k_cache.dtype]] if k_cache.dtype in FP8_DTYPES else None
     if fmt is not None and (k_scale is None or v_scale is None):
         raise KernelInputError("an fp8 cache needs k_scale and v_scale ([Hkv] float32)")
-    _write_kv_kernel[(k.shape[0],)](
+    _WRITE_KV(
+        (k.shape[0], 1, 1),
         k,
         v,
         k_cache,
