@@ -139,6 +139,12 @@ STEPS: dict[str, tuple[int, list[str], str]] = {
         ["benchmarks/gpu_decode_host.py", "--out", "{out}/decode_host_h200.json"],
         "decode_host_h200.json",
     ),
+    # Nsight Compute's stall reasons of the decode kernel, bf16 and the fp8 dequantizations
+    "fp8stall": (
+        150,
+        ["benchmarks/ncu_fp8_decode.py", "--out", "{out}"],
+        "ncu_fp8_decode.json",
+    ),
     "engine": (
         330,
         [

@@ -138,7 +138,11 @@ def test_gpu_direct_launches_match_triton_bit_for_bit() -> None:
                     if not direct:  # an empty memo each call: every launch through Triton
                         triton_decode._DECODE.compiled, triton_decode._MERGE.compiled = {}, {}
                     try:
-                        runs.append(kernels.paged_decode(q, kc, vc, bt, lens, num_splits=splits))
+                        runs.append(
+                            kernels.paged_decode(
+                                q, kc, vc, bt, lens, scale=d**-0.5, num_splits=splits
+                            )
+                        )
                     finally:
                         triton_decode._DECODE.compiled, triton_decode._MERGE.compiled = saved
                 torch.cuda.synchronize()
@@ -148,5 +152,5 @@ def test_gpu_direct_launches_match_triton_bit_for_bit() -> None:
     bt = torch.arange(256, device=dev, dtype=torch.int32)[None]
     lens = torch.tensor([4096], device=dev, dtype=torch.int32)
     for _ in range(5):
-        kernels.paged_decode(q, kc, vc, bt, lens)
+        kernels.paged_decode(q, kc, vc, bt, lens, scale=d**-0.5)
     assert triton_decode._DECODE.jit_calls - before <= 1  # once for a new key, then direct
