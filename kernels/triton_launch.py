@@ -13,8 +13,10 @@ least everything Triton specializes a compiled kernel on, so a kernel compiled f
 arguments is never launched with another:
 
 * a tensor: its dtype, whether its address is a multiple of 16 (Triton assumes 16-byte
-  alignment in the compiled code when it was), and the device of the first tensor;
-* an int: whether it is a multiple of 16, whether it equals 1, whether it fits in 32 bits;
+  alignment in the compiled code when it was), and the device of the first tensor together
+  with the current device;
+* an int: whether it is a multiple of 16, whether it equals 1, whether it fits in 32 bits,
+  whether it reaches 2^63 (Triton's i32, i64 and u64);
 * a float: nothing (floats are never specialized);
 * everything else (the compile-time parameters, the launch options): its value.
 
@@ -44,8 +46,8 @@ def _arg_key(arg: object) -> object:
         return (arg.dtype, arg.data_ptr() % 16 == 0)
     if isinstance(arg, bool):  # before int: bool is an int
         return ("b", arg)
-    if isinstance(arg, int):
-        return ("i", arg % 16 == 0, arg == 1, _I32_MIN <= arg <= _I32_MAX)
+    if isinstance(arg, int):  # Triton's classes: i32, i64, u64 (from 2^63); 16 | arg; arg == 1
+        return ("i", arg % 16 == 0, arg == 1, _I32_MIN <= arg <= _I32_MAX, arg < 2**63)
     if isinstance(arg, float):
         return "f"
     return ("v", arg)
@@ -64,7 +66,11 @@ def specialization_key(
     >>> specialization_key((a,), ()) == specialization_key((a[1:],), ())  # 4 bytes off
     False
     """
-    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    device: object = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    if isinstance(device, torch.device) and device.type == "cuda":
+        # Triton loads a compiled kernel into the context of the device current at its first
+        # launch: the same tensors launched with another current device need another load
+        device = (device, torch.cuda.current_device())
     return (device, tuple(_arg_key(a) for a in args), constants)
 
 
@@ -82,6 +88,17 @@ class FastLaunch:
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
         self.arg_names: tuple[str, ...] = tuple(kernel.arg_names)
+        params = getattr(kernel, "params", None)  # a JITFunction's (not the interpreter's)
+        #: how many leading parameters are run-time ones (the rest are compile-time)
+        self.run_time: int | None = None
+        if params is not None:
+            flags = [bool(p.is_constexpr) for p in params]
+            self.run_time = flags.index(True) if True in flags else len(flags)
+            if not all(flags[self.run_time :]):
+                raise ValueError(
+                    f"{kernel.__name__}: FastLaunch needs the run-time parameters first "
+                    f"(compile-time flags in order: {flags})"
+                )
         #: specialization key -> the compiled kernel Triton returned for it
         self.compiled: dict[tuple[object, ...], Any] = {}
         #: calls that went through Triton's JIT entry point (first sight of a key, interpreter)
@@ -92,9 +109,7 @@ class FastLaunch:
         key = specialization_key(args, tuple(kwargs.items()))
         compiled = self.compiled.get(key)
         if compiled is None:
-            missing = [n for n in names if n not in kwargs]  # the same names on every hit
-            if missing:
-                raise TypeError(f"{self.kernel.__name__}: missing kernel arguments {missing}")
+            self._check_call(len(args), names, kwargs)  # a hit repeats a checked pattern
             self.jit_calls += 1
             compiled = self.kernel[grid](*args, **kwargs)
             if _launchable(compiled):
@@ -102,6 +117,22 @@ class FastLaunch:
             return
         runner: Callable[..., None] = compiled[grid]
         runner(*args, *(kwargs[n] for n in names))
+
+    def _check_call(
+        self, positional: int, names: tuple[str, ...], kwargs: dict[str, object]
+    ) -> None:
+        """Every parameter given; run-time ones positionally (they are keyed by class), compile-
+        time ones by keyword (they are keyed by value)."""
+        name = self.kernel.__name__
+        missing = [n for n in names if n not in kwargs]
+        if missing:
+            raise TypeError(f"{name}: missing kernel arguments {missing}")
+        if self.run_time is not None and positional != self.run_time:
+            raise TypeError(
+                f"{name}: {positional} positional arguments, expected the {self.run_time} "
+                f"run-time ones {list(self.arg_names[: self.run_time])} (compile-time ones by "
+                "keyword)"
+            )
 
 
 def _launchable(compiled: object) -> bool:

@@ -24,11 +24,18 @@ class _Compiled:
         return lambda *args: self.log.append(("direct", (grid, args)))
 
 
+class _Param:
+    def __init__(self, is_constexpr: bool) -> None:
+        self.is_constexpr = is_constexpr
+
+
 class _Kernel:
-    """A stand-in ``@triton.jit`` kernel with parameters ``x, n, BLOCK, MODE``."""
+    """A stand-in ``@triton.jit`` kernel with parameters ``x, n, BLOCK, MODE`` (the last two
+    compile-time)."""
 
     __name__ = "_kernel"
     arg_names = ["x", "n", "BLOCK", "MODE"]
+    params = [_Param(False), _Param(False), _Param(True), _Param(True)]
 
     def __init__(self, returns_compiled: bool = True) -> None:
         self.log: list[tuple[str, Any]] = []
@@ -92,6 +99,32 @@ def test_a_missing_kernel_argument_is_named() -> None:
     launch = FastLaunch(_Kernel())
     with pytest.raises(TypeError, match="MODE"):
         launch((1, 1, 1), torch.zeros(4), 16, BLOCK=64)
+
+
+def test_a_compile_time_argument_given_positionally_is_refused() -> None:
+    """Run-time arguments are keyed by class (32 and 48 alike): a constexpr among them would
+    reuse a kernel compiled for another value."""
+    launch = FastLaunch(_Kernel())
+    with pytest.raises(TypeError, match="3 positional arguments, expected the 2 run-time"):
+        launch((1, 1, 1), torch.zeros(4), 16, 64, MODE="a")
+
+
+def test_a_run_time_argument_given_by_keyword_is_refused() -> None:
+    launch = FastLaunch(_Kernel())
+    with pytest.raises(TypeError, match="1 positional arguments"):
+        launch((1, 1, 1), torch.zeros(4), n=16, BLOCK=64, MODE="a")
+
+
+def test_a_kernel_with_run_time_parameters_after_compile_time_ones_is_refused() -> None:
+    kernel = _Kernel()
+    kernel.params = [_Param(False), _Param(True), _Param(False), _Param(True)]
+    with pytest.raises(ValueError, match="run-time parameters first"):
+        FastLaunch(kernel)
+
+
+def test_ints_past_2_to_the_63_are_a_class_of_their_own() -> None:
+    x = torch.zeros(4)
+    assert specialization_key((x, 2**40), ()) != specialization_key((x, 2**63 + 16), ())
 
 
 def test_under_the_interpreter_every_call_goes_through_triton() -> None:
