@@ -31,7 +31,7 @@ Triton's own cache, which they index.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -42,12 +42,18 @@ _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 
 def _arg_key(arg: object) -> object:
     """The part of the key for one run-time argument (see the module docstring)."""
+    kind = type(arg)
+    if kind is int:  # Triton's classes: i32, i64, u64 (from 2^63); 16 | arg; arg == 1
+        n = cast(int, arg)
+        return ("i", n % 16 == 0, n == 1, _I32_MIN <= n <= _I32_MAX, n < 2**63)
+    if kind is float:
+        return "f"
     if isinstance(arg, torch.Tensor):
         return (arg.dtype, arg.data_ptr() % 16 == 0)
     if isinstance(arg, bool):  # before int: bool is an int
         return ("b", arg)
-    if isinstance(arg, int):  # Triton's classes: i32, i64, u64 (from 2^63); 16 | arg; arg == 1
-        return ("i", arg % 16 == 0, arg == 1, _I32_MIN <= arg <= _I32_MAX, arg < 2**63)
+    if isinstance(arg, int):  # an int subclass
+        return _arg_key(int(arg))
     if isinstance(arg, float):
         return "f"
     return ("v", arg)
@@ -56,7 +62,9 @@ def _arg_key(arg: object) -> object:
 def specialization_key(
     args: tuple[object, ...], constants: tuple[object, ...]
 ) -> tuple[object, ...]:
-    """The key :class:`FastLaunch` files a compiled kernel under.
+    """The key :class:`FastLaunch` files a compiled kernel under: the current CUDA device when
+    the first tensor is a CUDA one (Triton loads a compiled kernel into the context of the
+    device current at its first launch), each run-time argument's class, the constants.
 
     >>> a = torch.zeros(8, dtype=torch.float32)
     >>> specialization_key((a, 32, 1.5), (64,)) == specialization_key((a, 48, 0.5), (64,))
@@ -66,12 +74,9 @@ def specialization_key(
     >>> specialization_key((a,), ()) == specialization_key((a[1:],), ())  # 4 bytes off
     False
     """
-    device: object = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-    if isinstance(device, torch.device) and device.type == "cuda":
-        # Triton loads a compiled kernel into the context of the device current at its first
-        # launch: the same tensors launched with another current device need another load
-        device = (device, torch.cuda.current_device())
-    return (device, tuple(_arg_key(a) for a in args), constants)
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    device = torch.cuda.current_device() if first is not None and first.is_cuda else None
+    return (device, tuple([_arg_key(a) for a in args]), constants)
 
 
 class FastLaunch:
@@ -107,16 +112,15 @@ class FastLaunch:
     def __call__(self, grid: tuple[int, int, int], *args: object, **kwargs: object) -> None:
         names = self.arg_names[len(args) :]
         key = specialization_key(args, tuple(kwargs.items()))
-        compiled = self.compiled.get(key)
-        if compiled is None:
+        kept = self.compiled.get(key)
+        if kept is None:
             self._check_call(len(args), names, kwargs)  # a hit repeats a checked pattern
             self.jit_calls += 1
             compiled = self.kernel[grid](*args, **kwargs)
             if _launchable(compiled):
-                self.compiled[key] = compiled
+                self.compiled[key] = _Kept.of(compiled, key[0])
             return
-        runner: Callable[..., None] = compiled[grid]
-        runner(*args, *(kwargs[n] for n in names))
+        kept.launch(grid, args, tuple([kwargs[n] for n in names]))
 
     def _check_call(
         self, positional: int, names: tuple[str, ...], kwargs: dict[str, object]
@@ -133,6 +137,59 @@ class FastLaunch:
                 f"run-time ones {list(self.arg_names[: self.run_time])} (compile-time ones by "
                 "keyword)"
             )
+
+
+class _Kept:
+    """A compiled kernel and what its launcher needs, read once: Triton's runner
+    (``compiled[grid]``) looks up the device, the stream and the launch hooks on every call;
+    this keeps the launcher, the function handle, the packed metadata and the stream getter,
+    and goes through the runner only while a launch hook is set (a profiler's)."""
+
+    def __init__(self, compiled: Any, direct: tuple[Any, ...] | None, device: int | None):
+        self.compiled = compiled
+        self.direct = direct  # (launcher, function, packed metadata, stream getter) or None
+        self.device = device
+
+    @staticmethod
+    def of(compiled: Any, device: object) -> _Kept:
+        try:
+            from triton.runtime.driver import driver
+
+            compiled._init_handles()
+            direct = (
+                compiled.run,
+                compiled.function,
+                compiled.packed_metadata,
+                driver.active.get_current_stream,
+            )
+        except (AttributeError, ImportError):  # another Triton: its runner does it all
+            direct = None
+        return _Kept(compiled, direct, device if isinstance(device, int) else None)
+
+    def launch(
+        self, grid: tuple[int, int, int], args: tuple[object, ...], constants: tuple[object, ...]
+    ) -> None:
+        import triton
+
+        hooks = triton.knobs.runtime
+        if (
+            self.direct is None
+            or self.device is None
+            or _hook_set(hooks.launch_enter_hook)
+            or _hook_set(hooks.launch_exit_hook)
+        ):
+            runner: Callable[..., None] = self.compiled[grid]
+            runner(*args, *constants)
+            return
+        run, function, packed, stream = self.direct
+        g0, g1, g2 = grid
+        run(g0, g1, g2, stream(self.device), function, packed, None, None, None, *args, *constants)
+
+
+def _hook_set(hook: object) -> bool:
+    """Whether a Triton launch hook is set: Triton 3.6 keeps None when none is, later versions
+    a chain of hooks (``HookChain``) whose ``calls`` may be empty."""
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 def _launchable(compiled: object) -> bool:

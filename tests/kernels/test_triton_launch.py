@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from kernels.triton_launch import FastLaunch, specialization_key
+from kernels.triton_launch import FastLaunch, _hook_set, _Kept, specialization_key
 
 
 class _Compiled:
@@ -143,6 +143,35 @@ def test_the_key_ignores_float_values_and_int_values_within_a_class() -> None:
     assert specialization_key((x, True), ()) != specialization_key((x, False), ())
 
 
+def test_a_kept_kernel_launches_through_its_launcher_with_the_current_stream() -> None:
+    """The direct launch: the launcher gets the grid, the device's stream, the function and
+    packed metadata, no hooks, then the run-time arguments and the constants."""
+    calls: list[tuple[object, ...]] = []
+    kept = _Kept(
+        _Compiled([]),
+        (lambda *a: calls.append(a), "function", "packed", lambda dev: f"stream{dev}"),
+        device=3,
+    )
+    kept.launch((4, 2, 1), ("x", 16), (64, "a"))
+    assert calls == [(4, 2, 1, "stream3", "function", "packed", None, None, None, "x", 16, 64, "a")]
+
+
+def test_a_launch_hook_sends_kept_kernels_through_tritons_runner(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A profiler's launch hook must see every launch: the runner calls it, the direct path
+    would not."""
+    import triton
+
+    log: list[tuple[str, Any]] = []
+    direct: list[object] = []
+    kept = _Kept(_Compiled(log), (lambda *a: direct.append(a), "f", "p", lambda d: 0), device=0)
+    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", lambda *a: None)
+    kept.launch((1, 1, 1), ("x",), (64,))
+    assert log == [("direct", ((1, 1, 1), ("x", 64)))] and not direct
+    assert _hook_set(lambda: None) and not _hook_set(None)
+
+
 @pytest.mark.gpu
 def test_gpu_direct_launches_match_triton_bit_for_bit() -> None:
     """The decode kernel through FastLaunch (kept kernels, direct launches) against the same
@@ -187,3 +216,5 @@ def test_gpu_direct_launches_match_triton_bit_for_bit() -> None:
     for _ in range(5):
         kernels.paged_decode(q, kc, vc, bt, lens, scale=d**-0.5)
     assert triton_decode._DECODE.jit_calls - before <= 1  # once for a new key, then direct
+    kept = list(triton_decode._DECODE.compiled.values())
+    assert kept and all(k.direct is not None and k.device is not None for k in kept)
