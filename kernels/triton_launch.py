@@ -4,21 +4,23 @@
 binds the arguments, reads its option knobs from the environment, turns the whole option set
 into a string to find the cache key, checks the kernel's global constants and only then calls
 the launcher. For a kernel with many compile-time parameters that is tens of microseconds of
-host time per call (``benchmarks/gpu_decode_host.py``: an eager B = 1 decode call spent about
-85 of its 98 us there on the H200 at 28b23a9), several times the device time of a short decode.
+host time per call, several times the device time of a short decode
+(``benchmarks/gpu_decode_host.py`` on the H200 machine at 34d9b93: an eager B = 1 decode call,
+two launches, took 111.0 us through the entry point and 63.6 us launched as below).
 
 :class:`FastLaunch` keeps, per specialization, the compiled kernel that the JIT entry point
 returned the first time, and launches it directly afterwards. The specialization key holds at
 least everything Triton specializes a compiled kernel on, so a kernel compiled for one class of
 arguments is never launched with another:
 
-* a tensor: its dtype, whether its address is a multiple of 16 (Triton assumes 16-byte
-  alignment in the compiled code when it was), and the device of the first tensor together
-  with the current device;
+* a tensor: its dtype and whether its address is a multiple of 16 (Triton assumes 16-byte
+  alignment in the compiled code when it was);
 * an int: whether it is a multiple of 16, whether it equals 1, whether it fits in 32 bits,
   whether it reaches 2^63 (Triton's i32, i64 and u64);
 * a float: nothing (floats are never specialized);
-* everything else (the compile-time parameters, the launch options): its value.
+* everything else (the compile-time parameters, the launch options): its value;
+* the current CUDA device when the first tensor is on CUDA (Triton keys its cache on it and
+  loads a compiled kernel into the context current at its first launch).
 
 A key seen for the first time goes through the JIT entry point, which compiles (or finds) the
 kernel and launches it; what it returns is kept. Under Triton's CPU interpreter the entry point
@@ -83,7 +85,9 @@ class FastLaunch:
     """A ``@triton.jit`` kernel, launched through the compiled kernel kept for its
     specialization (the module docstring says why and when that is safe).
 
-    ``launch(grid, *args, constexprs..., options...)``: ``args`` are the kernel's run-time
+    ``launch = FastLaunch(kernel)``, then ``launch(grid, *args, constexprs..., options...)``
+    where ``grid`` is a 3-tuple of ints (no callable, no shorter tuple: the direct launch
+    unpacks three) and ``args`` are the kernel's run-time
     arguments in order; the keyword arguments name every remaining parameter of the kernel
     (its compile-time parameters; a call site that names them in another order files its
     kernels under other keys) and Triton's launch options (``num_warps``,
@@ -114,6 +118,8 @@ class FastLaunch:
         key = specialization_key(args, tuple(kwargs.items()))
         kept = self.compiled.get(key)
         if kept is None:
+            if not (isinstance(grid, tuple) and len(grid) == 3):
+                raise TypeError(f"{self.kernel.__name__}: grid must be a 3-tuple, got {grid!r}")
             self._check_call(len(args), names, kwargs)  # a hit repeats a checked pattern
             self.jit_calls += 1
             compiled = self.kernel[grid](*args, **kwargs)
@@ -143,7 +149,8 @@ class _Kept:
     """A compiled kernel and what its launcher needs, read once: Triton's runner
     (``compiled[grid]``) looks up the device, the stream and the launch hooks on every call;
     this keeps the launcher, the function handle, the packed metadata and the stream getter,
-    and goes through the runner only while a launch hook is set (a profiler's)."""
+    and goes through the runner while a launch hook is set (a profiler's), and always when this
+    Triton's compiled kernel lacks those attributes or the tensors are not on CUDA."""
 
     def __init__(self, compiled: Any, direct: tuple[Any, ...] | None, device: int | None):
         self.compiled = compiled

@@ -109,6 +109,14 @@ def test_a_compile_time_argument_given_positionally_is_refused() -> None:
         launch((1, 1, 1), torch.zeros(4), 16, 64, MODE="a")
 
 
+def test_a_grid_that_is_not_a_3_tuple_is_refused() -> None:
+    """The direct launch unpacks three grid sizes: a shorter grid would work through Triton the
+    first time and fail on every later call."""
+    launch = FastLaunch(_Kernel())
+    with pytest.raises(TypeError, match="3-tuple"):
+        launch((4,), torch.zeros(4), 16, BLOCK=64, MODE="a")  # type: ignore[arg-type]
+
+
 def test_a_run_time_argument_given_by_keyword_is_refused() -> None:
     launch = FastLaunch(_Kernel())
     with pytest.raises(TypeError, match="1 positional arguments"):
